@@ -1,0 +1,66 @@
+//! Compiles `src/capture.bpf.c` into a BPF ELF object with clang and leaves it
+//! in `OUT_DIR` for `include_bytes!`. This is the one place C becomes bytes:
+//! the object carries BTF (`-g`) so aya can load BTF-defined maps and the
+//! layout test in `common` can check the shared structs against it.
+//!
+//! clang is found as `$CLANG`, else `clang-19`, else `clang`. Its absence is a
+//! one-line error that says what to install.
+use std::{env, path::PathBuf, process::Command};
+
+fn main() {
+    let src = PathBuf::from("src/capture.bpf.c");
+    println!("cargo:rerun-if-changed=src/capture.bpf.c");
+    println!("cargo:rerun-if-changed=src/capture.h");
+    println!("cargo:rerun-if-env-changed=CLANG");
+
+    let clang = find_clang().unwrap_or_else(|| {
+        eprintln!(
+            "error: no clang found to compile the eBPF programs: install it (Debian: \
+             `apt-get install clang-19 libbpf-dev`) or set CLANG=/path/to/clang"
+        );
+        std::process::exit(1);
+    });
+
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("capture.bpf.o");
+    // Debian keeps <asm/types.h> under the multiarch directory; the BPF target
+    // does not search it by itself.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets the target arch");
+    let multiarch = format!("/usr/include/{arch}-linux-gnu");
+    let status = Command::new(&clang)
+        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+        .arg(format!("-I{multiarch}"))
+        .arg("-c")
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => {
+            eprintln!(
+                "error: {clang} failed ({s}) compiling {}; libbpf headers come from \
+                 `apt-get install libbpf-dev`",
+                src.display()
+            );
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("error: could not run {clang}: {e}");
+            std::process::exit(1);
+        }
+    }
+    println!("cargo:object={}", out.display());
+}
+
+fn find_clang() -> Option<String> {
+    let candidates = env::var("CLANG")
+        .ok()
+        .into_iter()
+        .chain(["clang-19".to_string(), "clang".to_string()]);
+    for c in candidates {
+        if Command::new(&c).arg("--version").output().is_ok_and(|o| o.status.success()) {
+            return Some(c);
+        }
+    }
+    None
+}

@@ -1,0 +1,50 @@
+//! The capture programs (`capture.bpf.c`), compiled by `build.rs` and embedded.
+//!
+//! The bytes are 8-byte aligned: the ELF parser reads them in place.
+#![forbid(unsafe_code)]
+
+#[repr(C, align(8))]
+struct Aligned<T: ?Sized>(T);
+
+static OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/capture.bpf.o")));
+
+/// The compiled BPF ELF object, with BTF.
+pub fn object() -> &'static [u8] {
+    &OBJECT.0
+}
+
+/// Program names (the C function names) as aya sees them.
+pub mod program {
+    /// `cgroup/connect4`: rewrites captured connects to the proxy.
+    pub const CONNECT4: &str = "capture_connect4";
+    /// `sockops`: re-keys the original destination by client address.
+    pub const SOCKOPS: &str = "capture_sockops";
+    /// `cgroup/getsockopt`: answers `SO_ORIGINAL_DST`.
+    pub const GETSOCKOPT: &str = "capture_getsockopt";
+}
+
+/// Map names as declared in the C source.
+pub mod map {
+    /// LRU hash: socket cookie → original destination, until established.
+    pub const ORIG_BY_COOKIE: &str = "orig_by_cookie";
+    /// LRU hash: (netns cookie, client ip, client port) → original destination.
+    pub const ORIG_BY_CLIENT: &str = "orig_by_client";
+    /// LPM trie of captured CIDRs.
+    pub const CAPTURE_CIDRS: &str = "capture_cidrs";
+    /// Array of one `capture_config`.
+    pub const CONFIG: &str = "config";
+    /// Per-CPU decision counters, indexed by `StatIndex`.
+    pub const STATS: &str = "stats";
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn object_is_a_bpf_elf() {
+        let o = super::object();
+        assert_eq!(&o[..4], b"\x7fELF", "embedded object is an ELF file");
+        // e_machine at offset 18, little-endian: EM_BPF = 247.
+        assert_eq!(u16::from_le_bytes([o[18], o[19]]), 247, "ELF machine is BPF");
+        assert_eq!(o.as_ptr() as usize % 8, 0, "object is 8-byte aligned");
+    }
+}

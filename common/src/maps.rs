@@ -1,0 +1,268 @@
+//! Map keys and values shared with the eBPF programs (`bpf/src/capture.h`).
+//!
+//! Every struct is `#[repr(C)]` with explicit padding, its size asserted at
+//! compile time here and by `_Static_assert` in C; `tests` compares the sizes
+//! with the map definitions of the compiled object. Addresses and ports are
+//! stored in network byte order, as the kernel gives them to the programs;
+//! the constructors and accessors take and return host types.
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+/// Where a captured `connect()` was going (`struct orig_dst`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    ip4: u32,
+    port: u16,
+    _pad: u16,
+}
+
+impl OrigDst {
+    /// The entry for `addr`.
+    pub fn new(addr: SocketAddrV4) -> Self {
+        Self { ip4: u32::from_ne_bytes(addr.ip().octets()), port: addr.port().to_be(), _pad: 0 }
+    }
+
+    /// The original destination.
+    pub fn addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(self.ip4.to_ne_bytes()), u16::from_be(self.port))
+    }
+}
+
+/// A network namespace's cookie, as `bpf_get_netns_cookie` returns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NetnsCookie(pub u64);
+
+/// Key of `orig_by_client` (`struct client_key`): unique per client socket on
+/// a node, because the namespace cookie tells pods apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientKey {
+    netns_cookie: u64,
+    ip4: u32,
+    port: u16,
+    _pad: u16,
+}
+
+impl ClientKey {
+    /// The key for a client at `client` in namespace `netns`.
+    pub fn new(netns: NetnsCookie, client: SocketAddrV4) -> Self {
+        Self {
+            netns_cookie: netns.0,
+            ip4: u32::from_ne_bytes(client.ip().octets()),
+            port: client.port().to_be(),
+            _pad: 0,
+        }
+    }
+
+    /// The namespace part of the key.
+    pub fn netns(&self) -> NetnsCookie {
+        NetnsCookie(self.netns_cookie)
+    }
+
+    /// The client address part of the key.
+    pub fn client(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(self.ip4.to_ne_bytes()), u16::from_be(self.port))
+    }
+}
+
+/// Key of the `capture_cidrs` LPM trie (`struct cidr_key`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrKey {
+    prefixlen: u32,
+    ip4: u32,
+}
+
+impl CidrKey {
+    /// The key for `addr/prefixlen` (host bits must already be zero).
+    pub fn new(addr: Ipv4Addr, prefixlen: u8) -> Self {
+        Self { prefixlen: u32::from(prefixlen), ip4: u32::from_ne_bytes(addr.octets()) }
+    }
+}
+
+/// Bytes of the excluded-port bitmap: one bit per port.
+pub const EXCLUDED_PORT_BYTES: usize = 8192;
+
+/// `CONFIG_F_ENABLED`: capture nothing until the configuration is written.
+pub const CONFIG_F_ENABLED: u16 = 1;
+/// `CONFIG_F_TRACE`: log every decision to the kernel trace pipe.
+pub const CONFIG_F_TRACE: u16 = 2;
+
+/// The one entry of the `config` array (`struct capture_config`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureConfig {
+    proxy_ip4: u32,
+    proxy_port: u16,
+    flags: u16,
+    bypass_mark: u32,
+    _pad: u32,
+    excluded_ports: [u8; EXCLUDED_PORT_BYTES],
+}
+
+impl CaptureConfig {
+    /// A configuration that sends captured connects to `proxy`, leaves sockets
+    /// marked `bypass_mark` alone and never captures `excluded` ports.
+    pub fn new(proxy: SocketAddrV4, bypass_mark: u32, excluded: &[u16], flags: u16) -> Self {
+        let mut cfg = Self {
+            proxy_ip4: u32::from_ne_bytes(proxy.ip().octets()),
+            proxy_port: proxy.port().to_be(),
+            flags,
+            bypass_mark,
+            _pad: 0,
+            excluded_ports: [0; EXCLUDED_PORT_BYTES],
+        };
+        for &p in excluded {
+            cfg.excluded_ports[usize::from(p >> 3)] |= 1 << (p & 7);
+        }
+        cfg
+    }
+
+    /// Whether `port` is excluded from capture.
+    pub fn is_excluded(&self, port: u16) -> bool {
+        self.excluded_ports[usize::from(port >> 3)] & (1 << (port & 7)) != 0
+    }
+
+    /// The `CONFIG_F_*` flags.
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+}
+
+/// Indices of the per-CPU decision counters (`enum stat_index`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum StatIndex {
+    /// Connect rewritten to the proxy.
+    Captured = 0,
+    /// Not IPv4.
+    SkipFamily,
+    /// Not a TCP stream socket.
+    SkipProto,
+    /// Destination outside the capture CIDRs.
+    SkipCidr,
+    /// Destination port excluded.
+    SkipPort,
+    /// The data plane's own socket (bypass mark).
+    SkipMark,
+    /// Capture disabled, or the destination could not be remembered.
+    SkipDisabled,
+    /// Original destination re-keyed by client address on establishment.
+    Stored,
+    /// Established, but the re-keyed entry could not be written.
+    Orphaned,
+    /// `SO_ORIGINAL_DST` answered.
+    Found,
+    /// `SO_ORIGINAL_DST` asked for a connection we do not know.
+    Missed,
+}
+
+impl StatIndex {
+    /// Every counter, in index order.
+    pub const ALL: [StatIndex; 11] = [
+        Self::Captured,
+        Self::SkipFamily,
+        Self::SkipProto,
+        Self::SkipCidr,
+        Self::SkipPort,
+        Self::SkipMark,
+        Self::SkipDisabled,
+        Self::Stored,
+        Self::Orphaned,
+        Self::Found,
+        Self::Missed,
+    ];
+    /// Number of counters (`STAT_MAX`).
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// A stable snake_case name for metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Captured => "captured",
+            Self::SkipFamily => "skipped_family",
+            Self::SkipProto => "skipped_protocol",
+            Self::SkipCidr => "skipped_cidr",
+            Self::SkipPort => "skipped_port",
+            Self::SkipMark => "skipped_own_socket",
+            Self::SkipDisabled => "skipped_disabled",
+            Self::Stored => "orig_dst_stored",
+            Self::Orphaned => "orig_dst_orphaned",
+            Self::Found => "orig_dst_found",
+            Self::Missed => "orig_dst_missed",
+        }
+    }
+}
+
+const _: () = {
+    assert!(size_of::<OrigDst>() == 8);
+    assert!(size_of::<ClientKey>() == 16);
+    assert!(std::mem::offset_of!(ClientKey, ip4) == 8);
+    assert!(std::mem::offset_of!(ClientKey, port) == 12);
+    assert!(size_of::<CidrKey>() == 8);
+    assert!(size_of::<CaptureConfig>() == 16 + EXCLUDED_PORT_BYTES);
+    assert!(std::mem::offset_of!(CaptureConfig, bypass_mark) == 8);
+    assert!(std::mem::offset_of!(CaptureConfig, excluded_ports) == 16);
+};
+
+#[cfg(feature = "aya")]
+#[allow(unsafe_code)]
+mod pod {
+    // SAFETY: each type is #[repr(C)], Copy, has explicit padding fields so
+    // every byte is initialised, and contains only integers: any bit pattern
+    // the kernel writes back is a valid value.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClientKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CidrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CaptureConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn object_maps() -> HashMap<String, aya_obj::Map> {
+        aya_obj::Object::parse(kmesh_bpf::object()).expect("compiled BPF object parses").maps
+    }
+
+    #[test]
+    fn layouts_match_the_compiled_object() {
+        let maps = object_maps();
+        let sizes = |name: &str| {
+            let m = maps.get(name).unwrap_or_else(|| panic!("map {name} in the object"));
+            (m.key_size() as usize, m.value_size() as usize)
+        };
+        use kmesh_bpf::map;
+        assert_eq!(sizes(map::ORIG_BY_COOKIE), (8, size_of::<OrigDst>()));
+        assert_eq!(sizes(map::ORIG_BY_CLIENT), (size_of::<ClientKey>(), size_of::<OrigDst>()));
+        assert_eq!(sizes(map::CAPTURE_CIDRS), (size_of::<CidrKey>(), 1));
+        assert_eq!(sizes(map::CONFIG), (4, size_of::<CaptureConfig>()));
+        assert_eq!(sizes(map::STATS), (4, 8));
+        let stats = maps.get(map::STATS).expect("stats map");
+        assert_eq!(stats.max_entries(), StatIndex::COUNT, "one counter per StatIndex");
+    }
+
+    #[test]
+    fn network_order_round_trips() {
+        let a: SocketAddrV4 = "10.1.2.3:8080".parse().expect("addr");
+        assert_eq!(OrigDst::new(a).addr(), a);
+        let k = ClientKey::new(NetnsCookie(42), a);
+        assert_eq!((k.netns(), k.client()), (NetnsCookie(42), a));
+        // The kernel's view: bytes in wire order.
+        let od = OrigDst::new(a);
+        assert_eq!(od.ip4.to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(od.port.to_ne_bytes(), 8080u16.to_be_bytes());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn excluded_ports_are_exactly_those_given(ports in proptest::collection::vec(proptest::num::u16::ANY, 0..64), probe: u16) {
+            let cfg = CaptureConfig::new("127.0.0.1:18000".parse().expect("addr"), 0, &ports, CONFIG_F_ENABLED);
+            proptest::prop_assert_eq!(cfg.is_excluded(probe), ports.contains(&probe));
+            for p in &ports { proptest::prop_assert!(cfg.is_excluded(*p)); }
+        }
+    }
+}
