@@ -123,7 +123,7 @@ int capture_connect4(struct bpf_sock_addr *ctx)
 	if (port_excluded(cfg, bpf_ntohs(dst_port))) {
 		count(STAT_SKIP_PORT);
 		if (tracing(cfg))
-			bpf_printk("kmesh connect4: skip excluded port %d", bpf_ntohs(dst_port));
+			bpf_printk("dataplane connect4: skip excluded port %d", bpf_ntohs(dst_port));
 		return 1;
 	}
 	__u64 cookie = bpf_get_socket_cookie(ctx);
@@ -138,7 +138,7 @@ int capture_connect4(struct bpf_sock_addr *ctx)
 	ctx->user_port = cfg->proxy_port;
 	count(STAT_CAPTURED);
 	if (tracing(cfg))
-		bpf_printk("kmesh connect4: captured cookie %llu to %pI4:%d", cookie, &dst_ip,
+		bpf_printk("dataplane connect4: captured cookie %llu to %pI4:%d", cookie, &dst_ip,
 			   bpf_ntohs(dst_port));
 	return 1;
 }
@@ -167,7 +167,7 @@ int capture_sockops(struct bpf_sock_ops *skops)
 	__u32 zero = 0;
 	const struct capture_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	if (tracing(cfg))
-		bpf_printk("kmesh sockops: client %pI4:%d netns %llu", &key.ip4,
+		bpf_printk("dataplane sockops: client %pI4:%d netns %llu", &key.ip4,
 			   skops->local_port, key.netns_cookie);
 	return 1;
 }
@@ -191,7 +191,7 @@ int capture_getsockopt(struct bpf_sockopt *ctx)
 	if (!od) {
 		count(STAT_MISSED);
 		if (tracing(cfg))
-			bpf_printk("kmesh getsockopt: miss for client %pI4:%d", &key.ip4,
+			bpf_printk("dataplane getsockopt: miss for client %pI4:%d", &key.ip4,
 				   bpf_ntohs(key.port));
 		return 1; /* the kernel's own error (ENOENT / ENOPROTOOPT) stands */
 	}
@@ -208,7 +208,7 @@ int capture_getsockopt(struct bpf_sockopt *ctx)
 	*(volatile __s32 *)&ctx->retval = 0;
 	count(STAT_FOUND);
 	if (tracing(cfg))
-		bpf_printk("kmesh getsockopt: client %pI4:%d -> %pI4", &key.ip4,
+		bpf_printk("dataplane getsockopt: client %pI4:%d -> %pI4", &key.ip4,
 			   bpf_ntohs(key.port), &od->ip4);
 	return 1;
 }

@@ -65,21 +65,6 @@ impl ClientKey {
     }
 }
 
-/// Key of the `capture_cidrs` LPM trie (`struct cidr_key`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CidrKey {
-    prefixlen: u32,
-    ip4: u32,
-}
-
-impl CidrKey {
-    /// The key for `addr/prefixlen` (host bits must already be zero).
-    pub fn new(addr: Ipv4Addr, prefixlen: u8) -> Self {
-        Self { prefixlen: u32::from(prefixlen), ip4: u32::from_ne_bytes(addr.octets()) }
-    }
-}
-
 /// Bytes of the excluded-port bitmap: one bit per port.
 pub const EXCLUDED_PORT_BYTES: usize = 8192;
 
@@ -198,7 +183,6 @@ const _: () = {
     assert!(size_of::<ClientKey>() == 16);
     assert!(std::mem::offset_of!(ClientKey, ip4) == 8);
     assert!(std::mem::offset_of!(ClientKey, port) == 12);
-    assert!(size_of::<CidrKey>() == 8);
     assert!(size_of::<CaptureConfig>() == 16 + EXCLUDED_PORT_BYTES);
     assert!(std::mem::offset_of!(CaptureConfig, bypass_mark) == 8);
     assert!(std::mem::offset_of!(CaptureConfig, excluded_ports) == 16);
@@ -214,8 +198,6 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ClientKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::CidrKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::CaptureConfig {}
 }
 
@@ -225,7 +207,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn object_maps() -> HashMap<String, aya_obj::Map> {
-        aya_obj::Object::parse(kmesh_bpf::object()).expect("compiled BPF object parses").maps
+        aya_obj::Object::parse(dataplane_bpf::object()).expect("compiled BPF object parses").maps
     }
 
     #[test]
@@ -235,10 +217,11 @@ mod tests {
             let m = maps.get(name).unwrap_or_else(|| panic!("map {name} in the object"));
             (m.key_size() as usize, m.value_size() as usize)
         };
-        use kmesh_bpf::map;
+        use dataplane_bpf::map;
         assert_eq!(sizes(map::ORIG_BY_COOKIE), (8, size_of::<OrigDst>()));
         assert_eq!(sizes(map::ORIG_BY_CLIENT), (size_of::<ClientKey>(), size_of::<OrigDst>()));
-        assert_eq!(sizes(map::CAPTURE_CIDRS), (size_of::<CidrKey>(), 1));
+        // struct cidr_key is aya's lpm_trie::Key<u32>: prefix length, then the address.
+        assert_eq!(sizes(map::CAPTURE_CIDRS), (2 * size_of::<u32>(), 1));
         assert_eq!(sizes(map::CONFIG), (4, size_of::<CaptureConfig>()));
         assert_eq!(sizes(map::STATS), (4, 8));
         let stats = maps.get(map::STATS).expect("stats map");

@@ -1,1 +1,34 @@
-fn main() {}
+//! `dataplane`: see `dataplane --help`.
+use std::process::ExitCode;
+
+use clap::Parser;
+use dataplane::config::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse(); // clap prints usage errors itself and exits 2
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Run(args) => {
+            let cfg = match args.validate() {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match dataplane::run::run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

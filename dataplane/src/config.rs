@@ -1,0 +1,216 @@
+//! The command line and its validation into one [`Config`].
+//!
+//! clap parses (with environment-variable fallbacks, so a ConfigMap can set
+//! them); [`RunArgs::validate`] then checks the whole as a unit and every error
+//! names the flag, the value and the reason. Both kinds of error exit with 2.
+use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+use crate::{cgroup, cores, ebpf, netns::Netns};
+use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
+
+/// Default SO_MARK of the data plane's own sockets ("dp" in ASCII, high bit
+/// clear so it does not collide with kube-proxy's 0x4000/0x8000 marks).
+pub const DEFAULT_BYPASS_MARK: u32 = 0x0064_7000;
+
+/// The transparent mutual-TLS data plane.
+#[derive(Debug, Parser)]
+#[command(name = "dataplane", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Capture the workloads' connects and serve them (runs until SIGTERM/SIGINT).
+    Run(RunArgs),
+}
+
+/// `dataplane run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// cgroup v2 directory of the workloads whose connects are captured.
+    #[arg(long, env = "DATAPLANE_WORKLOAD_CGROUP", value_name = "CGROUP_DIR")]
+    pub workload_cgroup: PathBuf,
+    /// Destinations to capture (repeatable, or comma-separated in the env var).
+    #[arg(long = "capture-cidr", env = "DATAPLANE_CAPTURE_CIDRS", value_name = "CIDR",
+          value_delimiter = ',', required = true, value_parser = parse_cidr)]
+    pub capture_cidrs: Vec<Ipv4Net>,
+    /// Destination ports never captured (18000 and 18001 always are excluded).
+    #[arg(long = "exclude-port", env = "DATAPLANE_EXCLUDE_PORTS", value_name = "PORT", value_delimiter = ',')]
+    pub exclude_ports: Vec<u16>,
+    /// Network namespace files to serve (default: the current namespace).
+    #[arg(long = "netns", value_name = "NETNS_FILE")]
+    pub netns: Vec<PathBuf>,
+    /// Executors to run, one pinned per CPU (default: every CPU we may use).
+    #[arg(long, env = "DATAPLANE_CORES", value_name = "N")]
+    pub cores: Option<usize>,
+    /// SO_MARK carried by the data plane's own sockets, which are never captured.
+    #[arg(long, env = "DATAPLANE_BYPASS_MARK", value_name = "MARK", default_value_t = DEFAULT_BYPASS_MARK,
+          value_parser = parse_mark)]
+    pub bypass_mark: u32,
+    /// Log every capture decision to the kernel trace pipe
+    /// (/sys/kernel/debug/tracing/trace_pipe).
+    #[arg(long, env = "DATAPLANE_BPF_TRACE")]
+    pub bpf_trace: bool,
+    /// Entries of each original-destination map (LRU: the oldest are evicted).
+    #[arg(long, env = "DATAPLANE_MAP_ENTRIES", value_name = "N", default_value_t = 65536)]
+    pub map_entries: u32,
+}
+
+fn parse_cidr(s: &str) -> Result<Ipv4Net, String> {
+    let net: Ipv4Net = s.parse().map_err(|_| format!("not an IPv4 CIDR such as 10.0.0.0/8: {s:?}"))?;
+    if net.trunc() != net {
+        return Err(format!("host bits set; did you mean {}?", net.trunc()));
+    }
+    Ok(net)
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("not a 32-bit mark (decimal or 0x hex): {s:?}"))
+}
+
+/// A configuration the data plane cannot run with, naming the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--workload-cgroup` is not a cgroup v2 directory.
+    #[error("--workload-cgroup {}: not a cgroup v2 directory (no cgroup.procs / cgroup.controllers)", .0.display())]
+    WorkloadCgroup(PathBuf),
+    /// A `--netns` file could not be opened.
+    #[error("--netns {}: {source}", path.display())]
+    Netns {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--cores` cannot be satisfied.
+    #[error(transparent)]
+    Cores(#[from] cores::CoresError),
+    /// The CPUs could not be read.
+    #[error("--cores: reading the CPUs available to this process: {0}")]
+    CpuProbe(#[source] std::io::Error),
+    /// `--map-entries 0`.
+    #[error("--map-entries 0: the original-destination maps need at least one entry")]
+    MapEntries,
+    /// Our own cgroup could not be found.
+    #[error("finding the data plane's own cgroup v2 directory: {0}")]
+    OwnCgroup(#[source] std::io::Error),
+}
+
+/// The validated configuration of `dataplane run`.
+#[derive(Debug)]
+pub struct Config {
+    /// Where connects are captured.
+    pub workload_cgroup: PathBuf,
+    /// Where `SO_ORIGINAL_DST` is answered: our own cgroup.
+    pub own_cgroup: PathBuf,
+    /// Namespaces served, each by every executor.
+    pub namespaces: Vec<Arc<Netns>>,
+    /// CPUs, one executor each.
+    pub cores: Vec<usize>,
+    /// What the eBPF programs are told.
+    pub capture: ebpf::Settings,
+}
+
+impl RunArgs {
+    /// Checks the arguments as a whole.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        if !cgroup::is_cgroup2_dir(&self.workload_cgroup) {
+            return Err(ConfigError::WorkloadCgroup(self.workload_cgroup));
+        }
+        if self.map_entries == 0 {
+            return Err(ConfigError::MapEntries);
+        }
+        let namespaces = if self.netns.is_empty() {
+            vec![Arc::new(Netns::current().map_err(|source| ConfigError::Netns { path: "/proc/thread-self/ns/net".into(), source })?)]
+        } else {
+            self.netns
+                .iter()
+                .map(|p| Netns::open(p).map(Arc::new).map_err(|source| ConfigError::Netns { path: p.clone(), source }))
+                .collect::<Result<_, _>>()?
+        };
+        let allowed = crate::sys::affinity().map_err(ConfigError::CpuProbe)?;
+        let online = cores::online().map_err(ConfigError::CpuProbe)?;
+        let cores = cores::choose(&allowed, &online, self.cores)?;
+        let own_cgroup = cgroup::own_cgroup().map_err(ConfigError::OwnCgroup)?;
+
+        let mut excluded_ports = self.exclude_ports;
+        excluded_ports.extend([OUTBOUND_PORT, INBOUND_PORT]);
+        excluded_ports.sort_unstable();
+        excluded_ports.dedup();
+        let cidrs = self.capture_cidrs.iter().map(|n| ebpf::Cidr { addr: n.network(), prefix: n.prefix_len() }).collect();
+        Ok(Config {
+            workload_cgroup: self.workload_cgroup,
+            own_cgroup,
+            namespaces,
+            cores,
+            capture: ebpf::Settings {
+                proxy: SocketAddrV4::new([127, 0, 0, 1].into(), OUTBOUND_PORT),
+                cidrs,
+                excluded_ports,
+                bypass_mark: self.bypass_mark,
+                trace: self.bpf_trace,
+                map_entries: self.map_entries,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cidrs_are_checked() {
+        assert_eq!(parse_cidr("10.0.0.0/8"), Ok("10.0.0.0/8".parse().expect("net")));
+        assert!(parse_cidr("10.0.0.1/8").expect_err("host bits").contains("10.0.0.0/8"));
+        assert!(parse_cidr("banana").is_err());
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn marks_take_hex_and_decimal() {
+        assert_eq!(parse_mark("0x10"), Ok(16));
+        assert_eq!(parse_mark("16"), Ok(16));
+        assert!(parse_mark("-1").is_err());
+    }
+
+    #[test]
+    fn repeated_and_comma_separated_flags() {
+        let cli = Cli::try_parse_from([
+            "dataplane", "run", "--workload-cgroup", "/x", "--capture-cidr", "10.0.0.0/8,192.168.0.0/16",
+            "--capture-cidr", "127.0.0.0/8", "--exclude-port", "22", "--cores", "1",
+        ])
+        .expect("parses");
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.capture_cidrs.len(), 3);
+        assert_eq!(args.exclude_ports, vec![22]);
+        assert_eq!(args.bypass_mark, DEFAULT_BYPASS_MARK);
+    }
+
+    #[test]
+    fn a_missing_cgroup_is_named() {
+        let cli = Cli::try_parse_from(["dataplane", "run", "--workload-cgroup", "/nonexistent", "--capture-cidr", "10.0.0.0/8"])
+            .expect("parses");
+        let Command::Run(args) = cli.command;
+        let err = args.validate().expect_err("not a cgroup").to_string();
+        assert!(err.starts_with("--workload-cgroup /nonexistent: "), "{err}");
+    }
+}

@@ -1,0 +1,21 @@
+//! The node data plane: captures pods' outbound TCP connects with eBPF and
+//! serves them on one pinned glommio executor per CPU.
+//!
+//! - [`config`]: the command line, validated as a whole;
+//! - [`run`]: the control thread;
+//! - [`ebpf`]: the typed door to the capture programs;
+//! - [`shard`]: the per-core executors and their listeners;
+//! - [`outbound`], [`relay`]: the data path;
+//! - [`netns`], [`socket`], [`cgroup`], [`cores`]: the node plumbing; `sys`
+//!   holds every `unsafe` block.
+pub mod cgroup;
+pub mod config;
+pub mod cores;
+pub mod ebpf;
+pub mod netns;
+pub mod outbound;
+pub mod relay;
+pub mod run;
+pub mod shard;
+pub mod socket;
+mod sys;

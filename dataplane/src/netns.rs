@@ -1,0 +1,87 @@
+//! Network namespaces we serve, and the scoped switch into one.
+//!
+//! A socket keeps the namespace it was created in, so the data plane creates
+//! each pod's listeners and upstream sockets inside that pod's namespace and
+//! switches straight back ([`Netns::run`]). The switch is per thread and never
+//! spans an `.await`: the closure is synchronous.
+use std::{
+    fmt,
+    fs::File,
+    io,
+    os::fd::AsFd,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use crate::sys;
+
+/// A network namespace, held open by a file descriptor.
+pub struct Netns {
+    path: PathBuf,
+    file: File,
+    inode: u64,
+}
+
+impl fmt::Debug for Netns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "netns({})", self.path.display())
+    }
+}
+
+impl Netns {
+    /// Opens the namespace file at `path` (`/var/run/netns/NAME`,
+    /// `/proc/PID/ns/net`).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let inode = file.metadata()?.ino();
+        Ok(Self { path: path.to_path_buf(), file, inode })
+    }
+
+    /// The namespace the calling thread is in now.
+    pub fn current() -> io::Result<Self> {
+        Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    /// The file it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A short name for logs: the file name, or the path for `/proc` ones.
+    pub fn name(&self) -> String {
+        if self.path.starts_with("/proc") {
+            format!("netns:[{}]", self.inode)
+        } else {
+            self.path.file_name().map_or_else(|| self.path.display().to_string(), |n| n.to_string_lossy().into_owned())
+        }
+    }
+
+    /// Runs `f` with the calling thread inside this namespace, then switches
+    /// back, whatever `f` returns. Cheap when the thread is already there.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let home = Self::current()?;
+        if home.inode == self.inode {
+            return Ok(f());
+        }
+        sys::setns_net(self.file.as_fd())?;
+        let out = f();
+        // Staying in the pod's namespace would silently serve the wrong pod
+        // from this thread: there is no safe way to continue.
+        sys::setns_net(home.file.as_fd()).expect("switching the thread back to its own network namespace");
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_in_the_current_namespace_is_a_no_op() {
+        let ns = Netns::current().expect("current netns");
+        let before = Netns::current().expect("current netns").inode;
+        assert_eq!(ns.run(|| 7).expect("run"), 7);
+        assert_eq!(Netns::current().expect("current netns").inode, before);
+        assert!(ns.name().starts_with("netns:["), "{}", ns.name());
+    }
+}

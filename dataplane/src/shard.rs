@@ -1,0 +1,127 @@
+//! The executors: one glommio `LocalExecutor` per chosen CPU, pinned. Each
+//! builds its own state inside its own thread (listeners in every enrolled
+//! namespace, per-connection tasks) and handles every connection it accepts
+//! start to finish: no locks and no cross-core hand-off on the data path.
+//!
+//! Executors report to the control thread over a crossbeam channel and never
+//! wait on it.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    rc::Rc,
+    sync::Arc,
+    time::Duration,
+};
+
+use crossbeam_channel::Sender;
+use glommio::{net::TcpListener, LocalExecutorBuilder, Placement};
+use tracing::{info, warn};
+
+use crate::{netns::Netns, outbound, socket, sys};
+use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
+
+/// What every executor is started with.
+#[derive(Debug)]
+pub struct ShardSpec {
+    /// Namespaces to open listeners in.
+    pub namespaces: Vec<Arc<Netns>>,
+    /// SO_MARK of our own sockets.
+    pub bypass_mark: u32,
+}
+
+/// What an executor tells the control thread.
+#[derive(Debug)]
+pub enum ShardEvent {
+    /// Listening on both ports in every namespace.
+    Ready {
+        /// The CPU it is pinned to.
+        cpu: usize,
+    },
+    /// Could not start; the message names the namespace and port.
+    Failed {
+        /// The CPU it is pinned to.
+        cpu: usize,
+        /// What failed.
+        error: String,
+    },
+}
+
+/// An executor thread.
+pub type ShardHandle = glommio::ExecutorJoinHandle<()>;
+
+/// Starts one pinned executor per CPU in `cpus`.
+pub fn spawn(cpus: &[usize], spec: Arc<ShardSpec>, events: Sender<ShardEvent>) -> std::io::Result<Vec<ShardHandle>> {
+    cpus.iter()
+        .map(|&cpu| {
+            let spec = spec.clone();
+            let events = events.clone();
+            LocalExecutorBuilder::new(Placement::Fixed(cpu))
+                .name(&format!("shard-{cpu}"))
+                .spawn(move || async move { run(cpu, spec, events).await })
+                .map_err(|e| std::io::Error::other(format!("starting the executor on CPU {cpu}: {e}")))
+        })
+        .collect()
+}
+
+const OUTBOUND_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT);
+const INBOUND_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT);
+
+fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<TcpListener, String> {
+    match ns.run(|| socket::listener(addr)) {
+        Ok(Ok(fd)) => Ok(sys::glommio_listener(fd)),
+        Ok(Err(e)) | Err(e) => Err(format!("listening on {addr} in {}: {e}", ns.name())),
+    }
+}
+
+async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>) {
+    let mut loops = Vec::new();
+    for ns in &spec.namespaces {
+        let bound = bind_in(ns, OUTBOUND_ADDR).and_then(|o| Ok((o, bind_in(ns, INBOUND_ADDR)?)));
+        let (out_listener, in_listener) = match bound {
+            Ok(pair) => pair,
+            Err(error) => {
+                let _ = events.send(ShardEvent::Failed { cpu, error });
+                return;
+            }
+        };
+        let ctx = Rc::new(outbound::Outbound { netns: ns.clone(), bypass_mark: spec.bypass_mark });
+        loops.push(glommio::spawn_local(accept_outbound(out_listener, ctx)));
+        loops.push(glommio::spawn_local(accept_inbound(in_listener, ns.clone())));
+    }
+    info!(cpu, namespaces = spec.namespaces.len(), "executor listening");
+    let _ = events.send(ShardEvent::Ready { cpu });
+    for l in loops {
+        l.await;
+    }
+}
+
+/// Pause after an accept error (EMFILE and the like) so a full fd table does
+/// not turn into a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+async fn accept_outbound(listener: TcpListener, ctx: Rc<outbound::Outbound>) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => {
+                glommio::spawn_local(outbound::serve(ctx.clone(), conn)).detach();
+            }
+            Err(e) => {
+                warn!(netns = %ctx.netns.name(), error = %e, "accept on the outbound listener failed");
+                glommio::timer::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn accept_inbound(listener: TcpListener, ns: Arc<Netns>) {
+    loop {
+        match listener.accept().await {
+            // The mutual-TLS tunnel is not served yet: close at once rather
+            // than hold a socket nobody will answer.
+            Ok(conn) => drop(conn),
+            Err(e) => {
+                warn!(netns = %ns.name(), error = %e, "accept on the inbound listener failed");
+                glommio::timer::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The one socket factory: every socket the data plane creates gets its
+//! options here, before `bind`/`connect`, in one place.
+//!
+//! - listeners: `SO_REUSEADDR` + `SO_REUSEPORT` (one listener per executor,
+//!   the kernel spreads connections across them), `TCP_NODELAY` (inherited by
+//!   accepted sockets), non-blocking;
+//! - upstream sockets: `SO_MARK` with the bypass mark, so our own connects are
+//!   never captured by `cgroup/connect4`, `TCP_NODELAY`, non-blocking connect.
+//!
+//! Sockets are made with socket2 0.6 and handed to glommio (which uses
+//! socket2 0.4) as owned fds.
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsRawFd, OwnedFd},
+    time::Duration,
+};
+
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+
+use crate::sys;
+
+/// Listen backlog for the proxy listeners.
+const BACKLOG: i32 = 4096;
+
+/// A non-blocking SO_REUSEPORT listener bound to `addr` in the calling
+/// thread's network namespace.
+pub fn listener(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_tcp_nodelay(true)?;
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(BACKLOG)?;
+    Ok(s.into())
+}
+
+/// A non-blocking TCP socket, marked with `mark`, whose connect to `dst` has
+/// been started in the calling thread's network namespace. A refused
+/// connect shows up on the first I/O.
+pub fn upstream(dst: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if mark != 0 {
+        s.set_mark(mark)?;
+    }
+    s.set_tcp_nodelay(true)?;
+    match s.connect(&SockAddr::from(dst)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(s.into())
+}
+
+/// Makes the socket's close send a reset (SO_LINGER 0) instead of a FIN, so a
+/// failure on one side of a relay reaches the other as an error, not an EOF.
+pub fn reset_on_close<T: AsRawFd>(owner: &T) {
+    let fd = sys::borrow_fd(owner);
+    if let Err(e) = SockRef::from(&fd).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "SO_LINGER 0 failed; the peer will see a FIN instead of a reset");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_listeners_share_a_port() {
+        let a = listener("127.0.0.1:0".parse().expect("addr")).expect("first listener");
+        let port = socket2::SockRef::from(&a).local_addr().expect("local").as_socket().expect("inet").port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        listener(addr).expect("second SO_REUSEPORT listener on the same port");
+    }
+
+    #[test]
+    fn upstream_starts_a_connect() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let fd = upstream(l.local_addr().expect("addr"), 0).expect("upstream");
+        let (_conn, peer) = l.accept().expect("accepted");
+        let local = socket2::SockRef::from(&fd).local_addr().expect("local").as_socket().expect("inet");
+        assert_eq!(peer, local);
+    }
+}
