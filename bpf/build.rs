@@ -53,14 +53,9 @@ fn main() {
 }
 
 fn find_clang() -> Option<String> {
-    let candidates = env::var("CLANG")
+    env::var("CLANG")
         .ok()
         .into_iter()
-        .chain(["clang-19".to_string(), "clang".to_string()]);
-    for c in candidates {
-        if Command::new(&c).arg("--version").output().is_ok_and(|o| o.status.success()) {
-            return Some(c);
-        }
-    }
-    None
+        .chain(["clang-19".to_string(), "clang".to_string()])
+        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
 }

@@ -133,7 +133,10 @@ impl RunArgs {
             return Err(ConfigError::MapEntries);
         }
         let namespaces = if self.netns.is_empty() {
-            vec![Arc::new(Netns::current().map_err(|source| ConfigError::Netns { path: "/proc/thread-self/ns/net".into(), source })?)]
+            vec![Arc::new(
+                Netns::current()
+                    .map_err(|source| ConfigError::Netns { path: "/proc/thread-self/ns/net".into(), source })?,
+            )]
         } else {
             self.netns
                 .iter()
@@ -149,7 +152,8 @@ impl RunArgs {
         excluded_ports.extend([OUTBOUND_PORT, INBOUND_PORT]);
         excluded_ports.sort_unstable();
         excluded_ports.dedup();
-        let cidrs = self.capture_cidrs.iter().map(|n| ebpf::Cidr { addr: n.network(), prefix: n.prefix_len() }).collect();
+        let cidrs =
+            self.capture_cidrs.iter().map(|n| ebpf::Cidr { addr: n.network(), prefix: n.prefix_len() }).collect();
         Ok(Config {
             workload_cgroup: self.workload_cgroup,
             own_cgroup,
@@ -195,8 +199,18 @@ mod tests {
     #[test]
     fn repeated_and_comma_separated_flags() {
         let cli = Cli::try_parse_from([
-            "dataplane", "run", "--workload-cgroup", "/x", "--capture-cidr", "10.0.0.0/8,192.168.0.0/16",
-            "--capture-cidr", "127.0.0.0/8", "--exclude-port", "22", "--cores", "1",
+            "dataplane",
+            "run",
+            "--workload-cgroup",
+            "/x",
+            "--capture-cidr",
+            "10.0.0.0/8,192.168.0.0/16",
+            "--capture-cidr",
+            "127.0.0.0/8",
+            "--exclude-port",
+            "22",
+            "--cores",
+            "1",
         ])
         .expect("parses");
         let Command::Run(args) = cli.command;
@@ -207,8 +221,15 @@ mod tests {
 
     #[test]
     fn a_missing_cgroup_is_named() {
-        let cli = Cli::try_parse_from(["dataplane", "run", "--workload-cgroup", "/nonexistent", "--capture-cidr", "10.0.0.0/8"])
-            .expect("parses");
+        let cli = Cli::try_parse_from([
+            "dataplane",
+            "run",
+            "--workload-cgroup",
+            "/nonexistent",
+            "--capture-cidr",
+            "10.0.0.0/8",
+        ])
+        .expect("parses");
         let Command::Run(args) = cli.command;
         let err = args.validate().expect_err("not a cgroup").to_string();
         assert!(err.starts_with("--workload-cgroup /nonexistent: "), "{err}");

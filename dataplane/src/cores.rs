@@ -26,7 +26,8 @@ pub enum CoresError {
 /// both online and allowed, or all of them when `requested` is `None`.
 pub fn choose(allowed: &[usize], online: &[usize], requested: Option<usize>) -> Result<Vec<usize>, CoresError> {
     let online: BTreeSet<usize> = online.iter().copied().collect();
-    let usable: Vec<usize> = allowed.iter().copied().filter(|c| online.contains(c)).collect::<BTreeSet<_>>().into_iter().collect();
+    let usable: Vec<usize> =
+        allowed.iter().copied().filter(|c| online.contains(c)).collect::<BTreeSet<_>>().into_iter().collect();
     if usable.is_empty() {
         return Err(CoresError::NoneAvailable);
     }

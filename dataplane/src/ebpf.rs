@@ -111,7 +111,10 @@ impl Capture {
 
         let mut cidrs: LpmTrie<_, u32, u8> = ebpf
             .map_mut(map::CAPTURE_CIDRS)
-            .ok_or(Error::Map { name: map::CAPTURE_CIDRS, source: MapError::InvalidName { name: map::CAPTURE_CIDRS.into() } })?
+            .ok_or(Error::Map {
+                name: map::CAPTURE_CIDRS,
+                source: MapError::InvalidName { name: map::CAPTURE_CIDRS.into() },
+            })?
             .try_into()
             .map_err(map_err(map::CAPTURE_CIDRS))?;
         for c in &settings.cidrs {
@@ -129,10 +132,9 @@ impl Capture {
         config.set(0, cfg, 0).map_err(map_err(map::CONFIG))?;
 
         for name in [program::CONNECT4, program::SOCKOPS, program::GETSOCKOPT] {
-            let p = ebpf.program_mut(name).ok_or(Error::Program {
-                name,
-                source: ProgramError::InvalidName { name: name.into() },
-            })?;
+            let p = ebpf
+                .program_mut(name)
+                .ok_or(Error::Program { name, source: ProgramError::InvalidName { name: name.into() } })?;
             match p {
                 aya::programs::Program::CgroupSockAddr(p) => p.load(),
                 aya::programs::Program::SockOps(p) => p.load(),

@@ -60,7 +60,13 @@ pub struct Bytes {
 
 /// Copies `from` into `to` until EOF, then closes `to`'s write side.
 /// Errors name the side they happened on.
-async fn copy_half<R, W>(mut from: R, mut to: W, from_side: Side, to_side: Side, count: &std::cell::Cell<u64>) -> Result<(), (Side, io::Error)>
+async fn copy_half<R, W>(
+    mut from: R,
+    mut to: W,
+    from_side: Side,
+    to_side: Side,
+    count: &std::cell::Cell<u64>,
+) -> Result<(), (Side, io::Error)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

@@ -5,7 +5,10 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{bail, Context};
-use signal_hook::{consts::{SIGINT, SIGTERM}, iterator::Signals};
+use signal_hook::{
+    consts::{SIGINT, SIGTERM},
+    iterator::Signals,
+};
 use tracing::info;
 
 use crate::{config::Config, ebpf::Capture, shard};

@@ -44,15 +44,8 @@ pub(crate) fn original_dst(fd: BorrowedFd<'_>) -> io::Result<SocketAddrV4> {
     let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: optval points at a live sockaddr_in of `len` bytes and optlen at
     // a live socklen_t; the kernel writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_IP,
-            SO_ORIGINAL_DST,
-            (&raw mut sin).cast(),
-            &mut len,
-        )
-    };
+    let rc =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_IP, SO_ORIGINAL_DST, (&raw mut sin).cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

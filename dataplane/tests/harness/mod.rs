@@ -1,0 +1,356 @@
+//! Test harness for the tests that touch the kernel: cgroups, network
+//! namespaces joined by veth ("pods" and "nodes"), peers run as child
+//! processes inside a given cgroup and namespace, and the data plane itself.
+//!
+//! Everything is named after the test (plus our PID) so tests run in
+//! parallel, and torn down in `Drop`, so a failing test leaves nothing
+//! behind. The test process itself never joins a workload cgroup: children
+//! join theirs in `sh` before `exec`.
+//!
+//! Under `CI` (any value but empty), a missing privilege fails the test
+//! instead of skipping it.
+#![allow(dead_code, unreachable_pub)] // each test binary uses part of it
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Whether the kernel tests can run here. Off root: skipped locally, failed
+/// under CI.
+pub fn privileged(test: &str) -> bool {
+    let root = fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+    let tools = Command::new("ip").arg("-V").output().is_ok() && Command::new("nsenter").arg("-V").output().is_ok();
+    let cgroup2 = cgroup2_mount().is_some();
+    if root && tools && cgroup2 {
+        return true;
+    }
+    let why =
+        format!("{test}: needs root, iproute2, nsenter and cgroup v2 (root={root} tools={tools} cgroup2={cgroup2})");
+    if std::env::var("CI").is_ok_and(|v| !v.is_empty()) {
+        panic!("{why}: CI is set, so this is a failure, not a skip");
+    }
+    eprintln!("SKIPPED {why}");
+    false
+}
+
+/// A short name unique to this test and process (fits interface names).
+pub fn unique(test: &str, tag: &str) -> String {
+    let mut h: u32 = 2166136261;
+    for b in test.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(16777619);
+    }
+    format!("{tag}{:05x}{:x}", h & 0xfffff, std::process::id() & 0xffff)
+}
+
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A cgroup v2 directory, removed (after killing what is left in it) on drop.
+#[derive(Debug)]
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(test: &str, tag: &str) -> Self {
+        let root = cgroup2_mount().expect("cgroup v2 mount");
+        Self::at(root.join(format!("dptest-{}", unique(test, tag))))
+    }
+
+    /// A cgroup below this one.
+    pub fn child(&self, name: &str) -> Self {
+        Self::at(self.path.join(name))
+    }
+
+    fn at(path: PathBuf) -> Self {
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        Self { path }
+    }
+
+    fn procs(&self) -> String {
+        fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.procs().trim().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if let Err(e) = fs::remove_dir(&self.path) {
+            eprintln!("warning: removing cgroup {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// A network namespace made with `ip netns add`, loopback up; deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(test: &str, tag: &str) -> Self {
+        let name = unique(test, tag);
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) {
+        run(Command::new("ip").args(["-n", &self.name]).args(args));
+    }
+
+    /// A command that runs inside this namespace (and optionally a cgroup).
+    /// `nsenter` rather than `ip netns exec`, which remounts /sys and so hides
+    /// the cgroup tree.
+    pub fn command(&self, cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        let join = cgroup.map(|cg| format!("echo $$ > '{}/cgroup.procs' && ", cg.path.display())).unwrap_or_default();
+        c.arg("-c").arg(format!("{join}exec \"$@\"")).arg("sh");
+        c.arg("nsenter").arg(format!("--net={}", self.path().display())).arg(program).args(args);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Joins `a` and `b` with a veth pair and gives each end an address
+/// (`10.x.y.z/24` form). Each end is named after the namespace it leads to;
+/// returns (A's interface, B's interface).
+pub fn veth(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> (String, String) {
+    let an = format!("v{}", &b.name[..b.name.len().min(14)]);
+    let bn = format!("v{}", &a.name[..a.name.len().min(14)]);
+    run(Command::new("ip")
+        .args(["link", "add", &an, "netns", &a.name, "type", "veth", "peer", "name", &bn, "netns", &b.name]));
+    a.ip(&["addr", "add", a_addr, "dev", &an]);
+    b.ip(&["addr", "add", b_addr, "dev", &bn]);
+    a.ip(&["link", "set", &an, "up"]);
+    b.ip(&["link", "set", &bn, "up"]);
+    (an, bn)
+}
+
+/// Path of the Python peers (`tests/peers.py`).
+pub fn peers_py() -> String {
+    format!("{}/tests/peers.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A child process killed on drop, its output collected line by line.
+pub struct Proc {
+    pub child: Child,
+    pub what: String,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, what: &str) -> Self {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let lines = lines.clone();
+            let tag = what.to_string();
+            thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("DP_TEST_VERBOSE").is_some() {
+                        eprintln!("[{tag}] {line}");
+                    }
+                    lines.lock().expect("lines").push(line);
+                }
+            });
+        }
+        Self { child, what: what.to_string(), lines }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn output(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+
+    /// Waits until a line containing `needle` appears.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.output().iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                thread::sleep(Duration::from_millis(50)); // let the readers drain
+                panic!("{} exited ({status}) before printing {needle:?}:\n{}", self.what, self.output().join("\n"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not print {needle:?} within {timeout:?}:\n{}",
+                self.what,
+                self.output().join("\n")
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        run(Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]));
+    }
+
+    /// Waits for exit, killing it after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                thread::sleep(Duration::from_millis(50));
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} did not exit within {timeout:?}:\n{}", self.what, self.output().join("\n"));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A Python server in `ns` on `host:port` that names itself `name`.
+pub fn server(ns: &Netns, host: &str, port: u16, name: &str) -> Proc {
+    let mut p = Proc::spawn(
+        ns.command(None, "python3", &[&peers_py(), "serve", host, &port.to_string(), name]),
+        &format!("server {name}"),
+    );
+    p.wait_for("listening", Duration::from_secs(10));
+    p
+}
+
+/// What a client saw on one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub local: String,
+    pub peer: String,
+    pub server: String,
+    pub server_saw: String,
+    pub echo: String,
+}
+
+fn field(line: &str, key: &str) -> String {
+    // The peers print flat JSON objects of strings; no JSON crate needed.
+    let pat = format!("\"{key}\": \"");
+    let start = line.find(&pat).unwrap_or_else(|| panic!("{key} in {line}")) + pat.len();
+    let end = line[start..].find('"').expect("closing quote") + start;
+    line[start..end].to_string()
+}
+
+/// Runs the Python client to completion in `ns` (and `cgroup`) and returns
+/// one `Seen` per connection.
+pub fn client(ns: &Netns, cgroup: Option<&Cgroup>, host: &str, port: u16, extra: &[&str]) -> Vec<Seen> {
+    let mut args = vec![peers_py(), "connect".into(), host.into(), port.to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ns.command(cgroup, "python3", &args).output().expect("running the client");
+    assert!(out.status.success(), "client to {host}:{port} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| Seen {
+            local: field(l, "local"),
+            peer: field(l, "peer"),
+            server: field(l, "server"),
+            server_saw: field(l, "server_saw"),
+            echo: field(l, "echo"),
+        })
+        .collect()
+}
+
+/// The data plane binary, running in its own cgroup.
+pub struct Dataplane {
+    pub proc: Proc,
+}
+
+impl Dataplane {
+    /// Starts `dataplane run ARGS` as a member of `cgroup` and waits until it
+    /// is ready.
+    pub fn start(cgroup: &Cgroup, args: &[String]) -> Self {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("echo $$ > '{}/cgroup.procs' && exec \"$@\"", cgroup.path.display()))
+            .arg("sh")
+            .arg(env!("CARGO_BIN_EXE_dataplane"))
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,dataplane=debug".into()));
+        let mut proc = Proc::spawn(cmd, "dataplane");
+        proc.wait_for("data plane ready", Duration::from_secs(20));
+        Self { proc }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        self.proc.signal("TERM");
+        self.proc.wait(Duration::from_secs(10))
+    }
+}
+
+/// Program names `bpftool cgroup show` lists for a cgroup.
+pub fn attached(cgroup: &Path) -> Vec<String> {
+    let out = Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup).output().expect("running bpftool");
+    assert!(out.status.success(), "bpftool cgroup show {}: {}", cgroup.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect()
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
