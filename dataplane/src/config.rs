@@ -3,12 +3,17 @@
 //! clap parses (with environment-variable fallbacks, so a ConfigMap can set
 //! them); [`RunArgs::validate`] then checks the whole as a unit and every error
 //! names the flag, the value and the reason. Both kinds of error exit with 2.
-use std::{net::SocketAddrV4, path::PathBuf, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
-use crate::{cgroup, cores, ebpf, netns::Netns};
+use crate::{cgroup, cores, ebpf, identity::Identity, netns::Netns, shard::Timeouts};
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
 
 /// Default SO_MARK of the data plane's own sockets ("dp" in ASCII, high bit
@@ -29,6 +34,35 @@ pub struct Cli {
 pub enum Command {
     /// Capture the workloads' connects and serve them (runs until SIGTERM/SIGINT).
     Run(RunArgs),
+    /// Mint a cluster CA and pod certificates (for demos and tests).
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// `dataplane ca ...`.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Write a new CA to DIR/ca.crt and DIR/ca.key.
+    Init {
+        /// Certificate directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Write DIR/IP.crt and DIR/IP.key, signed by DIR's CA, for a pod IP.
+    Issue {
+        /// Certificate directory holding the CA.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The pod's IP (the certificate's IP SAN).
+        #[arg(long, value_name = "A.B.C.D")]
+        ip: IpAddr,
+        /// Days of validity.
+        #[arg(long, default_value_t = 365, value_name = "N")]
+        days: i64,
+        /// Start of validity, in days before now (negative: in the future).
+        #[arg(long, default_value_t = 1, value_name = "N", allow_negative_numbers = true)]
+        not_before_days: i64,
+    },
 }
 
 /// `dataplane run`.
@@ -44,6 +78,9 @@ pub struct RunArgs {
     /// Destination ports never captured (18000 and 18001 always are excluded).
     #[arg(long = "exclude-port", env = "DATAPLANE_EXCLUDE_PORTS", value_name = "PORT", value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,
+    /// Certificate directory: ca.crt, and <ip>.crt + <ip>.key per pod address.
+    #[arg(long, env = "DATAPLANE_CERTS", value_name = "DIR")]
+    pub certs: PathBuf,
     /// Network namespace files to serve (default: the current namespace).
     #[arg(long = "netns", value_name = "NETNS_FILE")]
     pub netns: Vec<PathBuf>,
@@ -58,6 +95,14 @@ pub struct RunArgs {
     /// (/sys/kernel/debug/tracing/trace_pipe).
     #[arg(long, env = "DATAPLANE_BPF_TRACE")]
     pub bpf_trace: bool,
+    /// Limit for a tunnel's TLS handshake and preamble.
+    #[arg(long, env = "DATAPLANE_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Close connections on which no byte moved either way for this long.
+    #[arg(long, env = "DATAPLANE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
     /// Entries of each original-destination map (LRU: the oldest are evicted).
     #[arg(long, env = "DATAPLANE_MAP_ENTRIES", value_name = "N", default_value_t = 65536)]
     pub map_entries: u32,
@@ -103,6 +148,12 @@ pub enum ConfigError {
     /// `--map-entries 0`.
     #[error("--map-entries 0: the original-destination maps need at least one entry")]
     MapEntries,
+    /// The certificate directory does not load.
+    #[error("--certs: {0}")]
+    Certs(#[from] crate::identity::Error),
+    /// A zero timeout.
+    #[error("--{0} 0s: must be longer than zero")]
+    ZeroTimeout(&'static str),
     /// Our own cgroup could not be found.
     #[error("finding the data plane's own cgroup v2 directory: {0}")]
     OwnCgroup(#[source] std::io::Error),
@@ -121,6 +172,10 @@ pub struct Config {
     pub cores: Vec<usize>,
     /// What the eBPF programs are told.
     pub capture: ebpf::Settings,
+    /// Certificates and TLS configurations.
+    pub identity: Arc<Identity>,
+    /// Handshake and idle limits.
+    pub timeouts: Timeouts,
 }
 
 impl RunArgs {
@@ -132,6 +187,13 @@ impl RunArgs {
         if self.map_entries == 0 {
             return Err(ConfigError::MapEntries);
         }
+        if self.handshake_timeout.is_zero() {
+            return Err(ConfigError::ZeroTimeout("handshake-timeout"));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(ConfigError::ZeroTimeout("idle-timeout"));
+        }
+        let identity = Arc::new(Identity::load(&self.certs)?);
         let namespaces = if self.netns.is_empty() {
             vec![Arc::new(
                 Netns::current()
@@ -167,6 +229,8 @@ impl RunArgs {
                 trace: self.bpf_trace,
                 map_entries: self.map_entries,
             },
+            identity,
+            timeouts: Timeouts { handshake: self.handshake_timeout, idle: self.idle_timeout },
         })
     }
 }
@@ -213,7 +277,7 @@ mod tests {
             "1",
         ])
         .expect("parses");
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else { panic!("run") };
         assert_eq!(args.capture_cidrs.len(), 3);
         assert_eq!(args.exclude_ports, vec![22]);
         assert_eq!(args.bypass_mark, DEFAULT_BYPASS_MARK);
@@ -230,7 +294,7 @@ mod tests {
             "10.0.0.0/8",
         ])
         .expect("parses");
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else { panic!("run") };
         let err = args.validate().expect_err("not a cgroup").to_string();
         assert!(err.starts_with("--workload-cgroup /nonexistent: "), "{err}");
     }

@@ -5,13 +5,17 @@
 //! - [`run`]: the control thread;
 //! - [`ebpf`]: the typed door to the capture programs;
 //! - [`shard`]: the per-core executors and their listeners;
-//! - [`outbound`], [`relay`]: the data path;
+//! - [`outbound`], [`inbound`], [`relay`]: the data path;
+//! - [`identity`], [`ca`]: certificates and TLS configurations;
 //! - [`netns`], [`socket`], [`cgroup`], [`cores`]: the node plumbing; `sys`
 //!   holds every `unsafe` block.
+pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod cores;
 pub mod ebpf;
+pub mod identity;
+pub mod inbound;
 pub mod netns;
 pub mod outbound;
 pub mod relay;

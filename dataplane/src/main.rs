@@ -2,7 +2,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use dataplane::config::{Cli, Command};
+use dataplane::{
+    ca,
+    config::{CaCommand, Cli, Command},
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // clap prints usage errors itself and exits 2
@@ -24,6 +27,21 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Ca(cmd) => {
+            let result = match cmd {
+                CaCommand::Init { dir } => ca::init(&dir),
+                CaCommand::Issue { dir, ip, days, not_before_days } => {
+                    ca::issue(&dir, ip, ca::Validity { not_before_days, days })
+                }
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -7,23 +7,29 @@
 //!   direction keeps flowing.
 //! - An error in either direction ends the relay at once and says which side
 //!   failed; the caller resets the other side so the failure reaches it.
+//! - No byte in either direction for the idle timeout ends it too.
 //! - Buffers are bounded: one fixed buffer per direction.
-use std::{fmt, io, pin::pin};
+use std::{
+    cell::Cell,
+    fmt, io,
+    pin::pin,
+    time::{Duration, Instant},
+};
 
 use futures_lite::{
     future,
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
 };
 
-/// Size of each direction's copy buffer.
-pub const BUF_SIZE: usize = 64 * 1024;
+/// Size of each direction's copy buffer: one maximum-size TLS record.
+pub const BUF_SIZE: usize = 16 * 1024;
 
 /// Which end of a proxied connection something happened on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
-    /// The client that connected to us.
+    /// The peer that connected to us (the client, or the outbound proxy).
     Downstream,
-    /// The connection we opened towards the destination.
+    /// The connection we opened (to the tunnel, or to the application).
     Upstream,
 }
 
@@ -36,16 +42,30 @@ impl fmt::Display for Side {
     }
 }
 
-/// A relay that ended on an I/O error.
+/// Why a relay ended early.
 #[derive(Debug, thiserror::Error)]
-#[error("{side} failed: {source}")]
+pub enum End {
+    /// A read or write failed on one side.
+    #[error("{side} failed: {source}")]
+    Io {
+        /// The side whose read or write failed.
+        side: Side,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Nothing moved in either direction for the idle timeout.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+}
+
+/// A relay that ended early, with what it carried before.
+#[derive(Debug, thiserror::Error)]
+#[error("{end}")]
 pub struct RelayError {
-    /// The side whose read or write failed.
-    pub side: Side,
-    /// The error.
-    #[source]
-    pub source: io::Error,
-    /// Bytes carried before the error.
+    /// Why.
+    pub end: End,
+    /// Bytes carried before the end.
     pub bytes: Bytes,
 }
 
@@ -58,56 +78,81 @@ pub struct Bytes {
     pub received: u64,
 }
 
+struct Progress {
+    bytes: Cell<u64>,
+    last: Cell<Instant>,
+}
+
 /// Copies `from` into `to` until EOF, then closes `to`'s write side.
-/// Errors name the side they happened on.
-async fn copy_half<R, W>(
-    mut from: R,
-    mut to: W,
-    from_side: Side,
-    to_side: Side,
-    count: &std::cell::Cell<u64>,
-) -> Result<(), (Side, io::Error)>
+async fn copy_half<R, W>(mut from: R, mut to: W, sides: (Side, Side), progress: &Progress) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let (from_side, to_side) = sides;
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
-        let n = from.read(&mut buf).await.map_err(|e| (from_side, e))?;
+        let n = from.read(&mut buf).await.map_err(|source| End::Io { side: from_side, source })?;
         if n == 0 {
-            to.close().await.map_err(|e| (to_side, e))?;
+            to.close().await.map_err(|source| End::Io { side: to_side, source })?;
             return Ok(());
         }
-        to.write_all(&buf[..n]).await.map_err(|e| (to_side, e))?;
-        count.set(count.get() + n as u64);
+        to.write_all(&buf[..n]).await.map_err(|source| End::Io { side: to_side, source })?;
+        progress.bytes.set(progress.bytes.get() + n as u64);
+        progress.last.set(Instant::now());
+    }
+}
+
+/// Ends once neither direction has moved a byte for `idle`.
+async fn idle_watch(idle: Duration, a: &Progress, b: &Progress) -> End {
+    loop {
+        let last = a.last.get().max(b.last.get());
+        let quiet = last.elapsed();
+        if quiet >= idle {
+            return End::Idle(idle);
+        }
+        glommio::timer::sleep(idle - quiet).await;
     }
 }
 
 /// Relays between `downstream` and `upstream` until both directions have
-/// seen EOF, or either fails.
-pub async fn relay<D, U>(downstream: &mut D, upstream: &mut U) -> Result<Bytes, RelayError>
+/// seen EOF, either fails, or both are idle for `idle`.
+pub async fn relay<D, U>(downstream: &mut D, upstream: &mut U, idle: Duration) -> Result<Bytes, RelayError>
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (dr, dw) = futures_lite::io::split(downstream);
     let (ur, uw) = futures_lite::io::split(upstream);
-    let sent = std::cell::Cell::new(0);
-    let received = std::cell::Cell::new(0);
-    let mut up = pin!(copy_half(dr, uw, Side::Downstream, Side::Upstream, &sent));
-    let mut down = pin!(copy_half(ur, dw, Side::Upstream, Side::Downstream, &received));
+    let now = Instant::now();
+    let sent = Progress { bytes: Cell::new(0), last: Cell::new(now) };
+    let received = Progress { bytes: Cell::new(0), last: Cell::new(now) };
+    let mut up = pin!(copy_half(dr, uw, (Side::Downstream, Side::Upstream), &sent));
+    let mut down = pin!(copy_half(ur, dw, (Side::Upstream, Side::Downstream), &received));
 
-    // Whichever direction finishes first: on success keep waiting for the
-    // other, on error stop both.
-    let first = future::or(async { (true, up.as_mut().await) }, async { (false, down.as_mut().await) }).await;
-    let result = match first {
-        (_, Err(e)) => Err(e),
-        (true, Ok(())) => down.as_mut().await,
-        (false, Ok(())) => up.as_mut().await,
-    };
-    let bytes = Bytes { sent: sent.get(), received: received.get() };
-    match result {
-        Ok(()) => Ok(bytes),
-        Err((side, source)) => Err(RelayError { side, source, bytes }),
-    }
+    let result = future::or(
+        async {
+            // Whichever direction finishes first: on success keep waiting for
+            // the other, on error stop both.
+            let first = future::or(async { (true, up.as_mut().await) }, async { (false, down.as_mut().await) }).await;
+            match first {
+                (_, Err(e)) => Err(e),
+                (true, Ok(())) => down.as_mut().await,
+                (false, Ok(())) => up.as_mut().await,
+            }
+        },
+        async { Err(idle_watch(idle, &sent, &received).await) },
+    )
+    .await;
+    let bytes = Bytes { sent: sent.bytes.get(), received: received.bytes.get() };
+    result.map(|()| bytes).map_err(|end| RelayError { end, bytes })
+}
+
+/// Runs `fut`, giving up after `limit`.
+pub async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    future::or(async { Some(fut.await) }, async {
+        glommio::timer::sleep(limit).await;
+        None
+    })
+    .await
 }

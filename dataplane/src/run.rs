@@ -28,6 +28,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         bypass_mark = format_args!("{:#x}", cfg.capture.bypass_mark),
         map_entries = cfg.capture.map_entries,
         bpf_trace = cfg.capture.trace,
+        certs = %cfg.identity.dir().display(),
+        identities = ?cfg.identity.addresses().collect::<Vec<_>>(),
+        handshake_timeout = ?cfg.timeouts.handshake,
+        idle_timeout = ?cfg.timeouts.idle,
         "starting"
     );
     // Signals first: a SIGTERM during start-up must still detach cleanly.
@@ -35,7 +39,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut capture = Capture::load(&cfg.capture)?;
 
     let (tx, rx) = crossbeam_channel::unbounded();
-    let spec = Arc::new(shard::ShardSpec { namespaces: cfg.namespaces.clone(), bypass_mark: cfg.capture.bypass_mark });
+    let spec = Arc::new(shard::ShardSpec {
+        namespaces: cfg.namespaces.clone(),
+        bypass_mark: cfg.capture.bypass_mark,
+        identity: cfg.identity.clone(),
+        timeouts: cfg.timeouts,
+    });
     let _shards = shard::spawn(&cfg.cores, spec, tx)?;
     for _ in &cfg.cores {
         match rx.recv_timeout(STARTUP_TIMEOUT) {

@@ -1,11 +1,13 @@
 //! The executors: one glommio `LocalExecutor` per chosen CPU, pinned. Each
 //! builds its own state inside its own thread (listeners in every enrolled
-//! namespace, per-connection tasks) and handles every connection it accepts
-//! start to finish: no locks and no cross-core hand-off on the data path.
+//! namespace, TLS configurations, per-connection tasks) and handles every
+//! connection it accepts start to finish: no locks and no cross-core hand-off
+//! on the data path.
 //!
 //! Executors report to the control thread over a crossbeam channel and never
 //! wait on it.
 use std::{
+    cell::RefCell,
     net::{Ipv4Addr, SocketAddr},
     rc::Rc,
     sync::Arc,
@@ -16,8 +18,17 @@ use crossbeam_channel::Sender;
 use glommio::{net::TcpListener, LocalExecutorBuilder, Placement};
 use tracing::{info, warn};
 
-use crate::{netns::Netns, outbound, socket, sys};
+use crate::{identity::Identity, inbound, netns::Netns, outbound, socket, sys};
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
+
+/// Handshake and idle limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// For the TLS handshake and the preamble.
+    pub handshake: Duration,
+    /// For a connection on which no byte moves either way.
+    pub idle: Duration,
+}
 
 /// What every executor is started with.
 #[derive(Debug)]
@@ -26,6 +37,29 @@ pub struct ShardSpec {
     pub namespaces: Vec<Arc<Netns>>,
     /// SO_MARK of our own sockets.
     pub bypass_mark: u32,
+    /// Certificates and TLS configurations.
+    pub identity: Arc<Identity>,
+    /// Limits.
+    pub timeouts: Timeouts,
+}
+
+/// One executor's own state, shared by its tasks (never across threads).
+#[derive(Debug)]
+pub struct ShardCtx {
+    /// The CPU it is pinned to.
+    pub cpu: usize,
+    /// SO_MARK of our own sockets.
+    pub bypass_mark: u32,
+    /// Limits.
+    pub timeouts: Timeouts,
+    identity: RefCell<Arc<Identity>>,
+}
+
+impl ShardCtx {
+    /// The identities in force now.
+    pub fn identity(&self) -> Arc<Identity> {
+        self.identity.borrow().clone()
+    }
 }
 
 /// What an executor tells the control thread.
@@ -73,6 +107,12 @@ fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<TcpListener, String> {
 }
 
 async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>) {
+    let shard = Rc::new(ShardCtx {
+        cpu,
+        bypass_mark: spec.bypass_mark,
+        timeouts: spec.timeouts,
+        identity: RefCell::new(spec.identity.clone()),
+    });
     let mut loops = Vec::new();
     for ns in &spec.namespaces {
         let bound = bind_in(ns, OUTBOUND_ADDR).and_then(|o| Ok((o, bind_in(ns, INBOUND_ADDR)?)));
@@ -83,9 +123,8 @@ async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>) {
                 return;
             }
         };
-        let ctx = Rc::new(outbound::Outbound { netns: ns.clone(), bypass_mark: spec.bypass_mark });
-        loops.push(glommio::spawn_local(accept_outbound(out_listener, ctx)));
-        loops.push(glommio::spawn_local(accept_inbound(in_listener, ns.clone())));
+        loops.push(glommio::spawn_local(accept_loop(out_listener, shard.clone(), ns.clone(), Role::Outbound)));
+        loops.push(glommio::spawn_local(accept_loop(in_listener, shard.clone(), ns.clone(), Role::Inbound)));
     }
     info!(cpu, namespaces = spec.namespaces.len(), "executor listening");
     let _ = events.send(ShardEvent::Ready { cpu });
@@ -98,28 +137,24 @@ async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>) {
 /// not turn into a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
-async fn accept_outbound(listener: TcpListener, ctx: Rc<outbound::Outbound>) {
+#[derive(Clone, Copy, Debug)]
+enum Role {
+    Outbound,
+    Inbound,
+}
+
+async fn accept_loop(listener: TcpListener, shard: Rc<ShardCtx>, ns: Arc<Netns>, role: Role) {
     loop {
         match listener.accept().await {
             Ok(conn) => {
-                glommio::spawn_local(outbound::serve(ctx.clone(), conn)).detach();
+                let (shard, ns) = (shard.clone(), ns.clone());
+                match role {
+                    Role::Outbound => glommio::spawn_local(outbound::serve(shard, ns, conn)).detach(),
+                    Role::Inbound => glommio::spawn_local(inbound::serve(shard, ns, conn)).detach(),
+                };
             }
             Err(e) => {
-                warn!(netns = %ctx.netns.name(), error = %e, "accept on the outbound listener failed");
-                glommio::timer::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
-}
-
-async fn accept_inbound(listener: TcpListener, ns: Arc<Netns>) {
-    loop {
-        match listener.accept().await {
-            // The mutual-TLS tunnel is not served yet: close at once rather
-            // than hold a socket nobody will answer.
-            Ok(conn) => drop(conn),
-            Err(e) => {
-                warn!(netns = %ns.name(), error = %e, "accept on the inbound listener failed");
+                warn!(netns = %ns.name(), ?role, error = %e, "accept failed");
                 glommio::timer::sleep(ACCEPT_BACKOFF).await;
             }
         }

@@ -5,7 +5,7 @@ mod harness;
 
 use std::{thread, time::Duration};
 
-use harness::{attached, client, eventually, privileged, server, veth, Cgroup, Dataplane, Netns};
+use harness::{attached, client, eventually, privileged, server, veth, Certs, Cgroup, Dataplane, Netns};
 
 /// Two pods, A (10.77.0.1) and B (10.77.0.2), joined by veth; also B's
 /// interface name.
@@ -16,14 +16,16 @@ fn two_pods(test: &str) -> (Netns, Netns, String) {
     (a, b, b_if)
 }
 
-/// `dataplane run` arguments: the workload cgroup, a capture CIDR, the pods
-/// served, and `extra`.
-fn run_args(workload: &Cgroup, cidr: &str, pods: &[&Netns], extra: &[&str]) -> Vec<String> {
+/// `dataplane run` arguments: the workload cgroup, a capture CIDR, the
+/// certificates, the pods served, and `extra`.
+fn run_args(workload: &Cgroup, cidr: &str, certs: &Certs, pods: &[&Netns], extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "--workload-cgroup".to_string(),
         workload.path.display().to_string(),
         "--capture-cidr".into(),
         cidr.into(),
+        "--certs".into(),
+        certs.path(),
     ];
     for p in pods {
         args.extend(["--netns".to_string(), p.path().display().to_string()]);
@@ -38,11 +40,12 @@ fn captured_connect_reaches_its_original_destination() {
     if !privileged(t) {
         return;
     }
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
     let (a, b, _) = two_pods(t);
     let _srv = server(&b, "0.0.0.0", 8080, "b");
-    let args = run_args(&workload, "10.77.0.0/16", &[&a, &b], &[]);
+    let args = run_args(&workload, "10.77.0.0/16", &certs, &[&a, &b], &[]);
     let _dp = Dataplane::start(&own, &args);
 
     let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
@@ -51,7 +54,8 @@ fn captured_connect_reaches_its_original_destination() {
     assert_eq!(s.peer, "127.0.0.1:18000", "the connect was rewritten to the proxy: {s:?}");
     assert_eq!(s.server, "b", "the proxy reached the original destination: {s:?}");
     assert_eq!(s.echo, "ping");
-    assert!(s.server_saw.starts_with("10.77.0.1:"), "upstream left from pod A's own address: {s:?}");
+    // The inbound proxy delivers from inside pod B (source IP is not preserved).
+    assert!(s.server_saw.starts_with("10.77.0.2:"), "delivered by B's inbound proxy: {s:?}");
 }
 
 #[test]
@@ -60,6 +64,7 @@ fn pods_with_the_same_source_port_each_get_their_own_destination() {
     if !privileged(t) {
         return;
     }
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
     // Two client pods, each with its own link to the server pod.
@@ -70,7 +75,7 @@ fn pods_with_the_same_source_port_each_get_their_own_destination() {
     veth(&a2, "10.77.2.1/24", &b, "10.77.2.2/24");
     let _one = server(&b, "10.77.1.2", 8081, "one");
     let _two = server(&b, "10.77.2.2", 8082, "two");
-    let args = run_args(&workload, "10.77.0.0/16", &[&a1, &a2, &b], &[]);
+    let args = run_args(&workload, "10.77.0.0/16", &certs, &[&a1, &a2, &b], &[]);
     let _dp = Dataplane::start(&own, &args);
 
     // Both pods use source ports 41000..41030 at the same time.
@@ -96,13 +101,14 @@ fn uncaptured_connects_go_direct() {
     if !privileged(t) {
         return;
     }
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
     let (a, b, b_if) = two_pods(t);
     b.ip(&["addr", "add", "10.77.0.3/24", "dev", &b_if]);
     let _s80 = server(&b, "0.0.0.0", 8080, "b8080");
     let _s90 = server(&b, "0.0.0.0", 8090, "b8090");
-    let args = run_args(&workload, "10.77.0.2/32", &[&a, &b], &["--exclude-port", "8090"]);
+    let args = run_args(&workload, "10.77.0.2/32", &certs, &[&a, &b], &["--exclude-port", "8090"]);
     let _dp = Dataplane::start(&own, &args);
 
     let direct = |seen: Vec<harness::Seen>, to: &str, why: &str| {
@@ -125,11 +131,12 @@ fn the_data_planes_own_connects_are_never_captured() {
     }
     // The data plane runs *inside* the workload cgroup, as it does under the
     // kubelet's pods cgroup on a node: connect4 sees its sockets too.
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
     let workload = Cgroup::new(t, "w");
     let own = workload.child("dataplane");
     let (a, b, _) = two_pods(t);
     let _srv = server(&b, "0.0.0.0", 8080, "b");
-    let args = run_args(&workload, "10.77.0.0/16", &[&a, &b], &[]);
+    let args = run_args(&workload, "10.77.0.0/16", &certs, &[&a, &b], &[]);
     let dp = Dataplane::start(&own, &args);
 
     let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
@@ -145,10 +152,11 @@ fn nothing_stays_attached_after_exit_or_sigkill() {
     if !privileged(t) {
         return;
     }
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
     let a = Netns::new(t, "a");
-    let args = run_args(&workload, "10.77.0.0/16", &[&a], &[]);
+    let args = run_args(&workload, "10.77.0.0/16", &certs, &[&a], &[]);
 
     let expect_attached = || {
         let mut w = attached(&workload.path);

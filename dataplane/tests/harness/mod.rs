@@ -301,6 +301,48 @@ pub fn client(ns: &Netns, cgroup: Option<&Cgroup>, host: &str, port: u16, extra:
         .collect()
 }
 
+/// A certificate directory with a CA and a certificate per IP, minted with
+/// `dataplane ca`; removed on drop.
+#[derive(Debug)]
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    pub fn new(test: &str, ips: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("dptest-certs-{}", unique(test, "c")));
+        let _ = fs::remove_dir_all(&dir);
+        let certs = Self { dir };
+        certs.ca(&["init"]);
+        for ip in ips {
+            certs.issue(ip, &[]);
+        }
+        certs
+    }
+
+    /// `dataplane ca ARGS --dir DIR`.
+    pub fn ca(&self, args: &[&str]) {
+        run(Command::new(env!("CARGO_BIN_EXE_dataplane")).arg("ca").args(args).arg("--dir").arg(&self.dir));
+    }
+
+    /// Issues (or re-issues) the certificate for `ip`.
+    pub fn issue(&self, ip: &str, extra: &[&str]) {
+        let mut args = vec!["issue", "--ip", ip];
+        args.extend_from_slice(extra);
+        self.ca(&args);
+    }
+
+    pub fn path(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The data plane binary, running in its own cgroup.
 pub struct Dataplane {
     pub proc: Proc,

@@ -1,0 +1,244 @@
+//! Identities and the TLS configurations built from them.
+//!
+//! The data plane loads a directory (`ca.crt`, and `<ip>.crt` + `<ip>.key`
+//! per address it serves) and derives, for every address, the TLS 1.3 client
+//! and server configurations:
+//!
+//! - outbound: present the certificate of the upstream socket's own source
+//!   address; require the server's certificate to chain to the CA and be
+//!   valid for the original destination IP (IP SAN);
+//! - inbound: present the certificate of the address the peer connected to;
+//!   require a client certificate from the CA, then check it is valid for the
+//!   client's source address ([`check_peer_ip`]).
+//!
+//! ALPN carries the tunnel version ([`preamble::ALPN`]).
+use std::{collections::HashMap, fs, net::IpAddr, path::Path, path::PathBuf, sync::Arc};
+
+use dataplane_common::preamble;
+use rustls::{
+    crypto::CryptoProvider,
+    server::{danger::ClientCertVerifier, WebPkiClientVerifier},
+    ClientConfig, RootCertStore, ServerConfig,
+};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+
+/// What is wrong with the certificate directory, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or parsed.
+    #[error("{}: {reason}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the material.
+    #[error("{what}: {source}")]
+    Tls {
+        /// Which certificate or config.
+        what: String,
+        /// Cause.
+        #[source]
+        source: rustls::Error,
+    },
+    /// No certificate for an address we must speak for.
+    #[error("no certificate for {0} (expected {0}.crt and {0}.key in the certificate directory)")]
+    NoCert(IpAddr),
+}
+
+/// The TLS configurations for one address.
+#[derive(Debug)]
+struct Configs {
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+}
+
+/// Everything loaded from one certificate directory. Immutable: a reload
+/// builds a new one.
+#[derive(Debug)]
+pub struct Identity {
+    dir: PathBuf,
+    by_ip: HashMap<IpAddr, Configs>,
+}
+
+fn file_err(path: &Path, reason: impl ToString) -> Error {
+    Error::File { path: path.into(), reason: reason.to_string() }
+}
+
+fn tls_err(what: impl Into<String>) -> impl FnOnce(rustls::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Tls { what, source }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if chain.is_empty() {
+        return Err(file_err(path, "no certificate in the file"));
+    }
+    Ok(chain)
+}
+
+impl Identity {
+    /// Loads `dir`. Every `<ip>.crt` needs its `<ip>.key`; a pair that does
+    /// not load is an error here (at start-up nothing is served yet).
+    pub fn load(dir: &Path) -> Result<Self, Error> {
+        let ca_path = dir.join("ca.crt");
+        let mut roots = RootCertStore::empty();
+        for c in load_chain(&ca_path)? {
+            roots.add(c).map_err(tls_err(format!("CA certificate {}", ca_path.display())))?;
+        }
+        let roots = Arc::new(roots);
+        let provider = provider();
+        let verifier: Arc<dyn ClientCertVerifier> =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| file_err(&ca_path, e))?;
+
+        let mut by_ip = HashMap::new();
+        let entries = fs::read_dir(dir).map_err(|e| file_err(dir, e))?;
+        for entry in entries {
+            let path = entry.map_err(|e| file_err(dir, e))?.path();
+            let Some(ip) = ip_of_cert_file(&path) else { continue };
+            let chain = load_chain(&path)?;
+            let key_path = path.with_extension("key");
+            let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_err(&key_path, e))?;
+            let configs = build(ip, chain, key, &roots, &verifier, &provider)?;
+            by_ip.insert(ip, configs);
+        }
+        Ok(Self { dir: dir.into(), by_ip })
+    }
+
+    /// The directory it was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Addresses we hold a certificate for.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.by_ip.keys().copied()
+    }
+
+    /// The client configuration for a tunnel leaving from `src`.
+    pub fn client_config(&self, src: IpAddr) -> Result<Arc<ClientConfig>, Error> {
+        self.by_ip.get(&src).map(|c| c.client.clone()).ok_or(Error::NoCert(src))
+    }
+
+    /// The server configuration for a tunnel that arrived at `local`.
+    pub fn server_config(&self, local: IpAddr) -> Result<Arc<ServerConfig>, Error> {
+        self.by_ip.get(&local).map(|c| c.server.clone()).ok_or(Error::NoCert(local))
+    }
+}
+
+/// `10.0.0.1.crt` → 10.0.0.1; anything else (ca.crt, keys) → None.
+fn ip_of_cert_file(path: &Path) -> Option<IpAddr> {
+    (path.extension()? == "crt").then_some(())?;
+    path.file_stem()?.to_str()?.parse().ok()
+}
+
+fn build(
+    ip: IpAddr,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: &Arc<RootCertStore>,
+    verifier: &Arc<dyn ClientCertVerifier>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Configs, Error> {
+    let tls13 = &[&rustls::version::TLS13];
+    let mut client = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(tls13)
+        .map_err(tls_err("TLS 1.3 client"))?
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(chain.clone(), key.clone_key())
+        .map_err(tls_err(format!("client certificate {ip}")))?;
+    client.alpn_protocols = vec![preamble::ALPN.to_vec()];
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(tls13)
+        .map_err(tls_err("TLS 1.3 server"))?
+        .with_client_cert_verifier(verifier.clone())
+        .with_single_cert(chain, key)
+        .map_err(tls_err(format!("server certificate {ip}")))?;
+    server.alpn_protocols = vec![preamble::ALPN.to_vec()];
+    Ok(Configs { client: Arc::new(client), server: Arc::new(server) })
+}
+
+/// Why a verified peer certificate is still not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The handshake finished without a client certificate.
+    #[error("no peer certificate")]
+    Missing,
+    /// The certificate does not parse as an end-entity certificate.
+    #[error("peer certificate unreadable: {0}")]
+    Unreadable(webpki::Error),
+    /// Valid, but not for the address the peer connects from.
+    #[error("peer certificate is not valid for its source address {0}: {1}")]
+    WrongIp(IpAddr, webpki::Error),
+}
+
+/// Checks that the (already chain-verified) end-entity certificate is valid
+/// for `ip`: the client must be who its source address says.
+pub fn check_peer_ip(certs: Option<&[CertificateDer<'_>]>, ip: IpAddr) -> Result<(), PeerError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(PeerError::Missing)?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(PeerError::Unreadable)?;
+    ee.verify_is_valid_for_subject_name(&ServerName::IpAddress(ip.into())).map_err(|e| PeerError::WrongIp(ip, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("dp-identity-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn minted_certificates_load_and_check_ips() {
+        let d = temp_dir("mint");
+        ca::init(&d).expect("ca init");
+        let ip: IpAddr = "10.1.0.7".parse().expect("ip");
+        ca::issue(&d, ip, ca::Validity::default()).expect("issue");
+        let id = Identity::load(&d).expect("load");
+        assert_eq!(id.addresses().collect::<Vec<_>>(), [ip]);
+        id.client_config(ip).expect("client config");
+        id.server_config(ip).expect("server config");
+        assert!(matches!(id.client_config("10.1.0.8".parse().expect("ip")), Err(Error::NoCert(_))));
+
+        let pem = fs::read(d.join("10.1.0.7.crt")).expect("crt");
+        let der = CertificateDer::from_pem_slice(&pem).expect("pem");
+        check_peer_ip(Some(std::slice::from_ref(&der)), ip).expect("valid for its own IP");
+        assert!(matches!(
+            check_peer_ip(Some(std::slice::from_ref(&der)), "10.1.0.8".parse().expect("ip")),
+            Err(PeerError::WrongIp(..))
+        ));
+        assert!(matches!(check_peer_ip(None, ip), Err(PeerError::Missing)));
+        assert!(matches!(ca::init(&d), Err(ca::Error::Exists(_))), "init never overwrites a CA");
+        fs::remove_dir_all(&d).expect("cleanup");
+    }
+
+    #[test]
+    fn a_missing_ca_names_the_file() {
+        let d = temp_dir("noca");
+        fs::create_dir_all(&d).expect("mkdir");
+        let err = Identity::load(&d).expect_err("no ca.crt").to_string();
+        assert!(err.contains("ca.crt"), "{err}");
+        fs::remove_dir_all(&d).expect("cleanup");
+    }
+
+    #[test]
+    fn cert_file_names() {
+        assert_eq!(ip_of_cert_file(Path::new("/x/10.0.0.1.crt")), Some("10.0.0.1".parse().expect("ip")));
+        assert_eq!(ip_of_cert_file(Path::new("/x/ca.crt")), None);
+        assert_eq!(ip_of_cert_file(Path::new("/x/10.0.0.1.key")), None);
+    }
+}
