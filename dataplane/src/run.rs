@@ -34,6 +34,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         idle_timeout = ?cfg.timeouts.idle,
         "starting"
     );
+    match crate::sys::raise_nofile_limit() {
+        Ok(n) => info!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     // Signals first: a SIGTERM during start-up must still detach cleanly.
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let mut capture = Capture::load(&cfg.capture)?;

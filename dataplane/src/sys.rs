@@ -71,6 +71,25 @@ pub(crate) fn affinity() -> io::Result<Vec<usize>> {
     Ok((0..max).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
 }
 
+/// Raises this process's open-file soft limit to its hard limit: every
+/// proxied connection holds two sockets on each side, so the usual soft
+/// limit of 1024 caps us at a few hundred connections. Returns the new limit.
+pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Adopts a listening socket into the current glommio executor.
 pub(crate) fn glommio_listener(fd: OwnedFd) -> glommio::net::TcpListener {
     use std::os::fd::FromRawFd;

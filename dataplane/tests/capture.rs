@@ -5,34 +5,9 @@ mod harness;
 
 use std::{thread, time::Duration};
 
-use harness::{attached, client, eventually, privileged, server, veth, Certs, Cgroup, Dataplane, Netns};
-
-/// Two pods, A (10.77.0.1) and B (10.77.0.2), joined by veth; also B's
-/// interface name.
-fn two_pods(test: &str) -> (Netns, Netns, String) {
-    let a = Netns::new(test, "a");
-    let b = Netns::new(test, "b");
-    let (_, b_if) = veth(&a, "10.77.0.1/24", &b, "10.77.0.2/24");
-    (a, b, b_if)
-}
-
-/// `dataplane run` arguments: the workload cgroup, a capture CIDR, the
-/// certificates, the pods served, and `extra`.
-fn run_args(workload: &Cgroup, cidr: &str, certs: &Certs, pods: &[&Netns], extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        "--workload-cgroup".to_string(),
-        workload.path.display().to_string(),
-        "--capture-cidr".into(),
-        cidr.into(),
-        "--certs".into(),
-        certs.path(),
-    ];
-    for p in pods {
-        args.extend(["--netns".to_string(), p.path().display().to_string()]);
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
+use harness::{
+    attached, client, eventually, privileged, run_args, server, two_pods, veth, Certs, Cgroup, Dataplane, Netns,
+};
 
 #[test]
 fn captured_connect_reaches_its_original_destination() {

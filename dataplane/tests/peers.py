@@ -1,26 +1,71 @@
 #!/usr/bin/env python3
 """Unmodified TCP peers for the data plane's kernel tests (standard library only).
 
-serve HOST PORT NAME      accept forever; to each client send one JSON line
-                          {"server": NAME, "peer": "ip:port"}, then echo what it
-                          sends until EOF, then close.
-connect HOST PORT [--bind-port P] [--count N] [--barrier FILE]
-                          N times (the i-th from source port P+i if given): connect, read the server's line, send "ping\n",
-                          read the echo, close; print one JSON line per connection
-                          {"local", "peer", "server", "server_saw", "echo"}.
-                          With --barrier, wait until FILE exists before each connect.
-Prints "listening" on stdout once the server listens.
+Servers print "listening" once they listen, then "accepted IP:PORT" for each
+connection (so a test can tell that nothing was forwarded).
+
+serve HOST PORT NAME     to each client send one JSON line
+                         {"server": NAME, "peer": "ip:port"} (the server speaks
+                         first), then echo until EOF, then close.
+sink HOST PORT           read a header line "M SEED\\n", then everything until
+                         the client's EOF (half-close); reply with a JSON line
+                         {"got": n, "sha": hex} and M bytes of the stream
+                         seeded SEED, then close.
+reset HOST PORT          read one byte, then close with a reset (SO_LINGER 0).
+
+connect HOST PORT [--bind-port P] [--count N] [--payload TEXT]
+                         N times (the i-th from source port P+i if given):
+                         connect, read the server's line, send TEXT (ping), read
+                         the echo, close; one JSON line per connection
+                         {"local", "peer", "server", "server_saw", "echo"}.
+transfer HOST PORT N M   send N bytes of the stream seeded 1, shut down the
+                         write side, read the reply; print JSON with both
+                         checksums checked.
+expect-reset HOST PORT   send a byte, then read: prints "reset", "eof" or
+                         "data" and how long it took.
+many HOST PORT N         N concurrent connections to a `serve` server, each
+                         sending its own 1 KiB and checking its echo; prints
+                         {"ok": n}.
+tls HOST PORT CA CERT KEY DST
+                         a hand-made tunnel client: TLS 1.3 with ALPN
+                         dataplane-tunnel/1 and the given client certificate
+                         ("-" for none), then the preamble for DST (ip:port,
+                         or "garbage"), then "ping\\n"; prints what happened.
 """
-import json, os, socket, sys, threading, time
+import asyncio, hashlib, json, random, resource, socket, ssl, struct, sys, threading, time
+
+CHUNK = 1 << 20
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(host, port, name):
+def stream(seed, n):
+    """n bytes of a deterministic pseudo-random stream, in chunks."""
+    rng = random.Random(seed)
+    while n > 0:
+        k = min(n, CHUNK)
+        yield rng.randbytes(k)
+        n -= k
+
+
+def listen(host, port):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, int(port)))
-    s.listen(1024)
+    s.listen(4096)
     print("listening", flush=True)
+    return s
 
+
+def accept_forever(s, handle):
+    while True:
+        c, addr = s.accept()
+        print("accepted %s:%d" % addr, flush=True)
+        threading.Thread(target=handle, args=(c, addr), daemon=True).start()
+
+
+def serve(host, port, name):
     def handle(c, addr):
         with c:
             c.sendall((json.dumps({"server": name, "peer": "%s:%d" % addr}) + "\n").encode())
@@ -30,9 +75,35 @@ def serve(host, port, name):
                     break
                 c.sendall(d)
 
-    while True:
-        c, addr = s.accept()
-        threading.Thread(target=handle, args=(c, addr), daemon=True).start()
+    accept_forever(listen(host, port), handle)
+
+
+def sink(host, port):
+    def handle(c, addr):
+        with c:
+            f = c.makefile("rb")
+            m, seed = f.readline().split()
+            h, n = hashlib.sha256(), 0
+            while True:
+                d = f.read1(65536)
+                if not d:
+                    break
+                h.update(d)
+                n += len(d)
+            c.sendall((json.dumps({"got": n, "sha": h.hexdigest()}) + "\n").encode())
+            for chunk in stream(int(seed), int(m)):
+                c.sendall(chunk)
+
+    accept_forever(listen(host, port), handle)
+
+
+def reset(host, port):
+    def handle(c, addr):
+        c.recv(1)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+
+    accept_forever(listen(host, port), handle)
 
 
 def read_line(f):
@@ -42,14 +113,8 @@ def read_line(f):
     return line
 
 
-def connect(host, port, bind_port=None, count=1, barrier=None):
+def connect(host, port, bind_port=None, count=1, payload="ping"):
     for i in range(count):
-        if barrier:
-            deadline = time.time() + 10
-            while not os.path.exists(barrier):
-                if time.time() > deadline:
-                    raise SystemExit("barrier never opened")
-                time.sleep(0.001)
         c = socket.socket()
         c.settimeout(10)
         if bind_port:
@@ -58,7 +123,7 @@ def connect(host, port, bind_port=None, count=1, barrier=None):
         c.connect((host, int(port)))
         f = c.makefile("rb")
         hello = json.loads(read_line(f))
-        c.sendall(b"ping\n")
+        c.sendall(payload.encode() + b"\n")
         echo = read_line(f).decode().strip()
         out = {
             "local": "%s:%d" % c.getsockname(),
@@ -72,12 +137,114 @@ def connect(host, port, bind_port=None, count=1, barrier=None):
         print(json.dumps(out), flush=True)
 
 
+def transfer(host, port, n, m):
+    n, m = int(n), int(m)
+    c = socket.create_connection((host, int(port)), timeout=60)
+    c.sendall(b"%d 2\n" % m)
+    sent = hashlib.sha256()
+    for chunk in stream(1, n):
+        sent.update(chunk)
+        c.sendall(chunk)
+    c.shutdown(socket.SHUT_WR)  # half-close: the reply must still arrive
+    f = c.makefile("rb")
+    reply = json.loads(read_line(f))
+    got, k = hashlib.sha256(), 0
+    while True:
+        d = f.read1(65536)
+        if not d:
+            break
+        got.update(d)
+        k += len(d)
+    want = hashlib.sha256()
+    for chunk in stream(2, m):
+        want.update(chunk)
+    print(json.dumps({
+        "sent": n, "server_got": reply["got"], "sent_ok": reply["sha"] == sent.hexdigest(),
+        "received": k, "received_ok": got.hexdigest() == want.hexdigest(),
+    }), flush=True)
+
+
+def expect_reset(host, port):
+    c = socket.create_connection((host, int(port)), timeout=10)
+    t = time.time()
+    try:
+        c.sendall(b"x")
+        d = c.recv(100)
+        what = "data" if d else "eof"
+    except ConnectionResetError:
+        what = "reset"
+    except socket.timeout:
+        what = "timeout"
+    print(json.dumps({"result": what, "seconds": time.time() - t}), flush=True)
+
+
+async def many(host, port, n):
+    async def one(i):
+        r, w = await asyncio.open_connection(host, int(port))
+        hello = json.loads(await r.readline())
+        payload = (b"%08d" % i) * 128
+        w.write(payload)
+        await w.drain()
+        got = await r.readexactly(len(payload))
+        w.close()
+        return got == payload and "server" in hello
+
+    ok = 0
+    # Open all N, then exchange: they are all live at once.
+    results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    ok = sum(1 for x in results if x is True)
+    errors = [repr(x) for x in results if isinstance(x, BaseException)][:3]
+    print(json.dumps({"ok": ok, "errors": errors}), flush=True)
+
+
+def tls(host, port, ca, cert, key, dst):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.load_verify_locations(ca)
+    if cert != "-":
+        ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["dataplane-tunnel/1"])
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    out = {"handshake": "ok", "reply": None, "error": None}
+    try:
+        c = ctx.wrap_socket(raw)
+    except Exception as e:  # refused during the handshake
+        out["handshake"] = repr(e)
+        print(json.dumps(out), flush=True)
+        return
+    if dst == "garbage":
+        pre = b"\xff" * 10
+    else:
+        ip, p = dst.rsplit(":", 1)
+        pre = bytes([1, 4]) + struct.pack(">H", int(p)) + socket.inet_aton(ip) + b"\0\0"
+    try:
+        c.sendall(pre + b"ping\n")
+        out["reply"] = c.recv(100).decode(errors="replace")
+    except Exception as e:  # TLS 1.3 reports a refused client certificate here
+        out["error"] = repr(e)
+    print(json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
     a = sys.argv[1:]
-    if a[0] == "serve":
+    cmd = a[0]
+    if cmd == "serve":
         serve(a[1], a[2], a[3])
-    elif a[0] == "connect":
+    elif cmd == "sink":
+        sink(a[1], a[2])
+    elif cmd == "reset":
+        reset(a[1], a[2])
+    elif cmd == "connect":
         opts = dict(zip(a[3::2], a[4::2]))
-        connect(a[1], a[2], opts.get("--bind-port"), int(opts.get("--count", 1)), opts.get("--barrier"))
+        connect(a[1], a[2], opts.get("--bind-port"), int(opts.get("--count", 1)), opts.get("--payload", "ping"))
+    elif cmd == "transfer":
+        transfer(a[1], a[2], a[3], a[4])
+    elif cmd == "expect-reset":
+        expect_reset(a[1], a[2])
+    elif cmd == "many":
+        asyncio.run(many(a[1], a[2], int(a[3])))
+    elif cmd == "tls":
+        tls(*a[1:7])
     else:
-        raise SystemExit("usage: peers.py serve|connect ...")
+        raise SystemExit("usage: see the docstring of peers.py")

@@ -159,6 +159,33 @@ pub fn veth(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> (String, String
     (an, bn)
 }
 
+/// Two pods, A (10.77.0.1) and B (10.77.0.2), joined by veth; also B's
+/// interface name.
+pub fn two_pods(test: &str) -> (Netns, Netns, String) {
+    let a = Netns::new(test, "a");
+    let b = Netns::new(test, "b");
+    let (_, b_if) = veth(&a, "10.77.0.1/24", &b, "10.77.0.2/24");
+    (a, b, b_if)
+}
+
+/// `dataplane run` arguments: the workload cgroup, a capture CIDR, the
+/// certificates, the pods served, and `extra`.
+pub fn run_args(workload: &Cgroup, cidr: &str, certs: &Certs, pods: &[&Netns], extra: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "--workload-cgroup".to_string(),
+        workload.path.display().to_string(),
+        "--capture-cidr".into(),
+        cidr.into(),
+        "--certs".into(),
+        certs.path(),
+    ];
+    for p in pods {
+        args.extend(["--netns".to_string(), p.path().display().to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// Path of the Python peers (`tests/peers.py`).
 pub fn peers_py() -> String {
     format!("{}/tests/peers.py", env!("CARGO_MANIFEST_DIR"))
@@ -255,12 +282,7 @@ impl Drop for Proc {
 
 /// A Python server in `ns` on `host:port` that names itself `name`.
 pub fn server(ns: &Netns, host: &str, port: u16, name: &str) -> Proc {
-    let mut p = Proc::spawn(
-        ns.command(None, "python3", &[&peers_py(), "serve", host, &port.to_string(), name]),
-        &format!("server {name}"),
-    );
-    p.wait_for("listening", Duration::from_secs(10));
-    p
+    server_with(ns, &["serve", host, &port.to_string(), name], &format!("server {name}"))
 }
 
 /// What a client saw on one connection.
@@ -274,11 +296,39 @@ pub struct Seen {
 }
 
 fn field(line: &str, key: &str) -> String {
-    // The peers print flat JSON objects of strings; no JSON crate needed.
-    let pat = format!("\"{key}\": \"");
-    let start = line.find(&pat).unwrap_or_else(|| panic!("{key} in {line}")) + pat.len();
-    let end = line[start..].find('"').expect("closing quote") + start;
-    line[start..end].to_string()
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("peer printed {line:?}: {e}"));
+    v[key].as_str().unwrap_or_else(|| panic!("{key} in {line}")).to_string()
+}
+
+/// Runs `peers.py ARGS` to completion in `ns` (and `cgroup`); returns each
+/// JSON line it printed.
+pub fn peer(ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Vec<serde_json::Value> {
+    let py = peers_py();
+    let mut all = vec![py.as_str()];
+    all.extend_from_slice(args);
+    let out = ns.command(cgroup, "python3", &all).output().expect("running a peer");
+    assert!(out.status.success(), "peers.py {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("peers.py {args:?} printed {l:?}: {e}")))
+        .collect()
+}
+
+/// A `peers.py` server (`serve`, `sink`, `reset`) in `ns`, ready.
+pub fn server_with(ns: &Netns, args: &[&str], what: &str) -> Proc {
+    let py = peers_py();
+    let mut all = vec![py.as_str()];
+    all.extend_from_slice(args);
+    let mut p = Proc::spawn(ns.command(None, "python3", &all), what);
+    p.wait_for("listening", Duration::from_secs(10));
+    p
+}
+
+impl Proc {
+    /// How many connections a `peers.py` server accepted.
+    pub fn accepted(&self) -> usize {
+        self.output().iter().filter(|l| l.starts_with("accepted ")).count()
+    }
 }
 
 /// Runs the Python client to completion in `ns` (and `cgroup`) and returns
