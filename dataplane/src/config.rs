@@ -34,6 +34,9 @@ pub struct Cli {
 pub enum Command {
     /// Capture the workloads' connects and serve them (runs until SIGTERM/SIGINT).
     Run(RunArgs),
+    /// Two pods, one data plane, real traffic, proof that only TLS crossed the
+    /// wire; cleans up after itself (root, under a minute).
+    Demo,
     /// Mint a cluster CA and pod certificates (for demos and tests).
     #[command(subcommand)]
     Ca(CaCommand),

@@ -2,7 +2,7 @@
 //! serves them on one pinned glommio executor per CPU.
 //!
 //! - [`config`]: the command line, validated as a whole;
-//! - [`run`]: the control thread;
+//! - [`run`]: the control thread; [`demo`]: the one-command demo;
 //! - [`ebpf`]: the typed door to the capture programs;
 //! - [`shard`]: the per-core executors and their listeners;
 //! - [`outbound`], [`inbound`], [`relay`]: the data path;
@@ -13,6 +13,7 @@ pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod cores;
+pub mod demo;
 pub mod ebpf;
 pub mod identity;
 pub mod inbound;
