@@ -81,7 +81,7 @@ pub struct RunArgs {
     /// Destination ports never captured (18000 and 18001 always are excluded).
     #[arg(long = "exclude-port", env = "DATAPLANE_EXCLUDE_PORTS", value_name = "PORT", value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,
-    /// Certificate directory: ca.crt, and <ip>.crt + <ip>.key per pod address.
+    /// Certificate directory: ca.crt, and IP.crt + IP.key per pod address.
     #[arg(long, env = "DATAPLANE_CERTS", value_name = "DIR")]
     pub certs: PathBuf,
     /// Network namespace files to serve (default: the current namespace).
