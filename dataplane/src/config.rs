@@ -4,13 +4,13 @@
 //! them); [`RunArgs::validate`] then checks the whole as a unit and every error
 //! names the flag, the value and the reason. Both kinds of error exit with 2.
 use std::{
-    net::{IpAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 
 use crate::{cgroup, cores, ebpf, identity::Identity, netns::Netns, shard::Timeouts};
@@ -106,9 +106,31 @@ pub struct RunArgs {
     #[arg(long, env = "DATAPLANE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h",
           value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// Serve /metrics, /ready and /live here (e.g. 127.0.0.1:15021).
+    #[arg(long, env = "DATAPLANE_ADMIN", value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Write SIGUSR1 dumps (JSON and HdrHistogram logs) into this directory.
+    #[arg(long, env = "DATAPLANE_STATS_DIR", value_name = "DIR")]
+    pub stats_dir: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, how long open connections get to finish.
+    #[arg(long, env = "DATAPLANE_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Log format (level by RUST_LOG).
+    #[arg(long, env = "DATAPLANE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Entries of each original-destination map (LRU: the oldest are evicted).
     #[arg(long, env = "DATAPLANE_MAP_ENTRIES", value_name = "N", default_value_t = 65536)]
     pub map_entries: u32,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 fn parse_cidr(s: &str) -> Result<Ipv4Net, String> {
@@ -179,6 +201,12 @@ pub struct Config {
     pub identity: Arc<Identity>,
     /// Handshake and idle limits.
     pub timeouts: Timeouts,
+    /// The admin endpoint's address.
+    pub admin: Option<SocketAddr>,
+    /// Where SIGUSR1 dumps go.
+    pub stats_dir: Option<PathBuf>,
+    /// How long a drain may take.
+    pub drain_timeout: Duration,
 }
 
 impl RunArgs {
@@ -234,6 +262,9 @@ impl RunArgs {
             },
             identity,
             timeouts: Timeouts { handshake: self.handshake_timeout, idle: self.idle_timeout },
+            admin: self.admin,
+            stats_dir: self.stats_dir,
+            drain_timeout: self.drain_timeout,
         })
     }
 }
@@ -278,6 +309,8 @@ mod tests {
             "22",
             "--cores",
             "1",
+            "--certs",
+            "/c",
         ])
         .expect("parses");
         let Command::Run(args) = cli.command else { panic!("run") };
@@ -295,6 +328,8 @@ mod tests {
             "/nonexistent",
             "--capture-cidr",
             "10.0.0.0/8",
+            "--certs",
+            "/c",
         ])
         .expect("parses");
         let Command::Run(args) = cli.command else { panic!("run") };

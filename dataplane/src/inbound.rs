@@ -21,7 +21,9 @@ use crate::{
     netns::Netns,
     relay::{self, Side},
     shard::ShardCtx,
-    socket, sys,
+    socket,
+    stats::{classify, Blame, Direction},
+    sys,
 };
 
 /// Why an inbound tunnel was refused.
@@ -59,18 +61,43 @@ pub enum Refusal {
     },
 }
 
+impl Refusal {
+    /// A short, stable label for metrics, and who is to blame.
+    pub fn label(&self) -> (Blame, &'static str) {
+        match self {
+            Refusal::NoCert(_) => (Blame::Ours, "no_certificate"),
+            Refusal::Handshake(e) => (Blame::Downstream, classify(e)),
+            Refusal::Timeout(what) if what.starts_with("TLS") => (Blame::Downstream, "handshake_timeout"),
+            Refusal::Timeout(_) => (Blame::Downstream, "preamble_timeout"),
+            Refusal::Alpn => (Blame::Downstream, "no_alpn"),
+            Refusal::Peer(identity::PeerError::Missing) => (Blame::Downstream, "no_client_certificate"),
+            Refusal::Peer(identity::PeerError::Unreadable(_)) => (Blame::Downstream, "bad_certificate"),
+            Refusal::Peer(identity::PeerError::WrongIp(..)) => (Blame::Downstream, "client_ip_mismatch"),
+            Refusal::Preamble(preamble::Error::Version(_)) => (Blame::Downstream, "preamble_version"),
+            Refusal::Preamble(preamble::Error::TooLong(_)) => (Blame::Downstream, "preamble_too_long"),
+            Refusal::Preamble(_) => (Blame::Downstream, "bad_preamble"),
+            Refusal::PreambleIo(_) => (Blame::Downstream, "preamble_truncated"),
+            Refusal::Elsewhere { .. } => (Blame::Downstream, "not_this_pod"),
+        }
+    }
+}
+
 /// Serves one tunnel, start to finish, on this executor.
 pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream) {
     let started = Instant::now();
+    shard.with_stats(|s| s.inbound.accepted += 1);
     let (Ok(peer), Ok(local)) = (conn.peer_addr(), conn.local_addr()) else {
-        return; // already gone
+        shard.with_stats(|s| s.fail(Direction::Inbound, Blame::Downstream, "gone"));
+        return;
     };
     let (mut tls, dst, early) = match accept(&shard, conn, peer, local).await {
         Ok(t) => t,
         Err(why) => {
             // Dropping the stream closes it: the peer gets the TLS alert, if
             // any, then EOF. Nothing was forwarded.
-            warn!(%peer, %local, netns = %netns.name(), side = %Side::Downstream, reason = %why, "inbound refused");
+            let (blame, label) = why.label();
+            shard.with_stats(|s| s.fail(Direction::Inbound, blame, label));
+            warn!(%peer, %local, netns = %netns.name(), side = %blame, reason = label, error = %why, "inbound refused");
             return;
         }
     };
@@ -78,7 +105,8 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream) {
     let mut app = match upstream {
         Ok(Ok(fd)) => sys::glommio_stream(fd),
         Ok(Err(e)) | Err(e) => {
-            warn!(%peer, %dst, side = %Side::Upstream, error = %e, "connect to the application failed");
+            warn!(%peer, %dst, side = %Blame::Ours, error = %e, "could not make the socket to the application");
+            shard.with_stats(|s| s.fail(Direction::Inbound, Blame::Ours, "socket"));
             socket::reset_on_close(tls.get_ref().0);
             return;
         }
@@ -87,17 +115,36 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream) {
     if !early.is_empty() {
         if let Err(e) = app.write_all(&early).await {
             debug!(%peer, %dst, side = %Side::Upstream, error = %e, "inbound ended early");
+            shard.with_stats(|s| s.fail(Direction::Inbound, Blame::Upstream, classify(&e)));
             socket::reset_on_close(tls.get_ref().0);
             return;
         }
     }
-    match relay::relay(&mut tls, &mut app, shard.timeouts.idle).await {
-        Ok(bytes) => debug!(%peer, %dst, sent = bytes.sent + early.len() as u64, received = bytes.received,
-                            duration_us = started.elapsed().as_micros() as u64, "inbound closed"),
-        Err(e) => {
-            debug!(%peer, %dst, error = %e.end, sent = e.bytes.sent, received = e.bytes.received,
-                   duration_us = started.elapsed().as_micros() as u64, "inbound ended early");
-            match e.end {
+    let result = relay::relay(&mut tls, &mut app, shard.timeouts.idle).await;
+    let (bytes, end) = match result {
+        Ok(bytes) => (bytes, None),
+        Err(e) => (e.bytes, Some(e.end)),
+    };
+    let duration_us = started.elapsed().as_micros() as u64;
+    shard.with_stats(|s| {
+        s.inbound.bytes_up += bytes.sent + early.len() as u64;
+        s.inbound.bytes_down += bytes.received;
+    });
+    match end {
+        None => {
+            shard.with_stats(|s| s.inbound.completed += 1);
+            debug!(%peer, %dst, sent = bytes.sent + early.len() as u64, received = bytes.received, duration_us,
+                   "inbound closed");
+        }
+        Some(end) => {
+            let (blame, reason) = match &end {
+                relay::End::Io { side, source } => (Blame::from(*side), classify(source)),
+                relay::End::Idle(_) => (Blame::Ours, "idle_timeout"),
+            };
+            shard.with_stats(|s| s.fail(Direction::Inbound, blame, reason));
+            debug!(%peer, %dst, side = %blame, error = %end, sent = bytes.sent, received = bytes.received, duration_us,
+                   "inbound ended early");
+            match end {
                 relay::End::Io { side: Side::Upstream, .. } => socket::reset_on_close(tls.get_ref().0),
                 relay::End::Io { side: Side::Downstream, .. } => socket::reset_on_close(&app),
                 relay::End::Idle(_) => {

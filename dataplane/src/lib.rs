@@ -9,18 +9,22 @@
 //! - [`identity`], [`ca`]: certificates and TLS configurations;
 //! - [`netns`], [`socket`], [`cgroup`], [`cores`]: the node plumbing; `sys`
 //!   holds every `unsafe` block.
+pub mod admin;
 pub mod ca;
 pub mod cgroup;
 pub mod config;
 pub mod cores;
 pub mod demo;
+pub mod dump;
 pub mod ebpf;
 pub mod identity;
 pub mod inbound;
 pub mod netns;
 pub mod outbound;
 pub mod relay;
+pub mod reload;
 pub mod run;
 pub mod shard;
 pub mod socket;
+pub mod stats;
 mod sys;

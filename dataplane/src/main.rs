@@ -4,16 +4,21 @@ use std::process::ExitCode;
 use clap::Parser;
 use dataplane::{
     ca,
-    config::{CaCommand, Cli, Command},
+    config::{CaCommand, Cli, Command, LogFormat},
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // clap prints usage errors itself and exits 2
-    tracing_subscriber::fmt()
+    let json = matches!(&cli.command, Command::Run(a) if a.log_format == LogFormat::Json);
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        let color = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+        logs.with_ansi(color).init();
+    }
     match cli.command {
         Command::Run(args) => {
             let cfg = match args.validate() {

@@ -9,7 +9,8 @@
 //! original IP, send the preamble, and relay.
 //!
 //! A connection whose original destination is unknown, or that cannot be
-//! tunnelled, is refused with a reset, never sent anywhere else.
+//! tunnelled, is refused with a reset, never sent anywhere else. Every
+//! connection is counted and timed on this executor.
 use std::{
     net::{IpAddr, SocketAddr},
     rc::Rc,
@@ -28,69 +29,69 @@ use crate::{
     netns::Netns,
     relay::{self, Side},
     shard::ShardCtx,
-    socket, sys,
+    socket,
+    stats::{classify, Blame, Direction, Hist},
+    sys,
 };
+
+type Tls = futures_rustls::client::TlsStream<TcpStream>;
 
 /// Serves one captured connection, start to finish, on this executor.
 pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpStream) {
     let started = Instant::now();
+    shard.with_stats(|s| s.outbound.accepted += 1);
     let client = downstream.peer_addr().ok();
     let orig = match sys::original_dst(sys::borrow_fd(&downstream)) {
         Ok(orig) => SocketAddr::V4(orig),
         Err(e) => {
-            warn!(?client, netns = %netns.name(), error = %e, "refused: no original destination (not captured by us)");
+            warn!(?client, netns = %netns.name(), side = %Blame::Downstream, error = %e,
+                  "outbound refused: no original destination (not captured by us)");
+            shard.with_stats(|s| s.fail(Direction::Outbound, Blame::Downstream, "no_original_destination"));
             socket::reset_on_close(&downstream);
             return;
         }
     };
-    let refuse = |side: Side, why: &dyn std::fmt::Display| {
-        warn!(?client, %orig, %side, error = %why, "refused");
-        socket::reset_on_close(&downstream);
+    let mut tls = match open_tunnel(&shard, &netns, orig).await {
+        Ok(tls) => tls,
+        Err((blame, reason, why)) => {
+            warn!(?client, %orig, side = %blame, %reason, error = %why, "outbound refused");
+            shard.with_stats(|s| s.fail(Direction::Outbound, blame, reason));
+            socket::reset_on_close(&downstream);
+            return;
+        }
     };
+    shard.with_stats(|s| s.record(Hist::TunnelConnect, started.elapsed()));
 
-    let tunnel = SocketAddr::new(orig.ip(), INBOUND_PORT);
-    let fd = match netns.run(|| socket::upstream(tunnel, shard.bypass_mark)) {
-        Ok(Ok(fd)) => fd,
-        Ok(Err(e)) | Err(e) => return refuse(Side::Upstream, &format_args!("connecting to {tunnel}: {e}")),
+    let result = relay::relay(&mut downstream, &mut tls, shard.timeouts.idle).await;
+    let lifetime = started.elapsed();
+    let (bytes, end) = match result {
+        Ok(bytes) => (bytes, None),
+        Err(e) => (e.bytes, Some(e.end)),
     };
-    // The source address is chosen at connect(): it names our identity.
-    let src: IpAddr = match socket2::SockRef::from(&fd).local_addr().ok().and_then(|a| a.as_socket()) {
-        Some(a) => a.ip(),
-        None => return refuse(Side::Upstream, &"upstream socket has no local address"),
-    };
-    let config = match shard.identity().client_config(src) {
-        Ok(c) => c,
-        Err(e) => return refuse(Side::Upstream, &e),
-    };
-    let upstream = sys::glommio_stream(fd);
-    let connect_started = Instant::now();
-    let connector = TlsConnector::from(config);
-    let handshake =
-        relay::within(shard.timeouts.handshake, connector.connect(ServerName::IpAddress(orig.ip().into()), upstream));
-    let mut tls = match handshake.await {
-        Some(Ok(tls)) => tls,
-        Some(Err(e)) => return refuse(Side::Upstream, &format_args!("TLS handshake with {tunnel}: {e}")),
-        None => return refuse(Side::Upstream, &format_args!("TLS handshake with {tunnel} timed out")),
-    };
-    let handshake_us = connect_started.elapsed().as_micros() as u64;
-
-    let mut buf = Vec::with_capacity(preamble::MAX_LEN);
-    preamble::encode(&preamble::Preamble { dst: orig }, &mut buf);
-    if let Err(e) = tls.write_all(&buf).await {
-        return refuse(Side::Upstream, &format_args!("sending the preamble: {e}"));
-    }
-    if let Err(e) = tls.flush().await {
-        return refuse(Side::Upstream, &format_args!("sending the preamble: {e}"));
-    }
-
-    match relay::relay(&mut downstream, &mut tls, shard.timeouts.idle).await {
-        Ok(bytes) => debug!(?client, %orig, %src, sent = bytes.sent, received = bytes.received, handshake_us,
-                            duration_us = started.elapsed().as_micros() as u64, "outbound closed"),
-        Err(e) => {
-            debug!(?client, %orig, %src, error = %e.end, sent = e.bytes.sent, received = e.bytes.received,
-                   handshake_us, duration_us = started.elapsed().as_micros() as u64, "outbound ended early");
+    shard.with_stats(|s| {
+        s.outbound.bytes_up += bytes.sent;
+        s.outbound.bytes_down += bytes.received;
+        s.record(Hist::Lifetime, lifetime);
+        if let Some(first) = bytes.first_received {
+            s.record(Hist::FirstByte, first - started);
+        }
+    });
+    let duration_us = lifetime.as_micros() as u64;
+    match end {
+        None => {
+            shard.with_stats(|s| s.outbound.completed += 1);
+            debug!(?client, %orig, sent = bytes.sent, received = bytes.received, duration_us, "outbound closed");
+        }
+        Some(end) => {
+            let (blame, reason) = match &end {
+                relay::End::Io { side, source } => (Blame::from(*side), classify(source)),
+                relay::End::Idle(_) => (Blame::Ours, "idle_timeout"),
+            };
+            shard.with_stats(|s| s.fail(Direction::Outbound, blame, reason));
+            debug!(?client, %orig, side = %blame, error = %end, sent = bytes.sent, received = bytes.received,
+                   duration_us, "outbound ended early");
             // Make the failure visible on the side that did not fail.
-            match e.end {
+            match end {
                 relay::End::Io { side: Side::Upstream, .. } => socket::reset_on_close(&downstream),
                 relay::End::Io { side: Side::Downstream, .. } => socket::reset_on_close(tls.get_ref().0),
                 relay::End::Idle(_) => {
@@ -99,5 +100,46 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
                 }
             }
         }
+    }
+}
+
+type Refused = (Blame, &'static str, String);
+
+/// Connects to `<orig ip>:18001` from `netns`, runs the mutual-TLS handshake
+/// and sends the preamble.
+async fn open_tunnel(shard: &ShardCtx, netns: &Netns, orig: SocketAddr) -> Result<Tls, Refused> {
+    let tunnel = SocketAddr::new(orig.ip(), INBOUND_PORT);
+    let fd = match netns.run(|| socket::upstream(tunnel, shard.bypass_mark)) {
+        Ok(Ok(fd)) => fd,
+        Ok(Err(e)) | Err(e) => return Err((Blame::Ours, "socket", format!("connecting to {tunnel}: {e}"))),
+    };
+    // The source address is chosen at connect(): it names our identity.
+    let src: IpAddr = socket2::SockRef::from(&fd)
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.ip())
+        .ok_or_else(|| (Blame::Ours, "socket", "upstream socket has no local address".to_string()))?;
+    let config = shard.identity().client_config(src).map_err(|e| (Blame::Ours, "no_certificate", e.to_string()))?;
+    let handshake_started = Instant::now();
+    let connect = TlsConnector::from(config).connect(ServerName::IpAddress(orig.ip().into()), sys::glommio_stream(fd));
+    let mut tls = match relay::within(shard.timeouts.handshake, connect).await {
+        Some(Ok(tls)) => tls,
+        Some(Err(e)) => {
+            return Err((Blame::Upstream, classify(&e), format!("TLS handshake with {tunnel} (from {src}): {e}")))
+        }
+        None => return Err((Blame::Upstream, "handshake_timeout", format!("TLS handshake with {tunnel} timed out"))),
+    };
+    shard.with_stats(|s| s.record(Hist::TlsHandshake, handshake_started.elapsed()));
+
+    let mut buf = Vec::with_capacity(preamble::MAX_LEN);
+    preamble::encode(&preamble::Preamble { dst: orig }, &mut buf);
+    let sent = async {
+        tls.write_all(&buf).await?;
+        tls.flush().await
+    };
+    match sent.await {
+        Ok(()) => Ok(tls),
+        Err(e) => Err((Blame::Upstream, classify(&e), format!("sending the preamble to {tunnel}: {e}"))),
     }
 }

@@ -76,11 +76,20 @@ pub struct Bytes {
     pub sent: u64,
     /// Upstream to downstream.
     pub received: u64,
+    /// When the first byte from upstream was passed downstream.
+    pub first_received: Option<Instant>,
 }
 
 struct Progress {
     bytes: Cell<u64>,
     last: Cell<Instant>,
+    first: Cell<Option<Instant>>,
+}
+
+impl Progress {
+    fn new(now: Instant) -> Self {
+        Self { bytes: Cell::new(0), last: Cell::new(now), first: Cell::new(None) }
+    }
 }
 
 /// Copies `from` into `to` until EOF, then closes `to`'s write side.
@@ -96,6 +105,10 @@ where
         if n == 0 {
             to.close().await.map_err(|source| End::Io { side: to_side, source })?;
             return Ok(());
+        }
+        let now = Instant::now();
+        if progress.first.get().is_none() {
+            progress.first.set(Some(now));
         }
         to.write_all(&buf[..n]).await.map_err(|source| End::Io { side: to_side, source })?;
         progress.bytes.set(progress.bytes.get() + n as u64);
@@ -125,8 +138,8 @@ where
     let (dr, dw) = futures_lite::io::split(downstream);
     let (ur, uw) = futures_lite::io::split(upstream);
     let now = Instant::now();
-    let sent = Progress { bytes: Cell::new(0), last: Cell::new(now) };
-    let received = Progress { bytes: Cell::new(0), last: Cell::new(now) };
+    let sent = Progress::new(now);
+    let received = Progress::new(now);
     let mut up = pin!(copy_half(dr, uw, (Side::Downstream, Side::Upstream), &sent));
     let mut down = pin!(copy_half(ur, dw, (Side::Upstream, Side::Downstream), &received));
 
@@ -144,7 +157,7 @@ where
         async { Err(idle_watch(idle, &sent, &received).await) },
     )
     .await;
-    let bytes = Bytes { sent: sent.bytes.get(), received: received.bytes.get() };
+    let bytes = Bytes { sent: sent.bytes.get(), received: received.bytes.get(), first_received: received.first.get() };
     result.map(|()| bytes).map_err(|end| RelayError { end, bytes })
 }
 

@@ -1,22 +1,41 @@
-//! The control thread of `dataplane run`: loads the eBPF programs, starts the
-//! executors, attaches the programs once every executor listens (so no
-//! captured connect ever meets a closed port), then waits for SIGTERM or
-//! SIGINT and detaches everything before exiting.
-use std::{sync::Arc, time::Duration};
+//! The control thread of `dataplane run`.
+//!
+//! Start-up: admin endpoint (answering 503 until ready), eBPF load, executors,
+//! attach once every executor listens (so no captured connect ever meets a
+//! closed port), ready. Then one loop owns everything that is not the data
+//! path: signals (SIGUSR1 dumps, SIGTERM/SIGINT drain), admin queries, and
+//! certificate reloads. Executors are only ever sent messages; nothing here
+//! waits on them except for their replies to snapshot requests.
+//!
+//! Drain: readiness false at once, listeners closed (a new instance bound to
+//! the same SO_REUSEPORT ports takes new connections), open connections get
+//! up to `--drain-timeout`, then the programs are detached and we exit 0;
+//! whatever is still open is closed with the process.
+use std::{
+    sync::Arc,
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::{bail, Context};
+use crossbeam_channel::{select, Receiver};
 use signal_hook::{
-    consts::{SIGINT, SIGTERM},
+    consts::{SIGINT, SIGTERM, SIGUSR1},
     iterator::Signals,
 };
-use tracing::info;
+use tracing::{error, info, warn};
 
-use crate::{config::Config, ebpf::Capture, shard};
+use crate::{admin, config::Config, dump, ebpf::Capture, identity::Identity, reload, shard, stats::Snapshot};
+use dataplane_common::maps::StatIndex;
 
 /// How long executors get to open their listeners.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the certificate directory is looked at.
+const RELOAD_POLL: Duration = Duration::from_millis(250);
+/// How long an executor gets to answer a snapshot request.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Runs until SIGTERM or SIGINT.
+/// Runs until SIGTERM or SIGINT, then drains.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     info!(
         workload_cgroup = %cfg.workload_cgroup.display(),
@@ -32,37 +51,220 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         identities = ?cfg.identity.addresses().collect::<Vec<_>>(),
         handshake_timeout = ?cfg.timeouts.handshake,
         idle_timeout = ?cfg.timeouts.idle,
+        admin = ?cfg.admin,
+        stats_dir = ?cfg.stats_dir,
+        drain_timeout = ?cfg.drain_timeout,
         "starting"
     );
     match crate::sys::raise_nofile_limit() {
         Ok(n) => info!(open_files = n, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+        Err(e) => warn!(error = %e, "could not raise the open-file limit"),
     }
     // Signals first: a SIGTERM during start-up must still detach cleanly.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
-    let mut capture = Capture::load(&cfg.capture)?;
+    let signals = forward_signals()?;
+    let (admin_tx, admin_rx) = crossbeam_channel::unbounded();
+    if let Some(addr) = cfg.admin {
+        let bound = admin::serve(addr, admin_tx).with_context(|| format!("--admin {addr}: binding"))?;
+        info!(%bound, "admin endpoint listening");
+    }
+    let mut ctl = Control {
+        cfg,
+        capture: None,
+        shards: Vec::new(),
+        phase: Phase::Starting,
+        reloads: (0, 0),
+        started: SystemTime::now(),
+    };
+    ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
 
     let (tx, rx) = crossbeam_channel::unbounded();
     let spec = Arc::new(shard::ShardSpec {
-        namespaces: cfg.namespaces.clone(),
-        bypass_mark: cfg.capture.bypass_mark,
-        identity: cfg.identity.clone(),
-        timeouts: cfg.timeouts,
+        namespaces: ctl.cfg.namespaces.clone(),
+        bypass_mark: ctl.cfg.capture.bypass_mark,
+        identity: ctl.cfg.identity.clone(),
+        timeouts: ctl.cfg.timeouts,
     });
-    let _shards = shard::spawn(&cfg.cores, spec, tx)?;
-    for _ in &cfg.cores {
-        match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(shard::ShardEvent::Ready { .. }) => {}
-            Ok(shard::ShardEvent::Failed { cpu, error }) => bail!("executor on CPU {cpu}: {error}"),
-            Err(_) => bail!("executors did not report listening within {STARTUP_TIMEOUT:?}"),
+    ctl.shards = shard::spawn(&ctl.cfg.cores, spec, tx)?;
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let mut ready = 0;
+    while ready < ctl.shards.len() {
+        select! {
+            recv(rx) -> ev => match ev {
+                Ok(shard::ShardEvent::Ready { .. }) => ready += 1,
+                Ok(shard::ShardEvent::Failed { cpu, error }) => bail!("executor on CPU {cpu}: {error}"),
+                Err(_) => bail!("executors stopped during start-up"),
+            },
+            recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
+            recv(signals) -> sig => if matches!(sig, Ok(SIGTERM | SIGINT)) { bail!("stopped during start-up") },
+            default(deadline.saturating_duration_since(Instant::now())) => {
+                bail!("executors did not report listening within {STARTUP_TIMEOUT:?}")
+            }
         }
     }
-    capture.attach(&cfg.workload_cgroup, &cfg.own_cgroup)?;
+    if let Some(c) = ctl.capture.as_mut() {
+        c.attach(&ctl.cfg.workload_cgroup, &ctl.cfg.own_cgroup)?;
+    }
+    ctl.phase = Phase::Ready;
     info!("data plane ready: capturing connects");
 
-    let signal = signals.forever().next().unwrap_or(SIGTERM);
-    info!(signal, "stopping: detaching the eBPF programs");
-    drop(capture);
-    info!("detached; exiting");
+    let mut watch = reload::Watch::new(ctl.cfg.identity.dir());
+    let tick = crossbeam_channel::tick(RELOAD_POLL);
+    loop {
+        select! {
+            recv(signals) -> sig => match sig {
+                Ok(SIGUSR1) => ctl.dump(),
+                Ok(signal) => {
+                    info!(signal, "stopping: draining");
+                    break;
+                }
+                Err(_) => break,
+            },
+            recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
+            recv(tick) -> _ => if watch.changed() { ctl.reload() },
+        }
+    }
+    ctl.drain(&admin_rx);
     Ok(())
+}
+
+/// Forwards SIGTERM, SIGINT and SIGUSR1 into a channel. signal-hook's
+/// handler only writes to a pipe; a storm of signals is coalesced there.
+fn forward_signals() -> anyhow::Result<Receiver<i32>> {
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGUSR1]).context("installing signal handlers")?;
+    let (tx, rx) = crossbeam_channel::bounded(16);
+    thread::Builder::new().name("signals".into()).spawn(move || {
+        for s in signals.forever() {
+            if tx.send(s).is_err() {
+                break;
+            }
+        }
+    })?;
+    Ok(rx)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Starting,
+    Ready,
+    Draining,
+}
+
+struct Control {
+    cfg: Config,
+    capture: Option<Capture>,
+    shards: Vec<shard::Shard>,
+    phase: Phase,
+    /// Certificate reloads that took effect, and that were refused.
+    reloads: (u64, u64),
+    started: SystemTime,
+}
+
+impl Control {
+    /// Every executor's measurements, merged; and whether all of them
+    /// answered and listen.
+    fn collect(&self) -> (Snapshot, bool) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut asked = 0;
+        for s in &self.shards {
+            if s.tx.send(shard::ToShard::Snapshot(tx.clone())).is_ok() {
+                asked += 1;
+            }
+        }
+        let mut merged = Snapshot::default();
+        let mut all_listening = asked == self.shards.len();
+        let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
+        for _ in 0..asked {
+            match rx.recv_deadline(deadline) {
+                Ok(r) => {
+                    merged.merge(&r.stats);
+                    all_listening &= r.listening;
+                }
+                Err(_) => {
+                    all_listening = false;
+                    break;
+                }
+            }
+        }
+        (merged, all_listening)
+    }
+
+    fn bpf_stats(&self) -> Vec<(StatIndex, u64)> {
+        match self.capture.as_ref().map(Capture::stats) {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                warn!(error = %e, "reading the eBPF counters");
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    fn dump(&self) {
+        let (stats, _) = self.collect();
+        if let Err(e) = dump::dump(&stats, &self.bpf_stats(), self.cfg.stats_dir.as_deref(), self.started) {
+            error!(error = %e, dir = ?self.cfg.stats_dir, "writing the stats dump");
+        }
+    }
+
+    fn answer(&self, req: admin::Request) {
+        let reply = match req.query {
+            admin::Query::Metrics => {
+                let (stats, _) = self.collect();
+                (200, admin::render(&stats, &self.bpf_stats(), self.reloads))
+            }
+            admin::Query::Ready => match self.phase {
+                Phase::Starting => (503, "starting: listeners or eBPF programs not in place yet\n".into()),
+                Phase::Draining => (503, "draining\n".into()),
+                Phase::Ready => match self.collect() {
+                    (_, true) => (200, "ready\n".into()),
+                    (_, false) => (503, "an executor is not listening in every namespace\n".into()),
+                },
+            },
+        };
+        let _ = req.reply.send(reply);
+    }
+
+    fn reload(&mut self) {
+        let dir = self.cfg.identity.dir().to_path_buf();
+        match Identity::load(&dir) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                info!(certs = %dir.display(), identities = ?id.addresses().collect::<Vec<_>>(), "certificates reloaded");
+                for s in &self.shards {
+                    let _ = s.tx.send(shard::ToShard::Identity(id.clone()));
+                }
+                self.reloads.0 += 1;
+            }
+            Err(e) => {
+                self.reloads.1 += 1;
+                error!(certs = %dir.display(), error = %e, "certificate reload refused: the previous certificates stay in service");
+            }
+        }
+    }
+
+    fn drain(mut self, admin_rx: &Receiver<admin::Request>) {
+        self.phase = Phase::Draining;
+        for s in &self.shards {
+            let _ = s.tx.send(shard::ToShard::Drain);
+        }
+        let deadline = Instant::now() + self.cfg.drain_timeout;
+        loop {
+            let (stats, _) = self.collect();
+            let open = stats.outbound.active() + stats.inbound.active();
+            if open == 0 {
+                info!("drained: no connection left");
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(open, timeout = ?self.cfg.drain_timeout, "drain timeout: closing the connections still open");
+                break;
+            }
+            while let Ok(req) = admin_rx.try_recv() {
+                self.answer(req);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.capture = None; // detaches the programs
+        info!("detached; exiting");
+    }
 }

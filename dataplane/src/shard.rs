@@ -14,11 +14,11 @@ use std::{
     time::Duration,
 };
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use glommio::{net::TcpListener, LocalExecutorBuilder, Placement};
 use tracing::{info, warn};
 
-use crate::{identity::Identity, inbound, netns::Netns, outbound, socket, sys};
+use crate::{identity::Identity, inbound, netns::Netns, outbound, socket, stats::Snapshot, sys};
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
 
 /// Handshake and idle limits.
@@ -53,6 +53,8 @@ pub struct ShardCtx {
     /// Limits.
     pub timeouts: Timeouts,
     identity: RefCell<Arc<Identity>>,
+    /// This executor's measurements.
+    pub stats: RefCell<Snapshot>,
 }
 
 impl ShardCtx {
@@ -60,6 +62,33 @@ impl ShardCtx {
     pub fn identity(&self) -> Arc<Identity> {
         self.identity.borrow().clone()
     }
+
+    /// Records into this executor's measurements.
+    pub fn with_stats<T>(&self, f: impl FnOnce(&mut Snapshot) -> T) -> T {
+        f(&mut self.stats.borrow_mut())
+    }
+}
+
+/// What the control thread tells an executor.
+#[derive(Debug)]
+pub enum ToShard {
+    /// Send a copy of your measurements on this channel.
+    Snapshot(Sender<ShardReport>),
+    /// New certificates: use them for new handshakes.
+    Identity(Arc<Identity>),
+    /// Close your listeners; keep serving open connections.
+    Drain,
+}
+
+/// An executor's answer to [`ToShard::Snapshot`].
+#[derive(Debug)]
+pub struct ShardReport {
+    /// The CPU it is pinned to.
+    pub cpu: usize,
+    /// Its measurements.
+    pub stats: Snapshot,
+    /// Whether its listeners are open.
+    pub listening: bool,
 }
 
 /// What an executor tells the control thread.
@@ -82,16 +111,29 @@ pub enum ShardEvent {
 /// An executor thread.
 pub type ShardHandle = glommio::ExecutorJoinHandle<()>;
 
+/// A running executor, as the control thread sees it.
+#[derive(Debug)]
+pub struct Shard {
+    /// The CPU it is pinned to.
+    pub cpu: usize,
+    /// Its control channel.
+    pub tx: Sender<ToShard>,
+    /// Its thread.
+    pub handle: ShardHandle,
+}
+
 /// Starts one pinned executor per CPU in `cpus`.
-pub fn spawn(cpus: &[usize], spec: Arc<ShardSpec>, events: Sender<ShardEvent>) -> std::io::Result<Vec<ShardHandle>> {
+pub fn spawn(cpus: &[usize], spec: Arc<ShardSpec>, events: Sender<ShardEvent>) -> std::io::Result<Vec<Shard>> {
     cpus.iter()
         .map(|&cpu| {
             let spec = spec.clone();
             let events = events.clone();
-            LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("shard-{cpu}"))
-                .spawn(move || async move { run(cpu, spec, events).await })
-                .map_err(|e| std::io::Error::other(format!("starting the executor on CPU {cpu}: {e}")))
+                .spawn(move || async move { run(cpu, spec, events, rx).await })
+                .map_err(|e| std::io::Error::other(format!("starting the executor on CPU {cpu}: {e}")))?;
+            Ok(Shard { cpu, tx, handle })
         })
         .collect()
 }
@@ -106,14 +148,19 @@ fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<TcpListener, String> {
     }
 }
 
-async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>) {
+/// How often an executor looks at its control channel. Executors never block
+/// on the control thread: they poll from a timer.
+const CONTROL_POLL: Duration = Duration::from_millis(20);
+
+async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>, control: Receiver<ToShard>) {
     let shard = Rc::new(ShardCtx {
         cpu,
         bypass_mark: spec.bypass_mark,
         timeouts: spec.timeouts,
         identity: RefCell::new(spec.identity.clone()),
+        stats: RefCell::new(Snapshot::default()),
     });
-    let mut loops = Vec::new();
+    let mut loops: Vec<glommio::Task<()>> = Vec::new();
     for ns in &spec.namespaces {
         let bound = bind_in(ns, OUTBOUND_ADDR).and_then(|o| Ok((o, bind_in(ns, INBOUND_ADDR)?)));
         let (out_listener, in_listener) = match bound {
@@ -128,8 +175,26 @@ async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>) {
     }
     info!(cpu, namespaces = spec.namespaces.len(), "executor listening");
     let _ = events.send(ShardEvent::Ready { cpu });
-    for l in loops {
-        l.await;
+    loop {
+        while let Ok(msg) = control.try_recv() {
+            match msg {
+                ToShard::Snapshot(reply) => {
+                    let stats = shard.stats.borrow().clone();
+                    let _ = reply.send(ShardReport { cpu, stats, listening: !loops.is_empty() });
+                }
+                ToShard::Identity(id) => *shard.identity.borrow_mut() = id,
+                ToShard::Drain => {
+                    // Dropping the accept loops drops the listeners: the
+                    // kernel then sends new connections to other sockets in
+                    // the SO_REUSEPORT group (a new instance), or refuses them.
+                    for l in loops.drain(..) {
+                        l.cancel().await;
+                    }
+                    info!(cpu, "listeners closed; draining");
+                }
+            }
+        }
+        glommio::timer::sleep(CONTROL_POLL).await;
     }
 }
 

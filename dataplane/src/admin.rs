@@ -1,0 +1,231 @@
+//! The admin endpoint, off the data path: a plain thread serving `GET
+//! /metrics` (Prometheus text), `GET /ready` and `GET /live` over HTTP/1.1.
+//!
+//! The thread only parses requests; every answer comes from the control
+//! thread (which owns the eBPF handle and talks to the executors), so a
+//! scrape never touches an executor's hot path beyond one snapshot request.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use crossbeam_channel::Sender;
+use prometheus_client::{
+    encoding::{EncodeMetric, MetricEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType},
+    registry::Registry,
+};
+use tracing::{debug, warn};
+
+use crate::stats::{Direction, Hist, Snapshot};
+use dataplane_common::maps::StatIndex;
+
+/// What the admin thread asks the control thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    /// `/metrics`.
+    Metrics,
+    /// `/ready`.
+    Ready,
+}
+
+/// A request forwarded to the control thread, with where to answer.
+#[derive(Debug)]
+pub struct Request {
+    /// What is asked.
+    pub query: Query,
+    /// Status code and body go here.
+    pub reply: Sender<(u16, String)>,
+}
+
+/// How long the admin thread waits for the control thread.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Binds `addr` and serves it from a new thread.
+pub fn serve(addr: SocketAddr, control: Sender<Request>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    thread::Builder::new().name("admin".into()).spawn(move || {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(c) => {
+                    if let Err(e) = handle(c, &control) {
+                        debug!(error = %e, "admin request failed");
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    })?;
+    Ok(bound)
+}
+
+fn handle(conn: TcpStream, control: &Sender<Request>) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut first = String::new();
+    reader.read_line(&mut first)?;
+    // Drain the headers (bounded by the read timeout and the line count).
+    for _ in 0..100 {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+    }
+    let mut parts = first.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/live") => (200, "text/plain", "alive\n".to_string()),
+        ("GET", "/metrics") => {
+            ask(control, Query::Metrics, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        }
+        ("GET", "/ready") => ask(control, Query::Ready, "text/plain"),
+        ("GET", _) => (404, "text/plain", "not found: try /metrics, /ready, /live\n".into()),
+        _ => (405, "text/plain", "only GET\n".into()),
+    };
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let mut out = conn;
+    write!(
+        out,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()
+}
+
+fn ask(control: &Sender<Request>, query: Query, content_type: &'static str) -> (u16, &'static str, String) {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if control.send(Request { query, reply: tx }).is_err() {
+        return (503, "text/plain", "control thread gone\n".into());
+    }
+    match rx.recv_timeout(ANSWER_TIMEOUT) {
+        Ok((status, body)) => (status, if status == 200 { content_type } else { "text/plain" }, body),
+        Err(_) => (503, "text/plain", "control thread did not answer in time\n".into()),
+    }
+}
+
+/// A histogram exported from HdrHistogram data, with fixed bucket bounds.
+#[derive(Debug)]
+struct HdrExport {
+    sum_seconds: f64,
+    count: u64,
+    buckets: Vec<(f64, u64)>,
+}
+
+/// Bucket bounds in seconds: 50 µs to 60 s.
+const BOUNDS: [f64; 16] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 60.0];
+
+impl HdrExport {
+    fn from(h: &hdrhistogram::Histogram<u64>) -> Self {
+        let mut buckets = Vec::with_capacity(BOUNDS.len() + 1);
+        let mut below = 0;
+        for b in BOUNDS {
+            let upto = h.count_between(0, (b * 1e6) as u64);
+            buckets.push((b, upto - below));
+            below = upto;
+        }
+        buckets.push((f64::INFINITY, h.len() - below));
+        let sum_us: f64 = h.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum();
+        Self { sum_seconds: sum_us / 1e6, count: h.len(), buckets }
+    }
+}
+
+impl EncodeMetric for HdrExport {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum_seconds,
+            self.count,
+            &self.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Renders the merged executor measurements, the eBPF decision counters and
+/// the control thread's own counters as Prometheus text.
+pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], reloads: (u64, u64)) -> String {
+    let mut reg = Registry::with_prefix("dataplane");
+
+    let accepted = Family::<Labels, Counter>::default();
+    let completed = Family::<Labels, Counter>::default();
+    let active = Family::<Labels, Gauge>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    for (d, f) in [(Direction::Outbound, &stats.outbound), (Direction::Inbound, &stats.inbound)] {
+        let dir = vec![("direction", d.to_string())];
+        accepted.get_or_create(&dir).inc_by(f.accepted);
+        completed.get_or_create(&dir).inc_by(f.completed);
+        active.get_or_create(&dir).set(f.active() as i64);
+        bytes.get_or_create(&vec![("direction", d.to_string()), ("flow", "to_upstream".into())]).inc_by(f.bytes_up);
+        bytes.get_or_create(&vec![("direction", d.to_string()), ("flow", "to_downstream".into())]).inc_by(f.bytes_down);
+    }
+    reg.register("connections_accepted", "Connections accepted", accepted);
+    reg.register("connections_completed", "Connections that ended with both directions closed normally", completed);
+    reg.register("connections_active", "Connections open now", active);
+    reg.register("bytes", "Bytes relayed", bytes);
+
+    let failed = Family::<Labels, Counter>::default();
+    for ((d, blame, reason), n) in &stats.failures {
+        failed
+            .get_or_create(&vec![
+                ("direction", d.to_string()),
+                ("side", blame.to_string()),
+                ("reason", reason.to_string()),
+            ])
+            .inc_by(*n);
+    }
+    reg.register(
+        "connections_failed",
+        "Connections refused or ended early, by the side that failed and why (inbound refusals included)",
+        failed,
+    );
+
+    let decisions = Family::<Labels, Counter>::default();
+    for (i, n) in bpf {
+        decisions.get_or_create(&vec![("decision", i.name().to_string())]).inc_by(*n);
+    }
+    reg.register("bpf_decisions", "Capture decisions of the eBPF programs", decisions);
+
+    let reload_ok = Counter::<u64>::default();
+    reload_ok.inc_by(reloads.0);
+    reg.register("cert_reloads", "Certificate directory reloads that took effect", reload_ok);
+    let reload_failed = Counter::<u64>::default();
+    reload_failed.inc_by(reloads.1);
+    reg.register(
+        "cert_reload_failures",
+        "Certificate directory reloads refused (the old certificates stay)",
+        reload_failed,
+    );
+
+    for h in Hist::ALL {
+        let help = match h {
+            Hist::TunnelConnect => "Outbound: accept to tunnel ready (connect, mutual TLS, preamble)",
+            Hist::TlsHandshake => "Outbound: TLS client handshake, overlapping the TCP connect",
+            Hist::FirstByte => "Outbound: accept to the first byte from the destination",
+            Hist::Lifetime => "Outbound: connection lifetime",
+        };
+        let export = HdrExport::from(&stats.hist[h as usize]);
+        reg.register_with_unit(h.name(), help, prometheus_client::registry::Unit::Seconds, export);
+    }
+
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+    out
+}

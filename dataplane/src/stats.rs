@@ -1,0 +1,259 @@
+//! Per-executor measurements: latency histograms and counters, owned by the
+//! executor that records them (no locks, no atomics on the data path), and
+//! merged on the control thread from snapshots sent on request.
+//!
+//! Histograms hold microseconds with 3 significant figures, up to one hour
+//! (longer values saturate at the top).
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use hdrhistogram::Histogram;
+
+/// The latency histograms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hist {
+    /// Outbound: accept to tunnel ready (original destination, TCP connect,
+    /// TLS handshake, preamble sent).
+    TunnelConnect,
+    /// Outbound: the TLS client handshake (it overlaps the TCP connect, which
+    /// is started non-blocking just before).
+    TlsHandshake,
+    /// Outbound: accept to the first byte from the destination.
+    FirstByte,
+    /// Outbound: accept to close.
+    Lifetime,
+}
+
+impl Hist {
+    /// Every histogram, in index order.
+    pub const ALL: [Hist; 4] = [Hist::TunnelConnect, Hist::TlsHandshake, Hist::FirstByte, Hist::Lifetime];
+
+    /// A stable snake_case name (JSON keys, metric names, log tags).
+    pub fn name(self) -> &'static str {
+        match self {
+            Hist::TunnelConnect => "tunnel_connect",
+            Hist::TlsHandshake => "tls_handshake",
+            Hist::FirstByte => "first_byte",
+            Hist::Lifetime => "connection_lifetime",
+        }
+    }
+}
+
+/// Where a connection came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// Captured at 18000, leaving the pod.
+    Outbound,
+    /// Arrived at 18001 for the pod.
+    Inbound,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        })
+    }
+}
+
+/// Which side a failure is blamed on (pingora's `ErrorSource`): the peer
+/// that connected to us, the one we connected to, or ourselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Blame {
+    /// The client (outbound) or the remote data plane (inbound).
+    Downstream,
+    /// The tunnel (outbound) or the application (inbound).
+    Upstream,
+    /// Us: no certificate, a socket we could not make.
+    Ours,
+}
+
+impl fmt::Display for Blame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Blame::Downstream => "downstream",
+            Blame::Upstream => "upstream",
+            Blame::Ours => "ours",
+        })
+    }
+}
+
+impl From<crate::relay::Side> for Blame {
+    fn from(s: crate::relay::Side) -> Self {
+        match s {
+            crate::relay::Side::Downstream => Blame::Downstream,
+            crate::relay::Side::Upstream => Blame::Upstream,
+        }
+    }
+}
+
+/// Counters of one direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections that ended normally (both directions saw EOF).
+    pub completed: u64,
+    /// Connections that ended otherwise (refused, reset, timed out).
+    pub failed: u64,
+    /// Bytes from downstream to upstream.
+    pub bytes_up: u64,
+    /// Bytes from upstream to downstream.
+    pub bytes_down: u64,
+}
+
+impl Flow {
+    /// Connections open now.
+    pub fn active(&self) -> u64 {
+        self.accepted.saturating_sub(self.completed + self.failed)
+    }
+}
+
+/// Everything an executor counts.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Outbound counters.
+    pub outbound: Flow,
+    /// Inbound counters.
+    pub inbound: Flow,
+    /// Failures by direction, blamed side and reason.
+    pub failures: BTreeMap<(Direction, Blame, &'static str), u64>,
+    /// Latency histograms, indexed like [`Hist::ALL`].
+    pub hist: [Histogram<u64>; 4],
+}
+
+const MAX_MICROS: u64 = 3_600_000_000;
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("static histogram bounds are valid")
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            outbound: Flow::default(),
+            inbound: Flow::default(),
+            failures: BTreeMap::new(),
+            hist: [histogram(), histogram(), histogram(), histogram()],
+        }
+    }
+}
+
+impl Snapshot {
+    /// Records a duration in a histogram.
+    pub fn record(&mut self, h: Hist, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(MAX_MICROS).clamp(1, MAX_MICROS);
+        self.hist[h as usize].saturating_record(us);
+    }
+
+    /// The counters of one direction.
+    pub fn flow(&mut self, d: Direction) -> &mut Flow {
+        match d {
+            Direction::Outbound => &mut self.outbound,
+            Direction::Inbound => &mut self.inbound,
+        }
+    }
+
+    /// Counts a failed connection.
+    pub fn fail(&mut self, d: Direction, blame: Blame, reason: &'static str) {
+        self.flow(d).failed += 1;
+        *self.failures.entry((d, blame, reason)).or_default() += 1;
+    }
+
+    /// Adds `other` into this one.
+    pub fn merge(&mut self, other: &Snapshot) {
+        for (mine, theirs) in [(&mut self.outbound, &other.outbound), (&mut self.inbound, &other.inbound)] {
+            mine.accepted += theirs.accepted;
+            mine.completed += theirs.completed;
+            mine.failed += theirs.failed;
+            mine.bytes_up += theirs.bytes_up;
+            mine.bytes_down += theirs.bytes_down;
+        }
+        for (k, v) in &other.failures {
+            *self.failures.entry(*k).or_default() += v;
+        }
+        for (mine, theirs) in self.hist.iter_mut().zip(&other.hist) {
+            // Same bounds on both sides: cannot fail.
+            let _ = mine.add(theirs);
+        }
+    }
+
+    /// Failures of `d` blamed on anyone, summed over reasons matching `reason`.
+    pub fn failures_of(&self, d: Direction, reason: &str) -> u64 {
+        self.failures.iter().filter(|((dd, _, r), _)| *dd == d && *r == reason).map(|(_, v)| v).sum()
+    }
+}
+
+/// A short, stable label for a TLS or socket error, for metrics.
+pub fn classify(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error as T};
+    if let Some(t) = e.get_ref().and_then(|inner| inner.downcast_ref::<T>()) {
+        return match t {
+            T::NoCertificatesPresented => "no_client_certificate",
+            T::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
+            T::InvalidCertificate(CertificateError::BadSignature) => "bad_signature",
+            T::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => "expired",
+            T::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
+                "not_yet_valid"
+            }
+            T::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            ) => "wrong_name",
+            T::InvalidCertificate(_) => "bad_certificate",
+            T::AlertReceived(_) => "alert_received",
+            T::PeerIncompatible(_) => "incompatible_peer",
+            T::InvalidMessage(_) => "not_tls",
+            T::NoApplicationProtocol => "no_alpn",
+            _ => "tls_other",
+        };
+    }
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "refused",
+        std::io::ErrorKind::ConnectionReset => "reset",
+        std::io::ErrorKind::UnexpectedEof => "eof",
+        std::io::ErrorKind::TimedOut => "timeout",
+        _ => "io",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_counts_and_histograms() {
+        let mut a = Snapshot::default();
+        a.outbound.accepted = 2;
+        a.outbound.completed = 1;
+        a.record(Hist::Lifetime, Duration::from_millis(5));
+        a.fail(Direction::Inbound, Blame::Downstream, "unknown_ca");
+        let mut b = Snapshot::default();
+        b.outbound.accepted = 3;
+        b.record(Hist::Lifetime, Duration::from_millis(7));
+        b.fail(Direction::Inbound, Blame::Downstream, "unknown_ca");
+        a.merge(&b);
+        assert_eq!(a.outbound.accepted, 5);
+        assert_eq!(a.outbound.active(), 4);
+        assert_eq!(a.hist[Hist::Lifetime as usize].len(), 2);
+        assert_eq!(a.failures_of(Direction::Inbound, "unknown_ca"), 2);
+        assert_eq!(a.inbound.failed, 2);
+    }
+
+    #[test]
+    fn durations_beyond_the_top_saturate() {
+        let mut s = Snapshot::default();
+        s.record(Hist::Lifetime, Duration::from_secs(10 * 3600));
+        s.record(Hist::Lifetime, Duration::ZERO);
+        let h = &s.hist[Hist::Lifetime as usize];
+        assert_eq!(h.len(), 2);
+        assert!(h.max() >= MAX_MICROS / 2 && h.min() == 1);
+    }
+
+    #[test]
+    fn tls_errors_get_short_labels() {
+        let e = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::NoCertificatesPresented);
+        assert_eq!(classify(&e), "no_client_certificate");
+        let e = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(classify(&e), "reset");
+    }
+}
