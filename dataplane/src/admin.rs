@@ -227,5 +227,66 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], reloads: (u64, u64)) -
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
+    openmetrics_to_prometheus(&out)
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family is named
+/// without its `_total` suffix; the Prometheus text format (0.0.4), which
+/// `promtool check metrics` and every scraper read, names HELP and TYPE after
+/// the sample. Renames those lines and drops the OpenMetrics-only ones
+/// (`# UNIT`, `# EOF`).
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_after_their_samples() {
+        let om = "# HELP x_bytes Bytes.\n# TYPE x_bytes counter\nx_bytes_total 3\n\
+                  # HELP x_lat_seconds Lat.\n# TYPE x_lat_seconds histogram\n# UNIT x_lat_seconds seconds\n\
+                  x_lat_seconds_count 1\n# EOF\n";
+        let p = openmetrics_to_prometheus(om);
+        assert_eq!(
+            p,
+            "# HELP x_bytes_total Bytes.\n# TYPE x_bytes_total counter\nx_bytes_total 3\n\
+             # HELP x_lat_seconds Lat.\n# TYPE x_lat_seconds histogram\nx_lat_seconds_count 1\n"
+        );
+    }
+
+    #[test]
+    fn every_family_renders() {
+        let mut s = Snapshot::default();
+        s.outbound.accepted = 2;
+        s.fail(Direction::Inbound, crate::stats::Blame::Downstream, "unknown_ca");
+        s.record(Hist::Lifetime, Duration::from_millis(3));
+        let text = render(&s, &[(StatIndex::Captured, 5)], (1, 2));
+        for want in [
+            "dataplane_connections_accepted_total{direction=\"outbound\"} 2",
+            "dataplane_connections_failed_total{direction=\"inbound\",side=\"downstream\",reason=\"unknown_ca\"} 1",
+            "dataplane_bpf_decisions_total{decision=\"captured\"} 5",
+            "dataplane_cert_reload_failures_total 2",
+            "dataplane_connection_lifetime_seconds_count 1",
+            "dataplane_connection_lifetime_seconds_bucket{le=\"0.005\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} in\n{text}");
+        }
+    }
 }

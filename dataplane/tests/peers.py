@@ -26,6 +26,11 @@ expect-reset HOST PORT   send a byte, then read: prints "reset", "eof" or
 many HOST PORT N         N concurrent connections to a `serve` server, each
                          sending its own 1 KiB and checking its echo; prints
                          {"ok": n}.
+slow HOST PORT SECONDS   to a `serve` server: read its line, then send a line
+                         every 0.1 s for SECONDS, checking each echo; prints
+                         {"ok": bool, "lines": n, "error": ...}.
+try-connect HOST PORT    prints {"result": "connected" | "refused" | ...}.
+serial FILE              prints {"serial": HEX} of a PEM certificate.
 tls HOST PORT CA CERT KEY DST
                          a hand-made tunnel client: TLS 1.3 with ALPN
                          dataplane-tunnel/1 and the given client certificate
@@ -197,6 +202,43 @@ async def many(host, port, n):
     print(json.dumps({"ok": ok, "errors": errors}), flush=True)
 
 
+def slow(host, port, seconds):
+    out = {"ok": False, "lines": 0, "error": None}
+    try:
+        c = socket.create_connection((host, int(port)), timeout=15)
+        f = c.makefile("rb")
+        read_line(f)
+        end = time.time() + float(seconds)
+        while time.time() < end:
+            line = b"line %d\n" % out["lines"]
+            c.sendall(line)
+            if f.readline() != line:
+                raise ConnectionError("echo mismatch or EOF after %d lines" % out["lines"])
+            out["lines"] += 1
+            time.sleep(0.1)
+        c.close()
+        out["ok"] = True
+    except Exception as e:
+        out["error"] = repr(e)
+    print(json.dumps(out), flush=True)
+
+
+def try_connect(host, port):
+    try:
+        c = socket.create_connection((host, int(port)), timeout=5)
+        c.close()
+        r = "connected"
+    except ConnectionRefusedError:
+        r = "refused"
+    except Exception as e:
+        r = repr(e)
+    print(json.dumps({"result": r}), flush=True)
+
+
+def serial(path):
+    print(json.dumps({"serial": ssl._ssl._test_decode_cert(path)["serialNumber"]}), flush=True)
+
+
 def tls(host, port, ca, cert, key, dst):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -209,6 +251,7 @@ def tls(host, port, ca, cert, key, dst):
     out = {"handshake": "ok", "reply": None, "error": None}
     try:
         c = ctx.wrap_socket(raw)
+        out["server_serial"] = c.getpeercert()["serialNumber"]
     except Exception as e:  # refused during the handshake
         out["handshake"] = repr(e)
         print(json.dumps(out), flush=True)
@@ -244,6 +287,12 @@ if __name__ == "__main__":
         expect_reset(a[1], a[2])
     elif cmd == "many":
         asyncio.run(many(a[1], a[2], int(a[3])))
+    elif cmd == "slow":
+        slow(a[1], a[2], a[3])
+    elif cmd == "try-connect":
+        try_connect(a[1], a[2])
+    elif cmd == "serial":
+        serial(a[1])
     elif cmd == "tls":
         tls(*a[1:7])
     else:

@@ -415,6 +415,14 @@ impl Dataplane {
         Self { proc }
     }
 
+    /// The admin endpoint's address, from the start-up log (`--admin
+    /// 127.0.0.1:0` lets the kernel pick a free port).
+    pub fn admin(&self) -> String {
+        let lines = self.proc.output();
+        let line = lines.iter().find(|l| l.contains("admin endpoint listening")).expect("admin endpoint in the log");
+        line.split("bound=").nth(1).and_then(|r| r.split_whitespace().next()).expect("bound=ADDR").to_string()
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> ExitStatus {
         self.proc.signal("TERM");
@@ -431,6 +439,19 @@ pub fn attached(cgroup: &Path) -> Vec<String> {
         .skip(1)
         .filter_map(|l| l.split_whitespace().last().map(str::to_string))
         .collect()
+}
+
+/// `GET path` on `addr` (HTTP/1.1): status and body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    c.read_to_string(&mut text)?;
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
