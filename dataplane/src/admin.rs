@@ -158,9 +158,19 @@ impl EncodeMetric for HdrExport {
 
 type Labels = Vec<(&'static str, String)>;
 
+/// What the control thread adds to the executors' figures.
+#[derive(Debug, Default)]
+pub struct Extra {
+    /// Certificate reloads that took effect, and that were refused.
+    pub reloads: (u64, u64),
+    /// Watched namespaces by state (`served`, `waiting_for_certificate`...).
+    pub namespaces: std::collections::BTreeMap<&'static str, u64>,
+}
+
 /// Renders the merged executor measurements, the eBPF decision counters and
 /// the control thread's own counters as Prometheus text.
-pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], reloads: (u64, u64)) -> String {
+pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> String {
+    let reloads = extra.reloads;
     let mut reg = Registry::with_prefix("dataplane");
 
     let accepted = Family::<Labels, Counter>::default();
@@ -211,6 +221,17 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], reloads: (u64, u64)) -
         "cert_reload_failures",
         "Certificate directory reloads refused (the old certificates stay)",
         reload_failed,
+    );
+
+    let namespaces = Family::<Labels, Gauge>::default();
+    for state in ["served", "waiting_for_address", "waiting_for_certificate", "unusable"] {
+        let n = extra.namespaces.get(state).copied().unwrap_or(0);
+        namespaces.get_or_create(&vec![("state", state.to_string())]).set(n as i64);
+    }
+    reg.register(
+        "namespaces",
+        "Namespaces found in --netns-dir, by state (an address without a certificate waits)",
+        namespaces,
     );
 
     for h in Hist::ALL {
@@ -277,7 +298,7 @@ mod tests {
         s.outbound.accepted = 2;
         s.fail(Direction::Inbound, crate::stats::Blame::Downstream, "unknown_ca");
         s.record(Hist::Lifetime, Duration::from_millis(3));
-        let text = render(&s, &[(StatIndex::Captured, 5)], (1, 2));
+        let text = render(&s, &[(StatIndex::Captured, 5)], &Extra { reloads: (1, 2), ..Extra::default() });
         for want in [
             "dataplane_connections_accepted_total{direction=\"outbound\"} 2",
             "dataplane_connections_failed_total{direction=\"inbound\",side=\"downstream\",reason=\"unknown_ca\"} 1",

@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Capture the workloads' connects and serve them (runs until SIGTERM/SIGINT).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Two pods, one data plane, real traffic, proof that only TLS crossed the
     /// wire; cleans up after itself (root, under a minute).
     Demo,
@@ -71,9 +71,11 @@ pub enum CaCommand {
 /// `dataplane run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// cgroup v2 directory of the workloads whose connects are captured.
+    /// cgroup v2 directory of the workloads whose connects are captured
+    /// (default: the kubelet's kubepods.slice or kubepods under the cgroup v2
+    /// mount found in /proc/mounts).
     #[arg(long, env = "DATAPLANE_WORKLOAD_CGROUP", value_name = "CGROUP_DIR")]
-    pub workload_cgroup: PathBuf,
+    pub workload_cgroup: Option<PathBuf>,
     /// Destinations to capture (repeatable, or comma-separated in the env var).
     #[arg(long = "capture-cidr", env = "DATAPLANE_CAPTURE_CIDRS", value_name = "CIDR",
           value_delimiter = ',', required = true, value_parser = parse_cidr)]
@@ -84,9 +86,18 @@ pub struct RunArgs {
     /// Certificate directory: ca.crt, and IP.crt + IP.key per pod address.
     #[arg(long, env = "DATAPLANE_CERTS", value_name = "DIR")]
     pub certs: PathBuf,
-    /// Network namespace files to serve (default: the current namespace).
+    /// Network namespace files to serve (default, without --netns-dir: the
+    /// current namespace).
     #[arg(long = "netns", value_name = "NETNS_FILE")]
     pub netns: Vec<PathBuf>,
+    /// Serve every namespace file that appears in this directory (e.g.
+    /// /var/run/netns), and stop serving those that disappear.
+    #[arg(long, env = "DATAPLANE_NETNS_DIR", value_name = "DIR")]
+    pub netns_dir: Option<PathBuf>,
+    /// Check the flags and values, print the effective configuration, and
+    /// exit (0 if valid); nothing on the host is touched or required.
+    #[arg(long)]
+    pub check_config: bool,
     /// Executors to run, one pinned per CPU (default: every CPU we may use).
     #[arg(long, env = "DATAPLANE_CORES", value_name = "N")]
     pub cores: Option<usize>,
@@ -152,6 +163,15 @@ fn parse_mark(s: &str) -> Result<u32, String> {
 /// A configuration the data plane cannot run with, naming the flag.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// No `--workload-cgroup`, and no kubelet cgroup to default to.
+    #[error("--workload-cgroup not given and no kubepods.slice or kubepods under {}: give it", .0.display())]
+    NoWorkloadCgroup(PathBuf),
+    /// No cgroup v2 mount.
+    #[error("--workload-cgroup: {0} (cgroup v2 is required)")]
+    NoCgroup2(#[source] std::io::Error),
+    /// `--netns-dir` is not a directory.
+    #[error("--netns-dir {}: not a directory", .0.display())]
+    NetnsDir(PathBuf),
     /// `--workload-cgroup` is not a cgroup v2 directory.
     #[error("--workload-cgroup {}: not a cgroup v2 directory (no cgroup.procs / cgroup.controllers)", .0.display())]
     WorkloadCgroup(PathBuf),
@@ -191,8 +211,10 @@ pub struct Config {
     pub workload_cgroup: PathBuf,
     /// Where `SO_ORIGINAL_DST` is answered: our own cgroup.
     pub own_cgroup: PathBuf,
-    /// Namespaces served, each by every executor.
+    /// Namespaces served from the start, each by every executor.
     pub namespaces: Vec<Arc<Netns>>,
+    /// Directory of namespace files to enrol and withdraw as they come and go.
+    pub netns_dir: Option<PathBuf>,
     /// CPUs, one executor each.
     pub cores: Vec<usize>,
     /// What the eBPF programs are told.
@@ -209,12 +231,15 @@ pub struct Config {
     pub drain_timeout: Duration,
 }
 
+/// The kubelet's pods cgroup under the cgroup v2 mount, if there is one.
+pub fn kubepods_cgroup(root: &std::path::Path) -> Option<PathBuf> {
+    ["kubepods.slice", "kubepods"].iter().map(|n| root.join(n)).find(|p| cgroup::is_cgroup2_dir(p))
+}
+
 impl RunArgs {
-    /// Checks the arguments as a whole.
-    pub fn validate(self) -> Result<Config, ConfigError> {
-        if !cgroup::is_cgroup2_dir(&self.workload_cgroup) {
-            return Err(ConfigError::WorkloadCgroup(self.workload_cgroup));
-        }
+    /// The checks that need nothing from the host (what `--check-config`
+    /// runs).
+    pub fn check_values(&self) -> Result<(), ConfigError> {
         if self.map_entries == 0 {
             return Err(ConfigError::MapEntries);
         }
@@ -224,8 +249,30 @@ impl RunArgs {
         if self.idle_timeout.is_zero() {
             return Err(ConfigError::ZeroTimeout("idle-timeout"));
         }
+        if self.cores == Some(0) {
+            return Err(ConfigError::Cores(cores::CoresError::Zero));
+        }
+        Ok(())
+    }
+
+    /// Checks the arguments as a whole, against this host.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        self.check_values()?;
+        let workload_cgroup = match self.workload_cgroup {
+            Some(dir) if cgroup::is_cgroup2_dir(&dir) => dir,
+            Some(dir) => return Err(ConfigError::WorkloadCgroup(dir)),
+            None => {
+                let root = cgroup::cgroup2_mount().map_err(ConfigError::NoCgroup2)?;
+                kubepods_cgroup(&root).ok_or(ConfigError::NoWorkloadCgroup(root))?
+            }
+        };
+        if let Some(dir) = &self.netns_dir {
+            if !dir.is_dir() {
+                return Err(ConfigError::NetnsDir(dir.clone()));
+            }
+        }
         let identity = Arc::new(Identity::load(&self.certs)?);
-        let namespaces = if self.netns.is_empty() {
+        let namespaces = if self.netns.is_empty() && self.netns_dir.is_none() {
             vec![Arc::new(
                 Netns::current()
                     .map_err(|source| ConfigError::Netns { path: "/proc/thread-self/ns/net".into(), source })?,
@@ -248,9 +295,10 @@ impl RunArgs {
         let cidrs =
             self.capture_cidrs.iter().map(|n| ebpf::Cidr { addr: n.network(), prefix: n.prefix_len() }).collect();
         Ok(Config {
-            workload_cgroup: self.workload_cgroup,
+            workload_cgroup,
             own_cgroup,
             namespaces,
+            netns_dir: self.netns_dir,
             cores,
             capture: ebpf::Settings {
                 proxy: SocketAddrV4::new([127, 0, 0, 1].into(), OUTBOUND_PORT),

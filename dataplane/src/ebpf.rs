@@ -13,12 +13,14 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, LpmTrie, MapError, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapError, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
     Ebpf, EbpfLoader,
 };
 use dataplane_bpf::{map, program};
-use dataplane_common::maps::{CaptureConfig, StatIndex, CONFIG_F_ENABLED, CONFIG_F_TRACE};
+use dataplane_common::maps::{
+    CaptureConfig, ClientKey, NetnsCookie, OrigDst, StatIndex, CONFIG_F_ENABLED, CONFIG_F_TRACE,
+};
 
 /// What failed on the eBPF side, naming the program, map or cgroup.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +175,25 @@ impl Capture {
             .ok_or(Error::Program { name, source: ProgramError::InvalidName { name: name.into() } })?
             .try_into()
             .map_err(program_err(name))
+    }
+
+    /// Deletes the original destinations recorded for clients in a namespace
+    /// that is gone, so a deleted pod leaves nothing in the maps. Returns how
+    /// many entries went.
+    pub fn forget_netns(&mut self, netns: NetnsCookie) -> Result<usize, Error> {
+        let name = map::ORIG_BY_CLIENT;
+        let mut m: HashMap<_, ClientKey, OrigDst> = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(Error::Map { name, source: MapError::InvalidName { name: name.into() } })?
+            .try_into()
+            .map_err(map_err(name))?;
+        let stale: Vec<ClientKey> = m.keys().filter_map(Result::ok).filter(|k| k.netns() == netns).collect();
+        for k in &stale {
+            // Already evicted by the LRU in the meantime is fine.
+            let _ = m.remove(k);
+        }
+        Ok(stale.len())
     }
 
     /// The decision counters, summed over CPUs, in [`StatIndex::ALL`] order.

@@ -7,7 +7,8 @@
 //! - [`shard`]: the per-core executors and their listeners;
 //! - [`outbound`], [`inbound`], [`relay`]: the data path;
 //! - [`identity`], [`ca`]: certificates and TLS configurations;
-//! - [`netns`], [`socket`], [`cgroup`], [`cores`]: the node plumbing; `sys`
+//! - [`stats`], [`dump`], [`admin`], [`reload`]: measurements and operations;
+//! - [`netns`], [`enroll`], [`socket`], [`cgroup`], [`cores`]: the node plumbing; `sys`
 //!   holds every `unsafe` block.
 pub mod admin;
 pub mod ca;
@@ -17,6 +18,7 @@ pub mod cores;
 pub mod demo;
 pub mod dump;
 pub mod ebpf;
+pub mod enroll;
 pub mod identity;
 pub mod inbound;
 pub mod netns;

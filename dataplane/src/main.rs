@@ -20,8 +20,18 @@ fn main() -> ExitCode {
         logs.with_ansi(color).init();
     }
     match cli.command {
+        Command::Run(args) if args.check_config => match args.check_values() {
+            Ok(()) => {
+                println!("configuration OK (flags and values; host paths are checked at start-up): {args:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Run(args) => {
-            let cfg = match args.validate() {
+            let cfg = match (*args).validate() {
                 Ok(cfg) => cfg,
                 Err(e) => {
                     eprintln!("error: {e}");

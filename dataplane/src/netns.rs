@@ -15,6 +15,10 @@ use std::{
 
 use crate::sys;
 
+/// A namespace's identity (its nsfs inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetnsId(pub u64);
+
 /// A network namespace, held open by a file descriptor.
 pub struct Netns {
     path: PathBuf,
@@ -40,6 +44,31 @@ impl Netns {
     /// The namespace the calling thread is in now.
     pub fn current() -> io::Result<Self> {
         Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    /// Its identity: the inode of the namespace (the same for every file
+    /// that names it; a new namespace behind the same path has a new one).
+    pub fn id(&self) -> NetnsId {
+        NetnsId(self.inode)
+    }
+
+    /// Its IPv4 addresses other than loopback (what its certificate must
+    /// name), read inside it.
+    pub fn ipv4_addresses(&self) -> io::Result<Vec<std::net::Ipv4Addr>> {
+        let addrs = self.run(nix::ifaddrs::getifaddrs)?.map_err(io::Error::from)?;
+        let mut v: Vec<std::net::Ipv4Addr> = addrs
+            .filter_map(|a| a.address?.as_sockaddr_in().map(|s| *std::net::SocketAddrV4::from(*s).ip()))
+            .filter(|ip| !ip.is_loopback())
+            .collect();
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// The namespace's cookie, as the eBPF programs see it.
+    pub fn cookie(&self) -> io::Result<dataplane_common::maps::NetnsCookie> {
+        let sock = self.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
+        Ok(dataplane_common::maps::NetnsCookie(sys::netns_cookie(std::os::fd::AsFd::as_fd(&sock))?))
     }
 
     /// The file it was opened from.
@@ -83,5 +112,7 @@ mod tests {
         assert_eq!(ns.run(|| 7).expect("run"), 7);
         assert_eq!(Netns::current().expect("current netns").inode, before);
         assert!(ns.name().starts_with("netns:["), "{}", ns.name());
+        assert!(ns.cookie().expect("netns cookie").0 != 0);
+        assert!(ns.ipv4_addresses().is_ok());
     }
 }

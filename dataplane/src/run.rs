@@ -25,7 +25,17 @@ use signal_hook::{
 };
 use tracing::{error, info, warn};
 
-use crate::{admin, config::Config, dump, ebpf::Capture, identity::Identity, reload, shard, stats::Snapshot};
+use crate::{
+    admin,
+    config::Config,
+    dump,
+    ebpf::Capture,
+    enroll::{self, Change},
+    identity::Identity,
+    netns::NetnsId,
+    reload, shard,
+    stats::Snapshot,
+};
 use dataplane_common::maps::StatIndex;
 
 /// How long executors get to open their listeners.
@@ -41,6 +51,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         workload_cgroup = %cfg.workload_cgroup.display(),
         own_cgroup = %cfg.own_cgroup.display(),
         namespaces = ?cfg.namespaces.iter().map(|n| n.name()).collect::<Vec<_>>(),
+        netns_dir = ?cfg.netns_dir,
         cores = ?cfg.cores,
         capture = ?cfg.capture.cidrs,
         excluded_ports = ?cfg.capture.excluded_ports,
@@ -67,6 +78,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let bound = admin::serve(addr, admin_tx).with_context(|| format!("--admin {addr}: binding"))?;
         info!(%bound, "admin endpoint listening");
     }
+    let registry = cfg.netns_dir.as_deref().map(enroll::Registry::new);
+    let identity = cfg.identity.clone();
     let mut ctl = Control {
         cfg,
         capture: None,
@@ -74,6 +87,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         phase: Phase::Starting,
         reloads: (0, 0),
         started: SystemTime::now(),
+        registry,
+        identity,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
 
@@ -91,7 +106,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         select! {
             recv(rx) -> ev => match ev {
                 Ok(shard::ShardEvent::Ready { .. }) => ready += 1,
-                Ok(shard::ShardEvent::Failed { cpu, error }) => bail!("executor on CPU {cpu}: {error}"),
+                Ok(shard::ShardEvent::Failed { cpu, error, .. }) => bail!("executor on CPU {cpu}: {error}"),
                 Err(_) => bail!("executors stopped during start-up"),
             },
             recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
@@ -104,6 +119,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(c) = ctl.capture.as_mut() {
         c.attach(&ctl.cfg.workload_cgroup, &ctl.cfg.own_cgroup)?;
     }
+    ctl.scan_namespaces();
     ctl.phase = Phase::Ready;
     info!("data plane ready: capturing connects");
 
@@ -120,7 +136,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 Err(_) => break,
             },
             recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
-            recv(tick) -> _ => if watch.changed() { ctl.reload() },
+            recv(rx) -> ev => if let Ok(shard::ShardEvent::Failed { cpu, netns, error }) = ev {
+                error!(cpu, ?netns, %error, "an executor could not listen in a namespace");
+            },
+            recv(tick) -> _ => {
+                if watch.changed() {
+                    ctl.reload();
+                }
+                ctl.scan_namespaces();
+            },
         }
     }
     ctl.drain(&admin_rx);
@@ -157,11 +181,49 @@ struct Control {
     /// Certificate reloads that took effect, and that were refused.
     reloads: (u64, u64),
     started: SystemTime,
+    /// The watched namespace directory, if any.
+    registry: Option<enroll::Registry>,
+    /// The certificates in force.
+    identity: Arc<Identity>,
 }
 
 impl Control {
+    /// Enrols and withdraws namespaces from the watched directory.
+    fn scan_namespaces(&mut self) {
+        let Some(registry) = self.registry.as_mut() else { return };
+        for change in registry.scan(&self.identity) {
+            match change {
+                Change::Enroll(ns) => {
+                    for s in &self.shards {
+                        let _ = s.tx.send(shard::ToShard::Enroll(ns.clone()));
+                    }
+                }
+                Change::Withdraw(id, cookie) => {
+                    for s in &self.shards {
+                        let _ = s.tx.send(shard::ToShard::Withdraw(id));
+                    }
+                    if let (Some(cookie), Some(capture)) = (cookie, self.capture.as_mut()) {
+                        match capture.forget_netns(cookie) {
+                            Ok(n) => info!(?id, entries = n, "forgot the namespace's original destinations"),
+                            Err(e) => warn!(?id, error = %e, "could not clean the namespace's map entries"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The namespaces every executor must listen in.
+    fn enrolled(&self) -> Vec<NetnsId> {
+        let mut v: Vec<NetnsId> = self.cfg.namespaces.iter().map(|n| n.id()).collect();
+        if let Some(r) = &self.registry {
+            v.extend(r.served());
+        }
+        v
+    }
+
     /// Every executor's measurements, merged; and whether all of them
-    /// answered and listen.
+    /// answered and listen in every enrolled namespace.
     fn collect(&self) -> (Snapshot, bool) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut asked = 0;
@@ -172,12 +234,13 @@ impl Control {
         }
         let mut merged = Snapshot::default();
         let mut all_listening = asked == self.shards.len();
+        let enrolled = self.enrolled();
         let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
         for _ in 0..asked {
             match rx.recv_deadline(deadline) {
                 Ok(r) => {
                     merged.merge(&r.stats);
-                    all_listening &= r.listening;
+                    all_listening &= enrolled.iter().all(|id| r.listening.contains(id));
                 }
                 Err(_) => {
                     all_listening = false;
@@ -210,7 +273,8 @@ impl Control {
         let reply = match req.query {
             admin::Query::Metrics => {
                 let (stats, _) = self.collect();
-                (200, admin::render(&stats, &self.bpf_stats(), self.reloads))
+                let namespaces = self.registry.as_ref().map(enroll::Registry::counts).unwrap_or_default();
+                (200, admin::render(&stats, &self.bpf_stats(), &admin::Extra { reloads: self.reloads, namespaces }))
             }
             admin::Query::Ready => match self.phase {
                 Phase::Starting => (503, "starting: listeners or eBPF programs not in place yet\n".into()),
@@ -229,6 +293,7 @@ impl Control {
         match Identity::load(&dir) {
             Ok(id) => {
                 let id = Arc::new(id);
+                self.identity = id.clone();
                 info!(certs = %dir.display(), identities = ?id.addresses().collect::<Vec<_>>(), "certificates reloaded");
                 for s in &self.shards {
                     let _ = s.tx.send(shard::ToShard::Identity(id.clone()));

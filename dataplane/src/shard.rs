@@ -8,6 +8,7 @@
 //! wait on it.
 use std::{
     cell::RefCell,
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     rc::Rc,
     sync::Arc,
@@ -18,7 +19,14 @@ use crossbeam_channel::{Receiver, Sender};
 use glommio::{net::TcpListener, LocalExecutorBuilder, Placement};
 use tracing::{info, warn};
 
-use crate::{identity::Identity, inbound, netns::Netns, outbound, socket, stats::Snapshot, sys};
+use crate::{
+    identity::Identity,
+    inbound,
+    netns::{Netns, NetnsId},
+    outbound, socket,
+    stats::Snapshot,
+    sys,
+};
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
 
 /// Handshake and idle limits.
@@ -76,6 +84,11 @@ pub enum ToShard {
     Snapshot(Sender<ShardReport>),
     /// New certificates: use them for new handshakes.
     Identity(Arc<Identity>),
+    /// Serve this namespace too: open both listeners in it.
+    Enroll(Arc<Netns>),
+    /// Stop serving this namespace: close its listeners (open connections
+    /// finish on their own).
+    Withdraw(NetnsId),
     /// Close your listeners; keep serving open connections.
     Drain,
 }
@@ -87,8 +100,8 @@ pub struct ShardReport {
     pub cpu: usize,
     /// Its measurements.
     pub stats: Snapshot,
-    /// Whether its listeners are open.
-    pub listening: bool,
+    /// The namespaces it has listeners in.
+    pub listening: Vec<NetnsId>,
 }
 
 /// What an executor tells the control thread.
@@ -99,10 +112,12 @@ pub enum ShardEvent {
         /// The CPU it is pinned to.
         cpu: usize,
     },
-    /// Could not start; the message names the namespace and port.
+    /// Could not listen in a namespace; the message names it and the port.
     Failed {
         /// The CPU it is pinned to.
         cpu: usize,
+        /// The namespace.
+        netns: NetnsId,
         /// What failed.
         error: String,
     },
@@ -160,18 +175,13 @@ async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>, contr
         identity: RefCell::new(spec.identity.clone()),
         stats: RefCell::new(Snapshot::default()),
     });
-    let mut loops: Vec<glommio::Task<()>> = Vec::new();
+    let mut listeners: BTreeMap<NetnsId, [glommio::Task<()>; 2]> = BTreeMap::new();
+    let mut draining = false;
     for ns in &spec.namespaces {
-        let bound = bind_in(ns, OUTBOUND_ADDR).and_then(|o| Ok((o, bind_in(ns, INBOUND_ADDR)?)));
-        let (out_listener, in_listener) = match bound {
-            Ok(pair) => pair,
-            Err(error) => {
-                let _ = events.send(ShardEvent::Failed { cpu, error });
-                return;
-            }
-        };
-        loops.push(glommio::spawn_local(accept_loop(out_listener, shard.clone(), ns.clone(), Role::Outbound)));
-        loops.push(glommio::spawn_local(accept_loop(in_listener, shard.clone(), ns.clone(), Role::Inbound)));
+        if let Err(error) = enroll(&shard, ns, &mut listeners) {
+            let _ = events.send(ShardEvent::Failed { cpu, netns: ns.id(), error });
+            return;
+        }
     }
     info!(cpu, namespaces = spec.namespaces.len(), "executor listening");
     let _ = events.send(ShardEvent::Ready { cpu });
@@ -180,15 +190,31 @@ async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>, contr
             match msg {
                 ToShard::Snapshot(reply) => {
                     let stats = shard.stats.borrow().clone();
-                    let _ = reply.send(ShardReport { cpu, stats, listening: !loops.is_empty() });
+                    let _ = reply.send(ShardReport { cpu, stats, listening: listeners.keys().copied().collect() });
                 }
                 ToShard::Identity(id) => *shard.identity.borrow_mut() = id,
+                ToShard::Enroll(ns) if !draining => {
+                    if let Err(error) = enroll(&shard, &ns, &mut listeners) {
+                        let _ = events.send(ShardEvent::Failed { cpu, netns: ns.id(), error });
+                    }
+                }
+                ToShard::Enroll(_) => {}
+                ToShard::Withdraw(id) => {
+                    if let Some(tasks) = listeners.remove(&id) {
+                        for t in tasks {
+                            t.cancel().await;
+                        }
+                    }
+                }
                 ToShard::Drain => {
                     // Dropping the accept loops drops the listeners: the
                     // kernel then sends new connections to other sockets in
                     // the SO_REUSEPORT group (a new instance), or refuses them.
-                    for l in loops.drain(..) {
-                        l.cancel().await;
+                    draining = true;
+                    for (_, tasks) in std::mem::take(&mut listeners) {
+                        for t in tasks {
+                            t.cancel().await;
+                        }
                     }
                     info!(cpu, "listeners closed; draining");
                 }
@@ -196,6 +222,25 @@ async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>, contr
         }
         glommio::timer::sleep(CONTROL_POLL).await;
     }
+}
+
+/// Opens both listeners in `ns` and starts their accept loops.
+fn enroll(
+    shard: &Rc<ShardCtx>,
+    ns: &Arc<Netns>,
+    listeners: &mut BTreeMap<NetnsId, [glommio::Task<()>; 2]>,
+) -> Result<(), String> {
+    if listeners.contains_key(&ns.id()) {
+        return Ok(());
+    }
+    let out_listener = bind_in(ns, OUTBOUND_ADDR)?;
+    let in_listener = bind_in(ns, INBOUND_ADDR)?;
+    let tasks = [
+        glommio::spawn_local(accept_loop(out_listener, shard.clone(), ns.clone(), Role::Outbound)),
+        glommio::spawn_local(accept_loop(in_listener, shard.clone(), ns.clone(), Role::Inbound)),
+    ];
+    listeners.insert(ns.id(), tasks);
+    Ok(())
 }
 
 /// Pause after an accept error (EMFILE and the like) so a full fd table does

@@ -55,6 +55,25 @@ pub(crate) fn original_dst(fd: BorrowedFd<'_>) -> io::Result<SocketAddrV4> {
     Ok(SocketAddrV4::new(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()), u16::from_be(sin.sin_port)))
 }
 
+/// `SO_NETNS_COOKIE` from `<asm-generic/socket.h>` (Linux 5.14+).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the network namespace a socket lives in: the value
+/// `bpf_get_netns_cookie` gives the programs for that namespace.
+pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: optval points at a live u64 of `len` bytes, optlen at a live
+    // socklen_t; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The CPUs this thread may run on ([sched_getaffinity(2)]).
 ///
 /// [sched_getaffinity(2)]: https://man7.org/linux/man-pages/man2/sched_getaffinity.2.html

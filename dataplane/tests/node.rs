@@ -1,0 +1,241 @@
+//! Node mode against the real kernel: one data plane watching a directory of
+//! namespace files, pods coming and going behind a bridge, and two such
+//! nodes side by side.
+mod harness;
+
+use std::{fs, path::PathBuf, process::Command, thread, time::Duration};
+
+use harness::{client, eventually, http_get, privileged, server, Certs, Cgroup, Dataplane, Netns, Proc};
+
+/// A directory of namespace files (symlinks to `ip netns` files), removed on
+/// drop.
+struct NetnsDir(PathBuf);
+
+impl NetnsDir {
+    fn new(test: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("dptest-netns-{}", harness::unique(test, "n")));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).expect("netns dir");
+        Self(d)
+    }
+    fn add(&self, pod: &Netns) {
+        std::os::unix::fs::symlink(pod.path(), self.0.join(&pod.name)).expect("netns symlink");
+    }
+    fn remove(&self, pod: &Netns) {
+        fs::remove_file(self.0.join(&pod.name)).expect("netns symlink removed");
+    }
+    fn path(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for NetnsDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Plugs `pod` into the bridge `br0` of `node` with address `addr/24`.
+fn plug(node: &Netns, pod: &Netns, addr: &str) {
+    let (pod_if, node_if) = ("eth0", format!("v{}", &pod.name[..pod.name.len().min(14)]));
+    let ok = Command::new("ip")
+        .args([
+            "link", "add", pod_if, "netns", &pod.name, "type", "veth", "peer", "name", &node_if, "netns", &node.name,
+        ])
+        .status()
+        .expect("ip link add");
+    assert!(ok.success(), "veth for {}", pod.name);
+    node.ip(&["link", "set", &node_if, "master", "br0", "up"]);
+    pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", pod_if]);
+    pod.ip(&["link", "set", pod_if, "up"]);
+}
+
+fn fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn namespaces_in(admin: &str, state: &str) -> Option<f64> {
+    let (_, text) = http_get(admin, "/metrics").ok()?;
+    metric(&text, &format!("dataplane_namespaces{{state=\"{state}\"}}"))
+}
+
+#[test]
+fn a_node_serves_pods_as_they_come_and_go() {
+    let t = "a_node_serves_pods_as_they_come_and_go";
+    if !privileged(t) {
+        return;
+    }
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.3"]);
+    let workload = Cgroup::new(t, "w");
+    let own = Cgroup::new(t, "d");
+    let node = Netns::new(t, "node");
+    node.ip(&["link", "add", "br0", "type", "bridge"]);
+    node.ip(&["link", "set", "br0", "up"]);
+    let dir = NetnsDir::new(t);
+    let args: Vec<String> = [
+        "--workload-cgroup",
+        &workload.path.display().to_string(),
+        "--capture-cidr",
+        "10.77.0.0/16",
+        "--certs",
+        &certs.path(),
+        "--netns-dir",
+        &dir.path(),
+        "--admin",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let dp = Dataplane::start(&own, &args);
+    let admin = dp.admin();
+    let pid = dp.proc.pid();
+    thread::sleep(Duration::from_millis(300));
+    let fds_before = fds(pid);
+
+    // Three pods appear; their addresses come a moment later (as a CNI does).
+    let pods: Vec<Netns> = (1..=3).map(|i| Netns::new(t, &format!("p{i}"))).collect();
+    for p in &pods {
+        dir.add(p);
+    }
+    assert!(eventually(Duration::from_secs(3), || namespaces_in(&admin, "waiting_for_address") == Some(3.0)));
+    for (i, p) in pods.iter().enumerate() {
+        plug(&node, p, &format!("10.77.0.{}", i + 1));
+    }
+    let mut servers: Vec<Proc> =
+        pods.iter().enumerate().map(|(i, p)| server(p, "0.0.0.0", 8080, &format!("p{}", i + 1))).collect();
+    assert!(
+        eventually(Duration::from_secs(2), || namespaces_in(&admin, "served") == Some(3.0)),
+        "served within a second or so"
+    );
+    assert!(eventually(Duration::from_secs(2), || http_get(&admin, "/ready").is_ok_and(|(s, _)| s == 200)));
+
+    // Every pair, both ways, with only TLS on the bridge.
+    let marker = "NODE-MARKER-93c1";
+    let pcap = std::env::temp_dir().join(format!("{}.pcap", node.name));
+    let pcap_s = pcap.display().to_string();
+    let mut dump = Proc::spawn(
+        node.command(None, "tcpdump", &["--immediate-mode", "-i", "br0", "-n", "-w", &pcap_s, "tcp"]),
+        "tcpdump",
+    );
+    dump.wait_for("listening on", Duration::from_secs(10));
+    for (i, from) in pods.iter().enumerate() {
+        for j in 0..pods.len() {
+            if i == j {
+                continue;
+            }
+            let seen = client(from, Some(&workload), &format!("10.77.0.{}", j + 1), 8080, &["--payload", marker]);
+            assert_eq!(seen[0].peer, "127.0.0.1:18000", "p{} -> p{} captured", i + 1, j + 1);
+            assert_eq!(seen[0].server, format!("p{}", j + 1), "p{} -> p{} delivered", i + 1, j + 1);
+            assert_eq!(seen[0].echo, marker);
+        }
+    }
+    thread::sleep(Duration::from_millis(200));
+    dump.signal("INT");
+    dump.wait(Duration::from_secs(10));
+    let raw = fs::read(&pcap).expect("pcap");
+    let _ = fs::remove_file(&pcap);
+    assert!(raw.len() > 1000, "the capture saw the traffic");
+    assert!(!raw.windows(marker.len()).any(|w| w == marker.as_bytes()), "only TLS on the bridge");
+
+    // Pod 3 is deleted and re-created with the same IP: a new namespace.
+    let mut pods = pods;
+    let p3 = pods.pop().expect("pod 3");
+    drop(servers.pop());
+    dir.remove(&p3);
+    drop(p3);
+    assert!(eventually(Duration::from_secs(2), || namespaces_in(&admin, "served") == Some(2.0)));
+    let q3 = Netns::new(t, "q3");
+    plug(&node, &q3, "10.77.0.3");
+    // The new pod has a new MAC: a CNI announces it (gratuitous ARP); here the
+    // other pods simply forget the old one.
+    for p in &pods {
+        p.ip(&["neigh", "flush", "all"]);
+    }
+    dir.add(&q3);
+    let _s3 = server(&q3, "0.0.0.0", 8080, "p3-again");
+    assert!(eventually(Duration::from_secs(2), || namespaces_in(&admin, "served") == Some(3.0)));
+    let seen = client(&pods[0], Some(&workload), "10.77.0.3", 8080, &[]);
+    assert_eq!(seen[0].server, "p3-again", "the re-created pod is reached");
+
+    // A pod whose address has no certificate waits until one appears.
+    let p4 = Netns::new(t, "p4");
+    plug(&node, &p4, "10.77.0.4");
+    dir.add(&p4);
+    let _s4 = server(&p4, "0.0.0.0", 8080, "p4");
+    assert!(eventually(Duration::from_secs(2), || namespaces_in(&admin, "waiting_for_certificate") == Some(1.0)));
+    assert!(dp.proc.output().iter().any(|l| l.contains("has no certificate") && l.contains("10.77.0.4")));
+    certs.issue("10.77.0.4", &[]);
+    assert!(
+        eventually(Duration::from_secs(3), || namespaces_in(&admin, "served") == Some(4.0)),
+        "served once its certificate appears"
+    );
+    let seen = client(&p4, Some(&workload), "10.77.0.1", 8080, &[]);
+    assert_eq!(seen[0].server, "p1");
+
+    // Everything goes: the data plane's file descriptors return to where they were.
+    drop(_s4);
+    drop(_s3);
+    drop(servers);
+    for p in pods.iter().chain([&q3, &p4]) {
+        dir.remove(p);
+    }
+    drop(pods);
+    drop(q3);
+    drop(p4);
+    assert!(eventually(Duration::from_secs(3), || namespaces_in(&admin, "served") == Some(0.0)));
+    assert!(
+        eventually(Duration::from_secs(5), || fds(pid) == fds_before),
+        "file descriptors back to {fds_before}, now {}",
+        fds(pid)
+    );
+}
+
+#[test]
+fn two_nodes_talk_both_ways() {
+    let t = "two_nodes_talk_both_ways";
+    if !privileged(t) {
+        return;
+    }
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
+    let (w1, d1, dir1) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(&format!("{t}-1")));
+    let (w2, d2, dir2) = (Cgroup::new(t, "x"), Cgroup::new(t, "e"), NetnsDir::new(&format!("{t}-2")));
+    let start = |w: &Cgroup, d: &Cgroup, dir: &NetnsDir| {
+        let args: Vec<String> = [
+            "--workload-cgroup",
+            &w.path.display().to_string(),
+            "--capture-cidr",
+            "10.77.0.0/16",
+            "--certs",
+            &certs.path(),
+            "--netns-dir",
+            &dir.path(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Dataplane::start(d, &args)
+    };
+    let dp1 = start(&w1, &d1, &dir1);
+    let dp2 = start(&w2, &d2, &dir2);
+    let a = Netns::new(t, "a");
+    let b = Netns::new(t, "b");
+    harness::veth(&a, "10.77.0.1/24", &b, "10.77.0.2/24");
+    let _sa = server(&a, "0.0.0.0", 8080, "a");
+    let _sb = server(&b, "0.0.0.0", 8080, "b");
+    dir1.add(&a);
+    dir2.add(&b);
+    let served = |dp: &Dataplane| {
+        eventually(Duration::from_secs(3), || dp.proc.output().iter().any(|l| l.contains("enrolling namespace")))
+    };
+    assert!(served(&dp1) && served(&dp2));
+    thread::sleep(Duration::from_millis(200)); // the executors open their listeners
+    let ab = client(&a, Some(&w1), "10.77.0.2", 8080, &[]);
+    assert_eq!((ab[0].peer.as_str(), ab[0].server.as_str()), ("127.0.0.1:18000", "b"), "node 1 to node 2");
+    let ba = client(&b, Some(&w2), "10.77.0.1", 8080, &[]);
+    assert_eq!((ba[0].peer.as_str(), ba[0].server.as_str()), ("127.0.0.1:18000", "a"), "node 2 to node 1");
+}
