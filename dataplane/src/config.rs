@@ -231,6 +231,23 @@ pub struct Config {
     pub drain_timeout: Duration,
 }
 
+/// `DATAPLANE_*` variables in the environment that no flag of `dataplane
+/// run` reads: a typo in a ConfigMap would otherwise be silently ignored.
+pub fn unknown_env_settings() -> Vec<String> {
+    use clap::CommandFactory;
+    let cli = Cli::command();
+    let known: Vec<String> = cli
+        .find_subcommand("run")
+        .map(|run| run.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    let mut unknown: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("DATAPLANE_") && !known.contains(k))
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// The kubelet's pods cgroup under the cgroup v2 mount, if there is one.
 pub fn kubepods_cgroup(root: &std::path::Path) -> Option<PathBuf> {
     ["kubepods.slice", "kubepods"].iter().map(|n| root.join(n)).find(|p| cgroup::is_cgroup2_dir(p))

@@ -21,6 +21,13 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Run(args) if args.check_config => match args.check_values() {
+            Ok(()) if !dataplane::config::unknown_env_settings().is_empty() => {
+                eprintln!(
+                    "error: {}: no such setting (see dataplane run --help for the DATAPLANE_* variables)",
+                    dataplane::config::unknown_env_settings().join(", ")
+                );
+                ExitCode::from(2)
+            }
             Ok(()) => {
                 println!("configuration OK (flags and values; host paths are checked at start-up): {args:#?}");
                 ExitCode::SUCCESS
@@ -31,6 +38,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
+            for name in dataplane::config::unknown_env_settings() {
+                tracing::warn!(variable = %name, "ignoring an environment variable no setting reads");
+            }
             let cfg = match (*args).validate() {
                 Ok(cfg) => cfg,
                 Err(e) => {

@@ -1,0 +1,16 @@
+# The image deployment.yaml names (dataplane/dataplane:dev):
+#   docker build -t dataplane/dataplane:dev .
+# Build: the Rust toolchain plus clang and the libbpf headers for the eBPF
+# programs. Run: a slim Debian with the one binary.
+FROM rust:1.95-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends clang-19 llvm-19 libbpf-dev linux-libc-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p dataplane
+
+FROM debian:bookworm-slim
+COPY --from=build /src/target/release/dataplane /usr/local/bin/dataplane
+ENTRYPOINT ["/usr/local/bin/dataplane"]
+CMD ["run"]
