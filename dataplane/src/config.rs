@@ -117,6 +117,10 @@ pub struct RunArgs {
     #[arg(long, env = "DATAPLANE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h",
           value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// Make every tunnel handshake a full one: no TLS session cache, no
+    /// tickets (resumption is on by default).
+    #[arg(long, env = "DATAPLANE_NO_TLS_RESUMPTION")]
+    pub no_tls_resumption: bool,
     /// Serve /metrics, /ready and /live here (e.g. 127.0.0.1:15021).
     #[arg(long, env = "DATAPLANE_ADMIN", value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
@@ -288,7 +292,7 @@ impl RunArgs {
                 return Err(ConfigError::NetnsDir(dir.clone()));
             }
         }
-        let identity = Arc::new(Identity::load(&self.certs)?);
+        let identity = Arc::new(Identity::load_with(&self.certs, !self.no_tls_resumption)?);
         let namespaces = if self.netns.is_empty() && self.netns_dir.is_none() {
             vec![Arc::new(
                 Netns::current()

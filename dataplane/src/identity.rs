@@ -60,6 +60,7 @@ struct Configs {
 pub struct Identity {
     dir: PathBuf,
     by_ip: HashMap<IpAddr, Configs>,
+    resumption: bool,
 }
 
 fn file_err(path: &Path, reason: impl ToString) -> Error {
@@ -87,9 +88,16 @@ fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
 }
 
 impl Identity {
-    /// Loads `dir`. Every `<ip>.crt` needs its `<ip>.key`; a pair that does
-    /// not load is an error here (at start-up nothing is served yet).
+    /// Loads `dir` with TLS session resumption on.
     pub fn load(dir: &Path) -> Result<Self, Error> {
+        Self::load_with(dir, true)
+    }
+
+    /// Loads `dir`. Every `<ip>.crt` needs its `<ip>.key`; a pair that does
+    /// not load is an error here (at start-up nothing is served yet). With
+    /// `resumption` off, every handshake is a full one (no session cache, no
+    /// tickets).
+    pub fn load_with(dir: &Path, resumption: bool) -> Result<Self, Error> {
         let ca_path = dir.join("ca.crt");
         let mut roots = RootCertStore::empty();
         for c in load_chain(&ca_path)? {
@@ -110,15 +118,20 @@ impl Identity {
             let chain = load_chain(&path)?;
             let key_path = path.with_extension("key");
             let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| file_err(&key_path, e))?;
-            let configs = build(ip, chain, key, &roots, &verifier, &provider)?;
+            let configs = build(ip, chain, key, &roots, &verifier, &provider, resumption)?;
             by_ip.insert(ip, configs);
         }
-        Ok(Self { dir: dir.into(), by_ip })
+        Ok(Self { dir: dir.into(), by_ip, resumption })
     }
 
     /// The directory it was loaded from.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether TLS sessions may be resumed.
+    pub fn resumption(&self) -> bool {
+        self.resumption
     }
 
     /// Addresses we hold a certificate for.
@@ -150,6 +163,7 @@ fn build(
     roots: &Arc<RootCertStore>,
     verifier: &Arc<dyn ClientCertVerifier>,
     provider: &Arc<CryptoProvider>,
+    resumption: bool,
 ) -> Result<Configs, Error> {
     let tls13 = &[&rustls::version::TLS13];
     let mut client = ClientConfig::builder_with_provider(provider.clone())
@@ -166,6 +180,11 @@ fn build(
         .with_single_cert(chain, key)
         .map_err(tls_err(format!("server certificate {ip}")))?;
     server.alpn_protocols = vec![preamble::ALPN.to_vec()];
+    if !resumption {
+        client.resumption = rustls::client::Resumption::disabled();
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+    }
     Ok(Configs { client: Arc::new(client), server: Arc::new(server) })
 }
 

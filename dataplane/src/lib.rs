@@ -30,3 +30,5 @@ pub mod shard;
 pub mod socket;
 pub mod stats;
 mod sys;
+
+pub use sys::raise_open_file_limit;

@@ -60,6 +60,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         bpf_trace = cfg.capture.trace,
         certs = %cfg.identity.dir().display(),
         identities = ?cfg.identity.addresses().collect::<Vec<_>>(),
+        tls_resumption = cfg.identity.resumption(),
         handshake_timeout = ?cfg.timeouts.handshake,
         idle_timeout = ?cfg.timeouts.idle,
         admin = ?cfg.admin,
@@ -290,7 +291,7 @@ impl Control {
 
     fn reload(&mut self) {
         let dir = self.cfg.identity.dir().to_path_buf();
-        match Identity::load(&dir) {
+        match Identity::load_with(&dir, self.identity.resumption()) {
             Ok(id) => {
                 let id = Arc::new(id);
                 self.identity = id.clone();

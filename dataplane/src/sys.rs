@@ -90,14 +90,26 @@ pub(crate) fn affinity() -> io::Result<Vec<usize>> {
     Ok((0..max).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) }).collect())
 }
 
-/// Raises this process's open-file soft limit to its hard limit: every
-/// proxied connection holds two sockets on each side, so the usual soft
-/// limit of 1024 caps us at a few hundred connections. Returns the new limit.
+/// Raises this process's open-file limit: every proxied connection holds two
+/// sockets on each side, so the usual soft limit of 1024 caps us at a few
+/// hundred connections. With CAP_SYS_RESOURCE both limits go up to
+/// `fs.nr_open` (at most 2^20); without, the soft limit goes up to the hard
+/// one. Returns the new soft limit.
 pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes one rlimit into the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
+    }
+    let nr_open: u64 =
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let want = nr_open.min(1 << 20);
+    if want > lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: want, rlim_max: want };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return Ok(want);
+        }
     }
     if lim.rlim_cur < lim.rlim_max {
         lim.rlim_cur = lim.rlim_max;
@@ -107,6 +119,12 @@ pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
+}
+
+/// Public for the load generators in `bench/`, which hold thousands of
+/// sockets too.
+pub fn raise_open_file_limit() -> io::Result<u64> {
+    raise_nofile_limit()
 }
 
 /// Adopts a listening socket into the current glommio executor.
