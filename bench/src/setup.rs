@@ -38,7 +38,7 @@ impl World {
     pub fn new() -> anyhow::Result<Self> {
         let id = std::process::id();
         let root = dataplane::cgroup::cgroup2_mount().context("cgroup v2 (run as root)")?;
-        let mut w = Self {
+        let w = Self {
             netns: format!("dpbench-{id}"),
             workload: root.join(format!("dpbench-clients-{id}")),
             own: root.join(format!("dpbench-dataplane-{id}")),
