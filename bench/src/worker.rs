@@ -164,14 +164,19 @@ fn hold(addr: SocketAddr, n: usize) -> anyhow::Result<serde_json::Value> {
 fn fanout(addr: SocketAddr, n: usize, rate: u64, secs: Duration) -> anyhow::Result<serde_json::Value> {
     let mut poll = Poll::new()?;
     let mut conns = Vec::with_capacity(n);
+    let msg = [0x42u8; 64];
     for i in 0..n {
-        let s = connect(addr).with_context(|| format!("connection {i}"))?;
+        // One echo first: through the data plane that waits out the tunnel's
+        // handshake, which is not what this measures.
+        let mut s = connect(addr).with_context(|| format!("connection {i}"))?;
+        s.write_all(&msg)?;
+        let mut back = [0u8; 64];
+        s.read_exact(&mut back)?;
         s.set_nonblocking(true)?;
         let mut s = mio::net::TcpStream::from_std(s);
         poll.registry().register(&mut s, Token(i), Interest::READABLE)?;
         conns.push(s);
     }
-    let msg = [0x42u8; 64];
     let mut inflight: HashMap<usize, (Instant, usize)> = HashMap::new();
     let mut h = histogram();
     let mut events = Events::with_capacity(1024);
