@@ -101,8 +101,17 @@ impl World {
                 Err(_) => bail!("the data plane did not become ready:\n{}", lines.join("\n")),
             }
         }
-        // Keep draining its stderr so it never blocks on a full pipe.
-        thread::spawn(move || for _ in rx {});
+        // Keep draining its stderr so it never blocks on a full pipe; keep
+        // the warnings for whoever reads the results.
+        let log = std::env::temp_dir().join(format!("dpbench-dataplane-{pid}.log"));
+        thread::spawn(move || {
+            let mut text = lines.join("\n");
+            for l in rx {
+                text.push('\n');
+                text.push_str(&l);
+                let _ = fs::write(&log, &text);
+            }
+        });
         Ok(pid)
     }
 

@@ -147,9 +147,9 @@ fn hold(addr: SocketAddr, n: usize) -> anyhow::Result<serde_json::Value> {
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let mut s = connect(addr).with_context(|| format!("connection {i}"))?;
-        s.write_all(b"h")?;
+        s.write_all(b"h").with_context(|| format!("connection {i}"))?;
         let mut b = [0u8; 1];
-        s.read_exact(&mut b)?;
+        s.read_exact(&mut b).with_context(|| format!("connection {i}"))?;
         conns.push(s);
     }
     println!("{}", json!({ "held": conns.len() }));

@@ -72,8 +72,14 @@ fn tls_err(what: impl Into<String>) -> impl FnOnce(rustls::Error) -> Error {
     move |source| Error::Tls { what, source }
 }
 
+/// aws-lc-rs with AES-128-GCM/SHA-256 preferred: both ends are ours, and
+/// against AES-256-GCM/SHA-384 it made full handshakes cheaper (SHA-384 was
+/// 8% of the data plane's CPU in a connection-rate profile) and bulk faster.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    use rustls::crypto::aws_lc_rs::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384];
+    Arc::new(p)
 }
 
 fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {

@@ -8,21 +8,25 @@
 //! - An error in either direction ends the relay at once and says which side
 //!   failed; the caller resets the other side so the failure reaches it.
 //! - No byte in either direction for the idle timeout ends it too.
-//! - Buffers are bounded: one fixed buffer per direction.
+//! - Buffers are bounded and cost nothing while idle: reads go into one
+//!   scratch buffer per executor thread ([`MAX_BUF`], a TLS record) and are
+//!   written on in the same poll; only bytes the destination cannot take at
+//!   once are kept, in a per-connection spill buffer freed once written.
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     fmt, io,
-    pin::pin,
+    pin::{pin, Pin},
+    task::Poll,
     time::{Duration, Instant},
 };
 
 use futures_lite::{
     future,
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
 };
 
-/// Size of each direction's copy buffer: one maximum-size TLS record.
-pub const BUF_SIZE: usize = 16 * 1024;
+/// Size of the per-thread read buffer: one maximum-size TLS record.
+pub const MAX_BUF: usize = 16 * 1024;
 
 /// Which end of a proxied connection something happened on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,27 +96,89 @@ impl Progress {
     }
 }
 
+thread_local! {
+    /// One read buffer per executor thread. It is borrowed only inside a
+    /// single poll (read, then write as much as the destination takes at
+    /// once), never across an `.await`, so an idle connection holds none.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_BUF]);
+}
+
+/// What one poll of a direction did.
+enum Step {
+    /// The source reached EOF.
+    Eof,
+    /// Bytes moved (some may wait in the spill buffer).
+    Moved(usize),
+}
+
 /// Copies `from` into `to` until EOF, then closes `to`'s write side.
+///
+/// Bytes are read into the thread's scratch buffer and written on in the
+/// same poll; only what the destination does not take at once is copied into
+/// a spill buffer owned by this connection, which is freed once written.
+/// TLS destinations are flushed after every write, so no record is left in
+/// rustls's buffer while we wait on the other side.
 async fn copy_half<R, W>(mut from: R, mut to: W, sides: (Side, Side), progress: &Progress) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let (from_side, to_side) = sides;
-    let mut buf = vec![0u8; BUF_SIZE];
+    let to_err = |source| End::Io { side: to_side, source };
+    let mut spill: Vec<u8> = Vec::new();
+    let mut unflushed = false;
     loop {
-        let n = from.read(&mut buf).await.map_err(|source| End::Io { side: from_side, source })?;
-        if n == 0 {
-            to.close().await.map_err(|source| End::Io { side: to_side, source })?;
-            return Ok(());
+        if !spill.is_empty() {
+            to.write_all(&spill).await.map_err(to_err)?;
+            spill = Vec::new();
+            unflushed = true;
         }
-        let now = Instant::now();
-        if progress.first.get().is_none() {
-            progress.first.set(Some(now));
+        if unflushed {
+            to.flush().await.map_err(to_err)?;
+            unflushed = false;
         }
-        to.write_all(&buf[..n]).await.map_err(|source| End::Io { side: to_side, source })?;
-        progress.bytes.set(progress.bytes.get() + n as u64);
-        progress.last.set(Instant::now());
+        let step = std::future::poll_fn(|cx| {
+            SCRATCH.with(|scratch| {
+                let mut buf = scratch.borrow_mut();
+                let n = match Pin::new(&mut from).poll_read(cx, &mut buf[..]) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(source)) => return Poll::Ready(Err(End::Io { side: from_side, source })),
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Step::Eof)),
+                    Poll::Ready(Ok(n)) => n,
+                };
+                let mut off = 0;
+                while off < n {
+                    match Pin::new(&mut to).poll_write(cx, &buf[off..n]) {
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Err(to_err(io::ErrorKind::WriteZero.into()))),
+                        Poll::Ready(Ok(k)) => off += k,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(to_err(e))),
+                        Poll::Pending => break,
+                    }
+                }
+                spill.extend_from_slice(&buf[off..n]);
+                match Pin::new(&mut to).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(to_err(e))),
+                    Poll::Pending => unflushed = true,
+                }
+                Poll::Ready(Ok(Step::Moved(n)))
+            })
+        })
+        .await?;
+        match step {
+            Step::Eof => {
+                to.close().await.map_err(to_err)?;
+                return Ok(());
+            }
+            Step::Moved(n) => {
+                let now = Instant::now();
+                if progress.first.get().is_none() {
+                    progress.first.set(Some(now));
+                }
+                progress.bytes.set(progress.bytes.get() + n as u64);
+                progress.last.set(now);
+            }
+        }
     }
 }
 
