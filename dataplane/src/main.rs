@@ -8,7 +8,19 @@ use dataplane::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse(); // clap prints usage errors itself and exits 2
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version: printed in full, exit 0
+        Err(e) => {
+            // One line naming the flag and the reason, exit code 2 (clap adds
+            // usage and a tip on further lines; `--help` has those).
+            let text = e.render().to_string();
+            let line: Vec<&str> =
+                text.lines().take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:")).map(str::trim).collect();
+            eprintln!("{}", line.join(" "));
+            return ExitCode::from(2);
+        }
+    };
     let json = matches!(&cli.command, Command::Run(a) if a.log_format == LogFormat::Json);
     let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
