@@ -31,13 +31,18 @@ slow HOST PORT SECONDS   to a `serve` server: read its line, then send a line
                          {"ok": bool, "lines": n, "error": ...}.
 try-connect HOST PORT    prints {"result": "connected" | "refused" | ...}.
 serial FILE              prints {"serial": HEX} of a PEM certificate.
-tls HOST PORT CA CERT KEY DST
+raw HOST PORT WHAT       send WHAT ("garbage": an HTTP request; "random": 4 KiB of
+                         random bytes), then read until EOF; prints
+                         {"reply_bytes": n, "seconds": s}.
+tls HOST PORT CA CERT KEY DST [tls12]
                          a hand-made tunnel client: TLS 1.3 with ALPN
                          dataplane-tunnel/1 and the given client certificate
                          ("-" for none), then the preamble for DST (ip:port,
-                         or "garbage"), then "ping\\n"; prints what happened.
+                         or "garbage", "truncated", "oversized", "version2"),
+                         then "ping\\n"; prints what happened. With tls12, offer
+                         TLS 1.2 only.
 """
-import asyncio, hashlib, json, random, resource, socket, ssl, struct, sys, threading, time
+import asyncio, hashlib, json, os, random, resource, socket, ssl, struct, sys, threading, time
 
 CHUNK = 1 << 20
 
@@ -239,9 +244,29 @@ def serial(path):
     print(json.dumps({"serial": ssl._ssl._test_decode_cert(path)["serialNumber"]}), flush=True)
 
 
-def tls(host, port, ca, cert, key, dst):
+def raw(host, port, what):
+    c = socket.create_connection((host, int(port)), timeout=15)
+    t = time.time()
+    data = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" if what == "garbage" else os.urandom(4096)
+    n = 0
+    try:
+        c.sendall(data)
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            n += len(d)
+    except (ConnectionError, socket.timeout):
+        pass
+    print(json.dumps({"reply_bytes": n, "seconds": time.time() - t}), flush=True)
+
+
+def tls(host, port, ca, cert, key, dst, version="tls13"):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if version == "tls12":
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    else:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
     ctx.load_verify_locations(ca)
     if cert != "-":
@@ -258,10 +283,22 @@ def tls(host, port, ca, cert, key, dst):
         return
     if dst == "garbage":
         pre = b"\xff" * 10
+    elif dst == "truncated":
+        c.sendall(bytes([1, 4, 0]))
+        pre = None
+    elif dst == "oversized":
+        pre = bytes([1, 4, 0, 80]) + socket.inet_aton(host) + b"\xff\xff" + b"\0" * 300
+    elif dst == "version2":
+        pre = bytes([2, 4, 0, 80]) + socket.inet_aton(host) + b"\0\0"
     else:
         ip, p = dst.rsplit(":", 1)
         pre = bytes([1, 4]) + struct.pack(">H", int(p)) + socket.inet_aton(ip) + b"\0\0"
     try:
+        if pre is None:  # truncated: part of a preamble, then close_notify
+            c = c.unwrap()
+            c.close()
+            print(json.dumps(out), flush=True)
+            return
         c.sendall(pre + b"ping\n")
         out["reply"] = c.recv(100).decode(errors="replace")
     except Exception as e:  # TLS 1.3 reports a refused client certificate here
@@ -293,7 +330,9 @@ if __name__ == "__main__":
         try_connect(a[1], a[2])
     elif cmd == "serial":
         serial(a[1])
+    elif cmd == "raw":
+        raw(a[1], a[2], a[3])
     elif cmd == "tls":
-        tls(*a[1:7])
+        tls(*a[1:8])
     else:
         raise SystemExit("usage: see the docstring of peers.py")
