@@ -42,6 +42,9 @@ use dataplane_common::maps::StatIndex;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the certificate directory is looked at.
 const RELOAD_POLL: Duration = Duration::from_millis(250);
+/// How often the open connections are counted, to return freed memory to
+/// the kernel when they drop.
+const TRIM_EVERY: Duration = Duration::from_secs(2);
 /// How long an executor gets to answer a snapshot request.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -126,6 +129,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut watch = reload::Watch::new(ctl.cfg.identity.dir());
     let tick = crossbeam_channel::tick(RELOAD_POLL);
+    let trim = crossbeam_channel::tick(TRIM_EVERY);
+    let mut open_before = 0;
     loop {
         select! {
             recv(signals) -> sig => match sig {
@@ -145,6 +150,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     ctl.reload();
                 }
                 ctl.scan_namespaces();
+            },
+            recv(trim) -> _ => {
+                // Give memory back after connections went away.
+                let (stats, _) = ctl.collect();
+                let open = stats.outbound.active() + stats.inbound.active();
+                if open < open_before {
+                    crate::sys::release_free_memory();
+                }
+                open_before = open;
             },
         }
     }

@@ -31,6 +31,18 @@ slow HOST PORT SECONDS   to a `serve` server: read its line, then send a line
                          {"ok": bool, "lines": n, "error": ...}.
 try-connect HOST PORT    prints {"result": "connected" | "refused" | ...}.
 serial FILE              prints {"serial": HEX} of a PEM certificate.
+aserve HOST PORT NAME    like serve, on asyncio (for thousands of connections).
+stall HOST PORT N        open N TCP connections that send nothing; prints
+                         {"closed": k, "max_seconds": s} once the peer has
+                         closed them all (or after 30 s).
+burst HOST N PORT...     N concurrent connections, each to one of the PORTs
+                         (round-robin), each reading the server's line;
+                         prints {"right": r, "wrong": w, "refused": f} where
+                         right means the server is named "s<PORT>".
+hold-verify HOST PORT N SECONDS
+                         N concurrent connections to an (a)serve server, each
+                         echoing its own payload, holding SECONDS, echoing a
+                         second payload; prints {"ok": n, "errors": [...]}.
 raw HOST PORT WHAT       send WHAT ("garbage": an HTTP request; "random": 4 KiB of
                          random bytes), then read until EOF; prints
                          {"reply_bytes": n, "seconds": s}.
@@ -244,6 +256,82 @@ def serial(path):
     print(json.dumps({"serial": ssl._ssl._test_decode_cert(path)["serialNumber"]}), flush=True)
 
 
+def aserve(host, port, name):
+    async def handle(r, w):
+        peer = w.get_extra_info("peername")
+        print("accepted %s:%d" % peer[:2], flush=True)
+        w.write((json.dumps({"server": name, "peer": "%s:%d" % peer[:2]}) + "\n").encode())
+        try:
+            while True:
+                d = await r.read(65536)
+                if not d:
+                    break
+                w.write(d)
+                await w.drain()
+        except ConnectionError:
+            pass
+        w.close()
+
+    async def main():
+        srv = await asyncio.start_server(handle, host, int(port), backlog=4096, reuse_address=True)
+        print("listening", flush=True)
+        await srv.serve_forever()
+
+    asyncio.run(main())
+
+
+def stall(host, port, n):
+    socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(int(n))]
+    t = time.time()
+    closed, worst = 0, 0.0
+    for s in socks:
+        try:
+            while s.recv(4096):
+                pass
+        except (ConnectionError, socket.timeout):
+            pass
+        closed += 1
+        worst = max(worst, time.time() - t)
+    print(json.dumps({"closed": closed, "max_seconds": worst}), flush=True)
+
+
+async def burst(host, n, ports):
+    async def one(i):
+        port = int(ports[i % len(ports)])
+        try:
+            r, w = await asyncio.open_connection(host, port)
+            line = await asyncio.wait_for(r.readline(), 10)
+            w.close()
+            if not line:
+                return "refused"
+            return "right" if json.loads(line)["server"] == "s%d" % port else "wrong"
+        except (ConnectionError, asyncio.TimeoutError, OSError):
+            return "refused"
+
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    print(json.dumps({k: results.count(k) for k in ("right", "wrong", "refused")}), flush=True)
+
+
+async def hold_verify(host, port, n, seconds):
+    async def one(i):
+        r, w = await asyncio.open_connection(host, int(port))
+        json.loads(await asyncio.wait_for(r.readline(), 60))
+        for phase in (1, 2):
+            payload = b"%d-%08d|" % (phase, i) * 16
+            w.write(payload)
+            await w.drain()
+            if await asyncio.wait_for(r.readexactly(len(payload)), 60) != payload:
+                raise ValueError("connection %d: echo mismatch" % i)
+            if phase == 1:
+                await asyncio.sleep(seconds)
+        w.close()
+        return True
+
+    results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    errors = [repr(x) for x in results if isinstance(x, BaseException)]
+    print(json.dumps({"ok": sum(1 for x in results if x is True), "errors": errors[:5]}), flush=True)
+
+
 def raw(host, port, what):
     c = socket.create_connection((host, int(port)), timeout=15)
     t = time.time()
@@ -286,6 +374,16 @@ def tls(host, port, ca, cert, key, dst, version="tls13"):
     elif dst == "truncated":
         c.sendall(bytes([1, 4, 0]))
         pre = None
+    elif dst == "stall":  # handshake done, then nothing: wait for the close
+        t = time.time()
+        try:
+            while c.recv(100):
+                pass
+        except (ssl.SSLError, ConnectionError, socket.timeout):
+            pass
+        out["closed_after"] = time.time() - t
+        print(json.dumps(out), flush=True)
+        return
     elif dst == "oversized":
         pre = bytes([1, 4, 0, 80]) + socket.inet_aton(host) + b"\xff\xff" + b"\0" * 300
     elif dst == "version2":
@@ -330,6 +428,14 @@ if __name__ == "__main__":
         try_connect(a[1], a[2])
     elif cmd == "serial":
         serial(a[1])
+    elif cmd == "aserve":
+        aserve(a[1], a[2], a[3])
+    elif cmd == "stall":
+        stall(a[1], a[2], a[3])
+    elif cmd == "burst":
+        asyncio.run(burst(a[1], int(a[2]), a[3:]))
+    elif cmd == "hold-verify":
+        asyncio.run(hold_verify(a[1], a[2], int(a[3]), float(a[4])))
     elif cmd == "raw":
         raw(a[1], a[2], a[3])
     elif cmd == "tls":
