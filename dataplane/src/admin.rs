@@ -43,9 +43,11 @@ pub struct Request {
 /// How long the admin thread waits for the control thread.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Binds `addr` and serves it from a new thread.
+/// Binds `addr` and serves it from a new thread. SO_REUSEPORT, like the
+/// data path's listeners: during a rolling update the new instance starts
+/// beside the old one on the same node.
 pub fn serve(addr: SocketAddr, control: Sender<Request>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+    let listener: TcpListener = crate::socket::blocking_listener(addr)?.into();
     let bound = listener.local_addr()?;
     thread::Builder::new().name("admin".into()).spawn(move || {
         for conn in listener.incoming() {

@@ -117,6 +117,15 @@ pub struct RunArgs {
     #[arg(long, env = "DATAPLANE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h",
           value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// Fail closed: keep the capture programs attached (pinned under
+    /// --pin-dir) after the data plane exits, so captured connects are
+    /// refused until a data plane returns and adopts them.
+    #[arg(long, env = "DATAPLANE_STRICT")]
+    pub strict: bool,
+    /// BPF file system directory for strict mode's pinned maps and links; any
+    /// instance adopts what a strict one left there.
+    #[arg(long, env = "DATAPLANE_PIN_DIR", value_name = "DIR", default_value = "/sys/fs/bpf/dataplane")]
+    pub pin_dir: PathBuf,
     /// Make every tunnel handshake a full one: no TLS session cache, no
     /// tickets (resumption is on by default).
     #[arg(long, env = "DATAPLANE_NO_TLS_RESUMPTION")]
@@ -328,6 +337,8 @@ impl RunArgs {
                 bypass_mark: self.bypass_mark,
                 trace: self.bpf_trace,
                 map_entries: self.map_entries,
+                pin_dir: self.pin_dir,
+                strict: self.strict,
             },
             identity,
             timeouts: Timeouts { handshake: self.handshake_timeout, idle: self.idle_timeout },

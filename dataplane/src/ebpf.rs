@@ -5,7 +5,17 @@
 //!
 //! Attachments are BPF links owned by [`Capture`]: dropping it, or the
 //! process dying in any way (SIGKILL included), closes the link fds and the
-//! kernel detaches the programs, so traffic flows directly again.
+//! kernel detaches the programs, so traffic flows directly again (fail open).
+//!
+//! Strict mode (fail closed): the maps and the connect4 and sockops links are
+//! pinned under `--pin-dir` (a BPF file system), so they outlive the process
+//! and captured connects keep going to 127.0.0.1:18000, where nothing
+//! listens: they are refused until a data plane returns. The next instance,
+//! strict or not, adopts what it finds pinned: it reuses the pinned maps,
+//! attaches its own programs, then unpins and drops the old links (both run
+//! for a moment; the second connect4 sees 127.0.0.1:18000, an excluded port,
+//! and leaves it alone), and pins its own only if it is strict itself.
+//! getsockopt is never pinned: it only matters while a data plane runs.
 use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
@@ -14,7 +24,10 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
 use dataplane_bpf::{map, program};
@@ -45,6 +58,16 @@ pub enum Error {
         /// Cause.
         #[source]
         source: MapError,
+    },
+    /// Pinning or adopting under the pin directory failed.
+    #[error("--pin-dir {}: {what}: {reason}", path.display())]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
     },
     /// A cgroup directory could not be opened.
     #[error("cgroup {}: {source}", path.display())]
@@ -81,12 +104,38 @@ pub struct Settings {
     pub trace: bool,
     /// Entries of each original-destination map (LRU).
     pub map_entries: u32,
+    /// Where pinned maps and links live (a BPF file system).
+    pub pin_dir: PathBuf,
+    /// Fail closed: leave connect4 and sockops pinned when we exit.
+    pub strict: bool,
 }
 
-/// The loaded and attached capture programs. Dropping it detaches them.
+/// The programs whose links strict mode pins.
+const PINNED_PROGRAMS: [&str; 2] = [program::CONNECT4, program::SOCKOPS];
+/// The maps a strict instance shares with the next one.
+const SHARED_MAPS: [&str; 5] = [map::ORIG_BY_COOKIE, map::ORIG_BY_CLIENT, map::CAPTURE_CIDRS, map::CONFIG, map::STATS];
+
+/// The loaded and attached capture programs. Dropping it detaches them
+/// (except the links strict mode pinned).
 #[derive(Debug)]
 pub struct Capture {
     ebpf: Ebpf,
+    pin_dir: PathBuf,
+    strict: bool,
+    /// Whether a previous strict instance left links to adopt.
+    adopting: bool,
+}
+
+fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("maps")
+}
+
+fn pin_err(path: &Path, what: &'static str, reason: impl ToString) -> Error {
+    Error::Pin { path: path.to_path_buf(), what, reason: reason.to_string() }
 }
 
 fn program_err(name: &'static str) -> impl FnOnce(ProgramError) -> Error {
@@ -105,11 +154,22 @@ impl Capture {
     /// Loads the programs and writes `settings` into their maps. Nothing is
     /// attached yet.
     pub fn load(settings: &Settings) -> Result<Self, Error> {
-        let mut ebpf = EbpfLoader::new()
+        let adopting = PINNED_PROGRAMS.iter().any(|p| links_dir(&settings.pin_dir).join(p).exists());
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(map::ORIG_BY_COOKIE, settings.map_entries)
-            .map_max_entries(map::ORIG_BY_CLIENT, settings.map_entries)
-            .load(dataplane_bpf::object())
-            .map_err(|e| Error::Load(Box::new(e)))?;
+            .map_max_entries(map::ORIG_BY_CLIENT, settings.map_entries);
+        let maps = maps_dir(&settings.pin_dir);
+        let map_paths: Vec<(&str, PathBuf)> = SHARED_MAPS.iter().map(|m| (*m, maps.join(m))).collect();
+        if settings.strict || adopting {
+            // Reuse the maps the pinned programs use (or pin new ones for
+            // the next instance).
+            std::fs::create_dir_all(&maps).map_err(|e| pin_err(&maps, "creating the maps directory", e))?;
+            for (name, path) in &map_paths {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
+        let mut ebpf = loader.load(dataplane_bpf::object()).map_err(|e| Error::Load(Box::new(e)))?;
 
         let mut cidrs: LpmTrie<_, u32, u8> = ebpf
             .map_mut(map::CAPTURE_CIDRS)
@@ -145,7 +205,7 @@ impl Capture {
             }
             .map_err(program_err(name))?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, pin_dir: settings.pin_dir.clone(), strict: settings.strict, adopting })
     }
 
     /// Attaches connect4 and sockops to the workloads' cgroup and getsockopt to
@@ -157,12 +217,48 @@ impl Capture {
         // always allow other programs beside ours (aya issue 1078 for Multiple).
         let mode = CgroupAttachMode::Single;
 
+        let links = links_dir(&self.pin_dir);
+        let old: Vec<PinnedLink> = if self.adopting {
+            PINNED_PROGRAMS.iter().filter_map(|p| PinnedLink::from_pin(links.join(p)).ok()).collect()
+        } else {
+            Vec::new()
+        };
+
         let connect4: &mut CgroupSockAddr = self.program(program::CONNECT4)?;
-        connect4.attach(&workload, mode).map_err(program_err(program::CONNECT4))?;
+        let c4 = connect4.attach(&workload, mode).map_err(program_err(program::CONNECT4))?;
         let sockops: &mut SockOps = self.program(program::SOCKOPS)?;
-        sockops.attach(&workload, mode).map_err(program_err(program::SOCKOPS))?;
+        let so = sockops.attach(&workload, mode).map_err(program_err(program::SOCKOPS))?;
         let getsockopt: &mut CgroupSockopt = self.program(program::GETSOCKOPT)?;
         getsockopt.attach(&own, mode).map_err(program_err(program::GETSOCKOPT))?;
+
+        // Ours are attached: now the previous instance's can go.
+        let adopted = old.len();
+        for link in old {
+            let unpinned = link.unpin().map_err(|e| pin_err(&links, "unpinning the previous instance's link", e))?;
+            drop(unpinned); // closes the last reference: detached
+        }
+        if adopted > 0 {
+            tracing::info!(links = adopted, pin_dir = %self.pin_dir.display(), "adopted the pinned capture programs");
+        }
+
+        if self.strict {
+            std::fs::create_dir_all(&links).map_err(|e| pin_err(&links, "creating the links directory", e))?;
+            let connect4: &mut CgroupSockAddr = self.program(program::CONNECT4)?;
+            let link = FdLink::try_from(connect4.take_link(c4).map_err(program_err(program::CONNECT4))?)
+                .map_err(|e| pin_err(&links, "converting the connect4 link", e))?;
+            link.pin(links.join(program::CONNECT4)).map_err(|e| pin_err(&links, "pinning connect4", e))?;
+            let sockops: &mut SockOps = self.program(program::SOCKOPS)?;
+            let link = FdLink::try_from(sockops.take_link(so).map_err(program_err(program::SOCKOPS))?)
+                .map_err(|e| pin_err(&links, "converting the sockops link", e))?;
+            link.pin(links.join(program::SOCKOPS)).map_err(|e| pin_err(&links, "pinning sockops", e))?;
+        } else if self.adopting {
+            // Back to fail-open: nothing of ours outlives us.
+            for m in SHARED_MAPS {
+                let _ = std::fs::remove_file(maps_dir(&self.pin_dir).join(m));
+            }
+            let _ = std::fs::remove_dir(maps_dir(&self.pin_dir));
+            let _ = std::fs::remove_dir(&links);
+        }
         Ok(())
     }
 

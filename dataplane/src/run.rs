@@ -60,6 +60,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         excluded_ports = ?cfg.capture.excluded_ports,
         bypass_mark = format_args!("{:#x}", cfg.capture.bypass_mark),
         map_entries = cfg.capture.map_entries,
+        strict = cfg.capture.strict,
+        pin_dir = %cfg.capture.pin_dir.display(),
         bpf_trace = cfg.capture.trace,
         certs = %cfg.identity.dir().display(),
         identities = ?cfg.identity.addresses().collect::<Vec<_>>(),

@@ -35,6 +35,16 @@ pub fn listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(s.into())
 }
 
+/// A blocking SO_REUSEPORT listener for the admin endpoint (a plain thread).
+pub fn blocking_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&SockAddr::from(addr))?;
+    s.listen(128)?;
+    Ok(s.into())
+}
+
 /// A non-blocking TCP socket, marked with `mark`, whose connect to `dst` has
 /// been started in the calling thread's network namespace. A refused
 /// connect shows up on the first I/O.

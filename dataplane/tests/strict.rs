@@ -1,0 +1,116 @@
+//! Fail-open and fail-closed against the real kernel: by default capture
+//! stops with the data plane; with `--strict` the programs stay pinned, so
+//! captured connects are refused until a data plane returns, and the next
+//! instance adopts them.
+mod harness;
+
+use std::{fs, path::PathBuf, process::Command, time::Duration};
+
+use harness::{attached, client, eventually, peer, privileged, run_args, server, two_pods, Certs, Cgroup, Dataplane};
+
+/// A BPF file system of the test's own, unmounted (dropping every pin in it)
+/// on drop.
+struct BpfFs(PathBuf);
+
+impl BpfFs {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("dptest-bpffs-{}", harness::unique(test, "b")));
+        fs::create_dir_all(&dir).expect("bpffs dir");
+        let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().expect("mount");
+        assert!(ok.success(), "mounting a BPF file system at {}", dir.display());
+        Self(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn strict_mode_fails_closed_and_the_next_instance_adopts() {
+    let t = "strict_mode_fails_closed_and_the_next_instance_adopts";
+    if !privileged(t) {
+        return;
+    }
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
+    let workload = Cgroup::new(t, "w");
+    let own = Cgroup::new(t, "d");
+    let (a, b, _) = two_pods(t);
+    let _srv = server(&b, "0.0.0.0", 8080, "b");
+    let bpffs = BpfFs::new(t);
+    let pins = bpffs.0.join("dataplane").display().to_string();
+    let strict = run_args(&workload, "10.77.0.0/16", &certs, &[&a, &b], &["--strict", "--pin-dir", &pins]);
+    let programs = || {
+        let mut p = attached(&workload.path);
+        p.sort();
+        p
+    };
+    let refused = || peer(&a, Some(&workload), &["try-connect", "10.77.0.2", "8080"])[0]["result"] == "refused";
+
+    let mut dp = Dataplane::start(&own, &strict);
+    assert_eq!(client(&a, Some(&workload), "10.77.0.2", 8080, &[])[0].server, "b");
+    dp.proc.signal("KILL");
+    dp.proc.wait(Duration::from_secs(5));
+    assert_eq!(programs(), ["capture_connect4", "capture_sockops"], "still attached after SIGKILL");
+    assert!(refused(), "fail closed: a captured connect is refused, never sent in plaintext");
+
+    // A new strict instance adopts: one set of programs, traffic flows.
+    let dp = Dataplane::start(&own, &strict);
+    assert!(dp.proc.output().iter().any(|l| l.contains("adopted the pinned capture programs")));
+    assert_eq!(programs(), ["capture_connect4", "capture_sockops"], "the old links were replaced, not added to");
+    let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
+    assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("127.0.0.1:18000", "b"));
+    assert!(dp.stop().success(), "a strict instance drains and exits 0");
+    assert_eq!(programs(), ["capture_connect4", "capture_sockops"], "and leaves the capture pinned");
+    assert!(refused());
+
+    // A default (fail-open) instance adopts too, and takes the pins away.
+    let open = run_args(&workload, "10.77.0.0/16", &certs, &[&a, &b], &["--pin-dir", &pins]);
+    let dp = Dataplane::start(&own, &open);
+    assert_eq!(client(&a, Some(&workload), "10.77.0.2", 8080, &[])[0].peer, "127.0.0.1:18000");
+    assert!(fs::read_dir(&pins).map(|d| d.count()).unwrap_or(0) == 0, "nothing left pinned in {pins}");
+    assert!(dp.stop().success());
+    assert!(eventually(Duration::from_secs(3), || programs().is_empty()), "fail open again after exit");
+    let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
+    assert_eq!(seen[0].peer, "10.77.0.2:8080", "direct once no data plane runs");
+}
+
+#[test]
+fn a_rolling_update_refuses_no_connect() {
+    let t = "a_rolling_update_refuses_no_connect";
+    if !privileged(t) {
+        return;
+    }
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
+    let workload = Cgroup::new(t, "w");
+    let (own1, own2) = (Cgroup::new(t, "d"), Cgroup::new(t, "e"));
+    let (a, b, _) = two_pods(t);
+    let _srv = server(&b, "0.0.0.0", 8080, "b");
+    let bpffs = BpfFs::new(t);
+    let pins = bpffs.0.join("dataplane").display().to_string();
+    let args = run_args(
+        &workload,
+        "10.77.0.0/16",
+        &certs,
+        &[&a, &b],
+        &["--strict", "--pin-dir", &pins, "--drain-timeout", "2s"],
+    );
+    let old = Dataplane::start(&own1, &args);
+    std::thread::scope(|s| {
+        // Connections all through the update: the new instance starts beside
+        // the old one (same SO_REUSEPORT ports, adopting its pins), then the
+        // old one drains and exits.
+        let traffic = s.spawn(|| client(&a, Some(&workload), "10.77.0.2", 8080, &["--count", "600"]));
+        std::thread::sleep(Duration::from_millis(200));
+        let new = Dataplane::start(&own2, &args);
+        assert!(old.stop().success(), "the old instance drained and exited 0");
+        assert!(!traffic.is_finished(), "the traffic spanned the whole update");
+        let seen = traffic.join().expect("every connect succeeded through the update");
+        assert_eq!(seen.len(), 600);
+        assert!(seen.iter().all(|x| x.server == "b" && x.peer == "127.0.0.1:18000"));
+        drop(new);
+    });
+}
