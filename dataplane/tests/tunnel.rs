@@ -245,3 +245,31 @@ fn two_nodes_each_with_its_own_data_plane() {
     let ba = client(&b, Some(&w2), "10.77.0.1", 8080, &[]);
     assert_eq!((ba[0].peer.as_str(), ba[0].server.as_str()), ("127.0.0.1:18000", "a"), "node 2 to node 1");
 }
+
+#[test]
+fn curl_against_a_real_http_server() {
+    let t = "curl_against_a_real_http_server";
+    if !privileged(t) {
+        return;
+    }
+    let w = world(t, IPS);
+    // Python's own HTTP server in pod B, serving a 1 MiB file of random bytes.
+    let root = std::env::temp_dir().join(format!("dptest-www-{}", harness::unique(t, "h")));
+    fs::create_dir_all(&root).expect("www dir");
+    let body: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    fs::write(root.join("blob"), &body).expect("blob");
+    let root_s = root.display().to_string();
+    let mut http = Proc::spawn(
+        w.b.command(None, "python3", &["-u", "-m", "http.server", "8000", "--bind", "0.0.0.0", "--directory", &root_s]),
+        "http.server",
+    );
+    http.wait_for("Serving HTTP", Duration::from_secs(10));
+    let out =
+        w.a.command(Some(&w.workload), "curl", &["-sS", "--fail", "--max-time", "20", "http://10.77.0.2:8000/blob"])
+            .output()
+            .expect("curl");
+    let _ = fs::remove_dir_all(&root);
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == body, "curl got the exact file ({} bytes, expected {})", out.stdout.len(), body.len());
+    assert!(w.dp.proc.output().iter().any(|l| l.contains("outbound closed")), "it went through the data plane");
+}
