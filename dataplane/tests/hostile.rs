@@ -5,11 +5,7 @@ mod harness;
 
 use std::{fs, thread, time::Duration};
 
-use harness::{http_get, peer, privileged, run_args, server, two_pods, Certs, Cgroup, Dataplane};
-
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
-}
+use harness::{http_get, metric, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup, Dataplane, World};
 
 fn refused(admin: &str, direction: &str, reason: &str) -> f64 {
     let (_, text) = http_get(admin, "/metrics").expect("metrics");
@@ -38,21 +34,9 @@ fn the_tunnel_port_refuses_everything_hostile() {
     if !privileged(t) {
         return;
     }
-    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.9"]);
-    let workload = Cgroup::new(t, "w");
-    let own = Cgroup::new(t, "d");
-    let (a, b, _) = two_pods(t);
+    let World { dp, a, b, certs, b_if: _b_if, workload: _workload, own: _own } =
+        world(t, &["10.77.0.1", "10.77.0.2", "10.77.0.9"], &["--admin", "127.0.0.1:0", "--handshake-timeout", "2s"]);
     let app = server(&b, "0.0.0.0", 8080, "app");
-    let dp = Dataplane::start(
-        &own,
-        &run_args(
-            &workload,
-            "10.77.0.0/16",
-            &certs,
-            &[&a, &b],
-            &["--admin", "127.0.0.1:0", "--handshake-timeout", "2s"],
-        ),
-    );
     let admin = dp.admin();
 
     let expired = sibling(&certs, &format!("{t}-expired"));
@@ -120,19 +104,15 @@ fn an_uncaptured_connection_to_the_outbound_port_is_refused() {
     if !privileged(t) {
         return;
     }
-    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
-    let workload = Cgroup::new(t, "w");
-    let own = Cgroup::new(t, "d");
-    let (a, b, _) = two_pods(t);
+    let World { dp, a, b, b_if: _b_if, workload: _workload, own: _own, certs: _certs } =
+        world(t, &["10.77.0.1", "10.77.0.2"], &["--admin", "127.0.0.1:0"]);
     let _app = server(&b, "0.0.0.0", 8080, "app");
-    let dp =
-        Dataplane::start(&own, &run_args(&workload, "10.77.0.0/16", &certs, &[&a, &b], &["--admin", "127.0.0.1:0"]));
     // Straight to 127.0.0.1:18000 from pod A, not through a captured connect.
     let r = &peer(&a, None, &["expect-reset", "127.0.0.1", "18000"])[0];
     assert_eq!(r["result"], "reset", "{r}");
     assert_eq!(refused(&dp.admin(), "outbound", "no_original_destination"), 1.0);
     let (_, text) = http_get(&dp.admin(), "/metrics").expect("metrics");
-    assert_eq!(metric(&text, "dataplane_bpf_decisions_total{decision=\"orig_dst_missed\"}"), 1.0);
+    assert_eq!(metric(&text, "dataplane_bpf_decisions_total{decision=\"orig_dst_missed\"}"), Some(1.0));
 }
 
 #[test]

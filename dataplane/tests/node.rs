@@ -5,7 +5,7 @@ mod harness;
 
 use std::{fs, path::PathBuf, process::Command, thread, time::Duration};
 
-use harness::{client, eventually, http_get, privileged, server, Certs, Cgroup, Dataplane, Netns, Proc};
+use harness::{client, eventually, fds, http_get, metric, privileged, server, Certs, Cgroup, Dataplane, Netns, Proc};
 
 /// A directory of namespace files (symlinks to `ip netns` files), removed on
 /// drop.
@@ -48,14 +48,6 @@ fn plug(node: &Netns, pod: &Netns, addr: &str) {
     node.ip(&["link", "set", &node_if, "master", "br0", "up"]);
     pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", pod_if]);
     pod.ip(&["link", "set", pod_if, "up"]);
-}
-
-fn fds(pid: u32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
-}
-
-fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn namespaces_in(admin: &str, state: &str) -> Option<f64> {

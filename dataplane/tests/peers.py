@@ -187,9 +187,11 @@ def transfer(host, port, n, m):
 
 
 def expect_reset(host, port):
-    c = socket.create_connection((host, int(port)), timeout=10)
     t = time.time()
     try:
+        # A reset can beat the end of connect(): with a timeout Python reads
+        # the connect result from SO_ERROR, where the reset already is.
+        c = socket.create_connection((host, int(port)), timeout=10)
         c.sendall(b"x")
         d = c.recv(100)
         what = "data" if d else "eof"

@@ -6,31 +6,10 @@ mod harness;
 use std::{fs, process::Command, thread, time::Duration};
 
 use harness::{
-    client, peer, privileged, run_args, server, server_with, two_pods, veth, Certs, Cgroup, Dataplane, Netns, Proc,
+    client, peer, privileged, run_args, server, server_with, veth, world, Certs, Cgroup, Dataplane, Netns, Proc,
 };
 
 const IPS: &[&str] = &["10.77.0.1", "10.77.0.2"];
-
-/// Pods A and B joined by veth, one data plane serving both, and B's
-/// interface name.
-struct World {
-    dp: Dataplane,
-    a: Netns,
-    b: Netns,
-    b_if: String,
-    workload: Cgroup,
-    _own: Cgroup,
-    certs: Certs,
-}
-
-fn world(t: &str, ips: &[&str]) -> World {
-    let certs = Certs::new(t, ips);
-    let workload = Cgroup::new(t, "w");
-    let own = Cgroup::new(t, "d");
-    let (a, b, b_if) = two_pods(t);
-    let dp = Dataplane::start(&own, &run_args(&workload, "10.77.0.0/16", &certs, &[&a, &b], &[]));
-    World { dp, a, b, b_if, workload, _own: own, certs }
-}
 
 #[test]
 fn exact_bytes_both_ways_with_half_close() {
@@ -38,7 +17,7 @@ fn exact_bytes_both_ways_with_half_close() {
     if !privileged(t) {
         return;
     }
-    let w = world(t, IPS);
+    let w = world(t, IPS, &[]);
     let _sink = server_with(&w.b, &["sink", "0.0.0.0", "9000"], "sink");
     for n in [1u64, 64 * 1024, 256 * 1024 * 1024] {
         let n = n.to_string();
@@ -57,7 +36,7 @@ fn a_server_that_speaks_first_is_heard() {
     if !privileged(t) {
         return;
     }
-    let w = world(t, IPS);
+    let w = world(t, IPS, &[]);
     // `serve` sends its line before reading anything; the client reads it
     // before sending a byte.
     let _srv = server(&w.b, "0.0.0.0", 8080, "banner");
@@ -71,7 +50,7 @@ fn a_server_reset_reaches_the_client() {
     if !privileged(t) {
         return;
     }
-    let w = world(t, IPS);
+    let w = world(t, IPS, &[]);
     let _rst = server_with(&w.b, &["reset", "0.0.0.0", "9100"], "reset");
     let r = &peer(&w.a, Some(&w.workload), &["expect-reset", "10.77.0.2", "9100"])[0];
     assert_eq!(r["result"], "reset", "{r}");
@@ -84,7 +63,7 @@ fn a_closed_port_is_a_quick_reset() {
     if !privileged(t) {
         return;
     }
-    let w = world(t, IPS);
+    let w = world(t, IPS, &[]);
     let r = &peer(&w.a, Some(&w.workload), &["expect-reset", "10.77.0.2", "9199"])[0];
     // The client's connect succeeds (to our listener); the refusal at B
     // arrives as a reset.
@@ -124,7 +103,7 @@ fn the_wire_between_pods_carries_only_tls() {
     if !privileged(t) {
         return;
     }
-    let w = world(t, IPS);
+    let w = world(t, IPS, &[]);
     let _srv = server(&w.b, "0.0.0.0", 8080, "b");
     let secret = "SECRET-MARKER-7f3a9c";
     let control = "PLAINTEXT-CONTROL-51be";
@@ -147,7 +126,7 @@ fn refusals_at_the_tunnel_port() {
     if !privileged(t) {
         return;
     }
-    let w = world(t, &["10.77.0.1", "10.77.0.2", "10.77.0.9"]);
+    let w = world(t, &["10.77.0.1", "10.77.0.2", "10.77.0.9"], &[]);
     let other_ca = Certs::new(&format!("{t}-other"), &["10.77.0.1"]);
     let app = server(&w.b, "0.0.0.0", 8080, "app");
     let ca = format!("{}/ca.crt", w.certs.path());
@@ -193,7 +172,7 @@ fn a_thousand_concurrent_connections() {
     if !privileged(t) {
         return;
     }
-    let w = world(t, IPS);
+    let w = world(t, IPS, &[]);
     let srv = server(&w.b, "0.0.0.0", 8080, "b");
     let r = &peer(&w.a, Some(&w.workload), &["many", "10.77.0.2", "8080", "1000"])[0];
     assert_eq!(r["ok"], 1000, "every connection's bytes came back intact: {r}");
@@ -252,7 +231,7 @@ fn curl_against_a_real_http_server() {
     if !privileged(t) {
         return;
     }
-    let w = world(t, IPS);
+    let w = world(t, IPS, &[]);
     // Python's own HTTP server in pod B, serving a 1 MiB file of random bytes.
     let root = std::env::temp_dir().join(format!("dptest-www-{}", harness::unique(t, "h")));
     fs::create_dir_all(&root).expect("www dir");

@@ -454,6 +454,51 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// Pods A (10.77.0.1) and B (10.77.0.2) joined by veth, and one data plane
+/// serving both (capturing 10.77.0.0/16, with `extra` flags). Dropped in
+/// field order: the data plane first. When destructuring, bind every field
+/// (`own: _own`, not `..`): a field left to `..` is dropped at once, and
+/// dropping `own` kills the data plane.
+pub struct World {
+    pub dp: Dataplane,
+    pub a: Netns,
+    pub b: Netns,
+    /// B's interface (to add addresses).
+    pub b_if: String,
+    pub workload: Cgroup,
+    pub own: Cgroup,
+    pub certs: Certs,
+}
+
+/// A [`World`] with certificates for `ips`.
+pub fn world(t: &str, ips: &[&str], extra: &[&str]) -> World {
+    let certs = Certs::new(t, ips);
+    let workload = Cgroup::new(t, "w");
+    let own = Cgroup::new(t, "d");
+    let (a, b, b_if) = two_pods(t);
+    let dp = Dataplane::start(&own, &run_args(&workload, "10.77.0.0/16", &certs, &[&a, &b], extra));
+    World { dp, a, b, b_if, workload, own, certs }
+}
+
+/// A metric's value in Prometheus text (the sample that starts with
+/// `name_and_labels `).
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Open file descriptors of a process.
+pub fn fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Resident set size of a process, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
