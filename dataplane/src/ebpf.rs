@@ -146,6 +146,18 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { name, source }
 }
 
+fn missing_map(name: &'static str) -> Error {
+    Error::Map { name, source: MapError::InvalidName { name: name.into() } }
+}
+
+/// The map `name`, as the typed aya map `T`.
+fn typed_map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    ebpf.map_mut(name).ok_or_else(|| missing_map(name))?.try_into().map_err(map_err(name))
+}
+
 fn open_cgroup(path: &Path) -> Result<File, Error> {
     File::open(path).map_err(|source| Error::Cgroup { path: path.to_path_buf(), source })
 }
@@ -171,14 +183,7 @@ impl Capture {
         }
         let mut ebpf = loader.load(dataplane_bpf::object()).map_err(|e| Error::Load(Box::new(e)))?;
 
-        let mut cidrs: LpmTrie<_, u32, u8> = ebpf
-            .map_mut(map::CAPTURE_CIDRS)
-            .ok_or(Error::Map {
-                name: map::CAPTURE_CIDRS,
-                source: MapError::InvalidName { name: map::CAPTURE_CIDRS.into() },
-            })?
-            .try_into()
-            .map_err(map_err(map::CAPTURE_CIDRS))?;
+        let mut cidrs: LpmTrie<_, u32, u8> = typed_map_mut(&mut ebpf, map::CAPTURE_CIDRS)?;
         for c in &settings.cidrs {
             let key = Key::new(u32::from(c.prefix), u32::from_ne_bytes(c.addr.octets()));
             cidrs.insert(&key, 1, 0).map_err(map_err(map::CAPTURE_CIDRS))?;
@@ -186,11 +191,7 @@ impl Capture {
 
         let flags = CONFIG_F_ENABLED | if settings.trace { CONFIG_F_TRACE } else { 0 };
         let cfg = CaptureConfig::new(settings.proxy, settings.bypass_mark, &settings.excluded_ports, flags);
-        let mut config: Array<_, CaptureConfig> = ebpf
-            .map_mut(map::CONFIG)
-            .ok_or(Error::Map { name: map::CONFIG, source: MapError::InvalidName { name: map::CONFIG.into() } })?
-            .try_into()
-            .map_err(map_err(map::CONFIG))?;
+        let mut config: Array<_, CaptureConfig> = typed_map_mut(&mut ebpf, map::CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(map::CONFIG))?;
 
         for name in [program::CONNECT4, program::SOCKOPS, program::GETSOCKOPT] {
@@ -277,13 +278,7 @@ impl Capture {
     /// that is gone, so a deleted pod leaves nothing in the maps. Returns how
     /// many entries went.
     pub fn forget_netns(&mut self, netns: NetnsCookie) -> Result<usize, Error> {
-        let name = map::ORIG_BY_CLIENT;
-        let mut m: HashMap<_, ClientKey, OrigDst> = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(Error::Map { name, source: MapError::InvalidName { name: name.into() } })?
-            .try_into()
-            .map_err(map_err(name))?;
+        let mut m: HashMap<_, ClientKey, OrigDst> = typed_map_mut(&mut self.ebpf, map::ORIG_BY_CLIENT)?;
         let stale: Vec<ClientKey> = m.keys().filter_map(Result::ok).filter(|k| k.netns() == netns).collect();
         for k in &stale {
             // Already evicted by the LRU in the meantime is fine.
@@ -297,7 +292,7 @@ impl Capture {
         let stats: PerCpuArray<_, u64> = self
             .ebpf
             .map(map::STATS)
-            .ok_or(Error::Map { name: map::STATS, source: MapError::InvalidName { name: map::STATS.into() } })?
+            .ok_or_else(|| missing_map(map::STATS))?
             .try_into()
             .map_err(map_err(map::STATS))?;
         StatIndex::ALL
