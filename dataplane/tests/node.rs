@@ -160,7 +160,11 @@ fn a_node_serves_pods_as_they_come_and_go() {
     dir.add(&p4);
     let _s4 = server(&p4, "0.0.0.0", 8080, "p4");
     assert!(eventually(Duration::from_secs(2), || namespaces_in(&admin, "waiting_for_certificate") == Some(1.0)));
-    assert!(dp.proc.output().iter().any(|l| l.contains("has no certificate") && l.contains("10.77.0.4")));
+    assert!(eventually(Duration::from_secs(2), || dp
+        .proc
+        .output()
+        .iter()
+        .any(|l| l.contains("has no certificate") && l.contains("10.77.0.4"))));
     certs.issue("10.77.0.4", &[]);
     assert!(
         eventually(Duration::from_secs(3), || namespaces_in(&admin, "served") == Some(4.0)),
