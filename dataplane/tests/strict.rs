@@ -103,13 +103,13 @@ fn a_rolling_update_refuses_no_connect() {
         // Connections all through the update: the new instance starts beside
         // the old one (same SO_REUSEPORT ports, adopting its pins), then the
         // old one drains and exits.
-        let traffic = s.spawn(|| client(&a, Some(&workload), "10.77.0.2", 8080, &["--count", "600"]));
+        let traffic = s.spawn(|| client(&a, Some(&workload), "10.77.0.2", 8080, &["--count", "1500"]));
         std::thread::sleep(Duration::from_millis(200));
         let new = Dataplane::start(&own2, &args);
         assert!(old.stop().success(), "the old instance drained and exited 0");
         assert!(!traffic.is_finished(), "the traffic spanned the whole update");
         let seen = traffic.join().expect("every connect succeeded through the update");
-        assert_eq!(seen.len(), 600);
+        assert_eq!(seen.len(), 1500);
         assert!(seen.iter().all(|x| x.server == "b" && x.peer == "127.0.0.1:18000"));
         drop(new);
     });
