@@ -12,8 +12,8 @@ use std::{
 };
 
 use harness::{
-    attached, client, eventually, http_get, metric, peer, privileged, run_args, server, two_pods, Certs, Cgroup,
-    Dataplane, Proc,
+    attached, client, eventually, http_get, metric, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup,
+    Dataplane, Proc, World,
 };
 
 const IPS: &[&str] = &["10.77.0.1", "10.77.0.2"];
@@ -28,16 +28,11 @@ fn sigusr1_dumps_while_traffic_flows() {
     if !privileged(t) {
         return;
     }
-    let certs = Certs::new(t, IPS);
-    let workload = Cgroup::new(t, "w");
-    let own = Cgroup::new(t, "d");
-    let (a, b, _) = two_pods(t);
     let stats = std::env::temp_dir().join(format!("dptest-stats-{}", harness::unique(t, "s")));
     let _ = fs::remove_dir_all(&stats);
     let stats_s = stats.display().to_string();
+    let World { dp, a, b, workload, b_if: _b_if, own: _own, certs: _certs } = world(t, IPS, &["--stats-dir", &stats_s]);
     let _srv = server(&b, "0.0.0.0", 8080, "b");
-    let dp =
-        Dataplane::start(&own, &run_args(&workload, "10.77.0.0/16", &certs, &[&a, &b], &["--stats-dir", &stats_s]));
 
     const N: usize = 40;
     let seen = thread::scope(|s| {
