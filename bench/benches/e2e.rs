@@ -103,7 +103,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     // many it can hold, and without CAP_SYS_RESOURCE we cannot raise it.
     let fd_limit = dataplane::raise_open_file_limit().unwrap_or(1024);
     let max_conns = ((fd_limit.saturating_sub(200)) / 4) as usize;
-    let mut world = setup::World::new()?;
+    let mut world = setup::World::new(&out_dir)?;
     let echo: SocketAddr = ECHO.parse()?;
     server::start(&world.netns_path(), echo, server::Kind::Echo)?;
     server::start(&world.netns_path(), DISCARD.parse()?, server::Kind::Discard)?;

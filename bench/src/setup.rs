@@ -22,6 +22,7 @@ pub struct World {
     pub workload: PathBuf,
     own: PathBuf,
     certs: PathBuf,
+    logs: PathBuf,
     dataplane: Option<Child>,
 }
 
@@ -34,8 +35,9 @@ fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
 }
 
 impl World {
-    /// Makes the namespace, cgroups and certificates.
-    pub fn new() -> anyhow::Result<Self> {
+    /// Makes the namespace, cgroups and certificates; the data plane's log
+    /// goes to `logs/dataplane.log`.
+    pub fn new(logs: &Path) -> anyhow::Result<Self> {
         let id = std::process::id();
         let root = dataplane::cgroup::cgroup2_mount().context("cgroup v2 (run as root)")?;
         let w = Self {
@@ -43,6 +45,7 @@ impl World {
             workload: root.join(format!("dpbench-clients-{id}")),
             own: root.join(format!("dpbench-dataplane-{id}")),
             certs: std::env::temp_dir().join(format!("dpbench-certs-{id}")),
+            logs: logs.to_path_buf(),
             dataplane: None,
         };
         sh("ip", &["netns", "add", &w.netns])?;
@@ -103,7 +106,7 @@ impl World {
         }
         // Keep draining its stderr so it never blocks on a full pipe; keep
         // the warnings for whoever reads the results.
-        let log = std::env::temp_dir().join(format!("dpbench-dataplane-{pid}.log"));
+        let log = self.logs.join("dataplane.log");
         thread::spawn(move || {
             let mut text = lines.join("\n");
             for l in rx {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use harness::{
-    client, eventually, http_get, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup, Dataplane, World,
+    client, eventually, http_get, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup, Dataplane,
 };
 
 #[test]
@@ -51,9 +51,9 @@ fn stalled_peers_are_closed_at_the_timeouts_and_cost_only_their_sockets() {
     if !privileged(t) {
         return;
     }
-    let World { dp, a, b, workload, certs, b_if: _b_if, own: _own } =
-        world(t, &["10.77.0.1", "10.77.0.2"], &["--handshake-timeout", "1s", "--admin", "127.0.0.1:0"]);
-    let _srv = server(&b, "0.0.0.0", 8080, "b");
+    let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--handshake-timeout", "1s", "--admin", "127.0.0.1:0"]);
+    let (a, b, workload, certs, dp) = (&w.a, &w.b, &w.workload, &w.certs, &w.dp);
+    let _srv = server(b, "0.0.0.0", 8080, "b");
 
     let a = &a;
     thread::scope(|s| {
@@ -66,7 +66,7 @@ fn stalled_peers_are_closed_at_the_timeouts_and_cost_only_their_sockets() {
         // ...while real traffic flows as usual.
         thread::sleep(Duration::from_millis(300));
         let t0 = Instant::now();
-        let seen = client(a, Some(&workload), "10.77.0.2", 8080, &["--count", "20"]);
+        let seen = client(a, Some(workload), "10.77.0.2", 8080, &["--count", "20"]);
         assert_eq!(seen.len(), 20);
         assert!(t0.elapsed() < Duration::from_secs(5), "normal connections are not held up ({:?})", t0.elapsed());
         let st = &stalled.join().expect("stall")[0];
@@ -87,14 +87,14 @@ fn idle_connections_are_closed_at_the_idle_timeout() {
     if !privileged(t) {
         return;
     }
-    let World { a, b, workload, dp: _dp, b_if: _b_if, own: _own, certs: _certs } =
-        world(t, &["10.77.0.1", "10.77.0.2"], &["--idle-timeout", "1s"]);
-    let _srv = server(&b, "0.0.0.0", 8080, "b");
+    let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--idle-timeout", "1s"]);
+    let (a, b, workload) = (&w.a, &w.b, &w.workload);
+    let _srv = server(b, "0.0.0.0", 8080, "b");
     // One echo, then a pause longer than the idle timeout: the data plane
     // closes the connection, and the second echo fails.
-    let r = &peer(&a, Some(&workload), &["hold-verify", "10.77.0.2", "8080", "1", "2.5"])[0];
+    let r = &peer(a, Some(workload), &["hold-verify", "10.77.0.2", "8080", "1", "2.5"])[0];
     assert_eq!(r["ok"], 0, "the second payload finds the connection closed: {r}");
-    let r = &peer(&a, Some(&workload), &["hold-verify", "10.77.0.2", "8080", "1", "0.3"])[0];
+    let r = &peer(a, Some(workload), &["hold-verify", "10.77.0.2", "8080", "1", "0.3"])[0];
     assert_eq!(r["ok"], 1, "a shorter pause is fine: {r}");
 }
 
@@ -105,16 +105,16 @@ fn map_pressure_never_misdelivers() {
         return;
     }
     // 16 entries per map, and bursts of 400 concurrent connects.
-    let World { dp, a, b, workload, b_if: _b_if, own: _own, certs: _certs } =
-        world(t, &["10.77.0.1", "10.77.0.2"], &["--map-entries", "16", "--admin", "127.0.0.1:0"]);
+    let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--map-entries", "16", "--admin", "127.0.0.1:0"]);
+    let (a, b, workload, dp) = (&w.a, &w.b, &w.workload, &w.dp);
     let ports = ["8081", "8082", "8083", "8084"];
     let _servers: Vec<_> =
-        ports.iter().map(|p| server(&b, "0.0.0.0", p.parse().expect("port"), &format!("s{p}"))).collect();
+        ports.iter().map(|p| server(b, "0.0.0.0", p.parse().expect("port"), &format!("s{p}"))).collect();
     let mut totals = (0, 0, 0);
     for _ in 0..3 {
         let mut args = vec!["burst", "10.77.0.2", "400"];
         args.extend_from_slice(&ports);
-        let r = &peer(&a, Some(&workload), &args)[0];
+        let r = &peer(a, Some(workload), &args)[0];
         let n = |k: &str| r[k].as_u64().expect(k);
         assert_eq!(n("wrong"), 0, "no connection reached the wrong server: {r}");
         assert_eq!(n("right") + n("refused"), 400, "{r}");
@@ -131,16 +131,16 @@ fn by_default_capture_stops_when_the_data_plane_dies() {
     if !privileged(t) {
         return;
     }
-    let World { mut dp, a, b, workload, b_if: _b_if, own: _own, certs: _certs } =
-        world(t, &["10.77.0.1", "10.77.0.2"], &[]);
-    let _srv = server(&b, "0.0.0.0", 8080, "b");
-    assert_eq!(client(&a, Some(&workload), "10.77.0.2", 8080, &[])[0].peer, "127.0.0.1:18000");
-    dp.proc.signal("KILL");
-    dp.proc.wait(Duration::from_secs(5));
+    let mut w = world(t, &["10.77.0.1", "10.77.0.2"], &[]);
+    let (a, b, workload) = (&w.a, &w.b, &w.workload);
+    let _srv = server(b, "0.0.0.0", 8080, "b");
+    assert_eq!(client(a, Some(workload), "10.77.0.2", 8080, &[])[0].peer, "127.0.0.1:18000");
+    w.dp.proc.signal("KILL");
+    w.dp.proc.wait(Duration::from_secs(5));
     assert!(
         eventually(Duration::from_secs(3), || harness::attached(&workload.path).is_empty()),
         "the programs went with the process"
     );
-    let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
+    let seen = client(a, Some(workload), "10.77.0.2", 8080, &[]);
     assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("10.77.0.2:8080", "b"), "fail open: direct");
 }

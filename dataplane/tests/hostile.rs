@@ -5,7 +5,7 @@ mod harness;
 
 use std::{fs, thread, time::Duration};
 
-use harness::{http_get, metric, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup, Dataplane, World};
+use harness::{http_get, metric, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup, Dataplane};
 
 fn refused(admin: &str, direction: &str, reason: &str) -> f64 {
     let (_, text) = http_get(admin, "/metrics").expect("metrics");
@@ -34,14 +34,15 @@ fn the_tunnel_port_refuses_everything_hostile() {
     if !privileged(t) {
         return;
     }
-    let World { dp, a, b, certs, b_if: _b_if, workload: _workload, own: _own } =
+    let w =
         world(t, &["10.77.0.1", "10.77.0.2", "10.77.0.9"], &["--admin", "127.0.0.1:0", "--handshake-timeout", "2s"]);
-    let app = server(&b, "0.0.0.0", 8080, "app");
+    let (a, b, certs, dp) = (&w.a, &w.b, &w.certs, &w.dp);
+    let app = server(b, "0.0.0.0", 8080, "app");
     let admin = dp.admin();
 
-    let expired = sibling(&certs, &format!("{t}-expired"));
+    let expired = sibling(certs, &format!("{t}-expired"));
     expired.issue("10.77.0.1", &["--not-before-days", "10", "--days", "5"]);
-    let future = sibling(&certs, &format!("{t}-future"));
+    let future = sibling(certs, &format!("{t}-future"));
     future.issue("10.77.0.1", &["--not-before-days", "-2", "--days", "5"]);
     let other_ca = Certs::new(&format!("{t}-other"), &["10.77.0.1"]);
 
@@ -50,9 +51,9 @@ fn the_tunnel_port_refuses_everything_hostile() {
     let probe = |(crt, key): &(String, String), dst: &str, extra: &[&str]| {
         let mut args = vec!["tls", "10.77.0.2", "18001", &ca, crt.as_str(), key.as_str(), dst];
         args.extend_from_slice(extra);
-        peer(&a, None, &args)[0].clone()
+        peer(a, None, &args)[0].clone()
     };
-    let good = pair(&certs, "10.77.0.1");
+    let good = pair(certs, "10.77.0.1");
     let ok = probe(&good, "10.77.0.2:8080", &[]);
     assert!(ok["reply"].as_str().is_some_and(|r| r.contains("\"server\": \"app\"")), "the probe works: {ok}");
 
@@ -65,11 +66,7 @@ fn the_tunnel_port_refuses_everything_hostile() {
         ("a certificate from another CA", "bad_signature", probe(&pair(&other_ca, "10.77.0.1"), "10.77.0.2:8080", &[])),
         ("an expired certificate", "expired", probe(&pair(&expired, "10.77.0.1"), "10.77.0.2:8080", &[])),
         ("a not-yet-valid certificate", "not_yet_valid", probe(&pair(&future, "10.77.0.1"), "10.77.0.2:8080", &[])),
-        (
-            "a certificate for another IP",
-            "client_ip_mismatch",
-            probe(&pair(&certs, "10.77.0.9"), "10.77.0.2:8080", &[]),
-        ),
+        ("a certificate for another IP", "client_ip_mismatch", probe(&pair(certs, "10.77.0.9"), "10.77.0.2:8080", &[])),
         ("TLS 1.2", "incompatible_peer", probe(&good, "10.77.0.2:8080", &["tls12"])),
         ("a garbage preamble", "preamble_version", probe(&good, "garbage", &[])),
         ("a truncated preamble", "preamble_truncated", probe(&good, "truncated", &[])),
@@ -85,7 +82,7 @@ fn the_tunnel_port_refuses_everything_hostile() {
     }
     // Not TLS at all.
     for what in ["garbage", "random"] {
-        let r = &peer(&a, None, &["raw", "10.77.0.2", "18001", what])[0];
+        let r = &peer(a, None, &["raw", "10.77.0.2", "18001", what])[0];
         assert!(r["seconds"].as_f64().expect("seconds") < 2.5, "{what}: closed promptly: {r}");
     }
     thread::sleep(Duration::from_millis(300));
@@ -104,11 +101,11 @@ fn an_uncaptured_connection_to_the_outbound_port_is_refused() {
     if !privileged(t) {
         return;
     }
-    let World { dp, a, b, b_if: _b_if, workload: _workload, own: _own, certs: _certs } =
-        world(t, &["10.77.0.1", "10.77.0.2"], &["--admin", "127.0.0.1:0"]);
-    let _app = server(&b, "0.0.0.0", 8080, "app");
+    let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--admin", "127.0.0.1:0"]);
+    let (a, b, dp) = (&w.a, &w.b, &w.dp);
+    let _app = server(b, "0.0.0.0", 8080, "app");
     // Straight to 127.0.0.1:18000 from pod A, not through a captured connect.
-    let r = &peer(&a, None, &["expect-reset", "127.0.0.1", "18000"])[0];
+    let r = &peer(a, None, &["expect-reset", "127.0.0.1", "18000"])[0];
     assert_eq!(r["result"], "reset", "{r}");
     assert_eq!(refused(&dp.admin(), "outbound", "no_original_destination"), 1.0);
     let (_, text) = http_get(&dp.admin(), "/metrics").expect("metrics");

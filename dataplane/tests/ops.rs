@@ -13,7 +13,7 @@ use std::{
 
 use harness::{
     attached, client, eventually, http_get, metric, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup,
-    Dataplane, Proc, World,
+    Dataplane, Proc,
 };
 
 const IPS: &[&str] = &["10.77.0.1", "10.77.0.2"];
@@ -31,12 +31,13 @@ fn sigusr1_dumps_while_traffic_flows() {
     let stats = std::env::temp_dir().join(format!("dptest-stats-{}", harness::unique(t, "s")));
     let _ = fs::remove_dir_all(&stats);
     let stats_s = stats.display().to_string();
-    let World { dp, a, b, workload, b_if: _b_if, own: _own, certs: _certs } = world(t, IPS, &["--stats-dir", &stats_s]);
-    let _srv = server(&b, "0.0.0.0", 8080, "b");
+    let w = world(t, IPS, &["--stats-dir", &stats_s]);
+    let (a, b, workload, dp) = (&w.a, &w.b, &w.workload, &w.dp);
+    let _srv = server(b, "0.0.0.0", 8080, "b");
 
     const N: usize = 40;
     let seen = thread::scope(|s| {
-        let traffic = s.spawn(|| client(&a, Some(&workload), "10.77.0.2", 8080, &["--count", "40"]));
+        let traffic = s.spawn(|| client(a, Some(workload), "10.77.0.2", 8080, &["--count", "40"]));
         // A storm of dumps while the connections come and go.
         for _ in 0..20 {
             dp.proc.signal("USR1");
@@ -93,7 +94,7 @@ fn sigusr1_dumps_while_traffic_flows() {
     }
     assert_eq!(counts.get("connection_lifetime"), Some(&(N as u64)), "{counts:?}");
     assert_eq!(counts.len(), 4, "{counts:?}");
-    drop(dp);
+    drop(w);
     let _ = fs::remove_dir_all(&stats);
 }
 

@@ -456,9 +456,10 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 
 /// Pods A (10.77.0.1) and B (10.77.0.2) joined by veth, and one data plane
 /// serving both (capturing 10.77.0.0/16, with `extra` flags). Dropped in
-/// field order: the data plane first. When destructuring, bind every field
-/// (`own: _own`, not `..`): a field left to `..` is dropped at once, and
-/// dropping `own` kills the data plane.
+/// field order: the data plane first, so its process is reaped before its
+/// cgroup is removed (a zombie keeps a cgroup populated). Use the fields
+/// through the struct (or references to them): moving them out would let
+/// them drop in another order.
 pub struct World {
     pub dp: Dataplane,
     pub a: Netns,
