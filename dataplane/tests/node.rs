@@ -5,7 +5,9 @@ mod harness;
 
 use std::{fs, path::PathBuf, process::Command, thread, time::Duration};
 
-use harness::{client, eventually, fds, http_get, metric, privileged, server, Certs, Cgroup, Dataplane, Netns, Proc};
+use harness::{
+    client, eventually, fds, http_get, metric, privileged, run_args, server, Certs, Cgroup, Dataplane, Netns, Proc,
+};
 
 /// A directory of namespace files (symlinks to `ip netns` files), removed on
 /// drop.
@@ -68,21 +70,8 @@ fn a_node_serves_pods_as_they_come_and_go() {
     node.ip(&["link", "add", "br0", "type", "bridge"]);
     node.ip(&["link", "set", "br0", "up"]);
     let dir = NetnsDir::new(t);
-    let args: Vec<String> = [
-        "--workload-cgroup",
-        &workload.path.display().to_string(),
-        "--capture-cidr",
-        "10.77.0.0/16",
-        "--certs",
-        &certs.path(),
-        "--netns-dir",
-        &dir.path(),
-        "--admin",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let dir_s = dir.path();
+    let args = run_args(&workload, "10.77.0.0/16", &certs, &[], &["--netns-dir", &dir_s, "--admin", "127.0.0.1:0"]);
     let dp = Dataplane::start(&own, &args);
     let admin = dp.admin();
     let pid = dp.proc.pid();
@@ -201,19 +190,8 @@ fn two_nodes_talk_both_ways() {
     let (w1, d1, dir1) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(&format!("{t}-1")));
     let (w2, d2, dir2) = (Cgroup::new(t, "x"), Cgroup::new(t, "e"), NetnsDir::new(&format!("{t}-2")));
     let start = |w: &Cgroup, d: &Cgroup, dir: &NetnsDir| {
-        let args: Vec<String> = [
-            "--workload-cgroup",
-            &w.path.display().to_string(),
-            "--capture-cidr",
-            "10.77.0.0/16",
-            "--certs",
-            &certs.path(),
-            "--netns-dir",
-            &dir.path(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let dir_s = dir.path();
+        let args = run_args(w, "10.77.0.0/16", &certs, &[], &["--netns-dir", &dir_s]);
         Dataplane::start(d, &args)
     };
     let dp1 = start(&w1, &d1, &dir1);

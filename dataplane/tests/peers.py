@@ -71,6 +71,17 @@ def stream(seed, n):
         n -= k
 
 
+def drain_hash(f):
+    """Reads `f` to EOF: (bytes read, sha256 hex of them)."""
+    h, n = hashlib.sha256(), 0
+    while True:
+        d = f.read1(65536)
+        if not d:
+            return n, h.hexdigest()
+        h.update(d)
+        n += len(d)
+
+
 def listen(host, port):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -105,14 +116,8 @@ def sink(host, port):
         with c:
             f = c.makefile("rb")
             m, seed = f.readline().split()
-            h, n = hashlib.sha256(), 0
-            while True:
-                d = f.read1(65536)
-                if not d:
-                    break
-                h.update(d)
-                n += len(d)
-            c.sendall((json.dumps({"got": n, "sha": h.hexdigest()}) + "\n").encode())
+            n, sha = drain_hash(f)
+            c.sendall((json.dumps({"got": n, "sha": sha}) + "\n").encode())
             for chunk in stream(int(seed), int(m)):
                 c.sendall(chunk)
 
@@ -170,19 +175,13 @@ def transfer(host, port, n, m):
     c.shutdown(socket.SHUT_WR)  # half-close: the reply must still arrive
     f = c.makefile("rb")
     reply = json.loads(read_line(f))
-    got, k = hashlib.sha256(), 0
-    while True:
-        d = f.read1(65536)
-        if not d:
-            break
-        got.update(d)
-        k += len(d)
+    k, got = drain_hash(f)
     want = hashlib.sha256()
     for chunk in stream(2, m):
         want.update(chunk)
     print(json.dumps({
         "sent": n, "server_got": reply["got"], "sent_ok": reply["sha"] == sent.hexdigest(),
-        "received": k, "received_ok": got.hexdigest() == want.hexdigest(),
+        "received": k, "received_ok": got == want.hexdigest(),
     }), flush=True)
 
 
