@@ -232,7 +232,7 @@ pub struct Config {
     pub cores: Vec<usize>,
     /// What the eBPF programs are told.
     pub capture: ebpf::Settings,
-    /// Certificates and TLS configurations.
+    /// Certificates and TLS configurations (replaced on reload).
     pub identity: Arc<Identity>,
     /// Handshake and idle limits.
     pub timeouts: Timeouts,

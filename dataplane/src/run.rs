@@ -85,7 +85,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         info!(%bound, "admin endpoint listening");
     }
     let registry = cfg.netns_dir.as_deref().map(enroll::Registry::new);
-    let identity = cfg.identity.clone();
     let mut ctl = Control {
         cfg,
         capture: None,
@@ -94,7 +93,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         reloads: (0, 0),
         started: SystemTime::now(),
         registry,
-        identity,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
 
@@ -200,15 +198,13 @@ struct Control {
     started: SystemTime,
     /// The watched namespace directory, if any.
     registry: Option<enroll::Registry>,
-    /// The certificates in force.
-    identity: Arc<Identity>,
 }
 
 impl Control {
     /// Enrols and withdraws namespaces from the watched directory.
     fn scan_namespaces(&mut self) {
         let Some(registry) = self.registry.as_mut() else { return };
-        for change in registry.scan(&self.identity) {
+        for change in registry.scan(&self.cfg.identity) {
             match change {
                 Change::Enroll(ns) => {
                     for s in &self.shards {
@@ -307,10 +303,10 @@ impl Control {
 
     fn reload(&mut self) {
         let dir = self.cfg.identity.dir().to_path_buf();
-        match Identity::load_with(&dir, self.identity.resumption()) {
+        match Identity::load_with(&dir, self.cfg.identity.resumption()) {
             Ok(id) => {
                 let id = Arc::new(id);
-                self.identity = id.clone();
+                self.cfg.identity = id.clone();
                 info!(certs = %dir.display(), identities = ?id.addresses().collect::<Vec<_>>(), "certificates reloaded");
                 for s in &self.shards {
                     let _ = s.tx.send(shard::ToShard::Identity(id.clone()));
