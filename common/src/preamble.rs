@@ -16,8 +16,13 @@
 //! Sans-IO: [`encode`] appends to a buffer; [`decode`] reads from a slice and
 //! says complete (with the bytes consumed), need-more, or a typed error. A
 //! preamble is never longer than [`MAX_LEN`], checked before anything is
-//! allocated, and decoding never panics on any input.
+//! allocated, and decoding never panics on any input. [`read`] is the async
+//! edge: it reads a preamble off a stream and keeps the client bytes after it.
 #![forbid(unsafe_code)]
+
+mod read;
+
+pub use read::{read, Prefaced, ReadError};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
