@@ -8,7 +8,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p dataplane
+RUN cargo build --release --locked -p dataplane --bin dataplane
 
 FROM debian:bookworm-slim
 COPY --from=build /src/target/release/dataplane /usr/local/bin/dataplane

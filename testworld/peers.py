@@ -385,6 +385,34 @@ def tls(host, port, ca, cert, key, dst, version="tls13"):
         out["closed_after"] = time.time() - t
         print(json.dumps(out), flush=True)
         return
+    elif dst.startswith("drip:"):  # a valid preamble, one byte every 0.3 s
+        ip, p = dst[5:].rsplit(":", 1)
+        pre = bytes([1, 4]) + struct.pack(">H", int(p)) + socket.inet_aton(ip) + b"\0\0"
+        t = time.time()
+        c.settimeout(0.3)
+        sent, closed = 0, False
+        for b in pre:
+            try:
+                c.sendall(bytes([b]))
+                sent += 1
+                closed = not c.recv(100)  # waits out the pause between bytes
+            except (socket.timeout, TimeoutError):
+                continue
+            except (ssl.SSLError, OSError):
+                closed = True
+            if closed:
+                break
+        out["sent"] = sent
+        if not closed:  # the whole preamble went through: is it served?
+            c.settimeout(5)
+            try:
+                c.sendall(b"ping\n")
+                out["reply"] = c.recv(100).decode(errors="replace")
+            except Exception as e:
+                out["error"] = repr(e)
+        out["closed_after"] = time.time() - t
+        print(json.dumps(out), flush=True)
+        return
     elif dst == "oversized":
         pre = bytes([1, 4, 0, 80]) + socket.inet_aton(host) + b"\xff\xff" + b"\0" * 300
     elif dst == "version2":

@@ -61,8 +61,12 @@ fn target_dir() -> PathBuf {
 }
 
 /// Builds the data plane binary (release), which `cargo bench -p bench` does
-/// not build by itself.
+/// not build by itself; `DP_BINARY` names another one instead (to compare two
+/// builds under the same load generator).
 fn build_dataplane() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("DP_BINARY") {
+        return Ok(PathBuf::from(bin));
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = std::process::Command::new(cargo)
         .args(["build", "--release", "--locked", "-p", "dataplane", "--bin", "dataplane"])

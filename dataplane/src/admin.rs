@@ -198,7 +198,7 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
             .get_or_create(&vec![
                 ("direction", d.to_string()),
                 ("side", blame.to_string()),
-                ("reason", reason.to_string()),
+                ("reason", reason.label().to_string()),
             ])
             .inc_by(*n);
     }
@@ -237,12 +237,7 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
     );
 
     for h in Hist::ALL {
-        let help = match h {
-            Hist::TunnelConnect => "Outbound: accept to tunnel ready (connect, mutual TLS, preamble)",
-            Hist::TlsHandshake => "Outbound: TLS client handshake, overlapping the TCP connect",
-            Hist::FirstByte => "Outbound: accept to the first byte from the destination",
-            Hist::Lifetime => "Outbound: connection lifetime",
-        };
+        let help = h.help();
         let export = HdrExport::from(&stats.hist[h as usize]);
         reg.register_with_unit(h.name(), help, prometheus_client::registry::Unit::Seconds, export);
     }
@@ -298,7 +293,7 @@ mod tests {
     fn every_family_renders() {
         let mut s = Snapshot::default();
         s.outbound.accepted = 2;
-        s.fail(Direction::Inbound, crate::stats::Blame::Downstream, "unknown_ca");
+        s.fail(Direction::Inbound, crate::stats::Blame::Downstream, crate::reason::Reason::UnknownCa);
         s.record(Hist::Lifetime, Duration::from_millis(3));
         let text = render(&s, &[(StatIndex::Captured, 5)], &Extra { reloads: (1, 2), ..Extra::default() });
         for want in [

@@ -13,7 +13,7 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 
-use crate::{cgroup, cores, ebpf, identity::Identity, netns::Netns, shard::Timeouts};
+use crate::{cgroup, conn::Timeouts, cores, ebpf, identity::Identity, netns::Netns};
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
 
 /// Default SO_MARK of the data plane's own sockets ("dp" in ASCII, high bit
@@ -34,9 +34,6 @@ pub struct Cli {
 pub enum Command {
     /// Capture the workloads' connects and serve them (runs until SIGTERM/SIGINT).
     Run(Box<RunArgs>),
-    /// Two pods, one data plane, real traffic, proof that only TLS crossed the
-    /// wire; cleans up after itself (root, under a minute).
-    Demo,
     /// Mint a cluster CA and pod certificates (for demos and tests).
     #[command(subcommand)]
     Ca(CaCommand),
@@ -313,7 +310,7 @@ impl RunArgs {
                 .map(|p| Netns::open(p).map(Arc::new).map_err(|source| ConfigError::Netns { path: p.clone(), source }))
                 .collect::<Result<_, _>>()?
         };
-        let allowed = crate::sys::affinity().map_err(ConfigError::CpuProbe)?;
+        let allowed = cores::affinity().map_err(ConfigError::CpuProbe)?;
         let online = cores::online().map_err(ConfigError::CpuProbe)?;
         let cores = cores::choose(&allowed, &online, self.cores)?;
         let own_cgroup = cgroup::own_cgroup().map_err(ConfigError::OwnCgroup)?;

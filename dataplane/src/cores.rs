@@ -22,6 +22,14 @@ pub enum CoresError {
     Zero,
 }
 
+/// The CPUs this process may run on ([sched_getaffinity(2)]).
+///
+/// [sched_getaffinity(2)]: https://man7.org/linux/man-pages/man2/sched_getaffinity.2.html
+pub fn affinity() -> std::io::Result<Vec<usize>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+    Ok((0..nix::sched::CpuSet::count()).filter(|&cpu| set.is_set(cpu).unwrap_or(false)).collect())
+}
+
 /// The CPUs to pin one executor each to: the lowest `requested` CPUs that are
 /// both online and allowed, or all of them when `requested` is `None`.
 pub fn choose(allowed: &[usize], online: &[usize], requested: Option<usize>) -> Result<Vec<usize>, CoresError> {
@@ -48,6 +56,13 @@ pub fn online() -> std::io::Result<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn affinity_lists_at_least_one_cpu() {
+        let cpus = affinity().expect("sched_getaffinity");
+        assert!(!cpus.is_empty());
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]), "sorted: {cpus:?}");
+    }
 
     #[test]
     fn all_usable_by_default() {

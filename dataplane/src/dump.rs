@@ -48,7 +48,7 @@ pub fn to_json(stats: &Snapshot, bpf: &[(StatIndex, u64)], at: SystemTime) -> Va
     let failures: Vec<Value> = stats
         .failures
         .iter()
-        .map(|((d, b, r), n)| json!({ "direction": d.to_string(), "side": b.to_string(), "reason": r, "count": n }))
+        .map(|((d, b, r), n)| json!({ "direction": d.to_string(), "side": b.to_string(), "reason": r.label(), "count": n }))
         .collect();
     let histograms: serde_json::Map<String, Value> =
         Hist::ALL.iter().map(|h| (h.name().to_string(), summary(&stats.hist[*h as usize]))).collect();
@@ -149,6 +149,8 @@ mod tests {
             s.record(Hist::Lifetime, Duration::from_millis(ms));
         }
         s.record(Hist::TlsHandshake, Duration::from_micros(700));
+        s.record(Hist::InboundTlsHandshake, Duration::from_micros(800));
+        s.record(Hist::InboundTlsHandshake, Duration::from_micros(900));
         let since = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let log = hlog(&s, since, since + Duration::from_secs(5)).expect("log");
         let text = String::from_utf8(log).expect("text");
@@ -161,14 +163,16 @@ mod tests {
                 match h.tag().map(|t| t.as_str()) {
                     Some("connection_lifetime") => assert_eq!(decoded.len(), 100),
                     Some("tls_handshake") => assert_eq!(decoded.len(), 1),
+                    Some("inbound_tls_handshake") => assert_eq!(decoded.len(), 2),
                     _ => assert_eq!(decoded.len(), 0),
                 }
                 found += 1;
             }
         }
-        assert_eq!(found, 4, "{text}");
+        assert_eq!(found, Hist::ALL.len(), "{text}");
         let doc = to_json(&s, &[(StatIndex::Captured, 3)], since);
         assert_eq!(doc["histograms"]["connection_lifetime"]["count"], 100);
+        assert_eq!(doc["histograms"]["inbound_tls_handshake"]["count"], 2);
         assert_eq!(doc["bpf_decisions"]["captured"], 3);
     }
 

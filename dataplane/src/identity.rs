@@ -47,12 +47,17 @@ pub enum Error {
     NoCert(IpAddr),
 }
 
-/// The TLS configurations for one address.
+/// The TLS configurations for one address, built and checked at load time.
+/// Executors never use these directly: each takes copies with session stores
+/// of its own ([`Identity::client_config`], [`Identity::server_config`]).
 #[derive(Debug)]
 struct Configs {
-    client: Arc<ClientConfig>,
-    server: Arc<ServerConfig>,
+    client: ClientConfig,
+    server: ServerConfig,
 }
+
+/// Sessions each executor remembers, per address and side (rustls's default).
+const SESSIONS: usize = 256;
 
 /// Everything loaded from one certificate directory. Immutable: a reload
 /// builds a new one.
@@ -145,14 +150,24 @@ impl Identity {
         self.by_ip.keys().copied()
     }
 
-    /// The client configuration for a tunnel leaving from `src`.
-    pub fn client_config(&self, src: IpAddr) -> Result<Arc<ClientConfig>, Error> {
-        self.by_ip.get(&src).map(|c| c.client.clone()).ok_or(Error::NoCert(src))
+    /// A client configuration for a tunnel leaving from `src`, with a
+    /// session store of its own (a clone would share the original's).
+    pub fn client_config(&self, src: IpAddr) -> Result<ClientConfig, Error> {
+        let mut c = self.by_ip.get(&src).ok_or(Error::NoCert(src))?.client.clone();
+        if self.resumption {
+            c.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS);
+        }
+        Ok(c)
     }
 
-    /// The server configuration for a tunnel that arrived at `local`.
-    pub fn server_config(&self, local: IpAddr) -> Result<Arc<ServerConfig>, Error> {
-        self.by_ip.get(&local).map(|c| c.server.clone()).ok_or(Error::NoCert(local))
+    /// A server configuration for a tunnel that arrived at `local`, with a
+    /// session store of its own.
+    pub fn server_config(&self, local: IpAddr) -> Result<ServerConfig, Error> {
+        let mut c = self.by_ip.get(&local).ok_or(Error::NoCert(local))?.server.clone();
+        if self.resumption {
+            c.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSIONS);
+        }
+        Ok(c)
     }
 }
 
@@ -191,7 +206,7 @@ fn build(
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
     }
-    Ok(Configs { client: Arc::new(client), server: Arc::new(server) })
+    Ok(Configs { client, server })
 }
 
 /// Why a verified peer certificate is still not accepted.

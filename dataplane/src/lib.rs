@@ -2,20 +2,24 @@
 //! serves them on one pinned glommio executor per CPU.
 //!
 //! - [`config`]: the command line, validated as a whole;
-//! - [`run`]: the control thread; [`demo`]: the one-command demo;
+//! - [`run`]: the control thread (`dataplane-demo`, the one-command demo, is
+//!   a binary of its own over the `testworld` crate);
 //! - [`ebpf`]: the typed door to the capture programs;
 //! - [`shard`]: the per-core executors and their listeners;
-//! - [`outbound`], [`inbound`], [`relay`]: the data path;
+//! - [`outbound`], [`inbound`]: the two sides of the data path, over
+//!   [`conn`] (per-executor state, one record per connection, TLS configs),
+//!   [`relay`], [`reason`] and [`addrs`];
 //! - [`identity`], [`ca`]: certificates and TLS configurations;
 //! - [`stats`], [`dump`], [`admin`], [`reload`]: measurements and operations;
-//! - [`netns`], [`enroll`], [`socket`], [`cgroup`], [`cores`]: the node plumbing; `sys`
+//! - [`netns`], [`enroll`], [`socket`], [`cgroup`], [`cores`], [`rlimit`]: the node plumbing; `sys`
 //!   holds every `unsafe` block.
+pub mod addrs;
 pub mod admin;
 pub mod ca;
 pub mod cgroup;
 pub mod config;
+pub mod conn;
 pub mod cores;
-pub mod demo;
 pub mod dump;
 pub mod ebpf;
 pub mod enroll;
@@ -23,12 +27,14 @@ pub mod identity;
 pub mod inbound;
 pub mod netns;
 pub mod outbound;
+pub mod reason;
 pub mod relay;
 pub mod reload;
+pub mod rlimit;
 pub mod run;
 pub mod shard;
 pub mod socket;
 pub mod stats;
 mod sys;
 
-pub use sys::raise_open_file_limit;
+pub use rlimit::raise_open_file_limit;

@@ -68,13 +68,6 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo => match dataplane::demo::run() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
         Command::Ca(cmd) => {
             let result = match cmd {
                 CaCommand::Init { dir } => ca::init(&dir),

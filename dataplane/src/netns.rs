@@ -3,12 +3,13 @@
 //! A socket keeps the namespace it was created in, so the data plane creates
 //! each pod's listeners and upstream sockets inside that pod's namespace and
 //! switches straight back ([`Netns::run`]). The switch is per thread and never
-//! spans an `.await`: the closure is synchronous.
+//! spans an `.await`: the closure is synchronous. Each thread keeps its home
+//! namespace open (ztunnel's `InpodNetns`), so a switch costs two `setns`
+//! calls and no file opens; a switch back that fails is fatal to the process.
 use std::{
     fmt,
     fs::File,
     io,
-    os::fd::AsFd,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
@@ -85,20 +86,45 @@ impl Netns {
         }
     }
 
+    /// Opens the calling thread's home namespace now, so that it is held
+    /// from the thread's start (and a failure shows at start-up, not in the
+    /// middle of a connection).
+    pub fn pin_home() -> io::Result<()> {
+        HOME.with(|home| match home {
+            Ok(_) => Ok(()),
+            Err(e) => Err(io::Error::new(e.kind(), format!("opening this thread's own namespace: {e}"))),
+        })
+    }
+
     /// Runs `f` with the calling thread inside this namespace, then switches
     /// back, whatever `f` returns. Cheap when the thread is already there.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let home = Self::current()?;
-        if home.inode == self.inode {
-            return Ok(f());
-        }
-        sys::setns_net(self.file.as_fd())?;
-        let out = f();
-        // Staying in the pod's namespace would silently serve the wrong pod
-        // from this thread: there is no safe way to continue.
-        sys::setns_net(home.file.as_fd()).expect("switching the thread back to its own network namespace");
-        Ok(out)
+        HOME.with(|home| {
+            let home = match home {
+                Ok(home) => home,
+                Err(e) => return Err(io::Error::new(e.kind(), format!("opening this thread's own namespace: {e}"))),
+            };
+            if home.inode == self.inode {
+                return Ok(f());
+            }
+            nix::sched::setns(&self.file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let out = f();
+            if let Err(e) = nix::sched::setns(&home.file, nix::sched::CloneFlags::CLONE_NEWNET) {
+                // Staying in the pod's namespace would silently serve the
+                // wrong pod from this thread, and a dead thread would leave
+                // half a node serving: stop everything, loudly.
+                tracing::error!(netns = %self.name(), error = %e,
+                                "could not switch a thread back to its own network namespace; aborting");
+                std::process::abort();
+            }
+            Ok(out)
+        })
     }
+}
+
+thread_local! {
+    /// The namespace this thread lives in, opened once.
+    static HOME: io::Result<Netns> = Netns::current();
 }
 
 #[cfg(test)]
@@ -109,6 +135,7 @@ mod tests {
     fn run_in_the_current_namespace_is_a_no_op() {
         let ns = Netns::current().expect("current netns");
         let before = Netns::current().expect("current netns").inode;
+        assert_eq!(ns.id(), NetnsId(before));
         assert_eq!(ns.run(|| 7).expect("run"), 7);
         assert_eq!(Netns::current().expect("current netns").inode, before);
         assert!(ns.name().starts_with("netns:["), "{}", ns.name());

@@ -45,7 +45,8 @@ const RELOAD_POLL: Duration = Duration::from_millis(250);
 /// How often the open connections are counted, to return freed memory to
 /// the kernel when they drop.
 const TRIM_EVERY: Duration = Duration::from_secs(2);
-/// How long an executor gets to answer a snapshot request.
+/// How long an executor gets to answer a snapshot request (dumps and
+/// scrapes only).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs until SIGTERM or SIGINT, then drains.
@@ -73,10 +74,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         drain_timeout = ?cfg.drain_timeout,
         "starting"
     );
-    match crate::sys::raise_nofile_limit() {
+    match crate::rlimit::raise_open_file_limit() {
         Ok(n) => info!(open_files = n, "open-file limit"),
         Err(e) => warn!(error = %e, "could not raise the open-file limit"),
     }
+    crate::netns::Netns::pin_home()?;
     // Signals first: a SIGTERM during start-up must still detach cleanly.
     let signals = forward_signals()?;
     let (admin_tx, admin_rx) = crossbeam_channel::unbounded();
@@ -153,8 +155,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             },
             recv(trim) -> _ => {
                 // Give memory back after connections went away.
-                let (stats, _) = ctl.collect();
-                let open = stats.outbound.active() + stats.inbound.active();
+                let open = ctl.open();
                 if open < open_before {
                     crate::sys::release_free_memory();
                 }
@@ -235,9 +236,24 @@ impl Control {
         v
     }
 
-    /// Every executor's measurements, merged; and whether all of them
-    /// answered and listen in every enrolled namespace.
-    fn collect(&self) -> (Snapshot, bool) {
+    /// Connections open on every executor, read without asking them.
+    fn open(&self) -> u64 {
+        self.shards.iter().map(|s| s.open.get()).sum()
+    }
+
+    /// Whether every executor listens in every enrolled namespace, read
+    /// without asking them. (An executor that dies takes the process down.)
+    fn all_listening(&self) -> bool {
+        let enrolled = self.enrolled();
+        self.shards.iter().all(|s| {
+            let listening = s.listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            enrolled.iter().all(|id| listening.contains(id))
+        })
+    }
+
+    /// Every executor's measurements, merged (histograms included: for
+    /// dumps and scrapes).
+    fn collect(&self) -> Snapshot {
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut asked = 0;
         for s in &self.shards {
@@ -246,22 +262,17 @@ impl Control {
             }
         }
         let mut merged = Snapshot::default();
-        let mut all_listening = asked == self.shards.len();
-        let enrolled = self.enrolled();
         let deadline = Instant::now() + SNAPSHOT_TIMEOUT;
         for _ in 0..asked {
             match rx.recv_deadline(deadline) {
-                Ok(r) => {
-                    merged.merge(&r.stats);
-                    all_listening &= enrolled.iter().all(|id| r.listening.contains(id));
-                }
+                Ok(r) => merged.merge(&r.stats),
                 Err(_) => {
-                    all_listening = false;
+                    warn!(asked, "an executor did not answer a snapshot request in time");
                     break;
                 }
             }
         }
-        (merged, all_listening)
+        merged
     }
 
     fn bpf_stats(&self) -> Vec<(StatIndex, u64)> {
@@ -276,7 +287,7 @@ impl Control {
     }
 
     fn dump(&self) {
-        let (stats, _) = self.collect();
+        let stats = self.collect();
         if let Err(e) = dump::dump(&stats, &self.bpf_stats(), self.cfg.stats_dir.as_deref(), self.started) {
             error!(error = %e, dir = ?self.cfg.stats_dir, "writing the stats dump");
         }
@@ -285,17 +296,15 @@ impl Control {
     fn answer(&self, req: admin::Request) {
         let reply = match req.query {
             admin::Query::Metrics => {
-                let (stats, _) = self.collect();
+                let stats = self.collect();
                 let namespaces = self.registry.as_ref().map(enroll::Registry::counts).unwrap_or_default();
                 (200, admin::render(&stats, &self.bpf_stats(), &admin::Extra { reloads: self.reloads, namespaces }))
             }
             admin::Query::Ready => match self.phase {
                 Phase::Starting => (503, "starting: listeners or eBPF programs not in place yet\n".into()),
                 Phase::Draining => (503, "draining\n".into()),
-                Phase::Ready => match self.collect() {
-                    (_, true) => (200, "ready\n".into()),
-                    (_, false) => (503, "an executor is not listening in every namespace\n".into()),
-                },
+                Phase::Ready if self.all_listening() => (200, "ready\n".into()),
+                Phase::Ready => (503, "an executor is not listening in every namespace\n".into()),
             },
         };
         let _ = req.reply.send(reply);
@@ -327,8 +336,7 @@ impl Control {
         }
         let deadline = Instant::now() + self.cfg.drain_timeout;
         loop {
-            let (stats, _) = self.collect();
-            let open = stats.outbound.active() + stats.inbound.active();
+            let open = self.open();
             if open == 0 {
                 info!("drained: no connection left");
                 break;

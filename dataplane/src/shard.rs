@@ -7,19 +7,19 @@
 //! Executors report to the control thread over a crossbeam channel and never
 //! wait on it.
 use std::{
-    cell::RefCell,
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     rc::Rc,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
-use crossbeam_channel::{Receiver, Sender};
-use glommio::{net::TcpListener, LocalExecutorBuilder, Placement};
-use tracing::{info, warn};
+use crossbeam_channel::Sender;
+use glommio::{net::TcpListener, Latency, LocalExecutorBuilder, Placement, Shares};
+use tracing::{error, info, warn};
 
 use crate::{
+    conn::{Open, ShardCtx, Timeouts},
     identity::Identity,
     inbound,
     netns::{Netns, NetnsId},
@@ -28,15 +28,6 @@ use crate::{
     sys,
 };
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
-
-/// Handshake and idle limits.
-#[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
-    /// For the TLS handshake and the preamble.
-    pub handshake: Duration,
-    /// For a connection on which no byte moves either way.
-    pub idle: Duration,
-}
 
 /// What every executor is started with.
 #[derive(Debug)]
@@ -51,36 +42,16 @@ pub struct ShardSpec {
     pub timeouts: Timeouts,
 }
 
-/// One executor's own state, shared by its tasks (never across threads).
-#[derive(Debug)]
-pub struct ShardCtx {
-    /// The CPU it is pinned to.
-    pub cpu: usize,
-    /// SO_MARK of our own sockets.
-    pub bypass_mark: u32,
-    /// Limits.
-    pub timeouts: Timeouts,
-    identity: RefCell<Arc<Identity>>,
-    /// This executor's measurements.
-    pub stats: RefCell<Snapshot>,
-}
-
-impl ShardCtx {
-    /// The identities in force now.
-    pub fn identity(&self) -> Arc<Identity> {
-        self.identity.borrow().clone()
-    }
-
-    /// Records into this executor's measurements.
-    pub fn with_stats<T>(&self, f: impl FnOnce(&mut Snapshot) -> T) -> T {
-        f(&mut self.stats.borrow_mut())
-    }
-}
+/// The namespaces an executor has listeners in, written by the executor
+/// when it enrols or withdraws one, read by the control thread for
+/// readiness. Never touched on the data path.
+pub type Listening = Mutex<BTreeSet<NetnsId>>;
 
 /// What the control thread tells an executor.
 #[derive(Debug)]
 pub enum ToShard {
-    /// Send a copy of your measurements on this channel.
+    /// Send a copy of your measurements (histograms included) on this
+    /// channel: for dumps and scrapes only.
     Snapshot(Sender<ShardReport>),
     /// New certificates: use them for new handshakes.
     Identity(Arc<Identity>),
@@ -100,8 +71,6 @@ pub struct ShardReport {
     pub cpu: usize,
     /// Its measurements.
     pub stats: Snapshot,
-    /// The namespaces it has listeners in.
-    pub listening: Vec<NetnsId>,
 }
 
 /// What an executor tells the control thread.
@@ -131,8 +100,12 @@ pub type ShardHandle = glommio::ExecutorJoinHandle<()>;
 pub struct Shard {
     /// The CPU it is pinned to.
     pub cpu: usize,
-    /// Its control channel.
-    pub tx: Sender<ToShard>,
+    /// Its control channel (a message wakes it: it never polls).
+    pub tx: flume::Sender<ToShard>,
+    /// Connections open on it now.
+    pub open: Arc<Open>,
+    /// The namespaces it listens in now.
+    pub listening: Arc<Listening>,
     /// Its thread.
     pub handle: ShardHandle,
 }
@@ -143,14 +116,33 @@ pub fn spawn(cpus: &[usize], spec: Arc<ShardSpec>, events: Sender<ShardEvent>) -
         .map(|&cpu| {
             let spec = spec.clone();
             let events = events.clone();
-            let (tx, rx) = crossbeam_channel::unbounded();
+            let (tx, rx) = flume::unbounded();
+            let (open, listening) = (Arc::new(Open::default()), Arc::new(Listening::default()));
+            let ctx = (open.clone(), listening.clone());
             let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("shard-{cpu}"))
-                .spawn(move || async move { run(cpu, spec, events, rx).await })
+                .spawn(move || async move {
+                    let _fatal = DieTogether(cpu);
+                    run(cpu, spec, events, rx, ctx).await
+                })
                 .map_err(|e| std::io::Error::other(format!("starting the executor on CPU {cpu}: {e}")))?;
-            Ok(Shard { cpu, tx, handle })
+            Ok(Shard { cpu, tx, open, listening, handle })
         })
         .collect()
+}
+
+/// Takes the process down when an executor thread unwinds: half a node
+/// that answers `/live` with 200 while a core serves nothing is worse than
+/// a restart by the kubelet.
+struct DieTogether(usize);
+
+impl Drop for DieTogether {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!(cpu = self.0, "an executor died; stopping the data plane so that it is restarted whole");
+            std::process::abort();
+        }
+    }
 }
 
 const OUTBOUND_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT);
@@ -163,72 +155,96 @@ fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<TcpListener, String> {
     }
 }
 
-/// How often an executor looks at its control channel. Executors never block
-/// on the control thread: they poll from a timer.
-const CONTROL_POLL: Duration = Duration::from_millis(20);
+/// Priority of the control task: a message (drain, new certificates, a
+/// new pod) is handled within this even while connections keep the
+/// executor busy.
+const CONTROL_LATENCY: Duration = Duration::from_millis(1);
 
-async fn run(cpu: usize, spec: Arc<ShardSpec>, events: Sender<ShardEvent>, control: Receiver<ToShard>) {
-    let shard = Rc::new(ShardCtx {
-        cpu,
-        bypass_mark: spec.bypass_mark,
-        timeouts: spec.timeouts,
-        identity: RefCell::new(spec.identity.clone()),
-        stats: RefCell::new(Snapshot::default()),
-    });
-    let mut listeners: BTreeMap<NetnsId, [glommio::Task<()>; 2]> = BTreeMap::new();
-    let mut draining = false;
+type Listeners = BTreeMap<NetnsId, [glommio::Task<()>; 2]>;
+
+async fn run(
+    cpu: usize,
+    spec: Arc<ShardSpec>,
+    events: Sender<ShardEvent>,
+    control: flume::Receiver<ToShard>,
+    (open, listening): (Arc<Open>, Arc<Listening>),
+) {
+    let shard = Rc::new(ShardCtx::new(cpu, spec.bypass_mark, spec.timeouts, spec.identity.clone(), open));
+    let mut listeners = Listeners::new();
+    if let Err(e) = Netns::pin_home() {
+        let error = e.to_string();
+        let _ = events.send(ShardEvent::Failed { cpu, netns: NetnsId(0), error });
+        return;
+    }
     for ns in &spec.namespaces {
-        if let Err(error) = enroll(&shard, ns, &mut listeners) {
+        if let Err(error) = enroll(&shard, ns, &mut listeners, &listening) {
             let _ = events.send(ShardEvent::Failed { cpu, netns: ns.id(), error });
             return;
         }
     }
     info!(cpu, namespaces = spec.namespaces.len(), "executor listening");
     let _ = events.send(ShardEvent::Ready { cpu });
-    loop {
-        while let Ok(msg) = control.try_recv() {
-            match msg {
-                ToShard::Snapshot(reply) => {
-                    let stats = shard.stats.borrow().clone();
-                    let _ = reply.send(ShardReport { cpu, stats, listening: listeners.keys().copied().collect() });
-                }
-                ToShard::Identity(id) => *shard.identity.borrow_mut() = id,
-                ToShard::Enroll(ns) if !draining => {
-                    if let Err(error) = enroll(&shard, &ns, &mut listeners) {
-                        let _ = events.send(ShardEvent::Failed { cpu, netns: ns.id(), error });
+    let queue = glommio::executor().create_task_queue(Shares::default(), Latency::Matters(CONTROL_LATENCY), "control");
+    let task = glommio::spawn_local_into(
+        async move {
+            let mut draining = false;
+            // Woken by each message; ends when the control thread is gone.
+            while let Ok(msg) = control.recv_async().await {
+                match msg {
+                    ToShard::Snapshot(reply) => {
+                        let _ = reply.send(ShardReport { cpu, stats: shard.snapshot() });
                     }
-                }
-                ToShard::Enroll(_) => {}
-                ToShard::Withdraw(id) => {
-                    if let Some(tasks) = listeners.remove(&id) {
-                        for t in tasks {
-                            t.cancel().await;
+                    ToShard::Identity(id) => shard.set_identity(id),
+                    ToShard::Enroll(ns) if !draining => {
+                        if let Err(error) = enroll(&shard, &ns, &mut listeners, &listening) {
+                            let _ = events.send(ShardEvent::Failed { cpu, netns: ns.id(), error });
                         }
                     }
-                }
-                ToShard::Drain => {
-                    // Dropping the accept loops drops the listeners: the
-                    // kernel then sends new connections to other sockets in
-                    // the SO_REUSEPORT group (a new instance), or refuses them.
-                    draining = true;
-                    for (_, tasks) in std::mem::take(&mut listeners) {
-                        for t in tasks {
-                            t.cancel().await;
+                    ToShard::Enroll(_) => {}
+                    ToShard::Withdraw(id) => {
+                        if let Some(tasks) = listeners.remove(&id) {
+                            lock(&listening).remove(&id);
+                            for t in tasks {
+                                t.cancel().await;
+                            }
                         }
                     }
-                    info!(cpu, "listeners closed; draining");
+                    ToShard::Drain => {
+                        // Dropping the accept loops drops the listeners: the
+                        // kernel then sends new connections to other sockets
+                        // in the SO_REUSEPORT group (a new instance), or
+                        // refuses them.
+                        draining = true;
+                        lock(&listening).clear();
+                        for (_, tasks) in std::mem::take(&mut listeners) {
+                            for t in tasks {
+                                t.cancel().await;
+                            }
+                        }
+                        info!(cpu, "listeners closed; draining");
+                    }
                 }
             }
-        }
-        glommio::timer::sleep(CONTROL_POLL).await;
+        },
+        queue,
+    );
+    match task {
+        Ok(task) => task.await,
+        Err(e) => panic!("executor on CPU {cpu}: spawning its control task: {e}"),
     }
+}
+
+fn lock(listening: &Listening) -> std::sync::MutexGuard<'_, BTreeSet<NetnsId>> {
+    // Poisoned only if a holder panicked, which aborts the process first.
+    listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Opens both listeners in `ns` and starts their accept loops.
 fn enroll(
     shard: &Rc<ShardCtx>,
     ns: &Arc<Netns>,
-    listeners: &mut BTreeMap<NetnsId, [glommio::Task<()>; 2]>,
+    listeners: &mut Listeners,
+    listening: &Listening,
 ) -> Result<(), String> {
     if listeners.contains_key(&ns.id()) {
         return Ok(());
@@ -240,6 +256,7 @@ fn enroll(
         glommio::spawn_local(accept_loop(in_listener, shard.clone(), ns.clone(), Role::Inbound)),
     ];
     listeners.insert(ns.id(), tasks);
+    lock(listening).insert(ns.id());
     Ok(())
 }
 

@@ -11,7 +11,7 @@
 //! socket2 0.4) as owned fds.
 use std::{
     io,
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     os::fd::{AsRawFd, OwnedFd},
     time::Duration,
 };
@@ -60,6 +60,17 @@ pub fn upstream(dst: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
         Err(e) => return Err(e),
     }
     Ok(s.into())
+}
+
+/// Where a redirected connection was going: `getsockopt(SOL_IP,
+/// SO_ORIGINAL_DST)`, answered by our `cgroup/getsockopt` program (or by
+/// conntrack behind an iptables REDIRECT).
+pub fn original_dst<T: AsRawFd>(owner: &T) -> io::Result<SocketAddrV4> {
+    let fd = sys::borrow_fd(owner);
+    SockRef::from(&fd)
+        .original_dst_v4()?
+        .as_socket_ipv4()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST returned no IPv4 address"))
 }
 
 /// Makes the socket's close send a reset (SO_LINGER 0) instead of a FIN, so a

@@ -8,6 +8,8 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 
 use hdrhistogram::Histogram;
 
+use crate::reason::Reason;
+
 /// The latency histograms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hist {
@@ -21,11 +23,28 @@ pub enum Hist {
     FirstByte,
     /// Outbound: accept to close.
     Lifetime,
+    /// Inbound: the TLS server handshake.
+    InboundTlsHandshake,
+    /// Inbound: accept to the first byte from the application.
+    InboundFirstByte,
+    /// Inbound: accept to close.
+    InboundLifetime,
 }
+
+/// How many histograms there are.
+pub const HISTS: usize = Hist::ALL.len();
 
 impl Hist {
     /// Every histogram, in index order.
-    pub const ALL: [Hist; 4] = [Hist::TunnelConnect, Hist::TlsHandshake, Hist::FirstByte, Hist::Lifetime];
+    pub const ALL: [Hist; 7] = [
+        Hist::TunnelConnect,
+        Hist::TlsHandshake,
+        Hist::FirstByte,
+        Hist::Lifetime,
+        Hist::InboundTlsHandshake,
+        Hist::InboundFirstByte,
+        Hist::InboundLifetime,
+    ];
 
     /// A stable snake_case name (JSON keys, metric names, log tags).
     pub fn name(self) -> &'static str {
@@ -34,6 +53,22 @@ impl Hist {
             Hist::TlsHandshake => "tls_handshake",
             Hist::FirstByte => "first_byte",
             Hist::Lifetime => "connection_lifetime",
+            Hist::InboundTlsHandshake => "inbound_tls_handshake",
+            Hist::InboundFirstByte => "inbound_first_byte",
+            Hist::InboundLifetime => "inbound_connection_lifetime",
+        }
+    }
+
+    /// What it measures, for `/metrics` help text.
+    pub fn help(self) -> &'static str {
+        match self {
+            Hist::TunnelConnect => "Outbound: accept to tunnel ready (connect, mutual TLS, preamble)",
+            Hist::TlsHandshake => "Outbound: TLS client handshake, overlapping the TCP connect",
+            Hist::FirstByte => "Outbound: accept to the first byte from the destination",
+            Hist::Lifetime => "Outbound: connection lifetime",
+            Hist::InboundTlsHandshake => "Inbound: TLS server handshake",
+            Hist::InboundFirstByte => "Inbound: accept to the first byte from the application",
+            Hist::InboundLifetime => "Inbound: connection lifetime",
         }
     }
 }
@@ -117,9 +152,9 @@ pub struct Snapshot {
     /// Inbound counters.
     pub inbound: Flow,
     /// Failures by direction, blamed side and reason.
-    pub failures: BTreeMap<(Direction, Blame, &'static str), u64>,
+    pub failures: BTreeMap<(Direction, Blame, Reason), u64>,
     /// Latency histograms, indexed like [`Hist::ALL`].
-    pub hist: [Histogram<u64>; 4],
+    pub hist: [Histogram<u64>; HISTS],
 }
 
 const MAX_MICROS: u64 = 3_600_000_000;
@@ -134,7 +169,7 @@ impl Default for Snapshot {
             outbound: Flow::default(),
             inbound: Flow::default(),
             failures: BTreeMap::new(),
-            hist: [histogram(), histogram(), histogram(), histogram()],
+            hist: std::array::from_fn(|_| histogram()),
         }
     }
 }
@@ -155,7 +190,7 @@ impl Snapshot {
     }
 
     /// Counts a failed connection.
-    pub fn fail(&mut self, d: Direction, blame: Blame, reason: &'static str) {
+    pub fn fail(&mut self, d: Direction, blame: Blame, reason: Reason) {
         self.flow(d).failed += 1;
         *self.failures.entry((d, blame, reason)).or_default() += 1;
     }
@@ -178,41 +213,9 @@ impl Snapshot {
         }
     }
 
-    /// Failures of `d` blamed on anyone, summed over reasons matching `reason`.
-    pub fn failures_of(&self, d: Direction, reason: &str) -> u64 {
+    /// Failures of `d` for `reason`, whoever was blamed.
+    pub fn failures_of(&self, d: Direction, reason: Reason) -> u64 {
         self.failures.iter().filter(|((dd, _, r), _)| *dd == d && *r == reason).map(|(_, v)| v).sum()
-    }
-}
-
-/// A short, stable label for a TLS or socket error, for metrics.
-pub fn classify(e: &std::io::Error) -> &'static str {
-    use rustls::{CertificateError, Error as T};
-    if let Some(t) = e.get_ref().and_then(|inner| inner.downcast_ref::<T>()) {
-        return match t {
-            T::NoCertificatesPresented => "no_client_certificate",
-            T::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
-            T::InvalidCertificate(CertificateError::BadSignature) => "bad_signature",
-            T::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => "expired",
-            T::InvalidCertificate(CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. }) => {
-                "not_yet_valid"
-            }
-            T::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            ) => "wrong_name",
-            T::InvalidCertificate(_) => "bad_certificate",
-            T::AlertReceived(_) => "alert_received",
-            T::PeerIncompatible(_) => "incompatible_peer",
-            T::InvalidMessage(_) => "not_tls",
-            T::NoApplicationProtocol => "no_alpn",
-            _ => "tls_other",
-        };
-    }
-    match e.kind() {
-        std::io::ErrorKind::ConnectionRefused => "refused",
-        std::io::ErrorKind::ConnectionReset => "reset",
-        std::io::ErrorKind::UnexpectedEof => "eof",
-        std::io::ErrorKind::TimedOut => "timeout",
-        _ => "io",
     }
 }
 
@@ -226,16 +229,16 @@ mod tests {
         a.outbound.accepted = 2;
         a.outbound.completed = 1;
         a.record(Hist::Lifetime, Duration::from_millis(5));
-        a.fail(Direction::Inbound, Blame::Downstream, "unknown_ca");
+        a.fail(Direction::Inbound, Blame::Downstream, Reason::UnknownCa);
         let mut b = Snapshot::default();
         b.outbound.accepted = 3;
         b.record(Hist::Lifetime, Duration::from_millis(7));
-        b.fail(Direction::Inbound, Blame::Downstream, "unknown_ca");
+        b.fail(Direction::Inbound, Blame::Downstream, Reason::UnknownCa);
         a.merge(&b);
         assert_eq!(a.outbound.accepted, 5);
         assert_eq!(a.outbound.active(), 4);
         assert_eq!(a.hist[Hist::Lifetime as usize].len(), 2);
-        assert_eq!(a.failures_of(Direction::Inbound, "unknown_ca"), 2);
+        assert_eq!(a.failures_of(Direction::Inbound, Reason::UnknownCa), 2);
         assert_eq!(a.inbound.failed, 2);
     }
 
@@ -247,13 +250,5 @@ mod tests {
         let h = &s.hist[Hist::Lifetime as usize];
         assert_eq!(h.len(), 2);
         assert!(h.max() >= MAX_MICROS / 2 && h.min() == 1);
-    }
-
-    #[test]
-    fn tls_errors_get_short_labels() {
-        let e = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls::Error::NoCertificatesPresented);
-        assert_eq!(classify(&e), "no_client_certificate");
-        let e = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        assert_eq!(classify(&e), "reset");
     }
 }

@@ -1,20 +1,14 @@
 //! The capture path against the real kernel: a cgroup with the programs
 //! attached, pods as network namespaces joined by veth, unmodified Python
 //! clients and servers, and the data plane binary.
-mod harness;
 
 use std::{thread, time::Duration};
 
-use harness::{
-    attached, client, eventually, privileged, run_args, server, two_pods, veth, Certs, Cgroup, Dataplane, Netns,
-};
+use testworld::{attached, client, eventually, run_args, server, two_pods, veth, Certs, Cgroup, Dataplane, Netns};
 
 #[test]
 fn captured_connect_reaches_its_original_destination() {
-    let t = "captured_connect_reaches_its_original_destination";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
@@ -35,10 +29,7 @@ fn captured_connect_reaches_its_original_destination() {
 
 #[test]
 fn pods_with_the_same_source_port_each_get_their_own_destination() {
-    let t = "pods_with_the_same_source_port_each_get_their_own_destination";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
@@ -72,10 +63,7 @@ fn pods_with_the_same_source_port_each_get_their_own_destination() {
 
 #[test]
 fn uncaptured_connects_go_direct() {
-    let t = "uncaptured_connects_go_direct";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
@@ -86,7 +74,7 @@ fn uncaptured_connects_go_direct() {
     let args = run_args(&workload, "10.77.0.2/32", &certs, &[&a, &b], &["--exclude-port", "8090"]);
     let _dp = Dataplane::start(&own, &args);
 
-    let direct = |seen: Vec<harness::Seen>, to: &str, why: &str| {
+    let direct = |seen: Vec<testworld::Seen>, to: &str, why: &str| {
         assert_eq!(seen[0].peer, to, "{why} must go direct: {:?}", seen[0]);
         assert_eq!(seen[0].server_saw.split(':').next(), Some("10.77.0.1"));
     };
@@ -100,10 +88,7 @@ fn uncaptured_connects_go_direct() {
 
 #[test]
 fn the_data_planes_own_connects_are_never_captured() {
-    let t = "the_data_planes_own_connects_are_never_captured";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     // The data plane runs *inside* the workload cgroup, as it does under the
     // kubelet's pods cgroup on a node: connect4 sees its sockets too.
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
@@ -123,10 +108,7 @@ fn the_data_planes_own_connects_are_never_captured() {
 
 #[test]
 fn nothing_stays_attached_after_exit_or_sigkill() {
-    let t = "nothing_stays_attached_after_exit_or_sigkill";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");

@@ -1,23 +1,17 @@
 //! Faults against the real binary: a data plane killed mid-transfer, peers
 //! that stall, original-destination maps under pressure, fail-open after
 //! SIGKILL. (10,000 connections held for 30 s: `soak.rs`.)
-mod harness;
 
 use std::{
     thread,
     time::{Duration, Instant},
 };
 
-use harness::{
-    client, eventually, http_get, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup, Dataplane,
-};
+use testworld::{client, eventually, http_get, peer, run_args, server, two_pods, world, Certs, Cgroup, Dataplane};
 
 #[test]
 fn a_destination_data_plane_killed_mid_transfer() {
-    let t = "a_destination_data_plane_killed_mid_transfer";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
     let (w1, d1, w2, d2) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), Cgroup::new(t, "x"), Cgroup::new(t, "e"));
     let (a, b, _) = two_pods(t);
@@ -47,10 +41,7 @@ fn a_destination_data_plane_killed_mid_transfer() {
 
 #[test]
 fn stalled_peers_are_closed_at_the_timeouts_and_cost_only_their_sockets() {
-    let t = "stalled_peers_are_closed_at_the_timeouts_and_cost_only_their_sockets";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--handshake-timeout", "1s", "--admin", "127.0.0.1:0"]);
     let (a, b, workload, certs, dp) = (&w.a, &w.b, &w.workload, &w.certs, &w.dp);
     let _srv = server(b, "0.0.0.0", 8080, "b");
@@ -82,11 +73,29 @@ fn stalled_peers_are_closed_at_the_timeouts_and_cost_only_their_sockets() {
 }
 
 #[test]
+fn a_preamble_dripped_byte_by_byte_is_cut_at_the_handshake_timeout_in_total() {
+    let t = testworld::kernel_test!();
+    let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--handshake-timeout", "1s"]);
+    let srv = server(&w.b, "0.0.0.0", 8080, "b");
+    // An authenticated peer (pod A's own certificate) sends a valid 10-byte
+    // preamble one byte every 0.3 s: every gap is well inside the timeout,
+    // the whole would take 3 s.
+    let c = |f: &str| format!("{}/{f}", w.certs.path());
+    let (ca, crt, key) = (c("ca.crt"), c("10.77.0.1.crt"), c("10.77.0.1.key"));
+    let r = &peer(&w.a, None, &["tls", "10.77.0.2", "18001", &ca, &crt, &key, "drip:10.77.0.2:8080"])[0];
+    assert_eq!(r["handshake"], "ok", "{r}");
+    assert!(r["sent"].as_u64().expect("sent") < 10, "cut before the preamble was complete: {r}");
+    let after = r["closed_after"].as_f64().expect("closed_after");
+    assert!(after < 2.0, "closed about 1 s after the handshake began, not per byte: {r}");
+    assert!(r["reply"].is_null(), "nothing was delivered: {r}");
+    assert_eq!(srv.accepted(), 0, "the application never saw a connection");
+    let (_, text) = http_get(&w.dp.admin(), "/metrics").expect("metrics");
+    assert!(text.contains("reason=\"preamble_timeout\"} 1"), "one preamble timeout counted:\n{text}");
+}
+
+#[test]
 fn idle_connections_are_closed_at_the_idle_timeout() {
-    let t = "idle_connections_are_closed_at_the_idle_timeout";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--idle-timeout", "1s"]);
     let (a, b, workload) = (&w.a, &w.b, &w.workload);
     let _srv = server(b, "0.0.0.0", 8080, "b");
@@ -100,10 +109,7 @@ fn idle_connections_are_closed_at_the_idle_timeout() {
 
 #[test]
 fn map_pressure_never_misdelivers() {
-    let t = "map_pressure_never_misdelivers";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     // 16 entries per map, and bursts of 400 concurrent connects.
     let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--map-entries", "16", "--admin", "127.0.0.1:0"]);
     let (a, b, workload, dp) = (&w.a, &w.b, &w.workload, &w.dp);
@@ -127,10 +133,7 @@ fn map_pressure_never_misdelivers() {
 
 #[test]
 fn by_default_capture_stops_when_the_data_plane_dies() {
-    let t = "by_default_capture_stops_when_the_data_plane_dies";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let mut w = world(t, &["10.77.0.1", "10.77.0.2"], &[]);
     let (a, b, workload) = (&w.a, &w.b, &w.workload);
     let _srv = server(b, "0.0.0.0", 8080, "b");
@@ -138,7 +141,7 @@ fn by_default_capture_stops_when_the_data_plane_dies() {
     w.dp.proc.signal("KILL");
     w.dp.proc.wait(Duration::from_secs(5));
     assert!(
-        eventually(Duration::from_secs(3), || harness::attached(&workload.path).is_empty()),
+        eventually(Duration::from_secs(3), || testworld::attached(&workload.path).is_empty()),
         "the programs went with the process"
     );
     let seen = client(a, Some(workload), "10.77.0.2", 8080, &[]);

@@ -1,11 +1,10 @@
 //! Hostile input against the real binary: whatever arrives at 18001 or
 //! 18000, or whatever certificate the far side presents, is refused, logged
 //! and counted, and nothing reaches an application.
-mod harness;
 
 use std::{fs, thread, time::Duration};
 
-use harness::{http_get, metric, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup, Dataplane};
+use testworld::{http_get, metric, peer, run_args, server, two_pods, world, Certs, Cgroup, Dataplane};
 
 fn refused(admin: &str, direction: &str, reason: &str) -> f64 {
     let (_, text) = http_get(admin, "/metrics").expect("metrics");
@@ -30,10 +29,7 @@ fn sibling(certs: &Certs, test: &str) -> Certs {
 
 #[test]
 fn the_tunnel_port_refuses_everything_hostile() {
-    let t = "the_tunnel_port_refuses_everything_hostile";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w =
         world(t, &["10.77.0.1", "10.77.0.2", "10.77.0.9"], &["--admin", "127.0.0.1:0", "--handshake-timeout", "2s"]);
     let (a, b, certs, dp) = (&w.a, &w.b, &w.certs, &w.dp);
@@ -97,10 +93,7 @@ fn the_tunnel_port_refuses_everything_hostile() {
 
 #[test]
 fn an_uncaptured_connection_to_the_outbound_port_is_refused() {
-    let t = "an_uncaptured_connection_to_the_outbound_port_is_refused";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--admin", "127.0.0.1:0"]);
     let (a, b, dp) = (&w.a, &w.b, &w.dp);
     let _app = server(b, "0.0.0.0", 8080, "app");
@@ -114,10 +107,7 @@ fn an_uncaptured_connection_to_the_outbound_port_is_refused() {
 
 #[test]
 fn a_server_certificate_for_another_ip_is_refused_and_nothing_is_sent() {
-    let t = "a_server_certificate_for_another_ip_is_refused_and_nothing_is_sent";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     // B's data plane holds, under B's address, a certificate for 10.77.0.9.
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.9"]);
     fs::copy(certs.dir.join("10.77.0.9.crt"), certs.dir.join("10.77.0.2.crt")).expect("crt");
@@ -134,11 +124,11 @@ fn a_server_certificate_for_another_ip_is_refused_and_nothing_is_sent() {
     assert_eq!(app.accepted(), 0, "nothing reached the application");
     assert_eq!(refused(&dp.admin(), "outbound", "wrong_name"), 1.0, "counted on the outbound side");
     // A normal client sees the same.
-    let out = harness::Netns::command(
+    let out = testworld::Netns::command(
         &a,
         Some(&workload),
         "python3",
-        &[&harness::peers_py(), "connect", "10.77.0.2", "8080"],
+        &[&testworld::peers_py(), "connect", "10.77.0.2", "8080"],
     )
     .output()
     .expect("client");

@@ -1,13 +1,10 @@
 //! Node mode against the real kernel: one data plane watching a directory of
 //! namespace files, pods coming and going behind a bridge, and two such
 //! nodes side by side.
-mod harness;
 
 use std::{fs, path::PathBuf, process::Command, thread, time::Duration};
 
-use harness::{
-    client, eventually, fds, http_get, metric, privileged, run_args, server, Certs, Cgroup, Dataplane, Netns, Proc,
-};
+use testworld::{client, eventually, fds, http_get, metric, run_args, server, Certs, Cgroup, Dataplane, Netns, Proc};
 
 /// A directory of namespace files (symlinks to `ip netns` files), removed on
 /// drop.
@@ -15,7 +12,7 @@ struct NetnsDir(PathBuf);
 
 impl NetnsDir {
     fn new(test: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("dptest-netns-{}", harness::unique(test, "n")));
+        let d = std::env::temp_dir().join(format!("dptest-netns-{}", testworld::unique(test, "n")));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).expect("netns dir");
         Self(d)
@@ -59,10 +56,7 @@ fn namespaces_in(admin: &str, state: &str) -> Option<f64> {
 
 #[test]
 fn a_node_serves_pods_as_they_come_and_go() {
-    let t = "a_node_serves_pods_as_they_come_and_go";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.3"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
@@ -182,10 +176,7 @@ fn a_node_serves_pods_as_they_come_and_go() {
 
 #[test]
 fn two_nodes_talk_both_ways() {
-    let t = "two_nodes_talk_both_ways";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
     let (w1, d1, dir1) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(&format!("{t}-1")));
     let (w2, d2, dir2) = (Cgroup::new(t, "x"), Cgroup::new(t, "e"), NetnsDir::new(&format!("{t}-2")));
@@ -198,7 +189,7 @@ fn two_nodes_talk_both_ways() {
     let dp2 = start(&w2, &d2, &dir2);
     let a = Netns::new(t, "a");
     let b = Netns::new(t, "b");
-    harness::veth(&a, "10.77.0.1/24", &b, "10.77.0.2/24");
+    testworld::veth(&a, "10.77.0.1/24", &b, "10.77.0.2/24");
     let _sa = server(&a, "0.0.0.0", 8080, "a");
     let _sb = server(&b, "0.0.0.0", 8080, "b");
     dir1.add(&a);

@@ -1,7 +1,6 @@
 //! Operations against the real binary: SIGUSR1 dumps under traffic,
 //! Prometheus metrics (linted by promtool), readiness, drain on SIGTERM, the
 //! eBPF decision counters, and certificate rotation by symlink flip.
-mod harness;
 
 use std::{
     fs,
@@ -11,12 +10,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{
-    attached, client, eventually, http_get, metric, peer, privileged, run_args, server, two_pods, world, Certs, Cgroup,
-    Dataplane, Proc,
+use testworld::{
+    attached, client, eventually, http_get, metric, peer, run_args, server, two_pods, world, Certs, Cgroup, Dataplane,
+    Proc,
 };
 
 const IPS: &[&str] = &["10.77.0.1", "10.77.0.2"];
+
+/// Every histogram, outbound and inbound: each connection through one data
+/// plane serving both pods is recorded once on each side.
+const HISTOGRAMS: [&str; 7] = [
+    "tunnel_connect",
+    "tls_handshake",
+    "first_byte",
+    "connection_lifetime",
+    "inbound_tls_handshake",
+    "inbound_first_byte",
+    "inbound_connection_lifetime",
+];
 
 fn read_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&fs::read(path).ok()?).ok()
@@ -24,11 +35,8 @@ fn read_json(path: &Path) -> Option<serde_json::Value> {
 
 #[test]
 fn sigusr1_dumps_while_traffic_flows() {
-    let t = "sigusr1_dumps_while_traffic_flows";
-    if !privileged(t) {
-        return;
-    }
-    let stats = std::env::temp_dir().join(format!("dptest-stats-{}", harness::unique(t, "s")));
+    let t = testworld::kernel_test!();
+    let stats = std::env::temp_dir().join(format!("dptest-stats-{}", testworld::unique(t, "s")));
     let _ = fs::remove_dir_all(&stats);
     let stats_s = stats.display().to_string();
     let w = world(t, IPS, &["--stats-dir", &stats_s]);
@@ -65,7 +73,7 @@ fn sigusr1_dumps_while_traffic_flows() {
     assert_eq!(j["outbound"]["completed"], N, "{j}");
     assert_eq!(j["outbound"]["failed"], 0, "{j}");
     assert_eq!(j["inbound"]["completed"], N, "{j}");
-    for h in ["tunnel_connect", "tls_handshake", "first_byte", "connection_lifetime"] {
+    for h in HISTOGRAMS {
         assert_eq!(j["histograms"][h]["count"], N, "{h}: {j}");
         let p50 = j["histograms"][h]["p50_us"].as_u64().expect("p50");
         let max = j["histograms"][h]["max_us"].as_u64().expect("max");
@@ -92,24 +100,23 @@ fn sigusr1_dumps_while_traffic_flows() {
             counts.insert(h.tag().expect("tag").as_str().to_string(), decoded.len());
         }
     }
-    assert_eq!(counts.get("connection_lifetime"), Some(&(N as u64)), "{counts:?}");
-    assert_eq!(counts.len(), 4, "{counts:?}");
+    for h in HISTOGRAMS {
+        assert_eq!(counts.get(h), Some(&(N as u64)), "{h}: {counts:?}");
+    }
+    assert_eq!(counts.len(), HISTOGRAMS.len(), "{counts:?}");
     drop(w);
     let _ = fs::remove_dir_all(&stats);
 }
 
 #[test]
 fn metrics_pass_promtool_and_match_the_traffic() {
-    let t = "metrics_pass_promtool_and_match_the_traffic";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, IPS);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
     let (a, b, b_if) = two_pods(t);
     b.ip(&["addr", "add", "10.77.0.3/24", "dev", &b_if]);
-    let _sink = harness::server_with(&b, &["sink", "0.0.0.0", "9000"], "sink");
+    let _sink = testworld::server_with(&b, &["sink", "0.0.0.0", "9000"], "sink");
     let _srv = server(&b, "0.0.0.0", 8080, "b");
     // Only 10.77.0.2 is captured: 10.77.0.3 goes direct.
     let dp =
@@ -154,6 +161,8 @@ fn metrics_pass_promtool_and_match_the_traffic() {
     assert_eq!(out("dataplane_bytes_total{direction=\"inbound\",flow=\"to_upstream\"}"), up as f64);
     assert!(out("dataplane_bytes_total{direction=\"outbound\",flow=\"to_downstream\"}") >= (CONNS * 2000) as f64);
     assert_eq!(out("dataplane_tunnel_connect_seconds_count"), CONNS as f64);
+    assert_eq!(out("dataplane_inbound_tls_handshake_seconds_count"), CONNS as f64);
+    assert_eq!(out("dataplane_inbound_connection_lifetime_seconds_count"), CONNS as f64);
 
     // What the kernel side decided: exactly our connects.
     assert_eq!(out("dataplane_bpf_decisions_total{decision=\"captured\"}"), CONNS as f64);
@@ -165,10 +174,7 @@ fn metrics_pass_promtool_and_match_the_traffic() {
 
 #[test]
 fn readiness_follows_the_lifecycle_and_drain_lets_connections_finish() {
-    let t = "readiness_follows_the_lifecycle_and_drain_lets_connections_finish";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, IPS);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
@@ -186,19 +192,13 @@ fn readiness_follows_the_lifecycle_and_drain_lets_connections_finish() {
         .arg(env!("CARGO_BIN_EXE_dataplane"))
         .args(&args)
         .env("RUST_LOG", "info");
-    let proc = Proc::spawn(cmd, "dataplane");
-    let dp = Dataplane { proc };
+    let mut proc = Proc::spawn(cmd, "dataplane");
     // Poll from the first moment the endpoint can answer: the address is
     // in the log as soon as it is bound, before the eBPF load and the
     // executors, so the first answer comes while it is still starting.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let admin = loop {
-        if dp.proc.output().iter().any(|l| l.contains("admin endpoint listening")) {
-            break dp.admin();
-        }
-        assert!(Instant::now() < deadline, "no admin endpoint:\n{}", dp.proc.output().join("\n"));
-        thread::sleep(Duration::from_millis(1));
-    };
+    let line = proc.try_wait_for("admin endpoint listening", Duration::from_secs(20)).expect("admin endpoint");
+    let admin = line.split("bound=").nth(1).and_then(|r| r.split_whitespace().next()).expect("bound=ADDR").to_string();
     let mut seen = Vec::new();
     while seen.last() != Some(&200) {
         assert!(Instant::now() < deadline, "never ready: {seen:?}");
@@ -217,7 +217,7 @@ fn readiness_follows_the_lifecycle_and_drain_lets_connections_finish() {
         let long = s.spawn(|| peer(&a, Some(&workload), &["slow", "10.77.0.2", "8080", "10"]));
         thread::sleep(Duration::from_millis(500));
         let sigterm = Instant::now();
-        dp.proc.signal("TERM");
+        proc.signal("TERM");
         assert!(
             eventually(Duration::from_secs(2), || http_get(&admin, "/ready").is_ok_and(|(s, _)| s == 503)),
             "not ready while draining"
@@ -236,12 +236,11 @@ fn readiness_follows_the_lifecycle_and_drain_lets_connections_finish() {
     assert_eq!(short["ok"], true, "finished within the drain timeout: {short}");
     assert!(short["lines"].as_u64().expect("lines") >= 5, "it kept flowing while draining: {short}");
     assert_eq!(long["ok"], false, "cut at the drain timeout: {long}");
-    let mut dp = dp;
-    let status = dp.proc.wait(Duration::from_secs(10));
+    let status = proc.wait(Duration::from_secs(10));
     assert!(status.success(), "exit 0 after draining: {status}");
     assert!(attached(&workload.path).is_empty() && attached(&own.path).is_empty(), "nothing left attached");
     assert!(
-        eventually(Duration::from_secs(2), || dp.proc.output().iter().any(|l| l.contains("drain timeout"))),
+        eventually(Duration::from_secs(2), || proc.output().iter().any(|l| l.contains("drain timeout"))),
         "the timeout was logged"
     );
 }
@@ -293,10 +292,7 @@ impl Drop for SecretMount {
 
 #[test]
 fn certificates_rotate_by_symlink_flip_without_disruption() {
-    let t = "certificates_rotate_by_symlink_flip_without_disruption";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let v1 = Certs::new(t, IPS);
     let v2 = Certs::new(&format!("{t}-v2"), &[]);
     fs::copy(v1.dir.join("ca.crt"), v2.dir.join("ca.crt")).expect("ca.crt");
@@ -307,7 +303,7 @@ fn certificates_rotate_by_symlink_flip_without_disruption() {
     fs::remove_file(v1.dir.join("ca.key")).expect("the data plane never sees the CA key");
     fs::remove_file(v2.dir.join("ca.key")).expect("ca.key");
     let mut mount =
-        SecretMount::new(std::env::temp_dir().join(format!("dptest-secret-{}", harness::unique(t, "m"))), &v1.dir);
+        SecretMount::new(std::env::temp_dir().join(format!("dptest-secret-{}", testworld::unique(t, "m"))), &v1.dir);
 
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");

@@ -2,23 +2,17 @@
 //! data planes' file descriptors and memory back near where they started.
 //! In a test binary of its own so its CPU load does not skew the timing
 //! checks of the other fault tests.
-mod harness;
 
 use std::{
     thread,
     time::{Duration, Instant},
 };
 
-use harness::{
-    eventually, fds, peer, privileged, rss_kib, run_args, server_with, veth, Certs, Cgroup, Dataplane, Netns,
-};
+use testworld::{eventually, fds, peer, rss_kib, run_args, server_with, veth, Certs, Cgroup, Dataplane, Netns};
 
 #[test]
 fn ten_thousand_connections_held_for_thirty_seconds() {
-    let t = "ten_thousand_connections_held_for_thirty_seconds";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     // Each data plane holds two sockets per connection; the open-file limit
     // here is 20,000 and cannot be raised (no CAP_SYS_RESOURCE), so the
     // 10,000 connections go through four data planes: two client pods and

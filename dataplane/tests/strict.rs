@@ -2,11 +2,10 @@
 //! stops with the data plane; with `--strict` the programs stay pinned, so
 //! captured connects are refused until a data plane returns, and the next
 //! instance adopts them.
-mod harness;
 
 use std::{fs, path::PathBuf, process::Command, time::Duration};
 
-use harness::{attached, client, eventually, peer, privileged, run_args, server, two_pods, Certs, Cgroup, Dataplane};
+use testworld::{attached, client, eventually, peer, run_args, server, two_pods, Certs, Cgroup, Dataplane};
 
 /// A BPF file system of the test's own, unmounted (dropping every pin in it)
 /// on drop.
@@ -14,7 +13,7 @@ struct BpfFs(PathBuf);
 
 impl BpfFs {
     fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("dptest-bpffs-{}", harness::unique(test, "b")));
+        let dir = std::env::temp_dir().join(format!("dptest-bpffs-{}", testworld::unique(test, "b")));
         fs::create_dir_all(&dir).expect("bpffs dir");
         let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().expect("mount");
         assert!(ok.success(), "mounting a BPF file system at {}", dir.display());
@@ -31,10 +30,7 @@ impl Drop for BpfFs {
 
 #[test]
 fn strict_mode_fails_closed_and_the_next_instance_adopts() {
-    let t = "strict_mode_fails_closed_and_the_next_instance_adopts";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
@@ -80,10 +76,7 @@ fn strict_mode_fails_closed_and_the_next_instance_adopts() {
 
 #[test]
 fn a_rolling_update_refuses_no_connect() {
-    let t = "a_rolling_update_refuses_no_connect";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
     let workload = Cgroup::new(t, "w");
     let (own1, own2) = (Cgroup::new(t, "d"), Cgroup::new(t, "e"));

@@ -1,22 +1,16 @@
 //! The mutual-TLS tunnel end to end, against the real kernel: unmodified
 //! clients in pod A, servers in pod B, the data plane between them, and
 //! checks of what arrived and of what crossed the wire.
-mod harness;
 
 use std::{fs, process::Command, thread, time::Duration};
 
-use harness::{
-    client, peer, privileged, run_args, server, server_with, veth, world, Certs, Cgroup, Dataplane, Netns, Proc,
-};
+use testworld::{client, peer, run_args, server, server_with, veth, world, Certs, Cgroup, Dataplane, Netns, Proc};
 
 const IPS: &[&str] = &["10.77.0.1", "10.77.0.2"];
 
 #[test]
 fn exact_bytes_both_ways_with_half_close() {
-    let t = "exact_bytes_both_ways_with_half_close";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, IPS, &[]);
     let _sink = server_with(&w.b, &["sink", "0.0.0.0", "9000"], "sink");
     for n in [1u64, 64 * 1024, 256 * 1024 * 1024] {
@@ -32,10 +26,7 @@ fn exact_bytes_both_ways_with_half_close() {
 
 #[test]
 fn a_server_that_speaks_first_is_heard() {
-    let t = "a_server_that_speaks_first_is_heard";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, IPS, &[]);
     // `serve` sends its line before reading anything; the client reads it
     // before sending a byte.
@@ -46,10 +37,7 @@ fn a_server_that_speaks_first_is_heard() {
 
 #[test]
 fn a_server_reset_reaches_the_client() {
-    let t = "a_server_reset_reaches_the_client";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, IPS, &[]);
     let _rst = server_with(&w.b, &["reset", "0.0.0.0", "9100"], "reset");
     let r = &peer(&w.a, Some(&w.workload), &["expect-reset", "10.77.0.2", "9100"])[0];
@@ -59,10 +47,7 @@ fn a_server_reset_reaches_the_client() {
 
 #[test]
 fn a_closed_port_is_a_quick_reset() {
-    let t = "a_closed_port_is_a_quick_reset";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, IPS, &[]);
     let r = &peer(&w.a, Some(&w.workload), &["expect-reset", "10.77.0.2", "9199"])[0];
     // The client's connect succeeds (to our listener); the refusal at B
@@ -99,10 +84,7 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 
 #[test]
 fn the_wire_between_pods_carries_only_tls() {
-    let t = "the_wire_between_pods_carries_only_tls";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, IPS, &[]);
     let _srv = server(&w.b, "0.0.0.0", 8080, "b");
     let secret = "SECRET-MARKER-7f3a9c";
@@ -122,10 +104,7 @@ fn the_wire_between_pods_carries_only_tls() {
 
 #[test]
 fn refusals_at_the_tunnel_port() {
-    let t = "refusals_at_the_tunnel_port";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, &["10.77.0.1", "10.77.0.2", "10.77.0.9"], &[]);
     let other_ca = Certs::new(&format!("{t}-other"), &["10.77.0.1"]);
     let app = server(&w.b, "0.0.0.0", 8080, "app");
@@ -168,10 +147,7 @@ fn refusals_at_the_tunnel_port() {
 
 #[test]
 fn a_thousand_concurrent_connections() {
-    let t = "a_thousand_concurrent_connections";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, IPS, &[]);
     let srv = server(&w.b, "0.0.0.0", 8080, "b");
     let r = &peer(&w.a, Some(&w.workload), &["many", "10.77.0.2", "8080", "1000"])[0];
@@ -181,10 +157,7 @@ fn a_thousand_concurrent_connections() {
 
 #[test]
 fn loopback_mode() {
-    let t = "loopback_mode";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     // One namespace, capture 127.0.0.0/8: what a laptop demo does.
     let certs = Certs::new(t, &["127.0.0.1"]);
     let workload = Cgroup::new(t, "w");
@@ -199,10 +172,7 @@ fn loopback_mode() {
 
 #[test]
 fn two_nodes_each_with_its_own_data_plane() {
-    let t = "two_nodes_each_with_its_own_data_plane";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let certs1 = Certs::new(&format!("{t}-1"), &["10.77.0.1"]);
     let certs2 = Certs::new(&format!("{t}-2"), &["10.77.0.2"]);
     // Both nodes trust the same CA: copy node 1's CA to node 2 and re-issue.
@@ -227,13 +197,10 @@ fn two_nodes_each_with_its_own_data_plane() {
 
 #[test]
 fn curl_against_a_real_http_server() {
-    let t = "curl_against_a_real_http_server";
-    if !privileged(t) {
-        return;
-    }
+    let t = testworld::kernel_test!();
     let w = world(t, IPS, &[]);
     // Python's own HTTP server in pod B, serving a 1 MiB file of random bytes.
-    let root = std::env::temp_dir().join(format!("dptest-www-{}", harness::unique(t, "h")));
+    let root = std::env::temp_dir().join(format!("dptest-www-{}", testworld::unique(t, "h")));
     fs::create_dir_all(&root).expect("www dir");
     let body: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     fs::write(root.join("blob"), &body).expect("blob");
@@ -253,7 +220,7 @@ fn curl_against_a_real_http_server() {
     // The data plane logs the connection once both directions have closed,
     // which can be a moment after curl has its last byte.
     assert!(
-        harness::eventually(Duration::from_secs(3), || w
+        testworld::eventually(Duration::from_secs(3), || w
             .dp
             .proc
             .output()

@@ -1,29 +1,33 @@
-//! `dataplane demo`: the one command a newcomer runs (as root) to see the
+//! `dataplane-demo`: the one command a newcomer runs (as root) to see the
 //! data plane work, in well under a minute, leaving nothing behind.
 //!
 //! It builds two pods as network namespaces joined by veth, mints their
-//! certificates, starts `dataplane run` (this binary) in a cgroup of its own,
-//! serves HTTP from pod B with a server started inside B's namespace, and runs
-//! an unmodified `curl` in pod A inside the workload cgroup. A packet socket
-//! on pod B's side of the wire records what crossed it. Then it prints the
-//! story and cleans up (in `Drop`, also on failure).
+//! certificates, starts `dataplane run` (the binary beside this one, or
+//! `$DP_BINARY`) in a cgroup of its own, serves HTTP from pod B with a
+//! server started inside B's namespace, and runs an unmodified `curl` in pod
+//! A inside the workload cgroup. A packet socket on pod B's side of the wire
+//! records what crossed it; the data plane's own SIGUSR1 dump says what it
+//! did. Then it prints the story and cleans up (in `Drop`, also on failure).
+//!
+//! Everything it makes comes from the test world the tests and the bench use
+//! (`testworld`); the daemon itself carries none of it.
 use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::{Command, ExitCode},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc, Arc,
+        Arc,
     },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
-
-use crate::{ca, cgroup, netns::Netns};
+use serde_json::Value;
+use testworld::{dataplane_binary, run_args, veth, Certs, Cgroup, Dataplane, Netns, TempDir};
 
 const A_IP: &str = "10.99.0.1";
 const B_IP: &str = "10.99.0.2";
@@ -32,49 +36,50 @@ const SECRET: &str = "X-Demo-Secret: swordfish-4e1b7";
 const BULK: u64 = 64 * 1024 * 1024;
 const HANDSHAKES: usize = 20;
 
-/// Runs the demo.
-pub fn run() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What the demo made, dropped in field order: the data plane first, so it
+/// is reaped before its cgroup goes.
+struct World {
+    dp: Option<Dataplane>,
+    a: Netns,
+    b: Netns,
+    workload: Cgroup,
+    own: Cgroup,
+    dir: TempDir,
+}
+
+fn run() -> anyhow::Result<()> {
     check_tools()?;
     let started = Instant::now();
     let id = std::process::id();
-    let mut w = World { netns: Vec::new(), cgroups: Vec::new(), dir: None, dataplane: None };
+    let binary = dataplane_binary();
 
     println!("== dataplane demo: two pods, one data plane, mutual TLS between them ==\n");
-    let root = cgroup::cgroup2_mount().context("finding cgroup v2 (needs root and cgroup v2)")?;
-    let (a, b) = (format!("dpdemo-a-{id}"), format!("dpdemo-b-{id}"));
-    for ns in [&a, &b] {
-        sh("ip", &["netns", "add", ns])?;
-        w.netns.push(ns.clone());
-        sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
-    }
-    sh("ip", &["link", "add", "dpdemo-a", "netns", &a, "type", "veth", "peer", "name", "dpdemo-b", "netns", &b])?;
-    sh("ip", &["-n", &a, "addr", "add", &format!("{A_IP}/24"), "dev", "dpdemo-a"])?;
-    sh("ip", &["-n", &b, "addr", "add", &format!("{B_IP}/24"), "dev", "dpdemo-b"])?;
-    sh("ip", &["-n", &a, "link", "set", "dpdemo-a", "up"])?;
-    sh("ip", &["-n", &b, "link", "set", "dpdemo-b", "up"])?;
-    println!("pods     A = {A_IP} (netns {a}), B = {B_IP} (netns {b}), joined by veth");
+    let (a, b) = (Netns::named(&format!("dpdemo-a-{id}"))?, Netns::named(&format!("dpdemo-b-{id}"))?);
+    veth(&a, &format!("{A_IP}/24"), &b, &format!("{B_IP}/24"));
+    println!("pods     A = {A_IP} (netns {}), B = {B_IP} (netns {}), joined by veth", a.name, b.name);
 
-    let dir = std::env::temp_dir().join(format!("dpdemo-{id}"));
-    w.dir = Some(dir.clone());
-    ca::init(&dir)?;
-    for ip in [A_IP, B_IP] {
-        ca::issue(&dir, ip.parse()?, ca::Validity::default())?;
-    }
-    println!("certs    CA and one certificate per pod IP in {}", dir.display());
-
-    let workload = root.join(format!("dpdemo-pods-{id}"));
-    let own = root.join(format!("dpdemo-dataplane-{id}"));
-    for cg in [&workload, &own] {
-        fs::create_dir(cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
-        w.cgroups.push(cg.clone());
-    }
+    let dir = TempDir::new(&format!("dpdemo-{id}"))?;
+    let certs = Certs::create(&binary, dir.0.join("certs"), &[A_IP, B_IP])?;
+    println!("certs    CA and one certificate per pod IP in {}", certs.path());
+    let workload = Cgroup::named(&format!("dpdemo-pods-{id}"))?;
+    let own = Cgroup::named(&format!("dpdemo-dataplane-{id}"))?;
+    let mut w = World { dp: None, a, b, workload, own, dir };
 
     // Pod B's server and the wire tap, both opened inside B's namespace.
-    let b_ns = Netns::open(&PathBuf::from("/var/run/netns").join(&b))?;
-    let server = b_ns.run(|| TcpListener::bind(("0.0.0.0", PORT)))??;
+    let server = w.b.run(|| TcpListener::bind(("0.0.0.0", PORT)))??;
     let secrets_at_server = Arc::new(AtomicU64::new(0));
     spawn_server(server, secrets_at_server.clone());
-    let tap = b_ns.run(Tap::open)??;
+    let tap = w.b.run(Tap::open)??;
     let stop_tap = Arc::new(AtomicBool::new(false));
     let tap_thread = {
         let stop = stop_tap.clone();
@@ -82,58 +87,24 @@ pub fn run() -> anyhow::Result<()> {
     };
 
     // The data plane, in its own cgroup, serving both pods.
-    let exe = std::env::current_exe().context("finding this binary")?;
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!("echo $$ > '{}/cgroup.procs' && exec \"$@\"", own.display()))
-        .arg("sh")
-        .arg(&exe)
-        .arg("run")
-        .args(["--workload-cgroup".as_ref(), workload.as_os_str()])
-        .args(["--capture-cidr", "10.99.0.0/24", "--certs"])
-        .arg(&dir)
-        .args(["--netns", &format!("/var/run/netns/{a}"), "--netns", &format!("/var/run/netns/{b}")])
-        .env("RUST_LOG", "warn,dataplane=debug")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("starting dataplane run")?;
-    let stderr = child.stderr.take().context("dataplane stderr")?;
-    w.dataplane = Some(child);
-    let (log_tx, log_rx) = mpsc::channel::<String>();
-    thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if log_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut logs = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !logs.iter().any(|l: &String| l.contains("data plane ready")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match log_rx.recv_timeout(left) {
-            Ok(l) => logs.push(l),
-            Err(_) => bail!("the data plane did not become ready:\n{}", logs.join("\n")),
-        }
-    }
+    let stats = w.dir.0.join("stats");
+    let stats_arg = stats.display().to_string();
+    let args = run_args(&w.workload, "10.99.0.0/24", &certs, &[&w.a, &w.b], &["--stats-dir", &stats_arg]);
+    let dp = Dataplane::launch(&binary, &w.own, &args, "warn").context("starting the data plane")?;
     println!(
         "dataplane running (pid {}), connect4+sockops on {}, getsockopt on {}",
-        w.pid(),
-        workload.display(),
-        own.display()
+        dp.pid(),
+        w.workload.path.display(),
+        w.own.path.display()
     );
+    w.dp = Some(dp);
     println!("\n-- traffic: unmodified curl in pod A (inside the workload cgroup) to http://{B_IP}:{PORT}/\n");
 
     let curl = |args: &[&str]| -> anyhow::Result<String> {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo $$ > '{}/cgroup.procs' && exec \"$@\"", workload.display()))
-            .arg("sh")
-            .args(["nsenter", &format!("--net=/var/run/netns/{a}"), "curl", "-sS", "--max-time", "20"])
-            .args(args)
-            .output()
-            .context("running curl (apt-get install curl util-linux)")?;
+        let mut all = vec!["-sS", "--max-time", "20"];
+        all.extend_from_slice(args);
+        let out =
+            w.a.command(Some(&w.workload), "curl", &all).output().context("running curl (apt-get install curl)")?;
         if !out.status.success() {
             bail!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -153,27 +124,38 @@ pub fn run() -> anyhow::Result<()> {
         many.extend(["-o", "/dev/null", url.as_str()]);
     }
     curl(&many)?;
-    println!("{HANDSHAKES} more GETs  -> {HANDSHAKES} more connections, each a full mutual-TLS handshake");
+    println!("{HANDSHAKES} more GETs  -> {HANDSHAKES} more connections, each a new mutual-TLS handshake");
 
-    // Let the last connection's log lines arrive, then read the tap.
-    thread::sleep(Duration::from_millis(300));
+    // What the data plane measured: its own SIGUSR1 dump.
+    let dump = w.dp.as_ref().map(|dp| dump(dp, &stats)).context("no data plane")??;
     stop_tap.store(true, Ordering::Relaxed);
     let wire = tap_thread.join().map_err(|_| anyhow::anyhow!("the wire tap panicked"))??;
-    logs.extend(log_rx.try_iter());
 
-    let closed: Vec<&String> = logs.iter().filter(|l| l.contains("outbound closed")).collect();
-    let mut handshakes: Vec<u64> = closed.iter().filter_map(|l| field(l, "handshake_us")).collect();
-    handshakes.sort_unstable();
-    let sent: u64 = closed.iter().filter_map(|l| field(l, "sent")).sum();
-    let received: u64 = closed.iter().filter_map(|l| field(l, "received")).sum();
-    let refused = logs.iter().filter(|l| l.contains("refused")).count();
-
-    println!("\n-- what the data plane did\n");
-    println!("connections    {} tunnelled, {refused} refused", closed.len());
-    println!("bytes          {sent} from A's clients, {received} back to them");
-    if let (Some(min), Some(max)) = (handshakes.first(), handshakes.last()) {
-        let p50 = handshakes[handshakes.len() / 2];
-        println!("handshake      tunnel connect + mutual TLS 1.3: min {min} µs, median {p50} µs, max {max} µs");
+    let out = &dump["outbound"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    println!("\n-- what the data plane did (its SIGUSR1 dump, {})\n", stats.join("latest.json").display());
+    println!(
+        "connections    {} tunnelled, {} refused or failed",
+        n(&out["completed"]),
+        n(&out["failed"]) + n(&dump["inbound"]["failed"])
+    );
+    println!(
+        "bytes          {} from A's clients, {} back to them",
+        n(&out["bytes_to_upstream"]),
+        n(&out["bytes_to_downstream"])
+    );
+    for (line, name) in [
+        ("handshake      mutual TLS 1.3", "tls_handshake"),
+        ("tunnel ready   connect + TLS + preamble", "tunnel_connect"),
+    ] {
+        let h = &dump["histograms"][name];
+        println!(
+            "{line}: min {} µs, median {} µs, max {} µs ({} connections)",
+            n(&h["min_us"]),
+            n(&h["p50_us"]),
+            n(&h["max_us"]),
+            n(&h["count"])
+        );
     }
     println!("\n-- what crossed the wire between the pods (packet socket on B's veth)\n");
     println!(
@@ -189,12 +171,13 @@ pub fn run() -> anyhow::Result<()> {
 
     let ok =
         wire.secret_seen == 0 && wire.plain == 0 && wire.tunnel > 0 && secrets_at_server.load(Ordering::Relaxed) == 1;
-    let status = w.stop_dataplane()?;
+    let status = w.dp.take().context("no data plane")?.stop();
     println!(
         "\n{} in {:.1} s; data plane exited ({status}); namespaces, cgroups and certificates are removed now.",
         if ok { "PASS: only TLS crossed the wire" } else { "FAIL: plaintext crossed the wire" },
         started.elapsed().as_secs_f64()
     );
+    drop(certs);
     drop(w);
     if !ok {
         bail!("the wire carried plaintext");
@@ -202,65 +185,20 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `key=123` from a tracing text line.
-fn field(line: &str, key: &str) -> Option<u64> {
-    let pat = format!(" {key}=");
-    let start = line.find(&pat)? + pat.len();
-    line[start..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-}
-
-fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program} (apt-get install iproute2)"))?;
-    if !out.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-/// What the demo created, removed on drop whatever happened.
-struct World {
-    netns: Vec<String>,
-    cgroups: Vec<PathBuf>,
-    dir: Option<PathBuf>,
-    dataplane: Option<Child>,
-}
-
-impl World {
-    fn pid(&self) -> u32 {
-        self.dataplane.as_ref().map_or(0, Child::id)
-    }
-
-    fn stop_dataplane(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let mut child = self.dataplane.take().context("no data plane")?;
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        Ok(child.wait()?)
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.dataplane.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+/// Sends SIGUSR1 and reads the dump it writes into `dir`.
+fn dump(dp: &Dataplane, dir: &Path) -> anyhow::Result<Value> {
+    let latest = dir.join("latest.json");
+    let _ = fs::remove_file(&latest);
+    dp.proc.signal("USR1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = fs::read(&latest).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            return Ok(v);
         }
-        for ns in &self.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        if Instant::now() > deadline {
+            bail!("no dump in {} after SIGUSR1:\n{}", dir.display(), dp.proc.output().join("\n"));
         }
-        for cg in self.cgroups.iter().rev() {
-            let _ = fs::write(cg.join("cgroup.kill"), "1");
-            for _ in 0..100 {
-                if fs::remove_dir(cg).is_ok() {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-        if let Some(d) = &self.dir {
-            let _ = fs::remove_dir_all(d);
-        }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1,0 +1,173 @@
+//! The record of one connection: counted when accepted, its outcome recorded
+//! exactly once (ztunnel's `ConnectionResult`), so outbound and inbound
+//! accounting cannot drift apart.
+//!
+//! [`Record::refuse`] and [`Record::relayed`] consume the record; a record
+//! dropped without either (its task was cancelled) counts as
+//! [`Reason::Closed`]. Every outcome is counted once in the executor's
+//! [`Snapshot`], logged once, and lowers the open-connection gauge the
+//! control thread reads.
+use std::{
+    fmt,
+    net::SocketAddr,
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tracing::{debug, warn};
+
+use super::ShardCtx;
+use crate::{
+    addrs::ClientAddr,
+    netns::Netns,
+    reason::Reason,
+    relay::{Bytes, End, RelayError, Side},
+    socket,
+    stats::{Blame, Direction, Hist},
+};
+
+/// One accepted connection, until its outcome is recorded.
+#[derive(Debug)]
+pub struct Record {
+    shard: Rc<ShardCtx>,
+    direction: Direction,
+    netns: Arc<Netns>,
+    started: Instant,
+    /// The far end of the accepted connection.
+    client: Option<SocketAddr>,
+    /// Where it is delivered: the original destination (outbound) or the
+    /// application (inbound).
+    dst: Option<SocketAddr>,
+    handshake: Option<Duration>,
+    done: bool,
+}
+
+/// The per-direction histograms.
+fn hists(d: Direction) -> (Hist, Hist, Hist) {
+    match d {
+        Direction::Outbound => (Hist::TlsHandshake, Hist::FirstByte, Hist::Lifetime),
+        Direction::Inbound => (Hist::InboundTlsHandshake, Hist::InboundFirstByte, Hist::InboundLifetime),
+    }
+}
+
+impl Record {
+    /// Counts a connection just accepted.
+    pub fn accepted(shard: &Rc<ShardCtx>, direction: Direction, netns: &Arc<Netns>) -> Self {
+        shard.with_stats(|s| s.flow(direction).accepted += 1);
+        shard.open.up();
+        Self {
+            shard: shard.clone(),
+            direction,
+            netns: netns.clone(),
+            started: Instant::now(),
+            client: None,
+            dst: None,
+            handshake: None,
+            done: false,
+        }
+    }
+
+    /// When it was accepted.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Names the far end, for the log line.
+    pub fn client(&mut self, addr: ClientAddr) {
+        self.client = Some(addr.0);
+    }
+
+    /// Names where it goes, for the log line.
+    pub fn dst(&mut self, addr: SocketAddr) {
+        self.dst = Some(addr);
+    }
+
+    /// The TLS handshake finished after `took`.
+    pub fn handshake(&mut self, took: Duration) {
+        self.handshake = Some(took);
+        let (h, _, _) = hists(self.direction);
+        self.shard.with_stats(|s| s.record(h, took));
+    }
+
+    /// Outbound: the tunnel is ready (accept to preamble sent).
+    pub fn tunnel_ready(&self) {
+        let took = self.started.elapsed();
+        self.shard.with_stats(|s| s.record(Hist::TunnelConnect, took));
+    }
+
+    /// Refused before anything was relayed: counted, logged as a warning.
+    /// The caller closes (or resets) the sockets.
+    pub fn refuse(mut self, blame: Blame, reason: Reason, error: &dyn fmt::Display) {
+        self.end(blame, reason);
+        warn!(direction = %self.direction, client = ?self.client, dst = ?self.dst, netns = %self.netns.name(),
+              side = %blame, %reason, %error, "{} refused", self.direction);
+    }
+
+    /// The relay ended: bytes, first byte, lifetime and outcome recorded;
+    /// on failure the side that did not fail is reset, so the failure
+    /// reaches it as an error rather than an EOF. `early` counts client
+    /// bytes forwarded before the relay started.
+    pub fn relayed<D, U>(mut self, early: u64, result: Result<Bytes, RelayError>, down: &D, up: &U)
+    where
+        D: std::os::fd::AsRawFd,
+        U: std::os::fd::AsRawFd,
+    {
+        let lifetime = self.started.elapsed();
+        let (bytes, end) = match result {
+            Ok(bytes) => (bytes, None),
+            Err(e) => (e.bytes, Some(e.end)),
+        };
+        let (sent, received) = (bytes.sent + early, bytes.received);
+        let (_, first_byte, life) = hists(self.direction);
+        let started = self.started;
+        self.shard.with_stats(|s| {
+            let flow = s.flow(self.direction);
+            flow.bytes_up += sent;
+            flow.bytes_down += received;
+            s.record(life, lifetime);
+            if let Some(first) = bytes.first_received {
+                s.record(first_byte, first - started);
+            }
+        });
+        let (duration_us, handshake_us) = (lifetime.as_micros() as u64, self.handshake.map(|h| h.as_micros() as u64));
+        let Some(end) = end else {
+            self.done = true;
+            self.shard.with_stats(|s| s.flow(self.direction).completed += 1);
+            self.shard.open.down();
+            debug!(client = ?self.client, dst = ?self.dst, sent, received, duration_us, handshake_us,
+                   "{} closed", self.direction);
+            return;
+        };
+        let (blame, reason) = match &end {
+            End::Io { side, source } => (Blame::from(*side), Reason::of(source)),
+            End::Idle(_) => (Blame::Ours, Reason::IdleTimeout),
+        };
+        self.end(blame, reason);
+        debug!(client = ?self.client, dst = ?self.dst, side = %blame, %reason, error = %end, sent, received,
+               duration_us, handshake_us, "{} ended early", self.direction);
+        match end {
+            End::Io { side: Side::Upstream, .. } => socket::reset_on_close(down),
+            End::Io { side: Side::Downstream, .. } => socket::reset_on_close(up),
+            End::Idle(_) => {
+                socket::reset_on_close(down);
+                socket::reset_on_close(up);
+            }
+        }
+    }
+
+    fn end(&mut self, blame: Blame, reason: Reason) {
+        self.done = true;
+        self.shard.with_stats(|s| s.fail(self.direction, blame, reason));
+        self.shard.open.down();
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if !self.done {
+            self.end(Blame::Ours, Reason::Closed);
+            debug!(client = ?self.client, dst = ?self.dst, "{} closed before its outcome was recorded", self.direction);
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Network namespaces as pods and nodes, joined by veth.
+use std::{fs::File, path::PathBuf, process::Command};
+
+use crate::{run, sh, unique, Cgroup};
+
+/// A network namespace made with `ip netns add`, loopback up; deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    /// Its `ip netns` name.
+    pub name: String,
+}
+
+impl Netns {
+    /// A namespace named after the test.
+    pub fn new(test: &str, tag: &str) -> Self {
+        Self::named(&unique(test, tag)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A namespace called `name`.
+    pub fn named(name: &str) -> anyhow::Result<Self> {
+        sh(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Self { name: name.to_string() };
+        sh(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+
+    /// Its file.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// `ip ARGS` inside the namespace.
+    pub fn ip(&self, args: &[&str]) {
+        run(Command::new("ip").args(["-n", &self.name]).args(args));
+    }
+
+    /// A command that runs inside this namespace (and optionally a cgroup).
+    /// `nsenter` rather than `ip netns exec`, which remounts /sys and so hides
+    /// the cgroup tree.
+    pub fn command(&self, cgroup: Option<&Cgroup>, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        let join = cgroup.map(Cgroup::join_prefix).unwrap_or_default();
+        c.arg("-c").arg(format!("{join}exec \"$@\"")).arg("sh");
+        c.arg("nsenter").arg(format!("--net={}", self.path().display())).arg(program).args(args);
+        c
+    }
+
+    /// Runs `f` on this thread inside the namespace (sockets made there stay
+    /// there), then switches back.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> anyhow::Result<T> {
+        use nix::sched::{setns, CloneFlags};
+        let home = File::open("/proc/thread-self/ns/net")?;
+        let ns = File::open(self.path())?;
+        setns(&ns, CloneFlags::CLONE_NEWNET)?;
+        let out = f();
+        if let Err(e) = setns(&home, CloneFlags::CLONE_NEWNET) {
+            // Carrying on in the wrong namespace would make every later
+            // step lie; there is no sane way to continue.
+            eprintln!("fatal: could not switch back to this thread's namespace: {e}");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Joins `a` and `b` with a veth pair and gives each end an address
+/// (`10.x.y.z/24` form). Each end is named after the namespace it leads to;
+/// returns (A's interface, B's interface).
+pub fn veth(a: &Netns, a_addr: &str, b: &Netns, b_addr: &str) -> (String, String) {
+    let an = format!("v{}", &b.name[..b.name.len().min(14)]);
+    let bn = format!("v{}", &a.name[..a.name.len().min(14)]);
+    run(Command::new("ip")
+        .args(["link", "add", &an, "netns", &a.name, "type", "veth", "peer", "name", &bn, "netns", &b.name]));
+    a.ip(&["addr", "add", a_addr, "dev", &an]);
+    b.ip(&["addr", "add", b_addr, "dev", &bn]);
+    a.ip(&["link", "set", &an, "up"]);
+    b.ip(&["link", "set", &bn, "up"]);
+    (an, bn)
+}
+
+/// Two pods, A (10.77.0.1) and B (10.77.0.2), joined by veth; also B's
+/// interface name.
+pub fn two_pods(test: &str) -> (Netns, Netns, String) {
+    let a = Netns::new(test, "a");
+    let b = Netns::new(test, "b");
+    let (_, b_if) = veth(&a, "10.77.0.1/24", &b, "10.77.0.2/24");
+    (a, b, b_if)
+}
