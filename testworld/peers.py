@@ -53,6 +53,24 @@ tls HOST PORT CA CERT KEY DST [tls12]
                          or "garbage", "truncated", "oversized", "version2"),
                          then "ping\\n"; prints what happened. With tls12, offer
                          TLS 1.2 only.
+crowd HOST PORT IDLE SLOW SECONDS
+                         IDLE connections that send nothing and SLOW ones that
+                         send an HTTP request head one byte a second, each
+                         re-opened when the server closes it, for SECONDS;
+                         prints "crowding" once all are open, then
+                         {"opened": n, "closed_by_server": k}.
+hold-silent HOST PORT N SECONDS [hello]
+                         N connection slots that never send (with hello: send
+                         one byte of a TLS record, then nothing), each re-opened
+                         when the server closes or refuses it, for SECONDS;
+                         prints "holding" once all N have tried, then
+                         {"attempts", "opened", "closed_by_server",
+                         "failed_connects"}.
+blast HOST PORT          server: to each client, write as fast as it takes.
+slow-readers HOST PORT N SECONDS
+                         N connections with a 4 KiB receive buffer that read
+                         nothing for SECONDS; prints "stalled" once all are
+                         open, then {"open": n}.
 """
 import asyncio, hashlib, json, os, random, resource, socket, ssl, struct, sys, threading, time
 
@@ -433,6 +451,103 @@ def tls(host, port, ca, cert, key, dst, version="tls13"):
     print(json.dumps(out), flush=True)
 
 
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def keep_open(host, port, seconds, talk, counts):
+    """One connection slot: connect, run talk(reader, writer) until the
+    server closes, re-open, until the deadline."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        counts["attempts"] = counts.get("attempts", 0) + 1
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout=1)
+        except (OSError, asyncio.TimeoutError):
+            counts["failed_connects"] = counts.get("failed_connects", 0) + 1
+            await asyncio.sleep(0.05)
+            continue
+        counts["opened"] += 1
+        try:
+            await asyncio.wait_for(talk(r, w), timeout=max(0.01, deadline - time.time()))
+            counts["closed_by_server"] += 1
+        except asyncio.TimeoutError:
+            pass
+        except OSError:
+            counts["closed_by_server"] += 1
+        w.close()
+
+
+async def crowd(host, port, idle, slow, seconds):
+    raise_nofile()
+    counts = {"opened": 0, "closed_by_server": 0}
+
+    async def silent(r, w):
+        while await r.read(4096):
+            pass
+
+    async def dribble(r, w):
+        for b in b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n":
+            w.write(bytes([b]))
+            await w.drain()
+            await asyncio.sleep(1)
+        while await r.read(4096):
+            pass
+
+    tasks = [keep_open(host, port, seconds, silent, counts) for _ in range(idle)]
+    tasks += [keep_open(host, port, seconds, dribble, counts) for _ in range(slow)]
+    async def announce():
+        while counts["opened"] < idle + slow:
+            await asyncio.sleep(0.05)
+        print("crowding", flush=True)
+    await asyncio.gather(announce(), *tasks)
+    print(json.dumps(counts), flush=True)
+
+
+async def hold_silent(host, port, n, seconds, hello=False):
+    raise_nofile()
+    counts = {"opened": 0, "closed_by_server": 0}
+
+    async def silent(r, w):
+        if hello:  # the first byte of a TLS record, then nothing
+            w.write(b"\x16")
+            await w.drain()
+        while await r.read(4096):
+            pass
+
+    async def announce():
+        while counts.get("attempts", 0) < n:
+            await asyncio.sleep(0.05)
+        print("holding", flush=True)
+    await asyncio.gather(announce(), *[keep_open(host, port, seconds, silent, counts) for _ in range(n)])
+    print(json.dumps(counts), flush=True)
+
+
+def blast(host, port):
+    chunk = b"x" * 65536
+    def handle(c, addr):
+        try:
+            while True:
+                c.sendall(chunk)
+        except OSError:
+            pass
+    accept_forever(listen(host, port), handle)
+
+
+def slow_readers(host, port, n, seconds):
+    raise_nofile()
+    socks = []
+    for _ in range(int(n)):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((host, int(port)))
+        socks.append(s)
+    print("stalled", flush=True)
+    time.sleep(float(seconds))
+    print(json.dumps({"open": len(socks)}), flush=True)
+
+
 if __name__ == "__main__":
     a = sys.argv[1:]
     cmd = a[0]
@@ -467,6 +582,14 @@ if __name__ == "__main__":
         asyncio.run(hold_verify(a[1], a[2], int(a[3]), float(a[4])))
     elif cmd == "raw":
         raw(a[1], a[2], a[3])
+    elif cmd == "crowd":
+        asyncio.run(crowd(a[1], a[2], int(a[3]), int(a[4]), float(a[5])))
+    elif cmd == "hold-silent":
+        asyncio.run(hold_silent(a[1], a[2], int(a[3]), float(a[4]), a[5:6] == ["hello"]))
+    elif cmd == "blast":
+        blast(a[1], a[2])
+    elif cmd == "slow-readers":
+        slow_readers(a[1], a[2], a[3], a[4])
     elif cmd == "tls":
         tls(*a[1:8])
     else:

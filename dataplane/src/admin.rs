@@ -1,34 +1,50 @@
-//! The admin endpoint, off the data path: a plain thread serving `GET
-//! /metrics` (Prometheus text), `GET /ready` and `GET /live` over HTTP/1.1.
+//! The admin endpoint, off the data path: `GET /live`, `GET /ready` and
+//! `GET /metrics` over HTTP/1.1, served by hyper on a single-threaded tokio
+//! runtime on a thread of its own, never by an executor.
 //!
-//! The thread only parses requests; every answer comes from the control
-//! thread (which owns the eBPF handle and talks to the executors), so a
-//! scrape never touches an executor's hot path beyond one snapshot request.
+//! What it guarantees, whoever else is connected:
+//! - `/live` and `/ready` are answered on the admin thread from shared state
+//!   ([`Health`]): no round trip to the control thread, no lock held by
+//!   anything slow, so a probe answers in microseconds while a scrape or a
+//!   crowd of idle clients is being served;
+//! - every connection is bounded in time (the request head must arrive
+//!   within [`HEAD_TIMEOUT`], the whole exchange within
+//!   [`CONNECTION_TIMEOUT`]) and in count ([`MAX_CONNECTIONS`]; beyond it a
+//!   new connection is closed at once), and both are counted;
+//! - `/metrics` goes to the control thread (which owns the eBPF handle and
+//!   asks the executors), at most [`MAX_SCRAPES`] at a time.
+mod http;
+mod metrics;
+
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    thread,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicU8, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
-use crossbeam_channel::Sender;
-use prometheus_client::{
-    encoding::{EncodeMetric, MetricEncoder},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType},
-    registry::Registry,
-};
-use tracing::{debug, warn};
+pub use metrics::{render, Extra};
 
-use crate::stats::{Direction, Hist, Snapshot};
-use dataplane_common::maps::StatIndex;
+use crate::{netns::NetnsId, shard::Listening};
+
+/// Open admin connections at most; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Time for a client to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time for a whole connection (the request and its answer).
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// `/metrics` requests served at once.
+pub const MAX_SCRAPES: usize = 2;
+/// How long a scrape waits for the control thread.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What the admin thread asks the control thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Query {
     /// `/metrics`.
     Metrics,
-    /// `/ready`.
-    Ready,
 }
 
 /// A request forwarded to the control thread, with where to answer.
@@ -37,239 +53,104 @@ pub struct Request {
     /// What is asked.
     pub query: Query,
     /// Status code and body go here.
-    pub reply: Sender<(u16, String)>,
+    pub reply: tokio::sync::oneshot::Sender<(u16, String)>,
 }
 
-/// How long the admin thread waits for the control thread.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Where the process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Listeners or eBPF programs not in place yet.
+    Starting = 0,
+    /// Capturing.
+    Ready = 1,
+    /// Listeners closed; open connections finishing.
+    Draining = 2,
+}
+
+/// What readiness is computed from: written by the control thread (phase,
+/// enrolled namespaces) and the executors (where they listen), read by the
+/// admin thread on every probe.
+#[derive(Debug, Default)]
+pub struct Health {
+    phase: AtomicU8,
+    enrolled: Mutex<Vec<NetnsId>>,
+    shards: Mutex<Vec<Arc<Listening>>>,
+    /// Connections closed for being too many, and for being too slow.
+    closed: (AtomicU64, AtomicU64),
+    /// Admin connections open now.
+    open: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A holder that panicked aborted the process first.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Health {
+    /// Moves to `phase`.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// The executors' listening sets.
+    pub fn set_shards(&self, shards: Vec<Arc<Listening>>) {
+        *lock(&self.shards) = shards;
+    }
+
+    /// The namespaces every executor must listen in.
+    pub fn set_enrolled(&self, enrolled: Vec<NetnsId>) {
+        *lock(&self.enrolled) = enrolled;
+    }
+
+    /// Admin connections closed by us: (too many, too slow).
+    pub fn closed(&self) -> (u64, u64) {
+        (self.closed.0.load(Ordering::Relaxed), self.closed.1.load(Ordering::Relaxed))
+    }
+
+    /// Admin connections open now (the control thread gives freed memory
+    /// back once a crowd has gone).
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The answer to `/ready`.
+    pub fn ready(&self) -> (u16, &'static str) {
+        match self.phase.load(Ordering::Acquire) {
+            0 => (503, "starting: listeners or eBPF programs not in place yet\n"),
+            2 => (503, "draining\n"),
+            _ => {
+                let enrolled = lock(&self.enrolled).clone();
+                let all = lock(&self.shards).iter().all(|s| {
+                    let listening = lock(s);
+                    enrolled.iter().all(|id| listening.contains(id))
+                });
+                if all {
+                    (200, "ready\n")
+                } else {
+                    (503, "an executor is not listening in every namespace\n")
+                }
+            }
+        }
+    }
+}
 
 /// Binds `addr` and serves it from a new thread. SO_REUSEPORT, like the
 /// data path's listeners: during a rolling update the new instance starts
 /// beside the old one on the same node.
-pub fn serve(addr: SocketAddr, control: Sender<Request>) -> std::io::Result<SocketAddr> {
-    let listener: TcpListener = crate::socket::blocking_listener(addr)?.into();
+pub fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    control: crossbeam_channel::Sender<Request>,
+) -> std::io::Result<SocketAddr> {
+    let listener: std::net::TcpListener = crate::socket::listener(addr)?.into();
     let bound = listener.local_addr()?;
-    thread::Builder::new().name("admin".into()).spawn(move || {
-        for conn in listener.incoming() {
-            match conn {
-                Ok(c) => {
-                    if let Err(e) = handle(c, &control) {
-                        debug!(error = %e, "admin request failed");
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    thread::sleep(Duration::from_millis(100));
-                }
-            }
+    std::thread::Builder::new().name("admin".into()).spawn(move || {
+        if let Err(e) = http::run(listener, health, control) {
+            tracing::error!(error = %e, "the admin endpoint stopped");
         }
     })?;
     Ok(bound)
-}
-
-fn handle(conn: TcpStream, control: &Sender<Request>) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut first = String::new();
-    reader.read_line(&mut first)?;
-    // Drain the headers (bounded by the read timeout and the line count).
-    for _ in 0..100 {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
-            break;
-        }
-    }
-    let mut parts = first.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/live") => (200, "text/plain", "alive\n".to_string()),
-        ("GET", "/metrics") => {
-            ask(control, Query::Metrics, "application/openmetrics-text; version=1.0.0; charset=utf-8")
-        }
-        ("GET", "/ready") => ask(control, Query::Ready, "text/plain"),
-        ("GET", _) => (404, "text/plain", "not found: try /metrics, /ready, /live\n".into()),
-        _ => (405, "text/plain", "only GET\n".into()),
-    };
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let mut out = conn;
-    write!(
-        out,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    out.flush()
-}
-
-fn ask(control: &Sender<Request>, query: Query, content_type: &'static str) -> (u16, &'static str, String) {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    if control.send(Request { query, reply: tx }).is_err() {
-        return (503, "text/plain", "control thread gone\n".into());
-    }
-    match rx.recv_timeout(ANSWER_TIMEOUT) {
-        Ok((status, body)) => (status, if status == 200 { content_type } else { "text/plain" }, body),
-        Err(_) => (503, "text/plain", "control thread did not answer in time\n".into()),
-    }
-}
-
-/// A histogram exported from HdrHistogram data, with fixed bucket bounds.
-#[derive(Debug)]
-struct HdrExport {
-    sum_seconds: f64,
-    count: u64,
-    buckets: Vec<(f64, u64)>,
-}
-
-/// Bucket bounds in seconds: 50 µs to 60 s.
-const BOUNDS: [f64; 16] =
-    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0, 60.0];
-
-impl HdrExport {
-    fn from(h: &hdrhistogram::Histogram<u64>) -> Self {
-        let mut buckets = Vec::with_capacity(BOUNDS.len() + 1);
-        let mut below = 0;
-        for b in BOUNDS {
-            let upto = h.count_between(0, (b * 1e6) as u64);
-            buckets.push((b, upto - below));
-            below = upto;
-        }
-        buckets.push((f64::INFINITY, h.len() - below));
-        let sum_us: f64 = h.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum();
-        Self { sum_seconds: sum_us / 1e6, count: h.len(), buckets }
-    }
-}
-
-impl EncodeMetric for HdrExport {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-            self.sum_seconds,
-            self.count,
-            &self.buckets,
-            None,
-        )
-    }
-
-    fn metric_type(&self) -> MetricType {
-        MetricType::Histogram
-    }
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-/// What the control thread adds to the executors' figures.
-#[derive(Debug, Default)]
-pub struct Extra {
-    /// Certificate reloads that took effect, and that were refused.
-    pub reloads: (u64, u64),
-    /// Watched namespaces by state (`served`, `waiting_for_certificate`...).
-    pub namespaces: std::collections::BTreeMap<&'static str, u64>,
-}
-
-/// Renders the merged executor measurements, the eBPF decision counters and
-/// the control thread's own counters as Prometheus text.
-pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> String {
-    let reloads = extra.reloads;
-    let mut reg = Registry::with_prefix("dataplane");
-
-    let accepted = Family::<Labels, Counter>::default();
-    let completed = Family::<Labels, Counter>::default();
-    let active = Family::<Labels, Gauge>::default();
-    let bytes = Family::<Labels, Counter>::default();
-    for (d, f) in [(Direction::Outbound, &stats.outbound), (Direction::Inbound, &stats.inbound)] {
-        let dir = vec![("direction", d.to_string())];
-        accepted.get_or_create(&dir).inc_by(f.accepted);
-        completed.get_or_create(&dir).inc_by(f.completed);
-        active.get_or_create(&dir).set(f.active() as i64);
-        bytes.get_or_create(&vec![("direction", d.to_string()), ("flow", "to_upstream".into())]).inc_by(f.bytes_up);
-        bytes.get_or_create(&vec![("direction", d.to_string()), ("flow", "to_downstream".into())]).inc_by(f.bytes_down);
-    }
-    reg.register("connections_accepted", "Connections accepted", accepted);
-    reg.register("connections_completed", "Connections that ended with both directions closed normally", completed);
-    reg.register("connections_active", "Connections open now", active);
-    reg.register("bytes", "Bytes relayed", bytes);
-
-    let failed = Family::<Labels, Counter>::default();
-    for ((d, blame, reason), n) in &stats.failures {
-        failed
-            .get_or_create(&vec![
-                ("direction", d.to_string()),
-                ("side", blame.to_string()),
-                ("reason", reason.label().to_string()),
-            ])
-            .inc_by(*n);
-    }
-    reg.register(
-        "connections_failed",
-        "Connections refused or ended early, by the side that failed and why (inbound refusals included)",
-        failed,
-    );
-
-    let decisions = Family::<Labels, Counter>::default();
-    for (i, n) in bpf {
-        decisions.get_or_create(&vec![("decision", i.name().to_string())]).inc_by(*n);
-    }
-    reg.register("bpf_decisions", "Capture decisions of the eBPF programs", decisions);
-
-    let reload_ok = Counter::<u64>::default();
-    reload_ok.inc_by(reloads.0);
-    reg.register("cert_reloads", "Certificate directory reloads that took effect", reload_ok);
-    let reload_failed = Counter::<u64>::default();
-    reload_failed.inc_by(reloads.1);
-    reg.register(
-        "cert_reload_failures",
-        "Certificate directory reloads refused (the old certificates stay)",
-        reload_failed,
-    );
-
-    let namespaces = Family::<Labels, Gauge>::default();
-    for state in ["served", "waiting_for_address", "waiting_for_certificate", "unusable"] {
-        let n = extra.namespaces.get(state).copied().unwrap_or(0);
-        namespaces.get_or_create(&vec![("state", state.to_string())]).set(n as i64);
-    }
-    reg.register(
-        "namespaces",
-        "Namespaces found in --netns-dir, by state (an address without a certificate waits)",
-        namespaces,
-    );
-
-    for h in Hist::ALL {
-        let help = h.help();
-        let export = HdrExport::from(&stats.hist[h as usize]);
-        reg.register_with_unit(h.name(), help, prometheus_client::registry::Unit::Seconds, export);
-    }
-
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
-    openmetrics_to_prometheus(&out)
-}
-
-/// prometheus-client writes OpenMetrics, where a counter family is named
-/// without its `_total` suffix; the Prometheus text format (0.0.4), which
-/// `promtool check metrics` and every scraper read, names HELP and TYPE after
-/// the sample. Renames those lines and drops the OpenMetrics-only ones
-/// (`# UNIT`, `# EOF`).
-fn openmetrics_to_prometheus(text: &str) -> String {
-    let counters: std::collections::HashSet<&str> =
-        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
-            let rest = line.strip_prefix(p)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]
@@ -277,34 +158,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counters_are_named_after_their_samples() {
-        let om = "# HELP x_bytes Bytes.\n# TYPE x_bytes counter\nx_bytes_total 3\n\
-                  # HELP x_lat_seconds Lat.\n# TYPE x_lat_seconds histogram\n# UNIT x_lat_seconds seconds\n\
-                  x_lat_seconds_count 1\n# EOF\n";
-        let p = openmetrics_to_prometheus(om);
-        assert_eq!(
-            p,
-            "# HELP x_bytes_total Bytes.\n# TYPE x_bytes_total counter\nx_bytes_total 3\n\
-             # HELP x_lat_seconds Lat.\n# TYPE x_lat_seconds histogram\nx_lat_seconds_count 1\n"
-        );
-    }
-
-    #[test]
-    fn every_family_renders() {
-        let mut s = Snapshot::default();
-        s.outbound.accepted = 2;
-        s.fail(Direction::Inbound, crate::stats::Blame::Downstream, crate::reason::Reason::UnknownCa);
-        s.record(Hist::Lifetime, Duration::from_millis(3));
-        let text = render(&s, &[(StatIndex::Captured, 5)], &Extra { reloads: (1, 2), ..Extra::default() });
-        for want in [
-            "dataplane_connections_accepted_total{direction=\"outbound\"} 2",
-            "dataplane_connections_failed_total{direction=\"inbound\",side=\"downstream\",reason=\"unknown_ca\"} 1",
-            "dataplane_bpf_decisions_total{decision=\"captured\"} 5",
-            "dataplane_cert_reload_failures_total 2",
-            "dataplane_connection_lifetime_seconds_count 1",
-            "dataplane_connection_lifetime_seconds_bucket{le=\"0.005\"} 1",
-        ] {
-            assert!(text.contains(want), "{want} in\n{text}");
-        }
+    fn readiness_follows_phase_and_listeners() {
+        let h = Health::default();
+        assert_eq!(h.ready().0, 503, "starting");
+        let shard = Arc::new(Listening::default());
+        h.set_shards(vec![shard.clone()]);
+        h.set_enrolled(vec![NetnsId(7)]);
+        h.set_phase(Phase::Ready);
+        assert_eq!(h.ready().0, 503, "not listening in 7 yet");
+        lock(&shard).insert(NetnsId(7));
+        assert_eq!(h.ready(), (200, "ready\n"));
+        h.set_phase(Phase::Draining);
+        assert_eq!(h.ready().0, 503);
     }
 }

@@ -2,19 +2,24 @@
 //! the executors and above the relay and the sockets.
 //!
 //! Imports go one way: `shard` → `outbound`/`inbound` → `conn` → `relay`,
-//! `socket`, `stats`, `reason`, `identity`, `netns`, `sys`. This module holds
+//! `socket`, `stats`, `reason`, `identity`, `netns`, `ebpf`, `sys`. This module holds
 //!
 //! - [`ShardCtx`]: one executor's own state, shared by its tasks (never
 //!   across threads), and the [`Timeouts`];
-//! - [`Record`]: a connection's outcome, recorded exactly once;
+//! - [`Record`]: a connection's outcome, recorded exactly once, its log line
+//!   limited by [`Quiet`] so a flood cannot flood the log;
+//! - [`Admission`]: the bound on unauthenticated connections at 18001;
 //! - [`TlsConfigs`]: this executor's own TLS configurations and session
 //!   stores, built from the shared, immutable [`Identity`].
+mod admission;
+mod quiet;
 mod record;
 mod tls;
 
 use std::{
     cell::RefCell,
     net::IpAddr,
+    rc::Rc,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -22,10 +27,12 @@ use std::{
     time::Duration,
 };
 
+pub use admission::{Admission, Ticket, MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_SOURCE};
+pub use quiet::Quiet;
 pub use record::Record;
 pub use tls::TlsConfigs;
 
-use crate::{identity::Identity, stats::Snapshot};
+use crate::{ebpf::OrigLookup, identity::Identity, stats::Snapshot};
 
 /// Handshake and idle limits.
 #[derive(Clone, Copy, Debug)]
@@ -69,11 +76,25 @@ pub struct ShardCtx {
     tls: RefCell<TlsConfigs>,
     stats: RefCell<Snapshot>,
     open: Arc<Open>,
+    /// Unauthenticated connections at 18001.
+    pub admission: Rc<Admission>,
+    /// Log lines of the same kind, limited.
+    pub quiet: Quiet,
+    /// The pinned original-destination map, for what `SO_ORIGINAL_DST`
+    /// cannot answer (sockets of a previous instance's cgroup).
+    pub orig: Option<OrigLookup>,
 }
 
 impl ShardCtx {
     /// The state of a new executor.
-    pub fn new(cpu: usize, bypass_mark: u32, timeouts: Timeouts, identity: Arc<Identity>, open: Arc<Open>) -> Self {
+    pub fn new(
+        cpu: usize,
+        bypass_mark: u32,
+        timeouts: Timeouts,
+        identity: Arc<Identity>,
+        open: Arc<Open>,
+        orig: Option<OrigLookup>,
+    ) -> Self {
         Self {
             cpu,
             bypass_mark,
@@ -81,6 +102,9 @@ impl ShardCtx {
             tls: RefCell::new(TlsConfigs::new(identity)),
             stats: RefCell::new(Snapshot::default()),
             open,
+            admission: Rc::new(Admission::default()),
+            quiet: Quiet::default(),
+            orig,
         }
     }
 

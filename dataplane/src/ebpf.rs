@@ -16,6 +16,14 @@
 //! for a moment; the second connect4 sees 127.0.0.1:18000, an excluded port,
 //! and leaves it alone), and pins its own only if it is strict itself.
 //! getsockopt is never pinned: it only matters while a data plane runs.
+//!
+//! One catch, and [`OrigLookup`] for it: an accepted socket belongs to the
+//! cgroup of the listener that took its SYN, and getsockopt programs run by
+//! the socket's cgroup. A connection queued on the previous instance's
+//! listener and handed to ours when that listener closed
+//! (`net.ipv4.tcp_migrate_req`) finds no program once the previous instance
+//! is gone. The entry is still in the shared, pinned map, so on such a miss
+//! the executor looks it up there itself, under the same key.
 use std::{
     fs::File,
     net::{Ipv4Addr, SocketAddrV4},
@@ -23,7 +31,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapError, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
@@ -114,6 +122,26 @@ pub struct Settings {
 const PINNED_PROGRAMS: [&str; 2] = [program::CONNECT4, program::SOCKOPS];
 /// The maps a strict instance shares with the next one.
 const SHARED_MAPS: [&str; 5] = [map::ORIG_BY_COOKIE, map::ORIG_BY_CLIENT, map::CAPTURE_CIDRS, map::CONFIG, map::STATS];
+
+/// Reads the original destinations straight from the pinned map, for the
+/// sockets `SO_ORIGINAL_DST` cannot answer for (see the module doc). One per
+/// executor: each holds its own map fd.
+#[derive(Debug)]
+pub struct OrigLookup(HashMap<MapData, ClientKey, OrigDst>);
+
+impl OrigLookup {
+    /// Opens the pinned map at `path`.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let data = MapData::from_pin(path).map_err(map_err(map::ORIG_BY_CLIENT))?;
+        let map = HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(map_err(map::ORIG_BY_CLIENT))?;
+        Ok(Self(map))
+    }
+
+    /// Where the client at `client` in the namespace `netns` was going.
+    pub fn get(&self, netns: NetnsCookie, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        self.0.get(&ClientKey::new(netns, client), 0).ok().map(|o| o.addr())
+    }
+}
 
 /// The loaded and attached capture programs. Dropping it detaches them
 /// (except the links strict mode pinned).
@@ -272,6 +300,13 @@ impl Capture {
             .ok_or(Error::Program { name, source: ProgramError::InvalidName { name: name.into() } })?
             .try_into()
             .map_err(program_err(name))
+    }
+
+    /// Where the original-destination map is pinned, when it is (strict mode,
+    /// or adopting a strict instance's pins), for [`OrigLookup`].
+    pub fn pinned_orig(&self) -> Option<PathBuf> {
+        let path = maps_dir(&self.pin_dir).join(map::ORIG_BY_CLIENT);
+        (self.strict || self.adopting).then_some(path).filter(|p| p.exists())
     }
 
     /// Deletes the original destinations recorded for clients in a namespace

@@ -11,7 +11,12 @@
 //! `--handshake-timeout`: a peer cannot stretch it by dripping bytes.
 //!
 //! Every refusal is logged with its reason and nothing is forwarded.
-use std::{cell::Cell, rc::Rc, sync::Arc, time::Instant};
+use std::{
+    cell::Cell,
+    rc::Rc,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use dataplane_common::{preamble, INBOUND_PORT, OUTBOUND_PORT};
 use futures_lite::io::AsyncWriteExt;
@@ -25,13 +30,22 @@ use crate::{
     netns::Netns,
     reason::Reason,
     relay, socket,
-    stats::{Blame, Direction},
+    stats::Blame,
     sys,
 };
+
+/// The first bytes of a TLS handshake must arrive within this (or the
+/// handshake timeout, if shorter): a connection that says nothing is let go
+/// long before one that is merely slow to finish.
+pub const FIRST_BYTES: Duration = Duration::from_secs(2);
 
 /// Where the deadline found an inbound tunnel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Waiting for the first byte of the handshake.
+    FirstBytes,
+    /// Waiting for a handshake slot ([`Admission`](crate::conn::Admission)).
+    Queued,
     /// In the TLS handshake.
     Handshake,
     /// Handshake done, preamble not complete.
@@ -50,7 +64,12 @@ pub enum Refusal {
     Handshake(std::io::Error),
     /// The handshake and the preamble did not finish within the handshake
     /// timeout.
-    #[error("timed out in the {}", match .0 { Phase::Handshake => "TLS handshake", Phase::Preamble => "preamble" })]
+    #[error("timed out {}", match .0 {
+        Phase::FirstBytes => "before the first byte of a TLS handshake",
+        Phase::Queued => "waiting for a handshake slot (too many handshakes in flight, from this address or in all)",
+        Phase::Handshake => "in the TLS handshake",
+        Phase::Preamble => "in the preamble",
+    })]
     Timeout(Phase),
     /// The client did not negotiate our tunnel protocol.
     #[error("ALPN is not {}", String::from_utf8_lossy(preamble::ALPN))]
@@ -78,6 +97,8 @@ impl Refusal {
         let reason = match self {
             Refusal::NoCert(_) => return (Blame::Ours, Reason::NoCertificate),
             Refusal::Handshake(e) => Reason::of(e),
+            Refusal::Timeout(Phase::FirstBytes) => Reason::FirstBytesTimeout,
+            Refusal::Timeout(Phase::Queued) => Reason::Shed,
             Refusal::Timeout(Phase::Handshake) => Reason::HandshakeTimeout,
             Refusal::Timeout(Phase::Preamble) => Reason::PreambleTimeout,
             Refusal::Alpn => Reason::NoAlpn,
@@ -94,9 +115,9 @@ impl Refusal {
     }
 }
 
-/// Serves one tunnel, start to finish, on this executor.
-pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream) {
-    let mut rec = Record::accepted(&shard, Direction::Inbound, &netns);
+/// Serves one tunnel, start to finish, on this executor (`rec` was opened
+/// when it was accepted).
+pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream, mut rec: Record) {
     let (Ok(peer), Ok(local)) = (conn.peer_addr(), conn.local_addr()) else {
         return rec.refuse(Blame::Downstream, Reason::Gone, &"the peer left before we looked at it");
     };
@@ -146,8 +167,19 @@ async fn accept(
     local: LocalAddr,
 ) -> Result<(Tls, OrigDstAddr, Vec<u8>), Refusal> {
     let config = shard.server_config(local.ip())?;
-    let phase = Cell::new(Phase::Handshake);
+    let phase = Cell::new(Phase::FirstBytes);
     let steps = async {
+        match relay::within(FIRST_BYTES.min(shard.timeouts.handshake), conn.peek(&mut [0u8; 1])).await {
+            None => return Err(Refusal::Timeout(Phase::FirstBytes)),
+            Some(Ok(0)) => return Err(Refusal::Handshake(std::io::ErrorKind::UnexpectedEof.into())),
+            Some(Err(e)) => return Err(Refusal::Handshake(e.into())),
+            Some(Ok(_)) => phase.set(Phase::Queued),
+        }
+        // A handshake slot, held until the peer is authenticated and the
+        // preamble read (or the deadline drops it). Silent connections never
+        // get this far, so they never hold one.
+        let ticket = shard.admission.admit(client.ip()).await;
+        phase.set(Phase::Handshake);
         let started = Instant::now();
         let mut tls = TlsAcceptor::from(config).accept(conn).await.map_err(Refusal::Handshake)?;
         rec.handshake(started.elapsed());
@@ -158,6 +190,7 @@ async fn accept(
         }
         identity::check_peer_ip(session.peer_certificates(), client.ip())?;
         let prefaced = preamble::read(&mut tls).await?;
+        drop(ticket);
         Ok((tls, prefaced))
     };
     let (tls, prefaced) =

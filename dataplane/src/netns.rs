@@ -72,6 +72,18 @@ impl Netns {
         Ok(dataplane_common::maps::NetnsCookie(sys::netns_cookie(std::os::fd::AsFd::as_fd(&sock))?))
     }
 
+    /// Sets `net.ipv4.tcp_migrate_req = 1` inside this namespace: when a
+    /// listener of an SO_REUSEPORT group closes, the connections in its
+    /// accept queue move to another listener of the group instead of being
+    /// reset ([ip-sysctl]). A rolling update then loses no connection: the
+    /// old instance's queued connections go to the new one. Linux 5.14+.
+    ///
+    /// [ip-sysctl]: https://docs.kernel.org/networking/ip-sysctl.html
+    pub fn migrate_requests(&self) -> io::Result<()> {
+        // /proc/sys/net is the calling thread's namespace's.
+        self.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))?
+    }
+
     /// The file it was opened from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -25,26 +25,27 @@ use crate::{
     netns::Netns,
     reason::Reason,
     relay, socket,
-    stats::{Blame, Direction},
+    stats::Blame,
     sys,
 };
 
 type Tls = futures_rustls::client::TlsStream<TcpStream>;
 
-/// Serves one captured connection, start to finish, on this executor.
-pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpStream) {
-    let mut rec = Record::accepted(&shard, Direction::Outbound, &netns);
+/// Serves one captured connection, start to finish, on this executor
+/// (`rec` was opened when it was accepted).
+pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpStream, mut rec: Record) {
     if let Ok(client) = downstream.peer_addr() {
         rec.client(ClientAddr(client));
     }
-    let orig = match socket::original_dst(&downstream) {
-        Ok(orig) => OrigDstAddr(SocketAddr::V4(orig)),
-        Err(e) => {
-            socket::reset_on_close(&downstream);
-            let why = format!("no original destination (not captured by us): {e}");
-            return rec.refuse(Blame::Downstream, Reason::NoOriginalDestination, &why);
-        }
-    };
+    let orig =
+        match socket::original_dst(&downstream).or_else(|e| from_pinned_map(&shard, &netns, &downstream).ok_or(e)) {
+            Ok(orig) => OrigDstAddr(SocketAddr::V4(orig)),
+            Err(e) => {
+                socket::reset_on_close(&downstream);
+                let why = format!("no original destination (not captured by us): {e}");
+                return rec.refuse(Blame::Downstream, Reason::NoOriginalDestination, &why);
+            }
+        };
     rec.dst(orig.0);
     let mut tls = match open_tunnel(&shard, &mut rec, &netns, orig).await {
         Ok(tls) => tls,
@@ -56,6 +57,18 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     rec.tunnel_ready();
     let result = relay::relay(&mut downstream, &mut tls, shard.timeouts.idle).await;
     rec.relayed(0, result, &downstream, tls.get_ref().0);
+}
+
+/// The original destination from the pinned map, for a socket whose
+/// `SO_ORIGINAL_DST` found no program (see [`crate::ebpf::OrigLookup`]).
+fn from_pinned_map(shard: &ShardCtx, netns: &Netns, downstream: &TcpStream) -> Option<std::net::SocketAddrV4> {
+    let orig = shard.orig.as_ref()?;
+    let SocketAddr::V4(client) = downstream.peer_addr().ok()? else { return None };
+    let found = orig.get(netns.cookie().ok()?, client);
+    if found.is_some() {
+        tracing::debug!(%client, netns = %netns.name(), "original destination read from the pinned map");
+    }
+    found
 }
 
 type Refused = (Blame, Reason, String);

@@ -12,6 +12,12 @@ pub enum Reason {
     Socket,
     /// We hold no certificate for the address we must speak for.
     NoCertificate,
+    /// Inbound: no byte of a TLS handshake arrived within the first-bytes
+    /// deadline (shorter than the handshake timeout).
+    FirstBytesTimeout,
+    /// Inbound: too many unauthenticated connections in flight (from this
+    /// source, or in all): closed at once.
+    Shed,
     /// The TLS handshake did not finish within `--handshake-timeout`.
     HandshakeTimeout,
     /// Inbound: the handshake finished but the preamble did not, within the
@@ -80,6 +86,8 @@ impl Reason {
             Reason::NoOriginalDestination => "no_original_destination",
             Reason::Socket => "socket",
             Reason::NoCertificate => "no_certificate",
+            Reason::FirstBytesTimeout => "first_bytes_timeout",
+            Reason::Shed => "shed",
             Reason::HandshakeTimeout => "handshake_timeout",
             Reason::PreambleTimeout => "preamble_timeout",
             Reason::NoAlpn => "no_alpn",
@@ -169,6 +177,8 @@ mod tests {
         let all = [
             Reason::NoOriginalDestination,
             Reason::HandshakeTimeout,
+            Reason::FirstBytesTimeout,
+            Reason::Shed,
             Reason::PreambleTimeout,
             Reason::ClientIpMismatch,
             Reason::IdleTimeout,

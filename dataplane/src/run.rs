@@ -26,7 +26,7 @@ use signal_hook::{
 use tracing::{error, info, warn};
 
 use crate::{
-    admin,
+    admin::{self, Phase},
     config::Config,
     dump,
     ebpf::Capture,
@@ -82,8 +82,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during start-up must still detach cleanly.
     let signals = forward_signals()?;
     let (admin_tx, admin_rx) = crossbeam_channel::unbounded();
+    let health = Arc::new(admin::Health::default());
     if let Some(addr) = cfg.admin {
-        let bound = admin::serve(addr, admin_tx).with_context(|| format!("--admin {addr}: binding"))?;
+        let bound = admin::serve(addr, health.clone(), admin_tx).with_context(|| format!("--admin {addr}: binding"))?;
         info!(%bound, "admin endpoint listening");
     }
     let registry = cfg.netns_dir.as_deref().map(enroll::Registry::new);
@@ -91,21 +92,27 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         cfg,
         capture: None,
         shards: Vec::new(),
-        phase: Phase::Starting,
+        health,
         reloads: (0, 0),
         started: SystemTime::now(),
         registry,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
 
+    for ns in &ctl.cfg.namespaces {
+        migrate_requests(ns);
+    }
     let (tx, rx) = crossbeam_channel::unbounded();
     let spec = Arc::new(shard::ShardSpec {
         namespaces: ctl.cfg.namespaces.clone(),
         bypass_mark: ctl.cfg.capture.bypass_mark,
         identity: ctl.cfg.identity.clone(),
         timeouts: ctl.cfg.timeouts,
+        orig_pin: ctl.capture.as_ref().and_then(Capture::pinned_orig),
     });
     ctl.shards = shard::spawn(&ctl.cfg.cores, spec, tx)?;
+    ctl.health.set_shards(ctl.shards.iter().map(|s| s.listening.clone()).collect());
+    ctl.health.set_enrolled(ctl.enrolled());
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     let mut ready = 0;
     while ready < ctl.shards.len() {
@@ -126,7 +133,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         c.attach(&ctl.cfg.workload_cgroup, &ctl.cfg.own_cgroup)?;
     }
     ctl.scan_namespaces();
-    ctl.phase = Phase::Ready;
+    ctl.health.set_phase(Phase::Ready);
     info!("data plane ready: capturing connects");
 
     let mut watch = reload::Watch::new(ctl.cfg.identity.dir());
@@ -154,8 +161,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 ctl.scan_namespaces();
             },
             recv(trim) -> _ => {
-                // Give memory back after connections went away.
-                let open = ctl.open();
+                // Give memory back after connections (proxied or to the
+                // admin endpoint) went away.
+                let open = ctl.open() + ctl.health.open();
                 if open < open_before {
                     crate::sys::release_free_memory();
                 }
@@ -165,6 +173,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     }
     ctl.drain(&admin_rx);
     Ok(())
+}
+
+/// Lets a closing listener hand its queued connections to the next instance
+/// (see [`Netns::migrate_requests`](crate::netns::Netns::migrate_requests));
+/// without it (an older kernel) a rolling update may reset a few.
+fn migrate_requests(ns: &crate::netns::Netns) {
+    if let Err(e) = ns.migrate_requests() {
+        warn!(netns = %ns.name(), error = %e, "could not set net.ipv4.tcp_migrate_req: a rolling update may reset queued connections");
+    }
 }
 
 /// Forwards SIGTERM, SIGINT and SIGUSR1 into a channel. signal-hook's
@@ -182,18 +199,12 @@ fn forward_signals() -> anyhow::Result<Receiver<i32>> {
     Ok(rx)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Starting,
-    Ready,
-    Draining,
-}
-
 struct Control {
     cfg: Config,
     capture: Option<Capture>,
     shards: Vec<shard::Shard>,
-    phase: Phase,
+    /// What `/ready` is computed from, on the admin thread.
+    health: Arc<admin::Health>,
     /// Certificate reloads that took effect, and that were refused.
     reloads: (u64, u64),
     started: SystemTime,
@@ -205,9 +216,14 @@ impl Control {
     /// Enrols and withdraws namespaces from the watched directory.
     fn scan_namespaces(&mut self) {
         let Some(registry) = self.registry.as_mut() else { return };
-        for change in registry.scan(&self.cfg.identity) {
+        let changes = registry.scan(&self.cfg.identity);
+        if !changes.is_empty() {
+            self.health.set_enrolled(self.enrolled());
+        }
+        for change in changes {
             match change {
                 Change::Enroll(ns) => {
+                    migrate_requests(&ns);
                     for s in &self.shards {
                         let _ = s.tx.send(shard::ToShard::Enroll(ns.clone()));
                     }
@@ -239,16 +255,6 @@ impl Control {
     /// Connections open on every executor, read without asking them.
     fn open(&self) -> u64 {
         self.shards.iter().map(|s| s.open.get()).sum()
-    }
-
-    /// Whether every executor listens in every enrolled namespace, read
-    /// without asking them. (An executor that dies takes the process down.)
-    fn all_listening(&self) -> bool {
-        let enrolled = self.enrolled();
-        self.shards.iter().all(|s| {
-            let listening = s.listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            enrolled.iter().all(|id| listening.contains(id))
-        })
     }
 
     /// Every executor's measurements, merged (histograms included: for
@@ -298,14 +304,9 @@ impl Control {
             admin::Query::Metrics => {
                 let stats = self.collect();
                 let namespaces = self.registry.as_ref().map(enroll::Registry::counts).unwrap_or_default();
-                (200, admin::render(&stats, &self.bpf_stats(), &admin::Extra { reloads: self.reloads, namespaces }))
+                let extra = admin::Extra { reloads: self.reloads, namespaces, admin: self.health.closed() };
+                (200, admin::render(&stats, &self.bpf_stats(), &extra))
             }
-            admin::Query::Ready => match self.phase {
-                Phase::Starting => (503, "starting: listeners or eBPF programs not in place yet\n".into()),
-                Phase::Draining => (503, "draining\n".into()),
-                Phase::Ready if self.all_listening() => (200, "ready\n".into()),
-                Phase::Ready => (503, "an executor is not listening in every namespace\n".into()),
-            },
         };
         let _ = req.reply.send(reply);
     }
@@ -330,11 +331,22 @@ impl Control {
     }
 
     fn drain(mut self, admin_rx: &Receiver<admin::Request>) {
-        self.phase = Phase::Draining;
+        self.health.set_phase(Phase::Draining);
         for s in &self.shards {
             let _ = s.tx.send(shard::ToShard::Drain);
         }
         let deadline = Instant::now() + self.cfg.drain_timeout;
+        // First every executor closes its listeners (after that nothing new
+        // is accepted, and every accepted connection is counted as open)...
+        while !self
+            .shards
+            .iter()
+            .all(|s| s.listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty())
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(5));
+        }
+        // ...then the open connections get until the deadline.
         loop {
             let open = self.open();
             if open == 0 {

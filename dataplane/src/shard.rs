@@ -19,12 +19,13 @@ use glommio::{net::TcpListener, Latency, LocalExecutorBuilder, Placement, Shares
 use tracing::{error, info, warn};
 
 use crate::{
-    conn::{Open, ShardCtx, Timeouts},
+    conn::{Open, Record, ShardCtx, Timeouts},
+    ebpf::OrigLookup,
     identity::Identity,
     inbound,
     netns::{Netns, NetnsId},
     outbound, socket,
-    stats::Snapshot,
+    stats::{Direction, Snapshot},
     sys,
 };
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
@@ -40,6 +41,9 @@ pub struct ShardSpec {
     pub identity: Arc<Identity>,
     /// Limits.
     pub timeouts: Timeouts,
+    /// The pinned original-destination map, if any (strict mode): for the
+    /// sockets `SO_ORIGINAL_DST` cannot answer for.
+    pub orig_pin: Option<std::path::PathBuf>,
 }
 
 /// The namespaces an executor has listeners in, written by the executor
@@ -169,7 +173,14 @@ async fn run(
     control: flume::Receiver<ToShard>,
     (open, listening): (Arc<Open>, Arc<Listening>),
 ) {
-    let shard = Rc::new(ShardCtx::new(cpu, spec.bypass_mark, spec.timeouts, spec.identity.clone(), open));
+    let orig = spec.orig_pin.as_deref().and_then(|p| match OrigLookup::open(p) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            warn!(cpu, error = %e, "cannot open the pinned original-destination map: no fallback lookup");
+            None
+        }
+    });
+    let shard = Rc::new(ShardCtx::new(cpu, spec.bypass_mark, spec.timeouts, spec.identity.clone(), open, orig));
     let mut listeners = Listeners::new();
     if let Err(e) = Netns::pin_home() {
         let error = e.to_string();
@@ -214,13 +225,16 @@ async fn run(
                         // kernel then sends new connections to other sockets
                         // in the SO_REUSEPORT group (a new instance), or
                         // refuses them.
+                        // The listening set empties only once no accept loop
+                        // is left: the control thread waits for that before
+                        // it counts open connections.
                         draining = true;
-                        lock(&listening).clear();
                         for (_, tasks) in std::mem::take(&mut listeners) {
                             for t in tasks {
                                 t.cancel().await;
                             }
                         }
+                        lock(&listening).clear();
                         info!(cpu, "listeners closed; draining");
                     }
                 }
@@ -260,9 +274,11 @@ fn enroll(
     Ok(())
 }
 
-/// Pause after an accept error (EMFILE and the like) so a full fd table does
-/// not turn into a busy loop.
+/// Pause after an accept error (EMFILE and the like), doubled on each error
+/// in a row up to [`ACCEPT_BACKOFF_MAX`], so a full fd table does not turn
+/// into a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug)]
 enum Role {
@@ -271,18 +287,40 @@ enum Role {
 }
 
 async fn accept_loop(listener: TcpListener, shard: Rc<ShardCtx>, ns: Arc<Netns>, role: Role) {
+    let mut backoff = ACCEPT_BACKOFF;
     loop {
         match listener.accept().await {
             Ok(conn) => {
+                backoff = ACCEPT_BACKOFF;
+                // Counted as open from the moment it is accepted, before its
+                // task first runs: a drain that waits for open connections
+                // must never miss one that is only queued.
                 let (shard, ns) = (shard.clone(), ns.clone());
                 match role {
-                    Role::Outbound => glommio::spawn_local(outbound::serve(shard, ns, conn)).detach(),
-                    Role::Inbound => glommio::spawn_local(inbound::serve(shard, ns, conn)).detach(),
+                    Role::Outbound => {
+                        let rec = Record::accepted(&shard, Direction::Outbound, &ns);
+                        glommio::spawn_local(outbound::serve(shard, ns, conn, rec)).detach()
+                    }
+                    Role::Inbound => {
+                        let rec = Record::accepted(&shard, Direction::Inbound, &ns);
+                        glommio::spawn_local(inbound::serve(shard, ns, conn, rec)).detach()
+                    }
                 };
             }
             Err(e) => {
-                warn!(netns = %ns.name(), ?role, error = %e, "accept failed");
-                glommio::timer::sleep(ACCEPT_BACKOFF).await;
+                let direction = match role {
+                    Role::Outbound => Direction::Outbound,
+                    Role::Inbound => Direction::Inbound,
+                };
+                shard.with_stats(|s| s.flow(direction).accept_errors += 1);
+                match shard.quiet.allow("accept_failed") {
+                    Some(left_out) => {
+                        warn!(netns = %ns.name(), %direction, error = %e, ?backoff, left_out, "accept failed; backing off")
+                    }
+                    None => shard.with_stats(|s| s.logs_suppressed += 1),
+                }
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }

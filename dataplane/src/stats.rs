@@ -135,6 +135,8 @@ pub struct Flow {
     pub bytes_up: u64,
     /// Bytes from upstream to downstream.
     pub bytes_down: u64,
+    /// Accepts that failed (EMFILE and the like).
+    pub accept_errors: u64,
 }
 
 impl Flow {
@@ -155,6 +157,8 @@ pub struct Snapshot {
     pub failures: BTreeMap<(Direction, Blame, Reason), u64>,
     /// Latency histograms, indexed like [`Hist::ALL`].
     pub hist: [Histogram<u64>; HISTS],
+    /// Log lines left out by the limiter.
+    pub logs_suppressed: u64,
 }
 
 const MAX_MICROS: u64 = 3_600_000_000;
@@ -170,6 +174,7 @@ impl Default for Snapshot {
             inbound: Flow::default(),
             failures: BTreeMap::new(),
             hist: std::array::from_fn(|_| histogram()),
+            logs_suppressed: 0,
         }
     }
 }
@@ -203,7 +208,9 @@ impl Snapshot {
             mine.failed += theirs.failed;
             mine.bytes_up += theirs.bytes_up;
             mine.bytes_down += theirs.bytes_down;
+            mine.accept_errors += theirs.accept_errors;
         }
+        self.logs_suppressed += other.logs_suppressed;
         for (k, v) in &other.failures {
             *self.failures.entry(*k).or_default() += v;
         }

@@ -3,7 +3,13 @@
 //! captured connects are refused until a data plane returns, and the next
 //! instance adopts them.
 
-use std::{fs, path::PathBuf, process::Command, time::Duration};
+use std::{
+    fs,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use testworld::{attached, client, eventually, peer, run_args, server, two_pods, Certs, Cgroup, Dataplane};
 
@@ -75,11 +81,11 @@ fn strict_mode_fails_closed_and_the_next_instance_adopts() {
 }
 
 #[test]
-fn a_rolling_update_refuses_no_connect() {
+fn twenty_rolling_updates_refuse_no_connect() {
     let t = testworld::kernel_test!();
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
     let workload = Cgroup::new(t, "w");
-    let (own1, own2) = (Cgroup::new(t, "d"), Cgroup::new(t, "e"));
+    let owns = [Cgroup::new(t, "d"), Cgroup::new(t, "e")];
     let (a, b, _) = two_pods(t);
     let _srv = server(&b, "0.0.0.0", 8080, "b");
     let bpffs = BpfFs::new(t);
@@ -91,19 +97,39 @@ fn a_rolling_update_refuses_no_connect() {
         &[&a, &b],
         &["--strict", "--pin-dir", &pins, "--drain-timeout", "2s"],
     );
-    let old = Dataplane::start(&own1, &args);
+    let mut current = Dataplane::start(&owns[0], &args);
+    for ns in [&a, &b] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "cat", "/proc/sys/net/ipv4/tcp_migrate_req"])
+            .output()
+            .expect("reading the sysctl");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "queued connections migrate in {}", ns.name);
+    }
+    let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        // Connections all through the update: the new instance starts beside
-        // the old one (same SO_REUSEPORT ports, adopting its pins), then the
-        // old one drains and exits.
-        let traffic = s.spawn(|| client(&a, Some(&workload), "10.77.0.2", 8080, &["--count", "1500"]));
-        std::thread::sleep(Duration::from_millis(200));
-        let new = Dataplane::start(&own2, &args);
-        assert!(old.stop().success(), "the old instance drained and exited 0");
-        assert!(!traffic.is_finished(), "the traffic spanned the whole update");
-        let seen = traffic.join().expect("every connect succeeded through the update");
-        assert_eq!(seen.len(), 1500);
-        assert!(seen.iter().all(|x| x.server == "b" && x.peer == "127.0.0.1:18000"));
-        drop(new);
+        // A steady stream of connects through both sides of the tunnel (one
+        // data plane serves both pods) for the whole time. Each batch fails
+        // the test if any of its connects fails.
+        let traffic = s.spawn(|| {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &["--count", "25"]);
+                assert!(seen.iter().all(|x| x.server == "b" && x.peer == "127.0.0.1:18000"), "{seen:?}");
+                n += seen.len();
+            }
+            n
+        });
+        for i in 1..=20 {
+            // The new instance starts beside the old one (same SO_REUSEPORT
+            // ports, adopting its pins), then the old one drains and exits.
+            let next = Dataplane::start(&owns[i % 2], &args);
+            let old = std::mem::replace(&mut current, next);
+            assert!(old.stop().success(), "hand-over {i}: the old instance drained and exited 0");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let n = traffic.join().expect("every connect succeeded through twenty hand-overs");
+        println!("{n} connects through 20 rolling updates, none failed");
+        assert!(n >= 200, "traffic flowed throughout ({n})");
     });
+    drop(current);
 }
