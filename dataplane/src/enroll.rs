@@ -114,10 +114,7 @@ impl Registry {
                 }
             }
         }
-        // Gone, or replaced by another namespace under the same name.
-        let stale: Vec<PathBuf> =
-            self.entries.iter().filter(|(p, e)| present.get(*p) != Some(&e.ino)).map(|(p, _)| p.clone()).collect();
-        for path in stale {
+        for path in stale(&self.entries, &present) {
             if let Some(e) = self.entries.remove(&path) {
                 if let (State::Served, Some(ns)) = (&e.state, &e.netns) {
                     info!(netns = %path.display(), "namespace gone: withdrawing");
@@ -140,14 +137,7 @@ impl Registry {
             if entry.state == State::Served {
                 continue;
             }
-            let next = match ns.ipv4_addresses() {
-                Err(e) => State::Broken(format!("reading its addresses: {e}")),
-                Ok(addrs) => match addrs.iter().find(|a| identity.server_config(IpAddr::V4(**a)).is_err()) {
-                    _ if addrs.is_empty() => State::WaitingForAddress,
-                    Some(missing) => State::WaitingForCertificate(*missing),
-                    None => State::Served,
-                },
-            };
+            let next = next_state(ns.ipv4_addresses(), |a| identity.holds(IpAddr::V4(a)));
             if next == entry.state {
                 continue;
             }
@@ -167,5 +157,61 @@ impl Registry {
             entry.state = next;
         }
         changes
+    }
+}
+
+/// Entries whose file is gone, or now names another namespace (another
+/// inode) under the same name.
+fn stale(entries: &BTreeMap<PathBuf, Entry>, present: &BTreeMap<PathBuf, u64>) -> Vec<PathBuf> {
+    entries.iter().filter(|(p, e)| present.get(*p) != Some(&e.ino)).map(|(p, _)| p.clone()).collect()
+}
+
+/// Where a namespace not yet served stands, from its addresses (as read
+/// inside it) and whether a certificate exists for an address.
+fn next_state(addresses: std::io::Result<Vec<Ipv4Addr>>, has_cert: impl Fn(Ipv4Addr) -> bool) -> State {
+    match addresses {
+        Err(e) => State::Broken(format!("reading its addresses: {e}")),
+        Ok(addrs) if addrs.is_empty() => State::WaitingForAddress,
+        Ok(addrs) => match addrs.into_iter().find(|a| !has_cert(*a)) {
+            Some(missing) => State::WaitingForCertificate(missing),
+            None => State::Served,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn a_pod_moves_from_no_address_to_no_certificate_to_served() {
+        let certs = [ip("10.0.0.1")];
+        let has = |a: Ipv4Addr| certs.contains(&a);
+        // Scans as the CNI and the certificate issuer catch up.
+        assert_eq!(next_state(Ok(vec![]), has), State::WaitingForAddress);
+        assert_eq!(next_state(Ok(vec![ip("10.0.0.2")]), has), State::WaitingForCertificate(ip("10.0.0.2")));
+        assert_eq!(next_state(Ok(vec![ip("10.0.0.1")]), has), State::Served);
+        // Every address needs its certificate (dual-homed pods).
+        let two = vec![ip("10.0.0.1"), ip("10.0.0.3")];
+        assert_eq!(next_state(Ok(two), has), State::WaitingForCertificate(ip("10.0.0.3")));
+        let broken = next_state(Err(std::io::ErrorKind::PermissionDenied.into()), has);
+        assert!(matches!(broken, State::Broken(ref why) if why.contains("addresses")), "{broken:?}");
+        assert_eq!(broken.label(), "unusable");
+    }
+
+    #[test]
+    fn a_file_that_is_gone_or_names_a_new_namespace_is_stale() {
+        let entry = |ino| Entry { ino, netns: None, cookie: None, state: State::Served };
+        let entries: BTreeMap<PathBuf, Entry> =
+            [("/n/a", 1), ("/n/b", 2), ("/n/c", 3)].into_iter().map(|(p, i)| (PathBuf::from(p), entry(i))).collect();
+        // a unchanged, b re-created (new inode: a new pod under the same
+        // name), c deleted, d new (not stale: it is enrolled by the scan).
+        let present: BTreeMap<PathBuf, u64> =
+            [("/n/a", 1), ("/n/b", 20), ("/n/d", 4)].into_iter().map(|(p, i)| (PathBuf::from(p), i)).collect();
+        assert_eq!(stale(&entries, &present), [PathBuf::from("/n/b"), PathBuf::from("/n/c")]);
     }
 }

@@ -145,6 +145,11 @@ impl Identity {
         self.resumption
     }
 
+    /// Whether we hold a certificate for `ip`.
+    pub fn holds(&self, ip: IpAddr) -> bool {
+        self.by_ip.contains_key(&ip)
+    }
+
     /// Addresses we hold a certificate for.
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.by_ip.keys().copied()
