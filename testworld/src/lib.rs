@@ -17,7 +17,7 @@
 //! - [`proc`]: child processes with their output collected;
 //! - [`peers`]: the Python peers (`peers.py`): servers, clients, hostile ones;
 //! - [`dataplane`]: the data plane binary, started and stopped;
-//! - [`world`]: two pods and a data plane serving them.
+//! - [`mod@world`]: two pods and a data plane serving them.
 pub mod certs;
 pub mod cgroup;
 pub mod dataplane;
