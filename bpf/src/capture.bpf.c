@@ -12,6 +12,10 @@
  *    getsockopt(SOL_IP, SO_ORIGINAL_DST) from that map, so the proxy only uses
  *    the standard socket option. Everything else passes through untouched.
  *
+ * Connects from a network namespace marked NETNS_PASS in netns_verdict (the
+ * node's own, where host-network pods live, unless the data plane serves it)
+ * are never touched.
+ *
  * Maps are LRU so they can never fill up and wedge the node. Nothing is
  * captured until userspace has written the configuration. Sockets that carry
  * the data plane's bypass mark are never captured. */
@@ -65,6 +69,13 @@ struct {
 } config SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);   /* network-namespace cookie */
+	__type(value, __u32); /* NETNS_PASS */
+} netns_verdict SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
 	__type(key, __u32);
@@ -102,6 +113,12 @@ int capture_connect4(struct bpf_sock_addr *ctx)
 	}
 	if (ctx->user_family != AF_INET) {
 		count(STAT_SKIP_FAMILY);
+		return 1;
+	}
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	__u32 *verdict = bpf_map_lookup_elem(&netns_verdict, &netns);
+	if (verdict && *verdict == NETNS_PASS) {
+		count(STAT_SKIP_NETNS);
 		return 1;
 	}
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {

@@ -49,6 +49,11 @@ _Static_assert(sizeof(struct capture_config) == 16 + EXCLUDED_PORT_BYTES, "captu
 #define CONFIG_F_ENABLED 1 /* capture nothing until userspace has written the config */
 #define CONFIG_F_TRACE   2 /* log every decision to the trace pipe */
 
+/* Values of the netns_verdict map (key: network-namespace cookie). A
+ * namespace with no entry is captured: one the data plane does not know yet
+ * fails closed. */
+#define NETNS_PASS 1 /* never capture: e.g. the node's own namespace (host-network pods) */
+
 /* Indices of the per-CPU decision counters. */
 enum stat_index {
 	STAT_CAPTURED = 0,
@@ -62,6 +67,7 @@ enum stat_index {
 	STAT_ORPHANED,  /* sockops saw an established capture with no cookie entry */
 	STAT_FOUND,
 	STAT_MISSED,
+	STAT_SKIP_NETNS, /* the socket's network namespace is marked NETNS_PASS */
 	STAT_MAX,
 };
 

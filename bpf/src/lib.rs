@@ -33,6 +33,8 @@ pub mod map {
     pub const CAPTURE_CIDRS: &str = "capture_cidrs";
     /// Array of one `capture_config`.
     pub const CONFIG: &str = "config";
+    /// Hash: network-namespace cookie → verdict (`NETNS_PASS`: never capture).
+    pub const NETNS_VERDICT: &str = "netns_verdict";
     /// Per-CPU decision counters, indexed by `StatIndex`.
     pub const STATS: &str = "stats";
 }

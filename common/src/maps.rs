@@ -114,6 +114,10 @@ impl CaptureConfig {
     }
 }
 
+/// `netns_verdict` value: never capture connects from this network namespace
+/// (the node's own, where host-network pods live). No entry: captured.
+pub const NETNS_PASS: u32 = 1;
+
 /// Indices of the per-CPU decision counters (`enum stat_index`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u32)]
@@ -140,11 +144,13 @@ pub enum StatIndex {
     Found,
     /// `SO_ORIGINAL_DST` asked for a connection we do not know.
     Missed,
+    /// The socket's network namespace is marked [`NETNS_PASS`].
+    SkipNetns,
 }
 
 impl StatIndex {
     /// Every counter, in index order.
-    pub const ALL: [StatIndex; 11] = [
+    pub const ALL: [StatIndex; 12] = [
         Self::Captured,
         Self::SkipFamily,
         Self::SkipProto,
@@ -156,6 +162,7 @@ impl StatIndex {
         Self::Orphaned,
         Self::Found,
         Self::Missed,
+        Self::SkipNetns,
     ];
     /// Number of counters (`STAT_MAX`).
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -174,6 +181,7 @@ impl StatIndex {
             Self::Orphaned => "orig_dst_orphaned",
             Self::Found => "orig_dst_found",
             Self::Missed => "orig_dst_missed",
+            Self::SkipNetns => "skipped_netns",
         }
     }
 }
@@ -224,6 +232,7 @@ mod tests {
         assert_eq!(sizes(map::CAPTURE_CIDRS), (2 * size_of::<u32>(), 1));
         assert_eq!(sizes(map::CONFIG), (4, size_of::<CaptureConfig>()));
         assert_eq!(sizes(map::STATS), (4, 8));
+        assert_eq!(sizes(map::NETNS_VERDICT), (size_of::<NetnsCookie>(), size_of::<u32>()));
         let stats = maps.get(map::STATS).expect("stats map");
         assert_eq!(stats.max_entries(), StatIndex::COUNT, "one counter per StatIndex");
     }

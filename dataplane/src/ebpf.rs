@@ -121,7 +121,8 @@ pub struct Settings {
 /// The programs whose links strict mode pins.
 const PINNED_PROGRAMS: [&str; 2] = [program::CONNECT4, program::SOCKOPS];
 /// The maps a strict instance shares with the next one.
-const SHARED_MAPS: [&str; 5] = [map::ORIG_BY_COOKIE, map::ORIG_BY_CLIENT, map::CAPTURE_CIDRS, map::CONFIG, map::STATS];
+const SHARED_MAPS: [&str; 6] =
+    [map::ORIG_BY_COOKIE, map::ORIG_BY_CLIENT, map::CAPTURE_CIDRS, map::CONFIG, map::STATS, map::NETNS_VERDICT];
 
 /// Reads the original destinations straight from the pinned map, for the
 /// sockets `SO_ORIGINAL_DST` cannot answer for (see the module doc). One per
@@ -307,6 +308,21 @@ impl Capture {
     pub fn pinned_orig(&self) -> Option<PathBuf> {
         let path = maps_dir(&self.pin_dir).join(map::ORIG_BY_CLIENT);
         (self.strict || self.adopting).then_some(path).filter(|p| p.exists())
+    }
+
+    /// Marks a network namespace as never captured (`pass`), or captured
+    /// again (the default for every namespace).
+    pub fn set_netns_pass(&mut self, netns: NetnsCookie, pass: bool) -> Result<(), Error> {
+        let mut m: HashMap<_, u64, u32> = typed_map_mut(&mut self.ebpf, map::NETNS_VERDICT)?;
+        let done = if pass {
+            m.insert(netns.0, dataplane_common::maps::NETNS_PASS, 0)
+        } else {
+            match m.remove(&netns.0) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        };
+        done.map_err(map_err(map::NETNS_VERDICT))
     }
 
     /// Deletes the original destinations recorded for clients in a namespace

@@ -96,8 +96,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         reloads: (0, 0),
         started: SystemTime::now(),
         registry,
+        own_netns: None,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
+    let home = crate::netns::Netns::current().context("opening our own network namespace")?;
+    ctl.own_netns = Some((home.id(), home.cookie().context("reading our own namespace's cookie")?, None));
 
     for ns in &ctl.cfg.namespaces {
         migrate_requests(ns);
@@ -129,6 +132,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     }
+    ctl.sync_own_netns()?;
     if let Some(c) = ctl.capture.as_mut() {
         c.attach(&ctl.cfg.workload_cgroup, &ctl.cfg.own_cgroup)?;
     }
@@ -210,6 +214,10 @@ struct Control {
     started: SystemTime,
     /// The watched namespace directory, if any.
     registry: Option<enroll::Registry>,
+    /// Our own network namespace (on a node, the host network, where
+    /// host-network pods live), its cookie, and whether it is passed through
+    /// (never captured) now.
+    own_netns: Option<(NetnsId, dataplane_common::maps::NetnsCookie, Option<bool>)>,
 }
 
 impl Control {
@@ -219,6 +227,9 @@ impl Control {
         let changes = registry.scan(&self.cfg.identity);
         if !changes.is_empty() {
             self.health.set_enrolled(self.enrolled());
+            if let Err(e) = self.sync_own_netns() {
+                error!(error = %e, "could not update the capture verdict of our own namespace");
+            }
         }
         for change in changes {
             match change {
@@ -241,6 +252,23 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// Connects from our own namespace are never captured unless we serve it
+    /// (a laptop demo serving its own namespace): there is no listener there
+    /// for them, and on a node they are the host-network pods'.
+    fn sync_own_netns(&mut self) -> anyhow::Result<()> {
+        let enrolled = self.enrolled();
+        let (Some((id, cookie, passed)), Some(capture)) = (self.own_netns.as_mut(), self.capture.as_mut()) else {
+            return Ok(());
+        };
+        let pass = !enrolled.contains(id);
+        if *passed != Some(pass) {
+            capture.set_netns_pass(*cookie, pass)?;
+            info!(netns_cookie = cookie.0, captured = !pass, "our own network namespace (host-network pods)");
+            *passed = Some(pass);
+        }
+        Ok(())
     }
 
     /// The namespaces every executor must listen in.

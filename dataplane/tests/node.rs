@@ -204,3 +204,49 @@ fn two_nodes_talk_both_ways() {
     let ba = client(&b, Some(&w2), "10.77.0.1", 8080, &[]);
     assert_eq!((ba[0].peer.as_str(), ba[0].server.as_str()), ("127.0.0.1:18000", "a"), "node 2 to node 1");
 }
+
+#[test]
+fn host_network_processes_connect_directly() {
+    let t = testworld::kernel_test!();
+    // The data plane runs in this test's namespace, as the DaemonSet runs in
+    // the host network, and serves pod P from a watched directory (its
+    // flags). P hangs off this namespace by a veth of our own.
+    let certs = Certs::new(t, &["10.77.5.2"]);
+    let (workload, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
+    let p = Netns::new(t, "p");
+    let host_if = format!("h{}", &p.name[..p.name.len().min(14)]);
+    let ok = Command::new("ip")
+        .args(["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &p.name])
+        .status()
+        .expect("ip link add");
+    assert!(ok.success(), "veth to {}", p.name);
+    let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().expect("ip").success(), "ip {args:?}");
+    ip(&["addr", "add", "10.77.5.1/24", "dev", &host_if]);
+    ip(&["link", "set", &host_if, "up"]);
+    p.ip(&["addr", "add", "10.77.5.2/24", "dev", "eth0"]);
+    p.ip(&["link", "set", "eth0", "up"]);
+    let _srv = server(&p, "0.0.0.0", 8080, "p");
+    let dir_s = dir.path();
+    let dp = Dataplane::start(&own, &run_args(&workload, "10.77.0.0/16", &certs, &[], &["--netns-dir", &dir_s]));
+    dir.add(&p);
+    assert!(eventually(Duration::from_secs(5), || namespaces_in(&dp.admin(), "served") == Some(1.0)));
+
+    // A host-network process: in the workloads' cgroup (the kubelet puts
+    // host-network pods there too), in the node's namespace, connecting to
+    // a meshed pod's address. It is left alone and reaches the pod directly.
+    let py = testworld::peers_py();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{}exec \"$@\"", workload.join_prefix()))
+        .args(["sh", "python3", &py, "connect", "10.77.5.2", "8080"])
+        .output()
+        .expect("host-network client");
+    assert!(out.status.success(), "the host-network connect works: {}", String::from_utf8_lossy(&out.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!((seen["peer"].as_str(), seen["server"].as_str()), (Some("10.77.5.2:8080"), Some("p")), "{seen}");
+    let (_, text) = http_get(&dp.admin(), "/metrics").expect("metrics");
+    assert_eq!(metric(&text, "dataplane_bpf_decisions_total{decision=\"skipped_netns\"}"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "dataplane_bpf_decisions_total{decision=\"captured\"}"), Some(0.0));
+    drop(_srv);
+    dir.remove(&p);
+}
