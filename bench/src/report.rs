@@ -70,19 +70,35 @@ pub fn write_hgrm(dir: &Path, name: &str, h: &Histogram<u64>) -> anyhow::Result<
     fs::write(dir.join(format!("{name}.hgrm")), out).with_context(|| format!("writing {name}.hgrm"))
 }
 
+/// The proxies' CPU for one row: the data plane's and the haproxy pair's,
+/// per unit of work.
+#[derive(Debug, Clone, Copy)]
+pub struct Cpu {
+    /// `%·s/Gbit`, `µs/rt`, `µs/conn`, `µs/req`.
+    pub unit: &'static str,
+    /// The data plane(s).
+    pub dataplane: f64,
+    /// Both haproxy processes.
+    pub haproxy: f64,
+}
+
 /// One row of the table.
 #[derive(Debug, Clone)]
 pub struct Row {
     /// What was measured.
     pub workload: String,
-    /// Figure without the data plane.
+    /// Figure without a proxy.
     pub direct: f64,
     /// Figure through the data plane.
     pub proxied: f64,
-    /// Unit of both figures.
+    /// Figure through the haproxy pair (NaN where not run).
+    pub haproxy: f64,
+    /// Unit of the figures.
     pub unit: &'static str,
     /// Whether larger is better (throughput) or smaller (latency, memory).
     pub higher_is_better: bool,
+    /// The proxies' CPU, where measured.
+    pub cpu: Option<Cpu>,
 }
 
 impl Row {
@@ -94,15 +110,37 @@ impl Row {
             self.proxied / self.direct
         }
     }
+
+    /// proxied / haproxy.
+    pub fn vs_haproxy(&self) -> f64 {
+        if self.haproxy == 0.0 {
+            f64::NAN
+        } else {
+            self.proxied / self.haproxy
+        }
+    }
 }
 
 /// The table, as text.
 pub fn table(rows: &[Row]) -> String {
-    let mut out = format!("{:<44} {:>14} {:>14} {:>9}\n", "workload", "direct", "data plane", "ratio");
+    let mut out = format!(
+        "{:<42} {:>13} {:>13} {:>13} {:>7} {:>7}  {:<24}\n",
+        "workload", "direct", "data plane", "haproxy", "/direct", "/hapx", "CPU: data plane | haproxy"
+    );
+    let num = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.2}") };
     for r in rows {
         let fmt = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.1} {}", r.unit) };
-        let ratio = if r.ratio().is_nan() { "-".into() } else { format!("{:.2}", r.ratio()) };
-        let _ = writeln!(out, "{:<44} {:>14} {:>14} {:>9}", r.workload, fmt(r.direct), fmt(r.proxied), ratio);
+        let cpu = r.cpu.map_or(String::new(), |c| format!("{:.1} | {:.1} {}", c.dataplane, c.haproxy, c.unit));
+        let _ = writeln!(
+            out,
+            "{:<42} {:>13} {:>13} {:>13} {:>7} {:>7}  {cpu}",
+            r.workload,
+            fmt(r.direct),
+            fmt(r.proxied),
+            fmt(r.haproxy),
+            num(r.ratio()),
+            num(r.vs_haproxy())
+        );
     }
     out
 }
@@ -113,8 +151,10 @@ pub fn rows_json(rows: &[Row]) -> Value {
         rows.iter()
             .map(|r| {
                 json!({
-                    "workload": r.workload, "direct": r.direct, "data_plane": r.proxied, "unit": r.unit,
-                    "ratio": r.ratio(), "higher_is_better": r.higher_is_better,
+                    "workload": r.workload, "direct": r.direct, "data_plane": r.proxied, "haproxy": r.haproxy,
+                    "unit": r.unit, "ratio": r.ratio(), "vs_haproxy": r.vs_haproxy(),
+                    "higher_is_better": r.higher_is_better,
+                    "cpu": r.cpu.map(|c| json!({ "unit": c.unit, "data_plane": c.dataplane, "haproxy": c.haproxy })),
                 })
             })
             .collect(),

@@ -55,7 +55,12 @@ fn run(mut listener: TcpListener, kind: Kind) -> io::Result<()> {
     let mut events = Events::with_capacity(1024);
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        poll.poll(&mut events, None)?;
+        match poll.poll(&mut events, None) {
+            Ok(()) => {}
+            // A signal handled elsewhere in this process: poll again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
         for ev in events.iter() {
             if ev.token() == LISTENER {
                 loop {

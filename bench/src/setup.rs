@@ -59,6 +59,12 @@ impl World {
         Ok(pid)
     }
 
+    /// The certificate directory (CA and `127.0.0.1`), once the data plane
+    /// has been started.
+    pub fn certs_dir(&self) -> Option<&Path> {
+        self.certs.as_ref().map(|c| c.dir.as_path())
+    }
+
     /// Stops the data plane, if running, and keeps its log.
     pub fn stop_dataplane(&mut self) {
         if let Some(dp) = self.dataplane.take() {

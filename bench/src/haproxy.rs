@@ -1,0 +1,144 @@
+//! The yardstick a user would otherwise reach for: a haproxy pair doing what
+//! two data planes do, in the bench's namespace, on loopback. The client-side
+//! haproxy takes plaintext and opens mutual TLS 1.3 (AES-128-GCM, the data
+//! plane's ALPN, the same CA and certificate) to the server-side haproxy,
+//! which checks the client certificate and forwards plaintext to the server.
+//! Both are separate processes (two "nodes"), each with haproxy's default
+//! threads, so their CPU can be read as the data plane's is.
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+
+/// One proxied route: plaintext in at `front`, mutual TLS across `tls`,
+/// plaintext out to `server`.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// Where the load generator connects.
+    pub front: SocketAddr,
+    /// The TLS hop between the two haproxies.
+    pub tls: SocketAddr,
+    /// The real server.
+    pub server: SocketAddr,
+}
+
+/// The two haproxy processes; stopped and cleaned up on drop.
+#[derive(Debug)]
+pub struct Pair {
+    client: Child,
+    server: Child,
+    dir: PathBuf,
+}
+
+/// TLS 1.3 with the suite the data plane prefers.
+const TLS: &str = "ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256 alpn dataplane-tunnel/1";
+
+impl Pair {
+    /// Starts both sides inside the namespace `netns` (a path) with the CA
+    /// and the `127.0.0.1` certificate from `certs`; with `resumption` off,
+    /// every connection is a full mutual handshake (`no-ssl-reuse`).
+    pub fn start(netns: &Path, certs: &Path, routes: &[Route], resumption: bool) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("dpbench-haproxy-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        // haproxy wants the certificate and its key in one file.
+        let pem = dir.join("127.0.0.1.pem");
+        let mut both = fs::read(certs.join("127.0.0.1.crt")).context("the bench's certificate")?;
+        both.extend(fs::read(certs.join("127.0.0.1.key")).context("the bench's key")?);
+        fs::write(&pem, both)?;
+        let ca = certs.join("ca.crt");
+        // No maxconn: haproxy derives it from the open-file limit it has.
+        let global = "global\n\
+                      defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n";
+        let (mut client_cfg, mut server_cfg) = (global.to_string(), global.to_string());
+        for (i, r) in routes.iter().enumerate() {
+            client_cfg.push_str(&format!(
+                "frontend f{i}\n  bind {front}\n  default_backend b{i}\n\
+                 backend b{i}\n  server s {tls} ssl verify required ca-file {ca} crt {pem} {TLS}{reuse}\n",
+                front = r.front,
+                tls = r.tls,
+                ca = ca.display(),
+                pem = pem.display(),
+                reuse = if resumption { "" } else { " no-ssl-reuse" },
+            ));
+            server_cfg.push_str(&format!(
+                "frontend f{i}\n  bind {tls} ssl crt {pem} ca-file {ca} verify required {TLS}\n  default_backend b{i}\n\
+                 backend b{i}\n  server s {server}\n",
+                tls = r.tls,
+                server = r.server,
+                ca = ca.display(),
+                pem = pem.display(),
+            ));
+        }
+        let spawn = |name: &str, cfg: &str| -> anyhow::Result<Child> {
+            let path = dir.join(format!("{name}.cfg"));
+            fs::write(&path, cfg)?;
+            Command::new("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .args(["haproxy", "-db", "-q", "-f"])
+                .arg(&path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting haproxy (apt-get install haproxy, or scripts/deps)")
+        };
+        let pair = Self { server: spawn("server", &server_cfg)?, client: spawn("client", &client_cfg)?, dir };
+        // Ready once every front port accepts (from inside the namespace).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for r in routes {
+            loop {
+                let probe = Command::new("nsenter")
+                    .arg(format!("--net={}", netns.display()))
+                    .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{}/{}", r.front.ip(), r.front.port())])
+                    .stderr(Stdio::null())
+                    .status();
+                if probe.is_ok_and(|s| s.success()) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("haproxy did not listen on {} within 10 s", r.front);
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(pair)
+    }
+
+    /// Both processes' PIDs (the one process holds all of haproxy's threads).
+    pub fn pids(&self) -> Vec<u32> {
+        vec![self.client.id(), self.server.id()]
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for c in [&mut self.client, &mut self.server] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// CPU time (user + system) of a process and all its threads so far.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+    // USER_HZ is 100 on Linux.
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// CPU time of a set of processes.
+pub fn cpu_of(pids: &[u32]) -> Duration {
+    pids.iter().filter_map(|&p| cpu_time(p)).sum()
+}
