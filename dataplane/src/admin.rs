@@ -122,7 +122,7 @@ impl Health {
             _ => {
                 let enrolled = lock(&self.enrolled).clone();
                 let all = lock(&self.shards).iter().all(|s| {
-                    let listening = lock(s);
+                    let listening = crate::shard::lock(s);
                     enrolled.iter().all(|id| listening.contains(id))
                 });
                 if all {
@@ -166,7 +166,7 @@ mod tests {
         h.set_enrolled(vec![NetnsId(7)]);
         h.set_phase(Phase::Ready);
         assert_eq!(h.ready().0, 503, "not listening in 7 yet");
-        lock(&shard).insert(NetnsId(7));
+        crate::shard::lock(&shard).insert(NetnsId(7));
         assert_eq!(h.ready(), (200, "ready\n"));
         h.set_phase(Phase::Draining);
         assert_eq!(h.ready().0, 503);

@@ -366,12 +366,7 @@ impl Control {
         let deadline = Instant::now() + self.cfg.drain_timeout;
         // First every executor closes its listeners (after that nothing new
         // is accepted, and every accepted connection is counted as open)...
-        while !self
-            .shards
-            .iter()
-            .all(|s| s.listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty())
-            && Instant::now() < deadline
-        {
+        while !self.shards.iter().all(|s| shard::lock(&s.listening).is_empty()) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
         }
         // ...then the open connections get until the deadline.

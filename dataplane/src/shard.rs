@@ -248,8 +248,9 @@ async fn run(
     }
 }
 
-fn lock(listening: &Listening) -> std::sync::MutexGuard<'_, BTreeSet<NetnsId>> {
-    // Poisoned only if a holder panicked, which aborts the process first.
+/// Locks a listening set. A holder that panicked took the process down
+/// first (executors abort on unwinding), so poisoning is ignored.
+pub fn lock(listening: &Listening) -> std::sync::MutexGuard<'_, BTreeSet<NetnsId>> {
     listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

@@ -68,11 +68,6 @@ impl Record {
         }
     }
 
-    /// When it was accepted.
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
     /// Names the far end, for the log line.
     pub fn client(&mut self, addr: ClientAddr) {
         self.client = Some(addr.0);
