@@ -26,30 +26,62 @@ const DISCARD: &str = "127.0.0.1:9002";
 const HAPROXY_ECHO: &str = "127.0.0.1:9101";
 const HAPROXY_DISCARD: &str = "127.0.0.1:9102";
 
-fn routes() -> anyhow::Result<[haproxy::Route; 2]> {
+/// In the two-node shape the servers live in the server pod.
+const NODES_ECHO: &str = "10.98.0.2:9001";
+const NODES_DISCARD: &str = "10.98.0.2:9002";
+
+/// The haproxy pair's routes to the echo and discard servers at `echo` and
+/// `discard`, the TLS hop on the server's side.
+fn routes(echo: &str, discard: &str) -> anyhow::Result<[haproxy::Route; 2]> {
+    let (echo, discard): (SocketAddr, SocketAddr) = (echo.parse()?, discard.parse()?);
+    let tls = |server: SocketAddr, port| SocketAddr::new(server.ip(), port);
     Ok([
-        haproxy::Route { front: HAPROXY_ECHO.parse()?, tls: "127.0.0.1:9201".parse()?, server: ECHO.parse()? },
-        haproxy::Route { front: HAPROXY_DISCARD.parse()?, tls: "127.0.0.1:9202".parse()?, server: DISCARD.parse()? },
+        haproxy::Route { front: HAPROXY_ECHO.parse()?, tls: tls(echo, 9201), server: echo },
+        haproxy::Route { front: HAPROXY_DISCARD.parse()?, tls: tls(discard, 9202), server: discard },
     ])
 }
 
-/// The same worker arguments aimed at the haproxy pair's front instead.
-fn via_haproxy(args: &[String]) -> Vec<String> {
-    let mut a = args.to_vec();
-    if let Some(addr) = a.get_mut(1) {
-        *addr = match addr.as_str() {
-            ECHO => HAPROXY_ECHO.into(),
-            DISCARD => HAPROXY_DISCARD.into(),
-            other => other.into(),
-        };
-    }
-    a
-}
-
-/// A worker run and the CPU time the proxies in `pids` spent meanwhile.
+/// A worker run and the CPU time the proxies spent meanwhile.
 struct Run {
     out: Value,
     cpu: Duration,
+}
+
+/// The three paths of one shape: direct, through the data plane(s), through
+/// the haproxy pair.
+struct Paths<'a> {
+    shape: &'a dyn setup::Shape,
+    dataplanes: Vec<u32>,
+    pair: &'a haproxy::Pair,
+    routes: [haproxy::Route; 2],
+}
+
+impl Paths<'_> {
+    /// The same worker arguments aimed at the haproxy pair's front instead.
+    fn via_haproxy(&self, args: &[String]) -> Vec<String> {
+        let mut a = args.to_vec();
+        if let Some(addr) = a.get_mut(1) {
+            if let Some(r) = self.routes.iter().find(|r| r.server.to_string() == *addr) {
+                *addr = r.front.to_string();
+            }
+        }
+        a
+    }
+
+    fn measure(&self, captured: bool, args: &[String], pids: &[u32]) -> anyhow::Result<Run> {
+        let before = haproxy::cpu_of(pids);
+        let out = work(self.shape, captured, args)?;
+        Ok(Run { out, cpu: haproxy::cpu_of(pids).saturating_sub(before) })
+    }
+
+    /// Direct, through the data plane(s) (captured), through the pair.
+    fn three(&self, args: &[String]) -> anyhow::Result<[Run; 3]> {
+        Ok([
+            self.measure(false, args, &[])?,
+            self.measure(true, args, &self.dataplanes)?,
+            self.measure(false, &self.via_haproxy(args), &self.pair.pids())?,
+        ])
+    }
 }
 
 struct Opts {
@@ -112,7 +144,7 @@ fn build_dataplane() -> anyhow::Result<PathBuf> {
 
 /// Runs a worker to completion and returns its last JSON line (whether
 /// it runs in the workload cgroup, `captured`, picks the path).
-fn work(world: &setup::World, captured: bool, args: &[String]) -> anyhow::Result<Value> {
+fn work(world: &dyn setup::Shape, captured: bool, args: &[String]) -> anyhow::Result<Value> {
     let out = world.worker(captured, args)?.output().context("running a worker")?;
     if !out.status.success() {
         bail!("worker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -124,6 +156,109 @@ fn work(world: &setup::World, captured: bool, args: &[String]) -> anyhow::Result
 
 fn s(v: impl ToString) -> String {
     v.to_string()
+}
+
+/// The rows and latency distributions collected so far.
+struct Table {
+    rows: Vec<Row>,
+    latencies: serde_json::Map<String, Value>,
+    out_dir: PathBuf,
+    secs: f64,
+    quick: bool,
+}
+
+fn cpu(unit: &'static str, per: &dyn Fn(&Run) -> f64, runs: &[Run; 3]) -> Cpu {
+    Cpu { unit, dataplane: per(&runs[1]), haproxy: per(&runs[2]) }
+}
+
+impl Table {
+    /// Keeps the three latency distributions of `name` (`.hgrm` files and
+    /// the JSON); their p99s in µs.
+    fn latency(&mut self, name: &str, runs: &[Run; 3]) -> anyhow::Result<Vec<f64>> {
+        let mut doc = serde_json::Map::new();
+        let mut p99 = Vec::new();
+        for (run, label) in runs.iter().zip(["direct", "data_plane", "haproxy"]) {
+            let h = report::decode(run.out["hist"].as_str().context("hist")?)?;
+            report::write_hgrm(&self.out_dir, &format!("{name}-{label}"), &h)?;
+            doc.insert(label.into(), report::percentiles(&h));
+            p99.push(h.value_at_percentile(99.0) as f64 / 1000.0);
+        }
+        self.latencies.insert(name.into(), Value::Object(doc));
+        Ok(p99)
+    }
+
+    /// `streams` bulk streams to the discard server at `discard`.
+    fn bulk(&mut self, paths: &Paths, prefix: &str, streams: usize, discard: &str) -> anyhow::Result<()> {
+        let runs = paths.three(&[s("bulk"), s(discard), s(streams), s(self.secs)])?;
+        let gbits = |v: &Value| v["bytes"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
+        let gbps = |r: &Run| gbits(&r.out) / r.out["seconds"].as_f64().unwrap_or(1.0);
+        // CPU seconds per Gbit, as a percentage of one core: %·s/Gbit.
+        let per = |r: &Run| r.cpu.as_secs_f64() * 100.0 / gbits(&r.out).max(1e-9);
+        self.rows.push(Row {
+            workload: format!("{prefix}bulk, {streams} stream(s)"),
+            direct: gbps(&runs[0]),
+            proxied: gbps(&runs[1]),
+            haproxy: gbps(&runs[2]),
+            unit: "Gb/s",
+            higher_is_better: true,
+            cpu: Some(cpu("%·s/Gbit", &per, &runs)),
+        });
+        Ok(())
+    }
+
+    /// Request/response of `size` bytes to the echo server at `echo`.
+    fn rr(&mut self, paths: &Paths, prefix: &str, size: usize, echo: &str) -> anyhow::Result<()> {
+        let count = if self.quick { 5_000 } else { 20_000 };
+        let runs = paths.three(&[s("rr"), s(echo), s(size), s(self.secs), s(count)])?;
+        let tag = if prefix.is_empty() { String::new() } else { "nodes-".into() };
+        self.latency(&format!("{tag}rr-{size}B"), &runs)?;
+        let hists = runs
+            .iter()
+            .map(|r| report::decode(r.out["hist"].as_str().context("hist")?))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // CPU µs per round trip, for the data plane(s) and the pair.
+        let per_rt = |i: usize| runs[i].cpu.as_secs_f64() * 1e6 / hists[i].len().max(1) as f64;
+        let rt_cpu = Cpu { unit: "µs/rt", dataplane: per_rt(1), haproxy: per_rt(2) };
+        for (label, q) in [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)] {
+            let at = |i: usize| hists[i].value_at_percentile(q) as f64 / 1000.0;
+            self.rows.push(Row {
+                workload: format!("{prefix}request/response {size} B, {label}"),
+                direct: at(0),
+                proxied: at(1),
+                haproxy: at(2),
+                unit: "µs",
+                higher_is_better: false,
+                cpu: (label == "p50").then_some(rt_cpu),
+            });
+        }
+        Ok(())
+    }
+
+    /// The connection-rate rows from runs with resumption and with full
+    /// handshakes (the direct run is shared).
+    fn connrate(&mut self, prefix: &str, resumed: &[Run; 3], full: &[Run; 3]) -> anyhow::Result<()> {
+        let tag = if prefix.is_empty() { String::new() } else { "nodes-".into() };
+        let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
+        let per = |r: &Run| r.cpu.as_secs_f64() * 1e6 / r.out["count"].as_f64().unwrap_or(0.0).max(1.0);
+        for (what, runs) in [("TLS resumption", resumed), ("full handshakes", full)] {
+            let name = if what == "full handshakes" { "full" } else { "resumed" };
+            self.latency(&format!("{tag}connrate-{name}"), runs)?;
+            self.rows.push(Row {
+                workload: format!("{prefix}new connections/s ({what})"),
+                direct: rate(&runs[0].out),
+                proxied: rate(&runs[1].out),
+                haproxy: rate(&runs[2].out),
+                unit: "/s",
+                higher_is_better: true,
+                cpu: Some(cpu("µs/conn", &per, runs)),
+            });
+        }
+        let e: u64 = resumed.iter().chain(&full[1..]).map(|r| r.out["errors"].as_u64().unwrap_or(0)).sum();
+        if e > 0 {
+            eprintln!("warning: {e} failed connections in the {prefix}connection-rate runs");
+        }
+        Ok(())
+    }
 }
 
 fn run(opts: &Opts) -> anyhow::Result<()> {
@@ -146,129 +281,47 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     server::start(&world.netns_path(), DISCARD.parse()?, server::Kind::Discard)?;
     let mut dp = world.start_dataplane(&binary, &[])?;
     let certs = world.certs_dir().context("certificates")?.to_path_buf();
-    let mut pair = haproxy::Pair::start(&world.netns_path(), &certs, &routes()?, true)?;
-    let mut rows = Vec::new();
-    let mut latencies = serde_json::Map::new();
-
-    let measure = |world: &setup::World, captured: bool, args: &[String], pids: &[u32]| -> anyhow::Result<Run> {
-        let before = haproxy::cpu_of(pids);
-        let out = work(world, captured, args)?;
-        Ok(Run { out, cpu: haproxy::cpu_of(pids).saturating_sub(before) })
-    };
-    // Direct, through the data plane (captured), through the haproxy pair.
-    let three = |world: &setup::World, args: &[String], dp: u32, pair: &haproxy::Pair| -> anyhow::Result<[Run; 3]> {
-        Ok([
-            measure(world, false, args, &[])?,
-            measure(world, true, args, &[dp])?,
-            measure(world, false, &via_haproxy(args), &pair.pids())?,
-        ])
-    };
-    let latency =
-        |latencies: &mut serde_json::Map<String, Value>, name: &str, runs: &[&Value]| -> anyhow::Result<Vec<f64>> {
-            let mut doc = serde_json::Map::new();
-            let mut p99 = Vec::new();
-            for (run, label) in runs.iter().zip(["direct", "data_plane", "haproxy"]) {
-                let h = report::decode(run["hist"].as_str().context("hist")?)?;
-                report::write_hgrm(&out_dir, &format!("{name}-{label}"), &h)?;
-                doc.insert(label.into(), report::percentiles(&h));
-                p99.push(h.value_at_percentile(99.0) as f64 / 1000.0);
-            }
-            latencies.insert(name.into(), Value::Object(doc));
-            Ok(p99)
-        };
-    let cpu = |unit: &'static str, per: &dyn Fn(&Run) -> f64, runs: &[Run; 3]| Cpu {
-        unit,
-        dataplane: per(&runs[1]),
-        haproxy: per(&runs[2]),
+    let local = haproxy::Side { netns: world.netns_path(), ip: "127.0.0.1".into() };
+    let loopback_routes = routes(ECHO, DISCARD)?;
+    let mut pair = haproxy::Pair::start(&local, &local, &certs, &loopback_routes, true)?;
+    let mut t = Table {
+        rows: Vec::new(),
+        latencies: serde_json::Map::new(),
+        out_dir: out_dir.clone(),
+        secs,
+        quick: opts.quick,
     };
 
     if want("bulk") {
         for streams in [1, 4] {
-            let runs = three(&world, &[s("bulk"), s(DISCARD), s(streams), s(secs)], dp, &pair)?;
-            let gbits = |v: &Value| v["bytes"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
-            let gbps = |r: &Run| gbits(&r.out) / r.out["seconds"].as_f64().unwrap_or(1.0);
-            // CPU seconds per Gbit, as a percentage of one core: %·s/Gbit.
-            let per = |r: &Run| r.cpu.as_secs_f64() * 100.0 / gbits(&r.out).max(1e-9);
-            rows.push(Row {
-                workload: format!("bulk, {streams} stream(s)"),
-                direct: gbps(&runs[0]),
-                proxied: gbps(&runs[1]),
-                haproxy: gbps(&runs[2]),
-                unit: "Gb/s",
-                higher_is_better: true,
-                cpu: Some(cpu("%·s/Gbit", &per, &runs)),
-            });
+            let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
+            t.bulk(&paths, "", streams, DISCARD)?;
         }
     }
     if want("rr") {
         for size in [64, 1024] {
-            let args = [s("rr"), s(ECHO), s(size), s(secs), s(if opts.quick { 5_000 } else { 20_000 })];
-            let runs = three(&world, &args, dp, &pair)?;
-            let name = format!("rr-{size}B");
-            latency(&mut latencies, &name, &[&runs[0].out, &runs[1].out, &runs[2].out])?;
-            let hists = runs
-                .iter()
-                .map(|r| report::decode(r.out["hist"].as_str().context("hist")?))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let per = |r: &Run| {
-                let n = report::decode(r.out["hist"].as_str().unwrap_or_default()).map(|h| h.len()).unwrap_or(0);
-                r.cpu.as_secs_f64() * 1e6 / n.max(1) as f64
-            };
-            for (label, q) in [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)] {
-                let at = |i: usize| hists[i].value_at_percentile(q) as f64 / 1000.0;
-                rows.push(Row {
-                    workload: format!("request/response {size} B, {label}"),
-                    direct: at(0),
-                    proxied: at(1),
-                    haproxy: at(2),
-                    unit: "µs",
-                    higher_is_better: false,
-                    cpu: (label == "p50").then(|| cpu("µs/rt", &per, &runs)),
-                });
-            }
+            let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
+            t.rr(&paths, "", size, ECHO)?;
         }
     }
     if want("connrate") {
         let args = [s("connrate"), s(ECHO), s(2), s(secs)];
-        let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
-        let per = |r: &Run| r.cpu.as_secs_f64() * 1e6 / r.out["count"].as_f64().unwrap_or(0.0).max(1.0);
-        let resumed = three(&world, &args, dp, &pair)?;
-        latency(&mut latencies, "connrate-resumed", &[&resumed[0].out, &resumed[1].out, &resumed[2].out])?;
-        rows.push(Row {
-            workload: "new connections/s (TLS resumption)".into(),
-            direct: rate(&resumed[0].out),
-            proxied: rate(&resumed[1].out),
-            haproxy: rate(&resumed[2].out),
-            unit: "/s",
-            higher_is_better: true,
-            cpu: Some(cpu("µs/conn", &per, &resumed)),
-        });
+        let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
+        let resumed = paths.three(&args)?;
         // Every handshake a full mutual one, on both.
         dp = world.start_dataplane(&binary, &["--no-tls-resumption"])?;
         drop(pair);
-        pair = haproxy::Pair::start(&world.netns_path(), &certs, &routes()?, false)?;
+        pair = haproxy::Pair::start(&local, &local, &certs, &loopback_routes, false)?;
+        let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
         let full = [
             Run { out: resumed[0].out.clone(), cpu: Duration::ZERO },
-            measure(&world, true, &args, &[dp])?,
-            measure(&world, false, &via_haproxy(&args), &pair.pids())?,
+            paths.measure(true, &args, &[dp])?,
+            paths.measure(false, &paths.via_haproxy(&args), &pair.pids())?,
         ];
-        latency(&mut latencies, "connrate-full", &[&full[0].out, &full[1].out, &full[2].out])?;
-        rows.push(Row {
-            workload: "new connections/s (full handshakes)".into(),
-            direct: rate(&full[0].out),
-            proxied: rate(&full[1].out),
-            haproxy: rate(&full[2].out),
-            unit: "/s",
-            higher_is_better: true,
-            cpu: Some(cpu("µs/conn", &per, &full)),
-        });
-        let e: u64 = resumed.iter().chain(&full[1..]).map(|r| r.out["errors"].as_u64().unwrap_or(0)).sum();
-        if e > 0 {
-            eprintln!("warning: {e} failed connections in the connection-rate runs");
-        }
+        t.connrate("", &resumed, &full)?;
         dp = world.start_dataplane(&binary, &[])?;
         drop(pair);
-        pair = haproxy::Pair::start(&world.netns_path(), &certs, &routes()?, true)?;
+        pair = haproxy::Pair::start(&local, &local, &certs, &loopback_routes, true)?;
     }
 
     if want("memory") {
@@ -286,7 +339,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         drop(holder.stdin.take()); // release them
         let _ = holder.wait();
         let per = during.saturating_sub(before) as f64 / n as f64 / 1024.0;
-        rows.push(Row {
+        t.rows.push(Row {
             workload: format!("RSS per idle proxied connection ({n})"),
             direct: f64::NAN,
             proxied: per,
@@ -295,7 +348,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             higher_is_better: false,
             cpu: None,
         });
-        latencies.insert("memory".into(), json!({ "connections": n, "rss_before": before, "rss_held": during }));
+        t.latencies.insert("memory".into(), json!({ "connections": n, "rss_before": before, "rss_held": during }));
     }
     if want("fanout") {
         let rate = 2_000;
@@ -303,10 +356,11 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         for &n in counts {
             let n = n.min(max_conns);
             let span = secs.max(2.0);
-            let runs = three(&world, &[s("fanout"), s(ECHO), s(n), s(rate), s(span)], dp, &pair)?;
-            let p99 = latency(&mut latencies, &format!("fanout-{n}"), &[&runs[0].out, &runs[1].out, &runs[2].out])?;
+            let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
+            let runs = paths.three(&[s("fanout"), s(ECHO), s(n), s(rate), s(span)])?;
+            let p99 = t.latency(&format!("fanout-{n}"), &runs)?;
             let per = |r: &Run| r.cpu.as_secs_f64() * 1e6 / (rate as f64 * span);
-            rows.push(Row {
+            t.rows.push(Row {
                 workload: format!("p99 at {n} connections ({rate} req/s)"),
                 direct: p99[0],
                 proxied: p99[1],
@@ -320,6 +374,45 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     drop(pair);
     world.stop_dataplane();
 
+    if want("nodes") {
+        // The two-node shape: each data plane holds one end of every tunnel,
+        // the haproxies sit one beside each pod.
+        let mut nodes = setup::Nodes::new(&binary, &out_dir)?;
+        server::start(&nodes.server.path(), NODES_ECHO.parse()?, server::Kind::Echo)?;
+        server::start(&nodes.server.path(), NODES_DISCARD.parse()?, server::Kind::Discard)?;
+        let mut dps = nodes.start(&binary, &[])?;
+        let client = haproxy::Side { netns: nodes.client.path(), ip: setup::CLIENT_IP.into() };
+        let server_side = haproxy::Side { netns: nodes.server.path(), ip: setup::SERVER_IP.into() };
+        let node_certs = nodes.certs_dir().to_path_buf();
+        let node_routes = routes(NODES_ECHO, NODES_DISCARD)?;
+        let mut pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
+        let prefix = "2 nodes: ";
+        let streams: &[usize] = if opts.quick { &[1] } else { &[1, 4] };
+        for &n in streams {
+            let paths = Paths { shape: &nodes, dataplanes: dps.clone(), pair: &pair, routes: node_routes };
+            t.bulk(&paths, prefix, n, NODES_DISCARD)?;
+        }
+        let paths = Paths { shape: &nodes, dataplanes: dps.clone(), pair: &pair, routes: node_routes };
+        t.rr(&paths, prefix, 1024, NODES_ECHO)?;
+        let args = [s("connrate"), s(NODES_ECHO), s(2), s(secs)];
+        let resumed = paths.three(&args)?;
+        drop(paths);
+        dps = nodes.start(&binary, &["--no-tls-resumption"])?;
+        drop(pair);
+        pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, false)?;
+        let paths = Paths { shape: &nodes, dataplanes: dps.clone(), pair: &pair, routes: node_routes };
+        let full = [
+            Run { out: resumed[0].out.clone(), cpu: Duration::ZERO },
+            paths.measure(true, &args, &dps)?,
+            paths.measure(false, &paths.via_haproxy(&args), &pair.pids())?,
+        ];
+        t.connrate(prefix, &resumed, &full)?;
+        drop(paths);
+        drop(pair);
+        nodes.stop();
+    }
+
+    let (rows, latencies) = (t.rows, t.latencies);
     let table = report::table(&rows);
     println!("\n{table}");
     let doc = json!({

@@ -1,5 +1,6 @@
 //! The yardstick a user would otherwise reach for: a haproxy pair doing what
-//! two data planes do, in the bench's namespace, on loopback. The client-side
+//! two data planes do, each beside its pod (in loopback mode both in the one
+//! namespace). The client-side
 //! haproxy takes plaintext and opens mutual TLS 1.3 (AES-128-GCM, the data
 //! plane's ALPN, the same CA and certificate) to the server-side haproxy,
 //! which checks the client certificate and forwards plaintext to the server.
@@ -28,6 +29,17 @@ pub struct Route {
     pub server: SocketAddr,
 }
 
+/// Where each side runs and who it is: the network namespace (a path) and the
+/// IP whose certificate (`<ip>.crt`, `<ip>.key` in the certificate
+/// directory) it presents.
+#[derive(Debug, Clone)]
+pub struct Side {
+    /// Network namespace file.
+    pub netns: PathBuf,
+    /// Certificate to present.
+    pub ip: String,
+}
+
 /// The two haproxy processes; stopped and cleaned up on drop.
 #[derive(Debug)]
 pub struct Pair {
@@ -40,18 +52,28 @@ pub struct Pair {
 const TLS: &str = "ssl-min-ver TLSv1.3 ciphersuites TLS_AES_128_GCM_SHA256 alpn dataplane-tunnel/1";
 
 impl Pair {
-    /// Starts both sides inside the namespace `netns` (a path) with the CA
-    /// and the `127.0.0.1` certificate from `certs`; with `resumption` off,
-    /// every connection is a full mutual handshake (`no-ssl-reuse`).
-    pub fn start(netns: &Path, certs: &Path, routes: &[Route], resumption: bool) -> anyhow::Result<Self> {
+    /// Starts the client side and the server side with the CA and their
+    /// certificates from `certs`; with `resumption` off, every connection is
+    /// a full mutual handshake (`no-ssl-reuse`).
+    pub fn start(
+        client: &Side,
+        server: &Side,
+        certs: &Path,
+        routes: &[Route],
+        resumption: bool,
+    ) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("dpbench-haproxy-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         // haproxy wants the certificate and its key in one file.
-        let pem = dir.join("127.0.0.1.pem");
-        let mut both = fs::read(certs.join("127.0.0.1.crt")).context("the bench's certificate")?;
-        both.extend(fs::read(certs.join("127.0.0.1.key")).context("the bench's key")?);
-        fs::write(&pem, both)?;
+        let pem = |ip: &str| -> anyhow::Result<PathBuf> {
+            let path = dir.join(format!("{ip}.pem"));
+            let mut both = fs::read(certs.join(format!("{ip}.crt"))).context("the bench's certificate")?;
+            both.extend(fs::read(certs.join(format!("{ip}.key"))).context("the bench's key")?);
+            fs::write(&path, both)?;
+            Ok(path)
+        };
+        let (client_pem, server_pem) = (pem(&client.ip)?, pem(&server.ip)?);
         let ca = certs.join("ca.crt");
         // No maxconn: haproxy derives it from the open-file limit it has.
         let global = "global\n\
@@ -64,7 +86,7 @@ impl Pair {
                 front = r.front,
                 tls = r.tls,
                 ca = ca.display(),
-                pem = pem.display(),
+                pem = client_pem.display(),
                 reuse = if resumption { "" } else { " no-ssl-reuse" },
             ));
             server_cfg.push_str(&format!(
@@ -73,10 +95,10 @@ impl Pair {
                 tls = r.tls,
                 server = r.server,
                 ca = ca.display(),
-                pem = pem.display(),
+                pem = server_pem.display(),
             ));
         }
-        let spawn = |name: &str, cfg: &str| -> anyhow::Result<Child> {
+        let spawn = |name: &str, netns: &Path, cfg: &str| -> anyhow::Result<Child> {
             let path = dir.join(format!("{name}.cfg"));
             fs::write(&path, cfg)?;
             Command::new("nsenter")
@@ -89,13 +111,17 @@ impl Pair {
                 .spawn()
                 .context("starting haproxy (apt-get install haproxy, or scripts/deps)")
         };
-        let pair = Self { server: spawn("server", &server_cfg)?, client: spawn("client", &client_cfg)?, dir };
-        // Ready once every front port accepts (from inside the namespace).
+        let pair = Self {
+            server: spawn("server", &server.netns, &server_cfg)?,
+            client: spawn("client", &client.netns, &client_cfg)?,
+            dir,
+        };
+        // Ready once every front port accepts (from the client's namespace).
         let deadline = Instant::now() + Duration::from_secs(10);
         for r in routes {
             loop {
                 let probe = Command::new("nsenter")
-                    .arg(format!("--net={}", netns.display()))
+                    .arg(format!("--net={}", client.netns.display()))
                     .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{}/{}", r.front.ip(), r.front.port())])
                     .stderr(Stdio::null())
                     .status();

@@ -1,6 +1,12 @@
-//! The bench's world, from the test world the tests and the demo use: a
-//! network namespace with loopback up, a workload cgroup, certificates for
-//! 127.0.0.1, and the data plane (release build) serving the namespace.
+//! The bench's worlds, from the test world the tests and the demo use.
+//!
+//! - [`World`], loopback mode: one network namespace with loopback up, a
+//!   workload cgroup, certificates for 127.0.0.1, and one data plane serving
+//!   the namespace, so it holds both ends of every tunnel;
+//! - [`Nodes`], the two-node shape: a client pod and a server pod joined by
+//!   veth, each served by a data plane of its own, so each holds one end of
+//!   every tunnel, as on two nodes.
+//!
 //! Everything is removed on drop.
 use std::{
     fs,
@@ -9,6 +15,21 @@ use std::{
 };
 
 use testworld::{Certs, Cgroup, Dataplane, Netns};
+
+/// Where the load generator runs.
+pub trait Shape {
+    /// A command for this bench binary's worker `args`, in the client's
+    /// namespace, and in the workload cgroup when `captured`.
+    fn worker(&self, captured: bool, args: &[String]) -> anyhow::Result<Command>;
+}
+
+fn worker_in(netns: &Netns, workload: &Cgroup, captured: bool, args: &[String]) -> anyhow::Result<Command> {
+    let me = std::env::current_exe()?;
+    let me = me.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", me.display()))?;
+    let mut all = vec!["--worker"];
+    all.extend(args.iter().map(String::as_str));
+    Ok(netns.command(captured.then_some(workload), me, &all))
+}
 
 /// What the bench made. Dropped in field order: the data plane first.
 #[derive(Debug)]
@@ -77,11 +98,91 @@ impl World {
     /// A command for this bench binary's worker `args`, in the namespace, and
     /// in the workload cgroup when `captured`.
     pub fn worker(&self, captured: bool, args: &[String]) -> anyhow::Result<Command> {
-        let me = std::env::current_exe()?;
-        let me = me.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", me.display()))?;
-        let mut all = vec!["--worker"];
-        all.extend(args.iter().map(String::as_str));
-        Ok(self.netns.command(captured.then_some(&self.workload), me, &all))
+        worker_in(&self.netns, &self.workload, captured, args)
+    }
+}
+
+impl Shape for World {
+    fn worker(&self, captured: bool, args: &[String]) -> anyhow::Result<Command> {
+        World::worker(self, captured, args)
+    }
+}
+
+/// The client pod's address in the two-node shape.
+pub const CLIENT_IP: &str = "10.98.0.1";
+/// The server pod's address in the two-node shape.
+pub const SERVER_IP: &str = "10.98.0.2";
+
+/// The two-node shape. Dropped in field order: the data planes first.
+#[derive(Debug)]
+pub struct Nodes {
+    dataplanes: Vec<Dataplane>,
+    /// The client pod.
+    pub client: Netns,
+    /// The server pod.
+    pub server: Netns,
+    workload: Cgroup,
+    server_workload: Cgroup,
+    owns: [Cgroup; 2],
+    certs: Certs,
+    logs: PathBuf,
+}
+
+impl Nodes {
+    /// Makes both pods, their link, the cgroups and the certificates.
+    pub fn new(binary: &Path, logs: &Path) -> anyhow::Result<Self> {
+        let id = std::process::id();
+        let client = Netns::named(&format!("dpbench-c-{id}"))?;
+        let server = Netns::named(&format!("dpbench-s-{id}"))?;
+        testworld::veth(&client, &format!("{CLIENT_IP}/24"), &server, &format!("{SERVER_IP}/24"));
+        let dir = std::env::temp_dir().join(format!("dpbench-nodes-certs-{id}"));
+        Ok(Self {
+            dataplanes: Vec::new(),
+            certs: Certs::create(binary, dir, &[CLIENT_IP, SERVER_IP])?,
+            workload: Cgroup::named(&format!("dpbench-n-clients-{id}"))?,
+            server_workload: Cgroup::named(&format!("dpbench-n-servers-{id}"))?,
+            owns: [Cgroup::named(&format!("dpbench-n-dp1-{id}"))?, Cgroup::named(&format!("dpbench-n-dp2-{id}"))?],
+            client,
+            server,
+            logs: logs.to_path_buf(),
+        })
+    }
+
+    /// (Re)starts both data planes with `extra` flags; their PIDs.
+    pub fn start(&mut self, binary: &Path, extra: &[&str]) -> anyhow::Result<Vec<u32>> {
+        self.stop();
+        let cidr = "10.98.0.0/24";
+        let args = testworld::run_args(&self.workload, cidr, &self.certs, &[&self.client], extra);
+        self.dataplanes.push(Dataplane::launch(binary, &self.owns[0], &args, "warn")?);
+        let args = testworld::run_args(&self.server_workload, cidr, &self.certs, &[&self.server], extra);
+        self.dataplanes.push(Dataplane::launch(binary, &self.owns[1], &args, "warn")?);
+        Ok(self.dataplanes.iter().map(Dataplane::pid).collect())
+    }
+
+    /// Stops both data planes and keeps their logs.
+    pub fn stop(&mut self) {
+        for (i, dp) in self.dataplanes.drain(..).enumerate() {
+            let lines = dp.proc.output();
+            let _ = dp.stop();
+            let _ = fs::write(self.logs.join(format!("dataplane-node{}.log", i + 1)), lines.join("\n"));
+        }
+    }
+
+    /// The certificate directory (CA, both pods).
+    pub fn certs_dir(&self) -> &Path {
+        &self.certs.dir
+    }
+}
+
+impl Shape for Nodes {
+    fn worker(&self, captured: bool, args: &[String]) -> anyhow::Result<Command> {
+        worker_in(&self.client, &self.workload, captured, args)
+    }
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
