@@ -72,8 +72,9 @@ impl Dataplane {
         if !args.iter().any(|a| a == "--admin" || a.starts_with("--admin=")) {
             cmd.args(["--admin", "127.0.0.1:0"]);
         }
-        // The admin endpoint's address is logged at info by `dataplane::run`.
-        let log = if log.contains("dataplane") { log.to_string() } else { format!("{log},dataplane::run=info") };
+        // The admin endpoint's address is logged at info by `dataplane::run`
+        // (which logs nothing finer), whatever the caller's filter.
+        let log = if log.contains("dataplane::run") { log.to_string() } else { format!("{log},dataplane::run=info") };
         cmd.env("RUST_LOG", log).env("NO_COLOR", "1");
         let mut proc = Proc::try_spawn(cmd, "dataplane")?;
         // The one line read from the log: where the kernel put the admin
