@@ -36,8 +36,9 @@ fn read_json(path: &Path) -> Option<serde_json::Value> {
 #[test]
 fn sigusr1_dumps_while_traffic_flows() {
     let t = testworld::kernel_test!();
-    let stats = std::env::temp_dir().join(format!("dptest-stats-{}", testworld::unique(t, "s")));
-    let _ = fs::remove_dir_all(&stats);
+    // Removed on drop, also when an assertion below fails.
+    let stats_dir = testworld::TempDir::new(&format!("dptest-stats-{}", testworld::unique(t, "s"))).expect("stats dir");
+    let stats = stats_dir.0.clone();
     let stats_s = stats.display().to_string();
     let w = world(t, IPS, &["--stats-dir", &stats_s]);
     let (a, b, workload, dp) = (&w.a, &w.b, &w.workload, &w.dp);
@@ -105,7 +106,6 @@ fn sigusr1_dumps_while_traffic_flows() {
     }
     assert_eq!(counts.len(), HISTOGRAMS.len(), "{counts:?}");
     drop(w);
-    let _ = fs::remove_dir_all(&stats);
 }
 
 #[test]
