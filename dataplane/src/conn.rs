@@ -78,8 +78,7 @@ pub struct ShardCtx {
     open: Arc<Open>,
     /// Unauthenticated connections at 18001.
     pub admission: Rc<Admission>,
-    /// Log lines of the same kind, limited.
-    pub quiet: Quiet,
+    quiet: Quiet,
     /// The pinned original-destination map, for what `SO_ORIGINAL_DST`
     /// cannot answer (sockets of a previous instance's cgroup).
     pub orig: Option<OrigLookup>,
@@ -116,6 +115,16 @@ impl ShardCtx {
     /// A copy of this executor's measurements.
     pub fn snapshot(&self) -> Snapshot {
         self.stats.borrow().clone()
+    }
+
+    /// Whether a warning of `kind` may be logged now (and how many like it
+    /// were left out since the last one); one left out is counted.
+    pub fn may_log(&self, kind: &'static str) -> Option<u64> {
+        let allowed = self.quiet.allow(kind);
+        if allowed.is_none() {
+            self.with_stats(|s| s.logs_suppressed += 1);
+        }
+        allowed
     }
 
     /// New certificates, for new handshakes.

@@ -267,8 +267,8 @@ fn enroll(
     let out_listener = bind_in(ns, OUTBOUND_ADDR)?;
     let in_listener = bind_in(ns, INBOUND_ADDR)?;
     let tasks = [
-        glommio::spawn_local(accept_loop(out_listener, shard.clone(), ns.clone(), Role::Outbound)),
-        glommio::spawn_local(accept_loop(in_listener, shard.clone(), ns.clone(), Role::Inbound)),
+        glommio::spawn_local(accept_loop(out_listener, shard.clone(), ns.clone(), Direction::Outbound)),
+        glommio::spawn_local(accept_loop(in_listener, shard.clone(), ns.clone(), Direction::Inbound)),
     ];
     listeners.insert(ns.id(), tasks);
     lock(listening).insert(ns.id());
@@ -281,13 +281,7 @@ fn enroll(
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-#[derive(Clone, Copy, Debug)]
-enum Role {
-    Outbound,
-    Inbound,
-}
-
-async fn accept_loop(listener: TcpListener, shard: Rc<ShardCtx>, ns: Arc<Netns>, role: Role) {
+async fn accept_loop(listener: TcpListener, shard: Rc<ShardCtx>, ns: Arc<Netns>, direction: Direction) {
     let mut backoff = ACCEPT_BACKOFF;
     loop {
         match listener.accept().await {
@@ -296,29 +290,17 @@ async fn accept_loop(listener: TcpListener, shard: Rc<ShardCtx>, ns: Arc<Netns>,
                 // Counted as open from the moment it is accepted, before its
                 // task first runs: a drain that waits for open connections
                 // must never miss one that is only queued.
+                let rec = Record::accepted(&shard, direction, &ns);
                 let (shard, ns) = (shard.clone(), ns.clone());
-                match role {
-                    Role::Outbound => {
-                        let rec = Record::accepted(&shard, Direction::Outbound, &ns);
-                        glommio::spawn_local(outbound::serve(shard, ns, conn, rec)).detach()
-                    }
-                    Role::Inbound => {
-                        let rec = Record::accepted(&shard, Direction::Inbound, &ns);
-                        glommio::spawn_local(inbound::serve(shard, ns, conn, rec)).detach()
-                    }
+                match direction {
+                    Direction::Outbound => glommio::spawn_local(outbound::serve(shard, ns, conn, rec)).detach(),
+                    Direction::Inbound => glommio::spawn_local(inbound::serve(shard, ns, conn, rec)).detach(),
                 };
             }
             Err(e) => {
-                let direction = match role {
-                    Role::Outbound => Direction::Outbound,
-                    Role::Inbound => Direction::Inbound,
-                };
                 shard.with_stats(|s| s.flow(direction).accept_errors += 1);
-                match shard.quiet.allow("accept_failed") {
-                    Some(left_out) => {
-                        warn!(netns = %ns.name(), %direction, error = %e, ?backoff, left_out, "accept failed; backing off")
-                    }
-                    None => shard.with_stats(|s| s.logs_suppressed += 1),
+                if let Some(left_out) = shard.may_log("accept_failed") {
+                    warn!(netns = %ns.name(), %direction, error = %e, ?backoff, left_out, "accept failed; backing off");
                 }
                 glommio::timer::sleep(backoff).await;
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);

@@ -92,16 +92,13 @@ impl Record {
     }
 
     /// Refused before anything was relayed: counted, logged as a warning.
-    /// The caller closes (or resets) the sockets.
-    /// The warning is limited per reason (a burst, then one a second with
-    /// the count of those left out); the counters are not.
+    /// The caller closes (or resets) the sockets. The warning is limited per
+    /// reason ([`Quiet`](super::Quiet)); the counters are not.
     pub fn refuse(mut self, blame: Blame, reason: Reason, error: &dyn fmt::Display) {
         self.end(blame, reason);
-        match self.shard.quiet.allow(reason.label()) {
-            Some(left_out) => warn!(direction = %self.direction, client = ?self.client, dst = ?self.dst,
-                                    netns = %self.netns.name(), side = %blame, %reason, %error, left_out,
-                                    "{} refused", self.direction),
-            None => self.shard.with_stats(|s| s.logs_suppressed += 1),
+        if let Some(left_out) = self.shard.may_log(reason.label()) {
+            warn!(direction = %self.direction, client = ?self.client, dst = ?self.dst, netns = %self.netns.name(),
+                  side = %blame, %reason, %error, left_out, "{} refused", self.direction);
         }
     }
 
