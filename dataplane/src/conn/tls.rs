@@ -35,21 +35,25 @@ impl TlsConfigs {
 
     /// The client configuration for a tunnel leaving from `src`.
     pub fn client(&mut self, src: IpAddr) -> Result<Arc<ClientConfig>, Error> {
-        if let Some(c) = self.client.get(&src) {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(self.identity.client_config(src)?);
-        self.client.insert(src, c.clone());
-        Ok(c)
+        cached(&mut self.client, src, |ip| self.identity.client_config(ip))
     }
 
     /// The server configuration for a tunnel that arrived at `local`.
     pub fn server(&mut self, local: IpAddr) -> Result<Arc<ServerConfig>, Error> {
-        if let Some(c) = self.server.get(&local) {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(self.identity.server_config(local)?);
-        self.server.insert(local, c.clone());
-        Ok(c)
+        cached(&mut self.server, local, |ip| self.identity.server_config(ip))
     }
+}
+
+/// The configuration for `ip` from `built`, building it on first use.
+fn cached<C>(
+    built: &mut HashMap<IpAddr, Arc<C>>,
+    ip: IpAddr,
+    build: impl FnOnce(IpAddr) -> Result<C, Error>,
+) -> Result<Arc<C>, Error> {
+    if let Some(c) = built.get(&ip) {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(build(ip)?);
+    built.insert(ip, c.clone());
+    Ok(c)
 }
