@@ -74,6 +74,16 @@ impl Paths<'_> {
         Ok(Run { out, cpu: haproxy::cpu_of(pids).saturating_sub(before) })
     }
 
+    /// Through the data plane(s) and the pair only, beside a `direct` run
+    /// made earlier (after a restart of the proxies, say).
+    fn proxied(&self, args: &[String], direct: &Run) -> anyhow::Result<[Run; 3]> {
+        Ok([
+            Run { out: direct.out.clone(), cpu: Duration::ZERO },
+            self.measure(true, args, &self.dataplanes)?,
+            self.measure(false, &self.via_haproxy(args), &self.pair.pids())?,
+        ])
+    }
+
     /// Direct, through the data plane(s) (captured), through the pair.
     fn three(&self, args: &[String]) -> anyhow::Result<[Run; 3]> {
         Ok([
@@ -292,18 +302,18 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         quick: opts.quick,
     };
 
+    let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
     if want("bulk") {
         for streams in [1, 4] {
-            let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
             t.bulk(&paths, "", streams, DISCARD)?;
         }
     }
     if want("rr") {
         for size in [64, 1024] {
-            let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
             t.rr(&paths, "", size, ECHO)?;
         }
     }
+    drop(paths);
     if want("connrate") {
         let args = [s("connrate"), s(ECHO), s(2), s(secs)];
         let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
@@ -313,11 +323,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         drop(pair);
         pair = haproxy::Pair::start(&local, &local, &certs, &loopback_routes, false)?;
         let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
-        let full = [
-            Run { out: resumed[0].out.clone(), cpu: Duration::ZERO },
-            paths.measure(true, &args, &[dp])?,
-            paths.measure(false, &paths.via_haproxy(&args), &pair.pids())?,
-        ];
+        let full = paths.proxied(&args, &resumed[0])?;
         t.connrate("", &resumed, &full)?;
         dp = world.start_dataplane(&binary, &[])?;
         drop(pair);
@@ -380,7 +386,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let mut nodes = setup::Nodes::new(&binary, &out_dir)?;
         server::start(&nodes.server.path(), NODES_ECHO.parse()?, server::Kind::Echo)?;
         server::start(&nodes.server.path(), NODES_DISCARD.parse()?, server::Kind::Discard)?;
-        let mut dps = nodes.start(&binary, &[])?;
+        let dps = nodes.start(&binary, &[])?;
         let client = haproxy::Side { netns: nodes.client.path(), ip: setup::CLIENT_IP.into() };
         let server_side = haproxy::Side { netns: nodes.server.path(), ip: setup::SERVER_IP.into() };
         let node_certs = nodes.certs_dir().to_path_buf();
@@ -388,24 +394,19 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let mut pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
         let prefix = "2 nodes: ";
         let streams: &[usize] = if opts.quick { &[1] } else { &[1, 4] };
+        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes };
         for &n in streams {
-            let paths = Paths { shape: &nodes, dataplanes: dps.clone(), pair: &pair, routes: node_routes };
             t.bulk(&paths, prefix, n, NODES_DISCARD)?;
         }
-        let paths = Paths { shape: &nodes, dataplanes: dps.clone(), pair: &pair, routes: node_routes };
         t.rr(&paths, prefix, 1024, NODES_ECHO)?;
         let args = [s("connrate"), s(NODES_ECHO), s(2), s(secs)];
         let resumed = paths.three(&args)?;
         drop(paths);
-        dps = nodes.start(&binary, &["--no-tls-resumption"])?;
+        let dps = nodes.start(&binary, &["--no-tls-resumption"])?;
         drop(pair);
         pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, false)?;
-        let paths = Paths { shape: &nodes, dataplanes: dps.clone(), pair: &pair, routes: node_routes };
-        let full = [
-            Run { out: resumed[0].out.clone(), cpu: Duration::ZERO },
-            paths.measure(true, &args, &dps)?,
-            paths.measure(false, &paths.via_haproxy(&args), &pair.pids())?,
-        ];
+        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes };
+        let full = paths.proxied(&args, &resumed[0])?;
         t.connrate(prefix, &resumed, &full)?;
         drop(paths);
         drop(pair);
