@@ -7,6 +7,7 @@
 //! Executors report to the control thread over a crossbeam channel and never
 //! wait on it.
 use std::{
+    cell::Cell,
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     rc::Rc,
@@ -152,9 +153,13 @@ impl Drop for DieTogether {
 const OUTBOUND_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT);
 const INBOUND_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT);
 
-fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<TcpListener, String> {
+/// A listener on `addr` inside `ns`, and its fd (glommio does not expose it).
+fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<(TcpListener, std::os::fd::RawFd), String> {
     match ns.run(|| socket::listener(addr)) {
-        Ok(Ok(fd)) => Ok(sys::glommio_listener(fd)),
+        Ok(Ok(fd)) => {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            Ok((sys::glommio_listener(fd), raw))
+        }
         Ok(Err(e)) | Err(e) => Err(format!("listening on {addr} in {}: {e}", ns.name())),
     }
 }
@@ -164,7 +169,7 @@ fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<TcpListener, String> {
 /// executor busy.
 const CONTROL_LATENCY: Duration = Duration::from_millis(1);
 
-type Listeners = BTreeMap<NetnsId, [glommio::Task<()>; 2]>;
+type Listeners = BTreeMap<NetnsId, [AcceptLoop; 2]>;
 
 async fn run(
     cpu: usize,
@@ -213,25 +218,24 @@ async fn run(
                     }
                     ToShard::Enroll(_) => {}
                     ToShard::Withdraw(id) => {
-                        if let Some(tasks) = listeners.remove(&id) {
+                        if let Some(loops) = listeners.remove(&id) {
                             lock(&listening).remove(&id);
-                            for t in tasks {
-                                t.cancel().await;
+                            for l in loops {
+                                l.stop(cpu).await;
                             }
                         }
                     }
                     ToShard::Drain => {
-                        // Dropping the accept loops drops the listeners: the
-                        // kernel then sends new connections to other sockets
-                        // in the SO_REUSEPORT group (a new instance), or
-                        // refuses them.
-                        // The listening set empties only once no accept loop
-                        // is left: the control thread waits for that before
-                        // it counts open connections.
+                        // Once our listeners stop listening, the kernel sends
+                        // new connections to the other sockets of the
+                        // SO_REUSEPORT group (a new instance), or refuses
+                        // them. The listening set empties only once no
+                        // accept loop is left: the control thread waits for
+                        // that before it counts open connections.
                         draining = true;
-                        for (_, tasks) in std::mem::take(&mut listeners) {
-                            for t in tasks {
-                                t.cancel().await;
+                        for (_, loops) in std::mem::take(&mut listeners) {
+                            for l in loops {
+                                l.stop(cpu).await;
                             }
                         }
                         lock(&listening).clear();
@@ -266,13 +270,54 @@ fn enroll(
     }
     let out_listener = bind_in(ns, OUTBOUND_ADDR)?;
     let in_listener = bind_in(ns, INBOUND_ADDR)?;
-    let tasks = [
-        glommio::spawn_local(accept_loop(out_listener, shard.clone(), ns.clone(), Direction::Outbound)),
-        glommio::spawn_local(accept_loop(in_listener, shard.clone(), ns.clone(), Direction::Inbound)),
+    let loops = [
+        AcceptLoop::start(out_listener, shard, ns, Direction::Outbound),
+        AcceptLoop::start(in_listener, shard, ns, Direction::Inbound),
     ];
-    listeners.insert(ns.id(), tasks);
+    listeners.insert(ns.id(), loops);
     lock(listening).insert(ns.id());
     Ok(())
+}
+
+/// A listener's accept loop, and the way to stop it without losing a
+/// connection. glommio accepts through io_uring: cancelling the loop could
+/// drop an accept the kernel had already completed, and that connection would
+/// never be served. Instead the listening socket is shut down for reading: it
+/// stops listening at once (its queue moves to another listener of the
+/// SO_REUSEPORT group, `tcp_migrate_req`), the accept in flight returns an
+/// error, and the loop serves every connection it was handed, then ends.
+struct AcceptLoop {
+    task: glommio::Task<()>,
+    fd: std::os::fd::RawFd,
+    stop: Rc<Cell<bool>>,
+}
+
+/// How long a stopped accept loop gets to end by itself.
+const ACCEPT_STOP: Duration = Duration::from_secs(1);
+
+impl AcceptLoop {
+    fn start(
+        (listener, fd): (TcpListener, std::os::fd::RawFd),
+        shard: &Rc<ShardCtx>,
+        ns: &Arc<Netns>,
+        direction: Direction,
+    ) -> Self {
+        let stop = Rc::new(Cell::new(false));
+        let task = glommio::spawn_local(accept_loop(listener, shard.clone(), ns.clone(), direction, stop.clone()));
+        Self { task, fd, stop }
+    }
+
+    async fn stop(mut self, cpu: usize) {
+        self.stop.set(true);
+        // The fd is open: the loop owns the listener until it ends, and it
+        // ends only once `stop` is set.
+        let shut = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Read);
+        if shut.is_ok() && crate::relay::within(ACCEPT_STOP, &mut self.task).await.is_some() {
+            return;
+        }
+        warn!(cpu, shutdown = ?shut, "an accept loop did not end by itself; cancelling it");
+        self.task.cancel().await;
+    }
 }
 
 /// Pause after an accept error (EMFILE and the like), doubled on each error
@@ -281,7 +326,13 @@ fn enroll(
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-async fn accept_loop(listener: TcpListener, shard: Rc<ShardCtx>, ns: Arc<Netns>, direction: Direction) {
+async fn accept_loop(
+    listener: TcpListener,
+    shard: Rc<ShardCtx>,
+    ns: Arc<Netns>,
+    direction: Direction,
+    stop: Rc<Cell<bool>>,
+) {
     let mut backoff = ACCEPT_BACKOFF;
     loop {
         match listener.accept().await {
@@ -297,6 +348,7 @@ async fn accept_loop(listener: TcpListener, shard: Rc<ShardCtx>, ns: Arc<Netns>,
                     Direction::Inbound => glommio::spawn_local(inbound::serve(shard, ns, conn, rec)).detach(),
                 };
             }
+            Err(_) if stop.get() => return,
             Err(e) => {
                 shard.with_stats(|s| s.flow(direction).accept_errors += 1);
                 if let Some(left_out) = shard.may_log("accept_failed") {
