@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: (MIT OR GPL-2.0)
 /* Transparent capture of pods' outbound TCP connects.
  *
- * 1. cgroup/connect4 (on the workloads' cgroup): a TCP connect to a captured
- *    CIDR on a port that is not excluded is rewritten to the local proxy
- *    (127.0.0.1:18000); the original destination is remembered under the
- *    socket cookie.
+ * 1. cgroup/connect4 (on the workloads' cgroup): a TCP connect from an
+ *    enrolled (NETNS_SERVED) namespace to a meshed destination (an address in
+ *    meshed_dsts or a capture CIDR) on a port that is not excluded (globally,
+ *    by the source pod, or by the destination pod) is rewritten to the local
+ *    proxy (127.0.0.1:18000); the original destination is remembered under
+ *    the socket cookie. From a namespace not enrolled (yet) such a connect is
+ *    refused (EPERM): it never leaves in plaintext.
  * 2. sockops ACTIVE_ESTABLISHED (same cgroup): once the client's address and
  *    port are known, the entry moves to a key the proxy can name from its
  *    accepted socket: (netns cookie, client address, client port).
@@ -13,8 +16,8 @@
  *    the standard socket option. Everything else passes through untouched.
  *
  * Connects from a network namespace marked NETNS_PASS in netns_verdict (the
- * node's own, where host-network pods live, unless the data plane serves it)
- * are never touched.
+ * node's own, where host-network pods live, unless the data plane serves it;
+ * pods outside the mesh) are never touched.
  *
  * Maps are LRU so they can never fill up and wedge the node. Nothing is
  * captured until userspace has written the configuration. Sockets that carry
@@ -71,9 +74,19 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
-	__type(key, __u64);   /* network-namespace cookie */
-	__type(value, __u32); /* NETNS_PASS */
+	__type(key, __u64); /* network-namespace cookie */
+	__type(value, struct netns_entry);
 } netns_verdict SEC(".maps");
+
+/* Plain hash, not LRU: an evicted meshed address would silently go out in
+ * plaintext. Userspace sizes it and counts a full map. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32); /* IPv4 address, network order */
+	__type(value, struct meshed_dst);
+} meshed_dsts SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -92,6 +105,15 @@ static __always_inline void count(__u32 idx)
 static __always_inline int tracing(const struct capture_config *cfg)
 {
 	return cfg && (cfg->flags & CONFIG_F_TRACE);
+}
+
+static __always_inline int in_ports(const __u16 *ports, __u16 port_host)
+{
+#pragma unroll
+	for (int i = 0; i < POD_PORTS; i++)
+		if (ports[i] && ports[i] == port_host)
+			return 1;
+	return 0;
 }
 
 static __always_inline int port_excluded(const struct capture_config *cfg, __u16 port_host)
@@ -115,14 +137,14 @@ int capture_connect4(struct bpf_sock_addr *ctx)
 		count(STAT_SKIP_FAMILY);
 		return 1;
 	}
-	__u64 netns = bpf_get_netns_cookie(ctx);
-	__u32 *verdict = bpf_map_lookup_elem(&netns_verdict, &netns);
-	if (verdict && *verdict == NETNS_PASS) {
-		count(STAT_SKIP_NETNS);
-		return 1;
-	}
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP) {
 		count(STAT_SKIP_PROTO);
+		return 1;
+	}
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	const struct netns_entry *src = bpf_map_lookup_elem(&netns_verdict, &netns);
+	if (src && src->verdict == NETNS_PASS) {
+		count(STAT_SKIP_NETNS);
 		return 1;
 	}
 	struct bpf_sock *sk = ctx->sk;
@@ -132,24 +154,34 @@ int capture_connect4(struct bpf_sock_addr *ctx)
 	}
 	__u32 dst_ip = ctx->user_ip4;
 	__u16 dst_port = (__u16)ctx->user_port;
+	__u16 port_host = bpf_ntohs(dst_port);
+	const struct meshed_dst *dst = bpf_map_lookup_elem(&meshed_dsts, &dst_ip);
 	struct cidr_key ck = { .prefixlen = 32, .ip4 = dst_ip };
-	if (!bpf_map_lookup_elem(&capture_cidrs, &ck)) {
+	if (!dst && !bpf_map_lookup_elem(&capture_cidrs, &ck)) {
 		count(STAT_SKIP_CIDR);
 		return 1;
 	}
-	if (port_excluded(cfg, bpf_ntohs(dst_port))) {
+	if (port_excluded(cfg, port_host) || (dst && in_ports(dst->excluded_ports, port_host)) ||
+	    (src && in_ports(src->excluded_ports, port_host))) {
 		count(STAT_SKIP_PORT);
 		if (tracing(cfg))
-			bpf_printk("dataplane connect4: skip excluded port %d", bpf_ntohs(dst_port));
+			bpf_printk("dataplane connect4: skip excluded port %d", port_host);
 		return 1;
+	}
+	if (!src || src->verdict != NETNS_SERVED) {
+		count(STAT_REFUSED_UNENROLLED);
+		if (tracing(cfg))
+			bpf_printk("dataplane connect4: refuse netns %llu (not enrolled) to %pI4:%d", netns, &dst_ip,
+				   port_host);
+		return 0; /* EPERM: never plaintext to a meshed destination */
 	}
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct orig_dst od = { .ip4 = dst_ip, .port = dst_port };
 	if (bpf_map_update_elem(&orig_by_cookie, &cookie, &od, BPF_ANY) != 0) {
-		/* Could not remember where it was going: let it go direct rather
-		 * than deliver it to a proxy that cannot route it. Counted. */
-		count(STAT_SKIP_DISABLED);
-		return 1;
+		/* Could not remember where it was going: refuse rather than go
+		 * out in plaintext or reach a proxy that cannot route it. */
+		count(STAT_REFUSED_UNENROLLED);
+		return 0;
 	}
 	ctx->user_ip4 = cfg->proxy_ip4;
 	ctx->user_port = cfg->proxy_port;

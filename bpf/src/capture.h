@@ -49,10 +49,26 @@ _Static_assert(sizeof(struct capture_config) == 16 + EXCLUDED_PORT_BYTES, "captu
 #define CONFIG_F_ENABLED 1 /* capture nothing until userspace has written the config */
 #define CONFIG_F_TRACE   2 /* log every decision to the trace pipe */
 
-/* Values of the netns_verdict map (key: network-namespace cookie). A
- * namespace with no entry is captured: one the data plane does not know yet
- * fails closed. */
-#define NETNS_PASS 1 /* never capture: e.g. the node's own namespace (host-network pods) */
+/* What the data plane knows of a network namespace (netns_verdict value; key:
+ * network-namespace cookie). A namespace with no entry is one the data plane
+ * has not enrolled (yet): its connects to meshed destinations are refused,
+ * never sent in plaintext; the rest go direct. */
+#define NETNS_PASS   1 /* never capture: not in the mesh (host network, pods not opted in) */
+#define NETNS_SERVED 2 /* a meshed pod whose listeners are open on every executor */
+#define POD_PORTS 8    /* ports per pod left alone by annotation */
+
+struct netns_entry {
+	__u32 verdict;                   /* NETNS_PASS or NETNS_SERVED */
+	__u16 excluded_ports[POD_PORTS]; /* outbound destination ports left alone, host order; 0 = none */
+};
+_Static_assert(sizeof(struct netns_entry) == 20, "netns_entry layout");
+
+/* A meshed pod's address (meshed_dsts value; key: IPv4 address, network
+ * order): connects to it are tunnelled unless the port is one it leaves alone. */
+struct meshed_dst {
+	__u16 excluded_ports[POD_PORTS]; /* inbound ports left alone, host order; 0 = none */
+};
+_Static_assert(sizeof(struct meshed_dst) == 16, "meshed_dst layout");
 
 /* Indices of the per-CPU decision counters. */
 enum stat_index {
@@ -68,6 +84,7 @@ enum stat_index {
 	STAT_FOUND,
 	STAT_MISSED,
 	STAT_SKIP_NETNS, /* the socket's network namespace is marked NETNS_PASS */
+	STAT_REFUSED_UNENROLLED, /* a namespace not enrolled (yet) connecting to a meshed destination */
 	STAT_MAX,
 };
 

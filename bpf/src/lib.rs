@@ -33,8 +33,10 @@ pub mod map {
     pub const CAPTURE_CIDRS: &str = "capture_cidrs";
     /// Array of one `capture_config`.
     pub const CONFIG: &str = "config";
-    /// Hash: network-namespace cookie → verdict (`NETNS_PASS`: never capture).
+    /// Hash: network-namespace cookie → what the data plane knows of it (pass, served).
     pub const NETNS_VERDICT: &str = "netns_verdict";
+    /// Addresses of meshed pods, with the inbound ports each leaves alone.
+    pub const MESHED_DSTS: &str = "meshed_dsts";
     /// Per-CPU decision counters, indexed by `StatIndex`.
     pub const STATS: &str = "stats";
 }

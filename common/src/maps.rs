@@ -114,9 +114,71 @@ impl CaptureConfig {
     }
 }
 
-/// `netns_verdict` value: never capture connects from this network namespace
-/// (the node's own, where host-network pods live). No entry: captured.
-pub const NETNS_PASS: u32 = 1;
+/// Ports a pod leaves alone by annotation, per direction (`POD_PORTS`).
+pub const POD_PORTS: usize = 8;
+
+/// What the data plane knows of a network namespace (`struct netns_entry`,
+/// the `netns_verdict` value). A namespace with no entry is not enrolled:
+/// its connects to meshed destinations are refused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetnsEntry {
+    verdict: u32,
+    excluded_ports: [u16; POD_PORTS],
+}
+
+/// Where a namespace stands for `connect4`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Never captured: not in the mesh (host network, pods not opted in).
+    Pass,
+    /// A meshed pod served on every executor: its connects to meshed
+    /// destinations are tunnelled.
+    Served,
+}
+
+impl NetnsEntry {
+    /// An entry; ports beyond [`POD_PORTS`] are the caller's to refuse.
+    pub fn new(verdict: Verdict, excluded_ports: &[u16]) -> Self {
+        let verdict = match verdict {
+            Verdict::Pass => 1,
+            Verdict::Served => 2,
+        };
+        Self { verdict, excluded_ports: ports(excluded_ports) }
+    }
+
+    /// The verdict, if the kernel holds a known one.
+    pub fn verdict(&self) -> Option<Verdict> {
+        match self.verdict {
+            1 => Some(Verdict::Pass),
+            2 => Some(Verdict::Served),
+            _ => None,
+        }
+    }
+}
+
+/// A meshed pod's address's entry (`struct meshed_dst`): the inbound ports
+/// its pod leaves alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshedDst {
+    excluded_ports: [u16; POD_PORTS],
+}
+
+impl MeshedDst {
+    /// An entry; ports beyond [`POD_PORTS`] are the caller's to refuse.
+    pub fn new(excluded_ports: &[u16]) -> Self {
+        Self { excluded_ports: ports(excluded_ports) }
+    }
+}
+
+fn ports(given: &[u16]) -> [u16; POD_PORTS] {
+    let mut out = [0; POD_PORTS];
+    for (slot, p) in out.iter_mut().zip(given) {
+        *slot = *p;
+    }
+    out
+}
 
 /// Indices of the per-CPU decision counters (`enum stat_index`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,13 +206,16 @@ pub enum StatIndex {
     Found,
     /// `SO_ORIGINAL_DST` asked for a connection we do not know.
     Missed,
-    /// The socket's network namespace is marked [`NETNS_PASS`].
+    /// The socket's network namespace is marked pass ([`Verdict::Pass`]).
     SkipNetns,
+    /// A namespace not enrolled (yet) connected to a meshed destination:
+    /// refused rather than sent in plaintext.
+    RefusedUnenrolled,
 }
 
 impl StatIndex {
     /// Every counter, in index order.
-    pub const ALL: [StatIndex; 12] = [
+    pub const ALL: [StatIndex; 13] = [
         Self::Captured,
         Self::SkipFamily,
         Self::SkipProto,
@@ -163,6 +228,7 @@ impl StatIndex {
         Self::Found,
         Self::Missed,
         Self::SkipNetns,
+        Self::RefusedUnenrolled,
     ];
     /// Number of counters (`STAT_MAX`).
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -182,6 +248,7 @@ impl StatIndex {
             Self::Found => "orig_dst_found",
             Self::Missed => "orig_dst_missed",
             Self::SkipNetns => "skipped_netns",
+            Self::RefusedUnenrolled => "refused_unenrolled",
         }
     }
 }
@@ -194,6 +261,8 @@ const _: () = {
     assert!(size_of::<CaptureConfig>() == 16 + EXCLUDED_PORT_BYTES);
     assert!(std::mem::offset_of!(CaptureConfig, bypass_mark) == 8);
     assert!(std::mem::offset_of!(CaptureConfig, excluded_ports) == 16);
+    assert!(size_of::<NetnsEntry>() == 20);
+    assert!(size_of::<MeshedDst>() == 16);
 };
 
 #[cfg(feature = "aya")]
@@ -207,6 +276,10 @@ mod pod {
     unsafe impl aya::Pod for super::ClientKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CaptureConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NetnsEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MeshedDst {}
 }
 
 #[cfg(test)]
@@ -232,7 +305,8 @@ mod tests {
         assert_eq!(sizes(map::CAPTURE_CIDRS), (2 * size_of::<u32>(), 1));
         assert_eq!(sizes(map::CONFIG), (4, size_of::<CaptureConfig>()));
         assert_eq!(sizes(map::STATS), (4, 8));
-        assert_eq!(sizes(map::NETNS_VERDICT), (size_of::<NetnsCookie>(), size_of::<u32>()));
+        assert_eq!(sizes(map::NETNS_VERDICT), (size_of::<NetnsCookie>(), size_of::<NetnsEntry>()));
+        assert_eq!(sizes(map::MESHED_DSTS), (size_of::<u32>(), size_of::<MeshedDst>()));
         let stats = maps.get(map::STATS).expect("stats map");
         assert_eq!(stats.max_entries(), StatIndex::COUNT, "one counter per StatIndex");
     }

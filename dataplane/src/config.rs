@@ -73,10 +73,27 @@ pub struct RunArgs {
     /// mount found in /proc/mounts).
     #[arg(long, env = "DATAPLANE_WORKLOAD_CGROUP", value_name = "CGROUP_DIR")]
     pub workload_cgroup: Option<PathBuf>,
-    /// Destinations to capture (repeatable, or comma-separated in the env var).
+    /// Destinations to capture besides the model's meshed pods (repeatable,
+    /// or comma-separated in the env var); required without a model.
     #[arg(long = "capture-cidr", env = "DATAPLANE_CAPTURE_CIDRS", value_name = "CIDR",
-          value_delimiter = ',', required = true, value_parser = parse_cidr)]
+          value_delimiter = ',', value_parser = parse_cidr)]
     pub capture_cidrs: Vec<Ipv4Net>,
+    /// Learn the pods from the Kubernetes API with the pod's in-cluster
+    /// configuration (the DaemonSet); needs --node-name and --netns-dir.
+    #[arg(long, env = "DATAPLANE_KUBE")]
+    pub kube: bool,
+    /// Learn the pods from the Kubernetes API through this kubeconfig file;
+    /// needs --node-name and --netns-dir.
+    #[arg(long, env = "DATAPLANE_KUBECONFIG", value_name = "FILE", conflicts_with = "kube")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name as the API knows it (the DaemonSet sets it from
+    /// spec.nodeName).
+    #[arg(long, env = "DATAPLANE_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Learn the workloads from this file (JSON; re-read when it changes)
+    /// instead of the API: hosts without a cluster.
+    #[arg(long, env = "DATAPLANE_WORKLOADS", value_name = "FILE", conflicts_with_all = ["kube", "kubeconfig"])]
+    pub workloads: Option<PathBuf>,
     /// Destination ports never captured (18000 and 18001 always are excluded).
     #[arg(long = "exclude-port", env = "DATAPLANE_EXCLUDE_PORTS", value_name = "PORT", value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,
@@ -179,6 +196,15 @@ pub enum ConfigError {
     /// No cgroup v2 mount.
     #[error("--workload-cgroup: {0} (cgroup v2 is required)")]
     NoCgroup2(#[source] std::io::Error),
+    /// No model and no capture CIDR: nothing would ever be captured.
+    #[error("--capture-cidr is required without a model (--kube, --kubeconfig or --workloads)")]
+    NoDestinations,
+    /// A model needs a flag it was not given.
+    #[error("{0} needs {1}")]
+    Needs(&'static str, &'static str),
+    /// `--workloads` does not load.
+    #[error(transparent)]
+    Workloads(#[from] crate::source::file::Error),
     /// `--netns-dir` is not a directory.
     #[error("--netns-dir {}: not a directory", .0.display())]
     NetnsDir(PathBuf),
@@ -225,6 +251,8 @@ pub struct Config {
     pub namespaces: Vec<Arc<Netns>>,
     /// Directory of namespace files to enrol and withdraw as they come and go.
     pub netns_dir: Option<PathBuf>,
+    /// Where the model of the workloads comes from, if anywhere.
+    pub source: Option<Source>,
     /// CPUs, one executor each.
     pub cores: Vec<usize>,
     /// What the eBPF programs are told.
@@ -239,6 +267,25 @@ pub struct Config {
     pub stats_dir: Option<PathBuf>,
     /// How long a drain may take.
     pub drain_timeout: Duration,
+}
+
+/// Where the model of the workloads comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The Kubernetes API, as this node.
+    Kube {
+        /// How to reach it.
+        access: crate::source::kube::Access,
+        /// This node's name.
+        node: String,
+    },
+    /// A workloads file.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// This node's name, if given.
+        node: Option<String>,
+    },
 }
 
 /// `DATAPLANE_*` variables in the environment that no flag of `dataplane
@@ -279,6 +326,23 @@ impl RunArgs {
         if self.cores == Some(0) {
             return Err(ConfigError::Cores(cores::CoresError::Zero));
         }
+        let model = if self.kube {
+            Some("--kube")
+        } else if self.kubeconfig.is_some() {
+            Some("--kubeconfig")
+        } else if self.workloads.is_some() {
+            Some("--workloads")
+        } else {
+            None
+        };
+        match model {
+            None if self.capture_cidrs.is_empty() => return Err(ConfigError::NoDestinations),
+            Some(flag) if self.netns_dir.is_none() => return Err(ConfigError::Needs(flag, "--netns-dir")),
+            Some(flag @ ("--kube" | "--kubeconfig")) if self.node_name.is_none() => {
+                return Err(ConfigError::Needs(flag, "--node-name"))
+            }
+            _ => {}
+        }
         Ok(())
     }
 
@@ -299,6 +363,22 @@ impl RunArgs {
             }
         }
         let identity = Arc::new(Identity::load_with(&self.certs, !self.no_tls_resumption)?);
+        let node = self.node_name.clone();
+        let source = match (self.kube, &self.kubeconfig, &self.workloads) {
+            (true, _, _) => {
+                Some(Source::Kube { access: crate::source::kube::Access::InCluster, node: node.unwrap_or_default() })
+            }
+            (_, Some(path), _) => Some(Source::Kube {
+                access: crate::source::kube::Access::Kubeconfig(path.clone()),
+                node: node.unwrap_or_default(),
+            }),
+            (_, _, Some(path)) => {
+                // Read once now: a broken file fails start-up with its reason.
+                crate::source::file::load(path, node.as_deref())?;
+                Some(Source::File { path: path.clone(), node })
+            }
+            _ => None,
+        };
         let namespaces = if self.netns.is_empty() && self.netns_dir.is_none() {
             vec![Arc::new(
                 Netns::current()
@@ -326,6 +406,7 @@ impl RunArgs {
             own_cgroup,
             namespaces,
             netns_dir: self.netns_dir,
+            source,
             cores,
             capture: ebpf::Settings {
                 proxy: SocketAddrV4::new([127, 0, 0, 1].into(), OUTBOUND_PORT),
@@ -394,6 +475,28 @@ mod tests {
         assert_eq!(args.capture_cidrs.len(), 3);
         assert_eq!(args.exclude_ports, vec![22]);
         assert_eq!(args.bypass_mark, DEFAULT_BYPASS_MARK);
+    }
+
+    #[test]
+    fn a_model_needs_its_companions_and_no_model_needs_a_cidr() {
+        let check = |extra: &[&str]| {
+            let mut argv = vec!["dataplane", "run", "--certs", "/c"];
+            argv.extend_from_slice(extra);
+            let Command::Run(args) = Cli::try_parse_from(argv).expect("parses").command else { panic!("run") };
+            args.check_values().map_err(|e| e.to_string())
+        };
+        assert!(check(&[]).expect_err("nothing to capture").contains("--capture-cidr is required"));
+        assert_eq!(check(&["--capture-cidr", "10.0.0.0/8"]), Ok(()));
+        let kube = check(&["--kube", "--netns-dir", "/d"]).expect_err("no node");
+        assert_eq!(kube, "--kube needs --node-name");
+        assert_eq!(check(&["--kube", "--netns-dir", "/d", "--node-name", "n"]), Ok(()));
+        assert_eq!(
+            check(&["--kubeconfig", "/k", "--node-name", "n"]).expect_err("no dir"),
+            "--kubeconfig needs --netns-dir"
+        );
+        assert_eq!(check(&["--workloads", "/w", "--netns-dir", "/d"]), Ok(()), "a file needs no node name");
+        let both = ["dataplane", "run", "--certs", "/c", "--kube", "--workloads", "/w"];
+        assert!(Cli::try_parse_from(both).is_err(), "one source of the model");
     }
 
     #[test]

@@ -40,7 +40,7 @@ use aya::{
 };
 use dataplane_bpf::{map, program};
 use dataplane_common::maps::{
-    CaptureConfig, ClientKey, NetnsCookie, OrigDst, StatIndex, CONFIG_F_ENABLED, CONFIG_F_TRACE,
+    CaptureConfig, ClientKey, MeshedDst, NetnsCookie, NetnsEntry, OrigDst, StatIndex, CONFIG_F_ENABLED, CONFIG_F_TRACE,
 };
 
 /// What failed on the eBPF side, naming the program, map or cgroup.
@@ -121,8 +121,15 @@ pub struct Settings {
 /// The programs whose links strict mode pins.
 const PINNED_PROGRAMS: [&str; 2] = [program::CONNECT4, program::SOCKOPS];
 /// The maps a strict instance shares with the next one.
-const SHARED_MAPS: [&str; 6] =
-    [map::ORIG_BY_COOKIE, map::ORIG_BY_CLIENT, map::CAPTURE_CIDRS, map::CONFIG, map::STATS, map::NETNS_VERDICT];
+const SHARED_MAPS: [&str; 7] = [
+    map::ORIG_BY_COOKIE,
+    map::ORIG_BY_CLIENT,
+    map::CAPTURE_CIDRS,
+    map::CONFIG,
+    map::STATS,
+    map::NETNS_VERDICT,
+    map::MESHED_DSTS,
+];
 
 /// Reads the original destinations straight from the pinned map, for the
 /// sockets `SO_ORIGINAL_DST` cannot answer for (see the module doc). One per
@@ -310,24 +317,35 @@ impl Capture {
         (self.strict || self.adopting).then_some(path).filter(|p| p.exists())
     }
 
-    /// Marks a network namespace as never captured (`pass`), or captured
-    /// again (the default for every namespace).
-    pub fn set_netns_pass(&mut self, netns: NetnsCookie, pass: bool) -> Result<(), Error> {
-        let mut m: HashMap<_, u64, u32> = typed_map_mut(&mut self.ebpf, map::NETNS_VERDICT)?;
-        let done = if pass {
-            m.insert(netns.0, dataplane_common::maps::NETNS_PASS, 0)
-        } else {
-            match m.remove(&netns.0) {
+    /// Writes what `connect4` knows of a namespace; `None` forgets it (its
+    /// connects to meshed destinations are refused again).
+    pub fn set_netns(&mut self, netns: NetnsCookie, entry: Option<NetnsEntry>) -> Result<(), Error> {
+        let mut m: HashMap<_, u64, NetnsEntry> = typed_map_mut(&mut self.ebpf, map::NETNS_VERDICT)?;
+        let done = match entry {
+            Some(e) => m.insert(netns.0, e, 0),
+            None => match m.remove(&netns.0) {
                 Err(MapError::KeyNotFound) => Ok(()),
                 other => other,
-            }
+            },
         };
         done.map_err(map_err(map::NETNS_VERDICT))
     }
 
-    /// Deletes the original destinations recorded for clients in a namespace
-    /// that is gone, so a deleted pod leaves nothing in the maps. Returns how
-    /// many entries went.
+    /// Writes a meshed destination address; `None` removes it (connects to
+    /// it go direct again, unless a capture CIDR holds it).
+    pub fn set_meshed(&mut self, addr: Ipv4Addr, entry: Option<MeshedDst>) -> Result<(), Error> {
+        let mut m: HashMap<_, u32, MeshedDst> = typed_map_mut(&mut self.ebpf, map::MESHED_DSTS)?;
+        let key = u32::from_ne_bytes(addr.octets());
+        let done = match entry {
+            Some(e) => m.insert(key, e, 0),
+            None => match m.remove(&key) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        };
+        done.map_err(map_err(map::MESHED_DSTS))
+    }
+
     pub fn forget_netns(&mut self, netns: NetnsCookie) -> Result<usize, Error> {
         let mut m: HashMap<_, ClientKey, OrigDst> = typed_map_mut(&mut self.ebpf, map::ORIG_BY_CLIENT)?;
         let stale: Vec<ClientKey> = m.keys().filter_map(Result::ok).filter(|k| k.netns() == netns).collect();

@@ -1,20 +1,29 @@
-//! Enrolment of pod network namespaces from a watched directory (node mode).
+//! Enrolment of pod network namespaces found in a directory (node mode).
 //!
-//! The control thread scans `--netns-dir` (e.g. `/var/run/netns`, where CNI
-//! plugins and `ip netns` put namespace files) four times a second. A file
-//! that names a new namespace (by nsfs inode, so a pod re-created under the
-//! same name or with the same IP is a new namespace) goes through:
+//! The control thread looks at `--netns-dir` (e.g. `/var/run/netns`, where
+//! containerd, CRI-O and `ip netns` pin namespaces) whenever inotify says it
+//! changed, and again every few milliseconds while a namespace waits for its
+//! address. A file names a namespace (by nsfs inode, so a pod re-created
+//! under the same name or with the same IP is a new namespace), which goes
+//! through:
 //!
-//! - waiting for an address: the CNI adds the pod's IPv4 address after it
-//!   creates the namespace; re-checked on every scan;
-//! - waiting for a certificate: an address with no `<ip>.crt` in `--certs` is
-//!   reported once and counted; re-checked on every scan, so the pod is served
-//!   once its certificate appears;
-//! - served: every executor opens its listeners in it.
+//! - waiting for an address: the CNI adds the pod's address after it creates
+//!   the namespace;
+//! - with a model (the Kubernetes API or `--workloads`), its address is
+//!   matched to a local workload: none yet is *unclaimed* (the API has not
+//!   shown the pod's address yet: its connects to meshed destinations are
+//!   refused meanwhile); a workload outside the mesh is *passed* (never
+//!   captured); a meshed one goes on. Without a model every namespace goes
+//!   on (the mode before the cluster layer);
+//! - waiting for a certificate: an address with no `<ip>.crt` in `--certs`;
+//! - served: every executor opens its listeners in it; once all have
+//!   answered, the control thread tells `connect4` (see `run.rs`).
 //!
-//! A file that disappears (or now names another namespace) is withdrawn: the
-//! executors close its listeners, the eBPF entries of its clients are
-//! deleted, and our handle on the namespace is dropped.
+//! Every look re-decides every namespace against the current model, so a
+//! label flipped in the API enrols or withdraws a pod without a restart. A
+//! file that disappears (or now names another namespace) is withdrawn: the
+//! executors close its listeners, its eBPF entries are deleted, and our
+//! handle on the namespace is dropped.
 use std::{
     collections::BTreeMap,
     fs,
@@ -22,12 +31,14 @@ use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Instant,
 };
 
 use tracing::{info, warn};
 
 use crate::{
     identity::Identity,
+    model::{Mode, Model},
     netns::{Netns, NetnsId},
 };
 use dataplane_common::maps::NetnsCookie;
@@ -37,9 +48,15 @@ use dataplane_common::maps::NetnsCookie;
 pub enum State {
     /// No IPv4 address yet.
     WaitingForAddress,
+    /// No local workload holds this address (yet).
+    Unclaimed(Ipv4Addr),
+    /// Two workloads claim the address: neither is trusted.
+    Conflict(String),
+    /// Its workload is outside the mesh (the reason's label): never captured.
+    Passed(&'static str),
     /// An address without a certificate.
     WaitingForCertificate(Ipv4Addr),
-    /// Listeners open on every executor.
+    /// Listeners open (or opening) on every executor.
     Served,
     /// Not a namespace we can enter (reported once, ignored until it changes).
     Broken(String),
@@ -50,6 +67,9 @@ impl State {
     pub fn label(&self) -> &'static str {
         match self {
             State::WaitingForAddress => "waiting_for_address",
+            State::Unclaimed(_) => "unclaimed",
+            State::Conflict(_) => "address_conflict",
+            State::Passed(_) => "passed",
             State::WaitingForCertificate(_) => "waiting_for_certificate",
             State::Served => "served",
             State::Broken(_) => "unusable",
@@ -62,19 +82,42 @@ struct Entry {
     ino: u64,
     netns: Option<Arc<Netns>>,
     cookie: Option<NetnsCookie>,
+    /// Its addresses, once it has some (a pod's never change).
+    addresses: Vec<Ipv4Addr>,
+    /// When the file was first seen, and its address.
+    seen: Instant,
+    addressed: Option<Instant>,
     state: State,
+    /// Destination ports its connects go direct to (its workload's
+    /// annotation).
+    skip_outbound: Vec<u16>,
 }
 
 /// A change for the executors and the eBPF maps.
 #[derive(Debug)]
 pub enum Change {
-    /// Open listeners in this namespace.
-    Enroll(Arc<Netns>),
-    /// Close the listeners of this namespace and forget its clients.
+    /// Open listeners in this namespace; once every executor has, tell
+    /// `connect4` it is served.
+    Enroll {
+        /// The namespace.
+        ns: Arc<Netns>,
+        /// Its cookie.
+        cookie: NetnsCookie,
+        /// Destination ports its connects go direct to.
+        skip_outbound: Vec<u16>,
+        /// When its address appeared (for the enrolment latency).
+        since: Instant,
+    },
+    /// A served namespace's skipped ports changed.
+    Ports(NetnsId, NetnsCookie, Vec<u16>),
+    /// Close the listeners of this namespace, forget its clients and what
+    /// `connect4` knew of it.
     Withdraw(NetnsId, Option<NetnsCookie>),
+    /// Never capture this namespace's connects (`true`), or forget that.
+    Pass(NetnsCookie, bool),
 }
 
-/// The namespaces found in one directory.
+/// The namespaces found in one directory (and those the model names).
 #[derive(Debug)]
 pub struct Registry {
     dir: PathBuf,
@@ -92,6 +135,15 @@ impl Registry {
         self.entries.values().filter(|e| e.state == State::Served).filter_map(|e| Some(e.netns.as_ref()?.id()))
     }
 
+    /// Whether a namespace waits for its address, or was not yet one a
+    /// moment ago (a file about to be mounted over): look again soon.
+    pub fn waiting(&self) -> bool {
+        self.entries.values().any(|e| {
+            e.state == State::WaitingForAddress
+                || (matches!(e.state, State::Broken(_)) && e.seen.elapsed() < std::time::Duration::from_secs(2))
+        })
+    }
+
     /// How many namespaces are in each state.
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
         let mut m = BTreeMap::new();
@@ -101,62 +153,148 @@ impl Registry {
         m
     }
 
-    /// Looks at the directory again; returns what must change.
-    pub fn scan(&mut self, identity: &Identity) -> Vec<Change> {
+    /// Looks at the directory again and re-decides every namespace against
+    /// `model` (`None`: no model, every namespace with a certificate is
+    /// served); returns what must change.
+    pub fn scan(&mut self, identity: &Identity, model: Option<&Model>) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut present = BTreeMap::new();
-        if let Ok(rd) = fs::read_dir(&self.dir) {
-            for e in rd.flatten() {
-                let path = e.path();
-                // Follows symlinks: the inode is the namespace's.
-                if let Ok(m) = fs::metadata(&path) {
-                    present.insert(path, m.ino());
-                }
+        let named = model.into_iter().flat_map(|m| m.named_netns().cloned());
+        let listed = fs::read_dir(&self.dir).into_iter().flatten().flatten().map(|e| e.path());
+        for path in listed.chain(named) {
+            // Follows symlinks: the inode is the namespace's.
+            if let Ok(m) = fs::metadata(&path) {
+                present.insert(path, m.ino());
             }
         }
         for path in stale(&self.entries, &present) {
             if let Some(e) = self.entries.remove(&path) {
-                if let (State::Served, Some(ns)) = (&e.state, &e.netns) {
-                    info!(netns = %path.display(), "namespace gone: withdrawing");
-                    changes.push(Change::Withdraw(ns.id(), e.cookie));
+                match (&e.state, &e.netns) {
+                    (State::Served, Some(ns)) => {
+                        info!(netns = %path.display(), "namespace gone: withdrawing");
+                        changes.push(Change::Withdraw(ns.id(), e.cookie));
+                    }
+                    (State::Passed(_), _) => changes.extend(e.cookie.map(|c| Change::Pass(c, false))),
+                    _ => {}
                 }
             }
         }
         for (path, ino) in present {
-            let entry = self.entries.entry(path.clone()).or_insert_with(|| {
-                let (netns, state) = match Netns::open(&path) {
-                    Ok(ns) => (Some(Arc::new(ns)), State::WaitingForAddress),
-                    Err(e) => (None, State::Broken(e.to_string())),
-                };
-                if let State::Broken(why) = &state {
-                    warn!(netns = %path.display(), error = %why, "not a namespace we can serve; ignoring it");
-                }
-                Entry { ino, netns, cookie: None, state }
-            });
+            let entry = self.entries.entry(path.clone()).or_insert_with(|| open(&path, ino));
             let Some(ns) = entry.netns.clone() else { continue };
-            if entry.state == State::Served {
+            if entry.addresses.is_empty() {
+                match ns.ipv4_addresses() {
+                    Ok(a) if !a.is_empty() => {
+                        entry.addresses = a;
+                        entry.addressed = Some(Instant::now());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if !matches!(entry.state, State::Broken(_)) {
+                            warn!(netns = %path.display(), error = %e, "cannot read the namespace's addresses");
+                        }
+                        entry.state = State::Broken(format!("reading its addresses: {e}"));
+                        continue;
+                    }
+                }
+            }
+            let (next, skip) = decide(&entry.addresses, model, |a| identity.holds(IpAddr::V4(a)));
+            let (Some(cookie), before) = (entry.cookie, entry.state.clone()) else { continue };
+            if next == before {
+                if next == State::Served && skip != entry.skip_outbound {
+                    changes.push(Change::Ports(ns.id(), cookie, skip.clone()));
+                    entry.skip_outbound = skip;
+                }
                 continue;
             }
-            let next = next_state(ns.ipv4_addresses(), |a| identity.holds(IpAddr::V4(a)));
-            if next == entry.state {
-                continue;
+            let name = path.display();
+            match &before {
+                State::Served => {
+                    info!(netns = %name, now = next.label(), "namespace no longer meshed: withdrawing");
+                    changes.push(Change::Withdraw(ns.id(), Some(cookie)));
+                }
+                State::Passed(_) => changes.push(Change::Pass(cookie, false)),
+                _ => {}
             }
             match &next {
                 State::WaitingForCertificate(ip) => {
-                    warn!(netns = %path.display(), %ip, certs = %identity.dir().display(),
+                    warn!(netns = %name, %ip, certs = %identity.dir().display(),
                           "pod address has no certificate: not serving it until {ip}.crt appears")
                 }
-                State::Broken(why) => warn!(netns = %path.display(), error = %why, "cannot serve this namespace"),
-                State::Served => {
-                    entry.cookie = ns.cookie().ok();
-                    info!(netns = %path.display(), addresses = ?ns.ipv4_addresses().unwrap_or_default(), "enrolling namespace");
-                    changes.push(Change::Enroll(ns));
+                State::Unclaimed(ip) => {
+                    info!(netns = %name, %ip, "no local workload holds this address yet: its connects to meshed destinations are refused until one does")
                 }
-                State::WaitingForAddress => {}
+                State::Conflict(why) => warn!(netns = %name, why, "address conflict: not serving it"),
+                State::Passed(why) => {
+                    info!(netns = %name, addresses = ?entry.addresses, why, "outside the mesh: never captured");
+                    changes.push(Change::Pass(cookie, true));
+                }
+                State::Served => {
+                    info!(netns = %name, addresses = ?entry.addresses, "enrolling namespace");
+                    let since = entry.addressed.unwrap_or_else(Instant::now);
+                    changes.push(Change::Enroll { ns, cookie, skip_outbound: skip.clone(), since });
+                }
+                State::WaitingForAddress | State::Broken(_) => {}
             }
             entry.state = next;
+            entry.skip_outbound = skip;
         }
         changes
+    }
+}
+
+/// Sends a unit on `tx` whenever an entry of `dir` is created, removed or
+/// renamed (coalesced: one message may stand for many), from a thread of its
+/// own. Mounting a namespace onto a file raises no event, so the control
+/// thread still looks every few hundred milliseconds, and quickly while a
+/// namespace is not ready.
+pub fn watch_dir(dir: &Path, tx: crossbeam_channel::Sender<()>) -> std::io::Result<()> {
+    use inotify::{Inotify, WatchMask};
+    let mut inotify = Inotify::init()?;
+    inotify.watches().add(
+        dir,
+        WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM | WatchMask::ATTRIB,
+    )?;
+    std::thread::Builder::new().name("netns-watch".into()).spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match inotify.read_events_blocking(&mut buf) {
+                Ok(_) => {
+                    if tx.try_send(()).is_err() && tx.is_empty() {
+                        return; // the control thread is gone
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!(error = %e, "reading inotify events: falling back to periodic looks");
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn open(path: &Path, ino: u64) -> Entry {
+    let opened = Netns::open(path).and_then(|ns| Ok((ns.cookie()?, ns)));
+    let (netns, cookie, state) = match opened {
+        Ok((cookie, ns)) => (Some(Arc::new(ns)), Some(cookie), State::WaitingForAddress),
+        Err(e) => {
+            // Often a file the runtime has created but not mounted the
+            // namespace onto yet: looked at again shortly (a new inode then).
+            info!(netns = %path.display(), error = %e, "not a namespace (yet); ignoring it until it changes");
+            (None, None, State::Broken(e.to_string()))
+        }
+    };
+    Entry {
+        ino,
+        netns,
+        cookie,
+        addresses: Vec::new(),
+        seen: Instant::now(),
+        addressed: None,
+        state,
+        skip_outbound: Vec::new(),
     }
 }
 
@@ -166,16 +304,30 @@ fn stale(entries: &BTreeMap<PathBuf, Entry>, present: &BTreeMap<PathBuf, u64>) -
     entries.iter().filter(|(p, e)| present.get(*p) != Some(&e.ino)).map(|(p, _)| p.clone()).collect()
 }
 
-/// Where a namespace not yet served stands, from its addresses (as read
-/// inside it) and whether a certificate exists for an address.
-fn next_state(addresses: std::io::Result<Vec<Ipv4Addr>>, has_cert: impl Fn(Ipv4Addr) -> bool) -> State {
-    match addresses {
-        Err(e) => State::Broken(format!("reading its addresses: {e}")),
-        Ok(addrs) if addrs.is_empty() => State::WaitingForAddress,
-        Ok(addrs) => match addrs.into_iter().find(|a| !has_cert(*a)) {
-            Some(missing) => State::WaitingForCertificate(missing),
-            None => State::Served,
-        },
+/// Where a namespace stands, from its addresses (as read inside it), the
+/// model, and whether a certificate exists for an address; with the
+/// destination ports its connects go direct to.
+fn decide(addresses: &[Ipv4Addr], model: Option<&Model>, has_cert: impl Fn(Ipv4Addr) -> bool) -> (State, Vec<u16>) {
+    let Some(first) = addresses.first() else { return (State::WaitingForAddress, Vec::new()) };
+    let mut skip = Vec::new();
+    if let Some(model) = model {
+        let mut owner = None;
+        for a in addresses {
+            match model.local_with(*a) {
+                Err(why) => return (State::Conflict(why), skip),
+                Ok(Some(w)) => owner = owner.or(Some(w)),
+                Ok(None) => {}
+            }
+        }
+        let Some(w) = owner else { return (State::Unclaimed(*first), skip) };
+        match &w.mode {
+            Mode::Outside(why) => return (State::Passed(why.label()), skip),
+            Mode::Meshed { skip_outbound, .. } => skip.clone_from(skip_outbound),
+        }
+    }
+    match addresses.iter().find(|a| !has_cert(**a)) {
+        Some(missing) => (State::WaitingForCertificate(*missing), skip),
+        None => (State::Served, skip),
     }
 }
 
@@ -188,24 +340,60 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_moves_from_no_address_to_no_certificate_to_served() {
+    fn without_a_model_a_pod_moves_from_no_address_to_no_certificate_to_served() {
         let certs = [ip("10.0.0.1")];
         let has = |a: Ipv4Addr| certs.contains(&a);
-        // Scans as the CNI and the certificate issuer catch up.
-        assert_eq!(next_state(Ok(vec![]), has), State::WaitingForAddress);
-        assert_eq!(next_state(Ok(vec![ip("10.0.0.2")]), has), State::WaitingForCertificate(ip("10.0.0.2")));
-        assert_eq!(next_state(Ok(vec![ip("10.0.0.1")]), has), State::Served);
+        // Looks as the CNI and the certificate issuer catch up.
+        assert_eq!(decide(&[], None, has).0, State::WaitingForAddress);
+        assert_eq!(decide(&[ip("10.0.0.2")], None, has).0, State::WaitingForCertificate(ip("10.0.0.2")));
+        assert_eq!(decide(&[ip("10.0.0.1")], None, has).0, State::Served);
         // Every address needs its certificate (dual-homed pods).
-        let two = vec![ip("10.0.0.1"), ip("10.0.0.3")];
-        assert_eq!(next_state(Ok(two), has), State::WaitingForCertificate(ip("10.0.0.3")));
-        let broken = next_state(Err(std::io::ErrorKind::PermissionDenied.into()), has);
-        assert!(matches!(broken, State::Broken(ref why) if why.contains("addresses")), "{broken:?}");
-        assert_eq!(broken.label(), "unusable");
+        assert_eq!(
+            decide(&[ip("10.0.0.1"), ip("10.0.0.3")], None, has).0,
+            State::WaitingForCertificate(ip("10.0.0.3"))
+        );
+    }
+
+    #[test]
+    fn with_a_model_only_meshed_local_workloads_are_served() {
+        use crate::model::{Outside, Workload};
+        let w = |name: &str, addr: &str, local, mode| Workload {
+            namespace: "ns".into(),
+            name: name.into(),
+            service_account: "sa".into(),
+            addresses: vec![ip(addr)],
+            local,
+            netns: None,
+            mode,
+        };
+        let meshed = || Mode::Meshed { skip_outbound: vec![5432], skip_inbound: vec![] };
+        let model = Model::new(vec![
+            w("web", "10.0.0.1", true, meshed()),
+            w("agent", "10.0.0.2", true, Mode::Outside(Outside::NotOptedIn)),
+            w("far", "10.0.0.3", false, meshed()),
+        ]);
+        let all = |_| true;
+        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), all), (State::Served, vec![5432]));
+        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), |_| false).0, State::WaitingForCertificate(ip("10.0.0.1")));
+        assert_eq!(decide(&[ip("10.0.0.2")], Some(&model), all).0, State::Passed("namespace_not_opted_in"));
+        // Another node's pod, or one the API has not shown yet: unclaimed.
+        assert_eq!(decide(&[ip("10.0.0.3")], Some(&model), all).0, State::Unclaimed(ip("10.0.0.3")));
+        assert_eq!(decide(&[ip("10.0.0.9")], Some(&model), all).0, State::Unclaimed(ip("10.0.0.9")));
+        assert_eq!(State::Passed("x").label(), "passed");
     }
 
     #[test]
     fn a_file_that_is_gone_or_names_a_new_namespace_is_stale() {
-        let entry = |ino| Entry { ino, netns: None, cookie: None, state: State::Served };
+        let entry = |ino| Entry {
+            ino,
+            netns: None,
+            cookie: None,
+            addresses: vec![],
+            seen: Instant::now(),
+            addressed: None,
+            state: State::Served,
+            skip_outbound: vec![],
+        };
         let entries: BTreeMap<PathBuf, Entry> =
             [("/n/a", 1), ("/n/b", 2), ("/n/c", 3)].into_iter().map(|(p, i)| (PathBuf::from(p), entry(i))).collect();
         // a unchanged, b re-created (new inode: a new pod under the same

@@ -11,6 +11,7 @@
 //!   [`relay`], [`reason`] and [`addrs`];
 //! - [`identity`], [`ca`]: certificates and TLS configurations;
 //! - [`stats`], [`dump`], [`admin`], [`reload`]: measurements and operations;
+//! - [`model`], [`source`]: the workloads, from the Kubernetes API or a file;
 //! - [`netns`], [`enroll`], [`socket`], [`cgroup`], [`cores`], [`rlimit`]: the node plumbing; `sys`
 //!   holds every `unsafe` block.
 pub mod addrs;
@@ -25,6 +26,7 @@ pub mod ebpf;
 pub mod enroll;
 pub mod identity;
 pub mod inbound;
+pub mod model;
 pub mod netns;
 pub mod outbound;
 pub mod reason;
@@ -34,6 +36,7 @@ pub mod rlimit;
 pub mod run;
 pub mod shard;
 pub mod socket;
+pub mod source;
 pub mod stats;
 mod sys;
 

@@ -12,6 +12,8 @@
 //! up to `--drain-timeout`, then the programs are detached and we exit 0;
 //! whatever is still open is closed with the process.
 use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
     sync::Arc,
     thread,
     time::{Duration, Instant, SystemTime},
@@ -27,16 +29,17 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, Phase},
-    config::Config,
+    config::{Config, Source},
     dump,
     ebpf::Capture,
     enroll::{self, Change},
     identity::Identity,
+    model::Model,
     netns::NetnsId,
-    reload, shard,
+    reload, shard, source,
     stats::Snapshot,
 };
-use dataplane_common::maps::StatIndex;
+use dataplane_common::maps::{MeshedDst, NetnsCookie, NetnsEntry, StatIndex, Verdict};
 
 /// How long executors get to open their listeners.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +51,9 @@ const TRIM_EVERY: Duration = Duration::from_secs(2);
 /// How long an executor gets to answer a snapshot request (dumps and
 /// scrapes only).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How soon the namespace directory is looked at again while a namespace
+/// waits for its address.
+const QUICK_LOOK: Duration = Duration::from_millis(5);
 
 /// Runs until SIGTERM or SIGINT, then drains.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -88,6 +94,29 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         info!(%bound, "admin endpoint listening");
     }
     let registry = cfg.netns_dir.as_deref().map(enroll::Registry::new);
+    let (netns_tx, netns_events) = crossbeam_channel::bounded(1);
+    if let Some(dir) = &cfg.netns_dir {
+        if let Err(e) = enroll::watch_dir(dir, netns_tx) {
+            warn!(dir = %dir.display(), error = %e, "cannot watch the namespace directory with inotify: looking every 250 ms");
+        }
+    }
+    // The model's source. A file is read here (and again when it changes);
+    // the API's first model arrives on the channel once both lists are in.
+    let (model_tx, models) = crossbeam_channel::unbounded();
+    let mut workloads_watch = None;
+    let mut watch_counters = None;
+    let mut model = None;
+    match &cfg.source {
+        Some(Source::Kube { access, node }) => {
+            watch_counters = Some(source::kube::start(access.clone(), node.clone(), model_tx)?);
+        }
+        Some(Source::File { path, node }) => {
+            model = Some(source::file::load(path, node.as_deref())?);
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            workloads_watch = Some(reload::Watch::new(dir));
+        }
+        None => {}
+    }
     let mut ctl = Control {
         cfg,
         capture: None,
@@ -97,6 +126,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         started: SystemTime::now(),
         registry,
         own_netns: None,
+        model: None,
+        meshed: BTreeMap::new(),
+        pending: HashMap::new(),
+        enrolment: crate::stats::histogram(),
+        watch_counters,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
     let home = crate::netns::Netns::current().context("opening our own network namespace")?;
@@ -123,6 +157,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             recv(rx) -> ev => match ev {
                 Ok(shard::ShardEvent::Ready { .. }) => ready += 1,
                 Ok(shard::ShardEvent::Failed { cpu, error, .. }) => bail!("executor on CPU {cpu}: {error}"),
+                Ok(shard::ShardEvent::Listening { .. }) => {}
                 Err(_) => bail!("executors stopped during start-up"),
             },
             recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
@@ -132,11 +167,42 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     }
+    // The namespaces given on the command line are served from the start.
+    for ns in ctl.cfg.namespaces.clone() {
+        let cookie = ns.cookie().with_context(|| format!("reading the cookie of {}", ns.name()))?;
+        ctl.set_netns(cookie, Some(NetnsEntry::new(Verdict::Served, &[])));
+    }
     ctl.sync_own_netns()?;
+    // With a model, nothing is captured before it is in: which pods are
+    // meshed decides both what we serve and what connect4 refuses.
+    if ctl.cfg.source.is_some() && model.is_none() {
+        info!("waiting for the first model of the workloads from the Kubernetes API");
+    }
+    while ctl.cfg.source.is_some() && model.is_none() {
+        select! {
+            recv(models) -> m => model = Some(m.context("the Kubernetes watch thread stopped")?),
+            recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
+            recv(signals) -> sig => if matches!(sig, Ok(SIGTERM | SIGINT)) { bail!("stopped during start-up") },
+        }
+    }
+    if let Some(m) = model {
+        ctl.set_model(m);
+    }
+    // Then every namespace already there is enrolled before the programs
+    // are attached: after a restart, pods are served again before anything
+    // is refused for want of a listener.
+    ctl.scan_namespaces();
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while !ctl.pending.is_empty() && Instant::now() < deadline {
+        select! {
+            recv(rx) -> ev => if let Ok(ev) = ev { ctl.shard_event(ev) },
+            recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
+            default(deadline.saturating_duration_since(Instant::now())) => {}
+        }
+    }
     if let Some(c) = ctl.capture.as_mut() {
         c.attach(&ctl.cfg.workload_cgroup, &ctl.cfg.own_cgroup)?;
     }
-    ctl.scan_namespaces();
     ctl.health.set_phase(Phase::Ready);
     info!("data plane ready: capturing connects");
 
@@ -145,6 +211,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let trim = crossbeam_channel::tick(TRIM_EVERY);
     let mut open_before = 0;
     loop {
+        let quick = match &ctl.registry {
+            Some(r) if r.waiting() => crossbeam_channel::after(QUICK_LOOK),
+            _ => crossbeam_channel::never(),
+        };
         select! {
             recv(signals) -> sig => match sig {
                 Ok(SIGUSR1) => ctl.dump(),
@@ -155,12 +225,30 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 Err(_) => break,
             },
             recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
-            recv(rx) -> ev => if let Ok(shard::ShardEvent::Failed { cpu, netns, error }) = ev {
-                error!(cpu, ?netns, %error, "an executor could not listen in a namespace");
+            recv(rx) -> ev => if let Ok(ev) = ev { ctl.shard_event(ev) },
+            recv(models) -> m => match m {
+                Ok(m) => {
+                    ctl.set_model(m);
+                    ctl.scan_namespaces();
+                }
+                Err(_) => bail!("the Kubernetes watch thread stopped"),
             },
+            recv(netns_events) -> _ => ctl.scan_namespaces(),
+            recv(quick) -> _ => ctl.scan_namespaces(),
             recv(tick) -> _ => {
                 if watch.changed() {
                     ctl.reload();
+                }
+                if let (Some(w), Some(Source::File { path, node })) = (workloads_watch.as_mut(), &ctl.cfg.source) {
+                    if w.changed() {
+                        match source::file::load(path, node.as_deref()) {
+                            Ok(m) => {
+                                info!(workloads = %path.display(), "workloads file reloaded");
+                                ctl.set_model(m);
+                            }
+                            Err(e) => error!(error = %e, "workloads file refused: the previous model stays in service"),
+                        }
+                    }
                 }
                 ctl.scan_namespaces();
             },
@@ -217,29 +305,54 @@ struct Control {
     /// Our own network namespace (on a node, the host network, where
     /// host-network pods live), its cookie, and whether it is passed through
     /// (never captured) now.
-    own_netns: Option<(NetnsId, dataplane_common::maps::NetnsCookie, Option<bool>)>,
+    own_netns: Option<(NetnsId, NetnsCookie, Option<bool>)>,
+    /// The workloads, once a source has reported them.
+    model: Option<Arc<Model>>,
+    /// The meshed destinations written to `connect4`'s map.
+    meshed: BTreeMap<Ipv4Addr, Vec<u16>>,
+    /// Namespaces being enrolled: what `connect4` is told once every
+    /// executor listens in them.
+    pending: HashMap<NetnsId, Pending>,
+    /// Enrolment latencies (µs).
+    enrolment: hdrhistogram::Histogram<u64>,
+    /// Kubernetes watch interruptions, when watching.
+    watch_counters: Option<Arc<source::kube::Counters>>,
+}
+
+/// A namespace whose listeners are opening.
+#[derive(Debug)]
+struct Pending {
+    cookie: NetnsCookie,
+    skip_outbound: Vec<u16>,
+    listening: BTreeSet<usize>,
+    since: Instant,
 }
 
 impl Control {
     /// Enrols and withdraws namespaces from the watched directory.
     fn scan_namespaces(&mut self) {
         let Some(registry) = self.registry.as_mut() else { return };
-        let changes = registry.scan(&self.cfg.identity);
-        if !changes.is_empty() {
-            self.health.set_enrolled(self.enrolled());
-            if let Err(e) = self.sync_own_netns() {
-                error!(error = %e, "could not update the capture verdict of our own namespace");
-            }
-        }
+        let changes = registry.scan(&self.cfg.identity, self.model.as_deref());
         for change in changes {
             match change {
-                Change::Enroll(ns) => {
+                Change::Enroll { ns, cookie, skip_outbound, since } => {
                     migrate_requests(&ns);
+                    self.pending.insert(ns.id(), Pending { cookie, skip_outbound, listening: BTreeSet::new(), since });
                     for s in &self.shards {
                         let _ = s.tx.send(shard::ToShard::Enroll(ns.clone()));
                     }
                 }
+                Change::Ports(id, cookie, skip) => match self.pending.get_mut(&id) {
+                    Some(p) => p.skip_outbound = skip,
+                    None => self.set_netns(cookie, Some(NetnsEntry::new(Verdict::Served, &skip))),
+                },
                 Change::Withdraw(id, cookie) => {
+                    self.pending.remove(&id);
+                    // connect4 first: new connects stop coming our way...
+                    if let Some(cookie) = cookie {
+                        self.set_netns(cookie, None);
+                    }
+                    // ...then the listeners close.
                     for s in &self.shards {
                         let _ = s.tx.send(shard::ToShard::Withdraw(id));
                     }
@@ -250,8 +363,84 @@ impl Control {
                         }
                     }
                 }
+                Change::Pass(cookie, pass) => {
+                    self.set_netns(cookie, pass.then(|| NetnsEntry::new(Verdict::Pass, &[])));
+                }
             }
         }
+        self.health.set_enrolled(self.enrolled());
+        if let Err(e) = self.sync_own_netns() {
+            error!(error = %e, "could not update the capture verdict of our own namespace");
+        }
+    }
+
+    /// An executor's news: once every executor listens in a namespace being
+    /// enrolled, `connect4` starts sending its connects to them.
+    fn shard_event(&mut self, ev: shard::ShardEvent) {
+        match ev {
+            shard::ShardEvent::Listening { cpu, netns } => {
+                let Some(p) = self.pending.get_mut(&netns) else { return };
+                p.listening.insert(cpu);
+                if p.listening.len() < self.shards.len() {
+                    return;
+                }
+                if let Some(p) = self.pending.remove(&netns) {
+                    self.set_netns(p.cookie, Some(NetnsEntry::new(Verdict::Served, &p.skip_outbound)));
+                    let took = p.since.elapsed();
+                    let _ = self.enrolment.record(took.as_micros().max(1) as u64);
+                    info!(?netns, ?took, "namespace served: its connects are captured");
+                }
+            }
+            shard::ShardEvent::Failed { cpu, netns, error } => {
+                error!(cpu, ?netns, %error, "an executor could not listen in a namespace: its meshed connects stay refused");
+            }
+            shard::ShardEvent::Ready { .. } => {}
+        }
+    }
+
+    /// Writes what connect4 knows of a namespace; a failure is logged (the
+    /// namespace's connects to meshed destinations stay refused).
+    fn set_netns(&mut self, cookie: NetnsCookie, entry: Option<NetnsEntry>) {
+        if let Some(capture) = self.capture.as_mut() {
+            if let Err(e) = capture.set_netns(cookie, entry) {
+                error!(netns_cookie = cookie.0, error = %e, "could not update the namespace's capture verdict");
+            }
+        }
+    }
+
+    /// Takes a new model: the meshed destinations go to connect4 (added
+    /// before removed, so a pod moving between addresses is never missed).
+    fn set_model(&mut self, model: Arc<Model>) {
+        let want = model.meshed_destinations();
+        let mut failed = 0;
+        if let Some(capture) = self.capture.as_mut() {
+            for (addr, ports) in &want {
+                if self.meshed.get(addr) != Some(ports)
+                    && capture.set_meshed(*addr, Some(MeshedDst::new(ports))).is_err()
+                {
+                    failed += 1;
+                }
+            }
+            for addr in self.meshed.keys().filter(|a| !want.contains_key(a)) {
+                let _ = capture.set_meshed(*addr, None);
+            }
+        }
+        if failed > 0 {
+            error!(
+                failed,
+                total = want.len(),
+                "meshed destinations not written (map full?): connects to them go direct"
+            );
+        }
+        // Every pod change in the cluster lands here: the first model is
+        // worth a line, the rest only at debug.
+        if self.model.is_none() {
+            info!(destinations = want.len(), local = ?model.local_counts(), "model of the workloads in");
+        } else {
+            tracing::debug!(destinations = want.len(), local = ?model.local_counts(), "model of the workloads updated");
+        }
+        self.meshed = want;
+        self.model = Some(model);
     }
 
     /// Connects from our own namespace are never captured unless we serve it
@@ -264,7 +453,7 @@ impl Control {
         };
         let pass = !enrolled.contains(id);
         if *passed != Some(pass) {
-            capture.set_netns_pass(*cookie, pass)?;
+            capture.set_netns(*cookie, pass.then(|| NetnsEntry::new(Verdict::Pass, &[])))?;
             info!(netns_cookie = cookie.0, captured = !pass, "our own network namespace (host-network pods)");
             *passed = Some(pass);
         }
@@ -332,7 +521,17 @@ impl Control {
             admin::Query::Metrics => {
                 let stats = self.collect();
                 let namespaces = self.registry.as_ref().map(enroll::Registry::counts).unwrap_or_default();
-                let extra = admin::Extra { reloads: self.reloads, namespaces, admin: self.health.closed() };
+                let extra = admin::Extra {
+                    reloads: self.reloads,
+                    namespaces,
+                    admin: self.health.closed(),
+                    pods: self.model.as_ref().map(|m| m.local_counts()).unwrap_or_default(),
+                    watch_errors: self.watch_counters.as_ref().map(|c| {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        (c.pods.load(Relaxed), c.namespaces.load(Relaxed))
+                    }),
+                    enrolment: self.registry.as_ref().map(|_| self.enrolment.clone()),
+                };
                 (200, admin::render(&stats, &self.bpf_stats(), &extra))
             }
         };

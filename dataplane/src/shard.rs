@@ -86,6 +86,13 @@ pub enum ShardEvent {
         /// The CPU it is pinned to.
         cpu: usize,
     },
+    /// Listening on both ports in a namespace enrolled after start-up.
+    Listening {
+        /// The CPU it is pinned to.
+        cpu: usize,
+        /// The namespace.
+        netns: NetnsId,
+    },
     /// Could not listen in a namespace; the message names it and the port.
     Failed {
         /// The CPU it is pinned to.
@@ -212,9 +219,11 @@ async fn run(
                     }
                     ToShard::Identity(id) => shard.set_identity(id),
                     ToShard::Enroll(ns) if !draining => {
-                        if let Err(error) = enroll(&shard, &ns, &mut listeners, &listening) {
-                            let _ = events.send(ShardEvent::Failed { cpu, netns: ns.id(), error });
-                        }
+                        let event = match enroll(&shard, &ns, &mut listeners, &listening) {
+                            Ok(()) => ShardEvent::Listening { cpu, netns: ns.id() },
+                            Err(error) => ShardEvent::Failed { cpu, netns: ns.id(), error },
+                        };
+                        let _ = events.send(event);
                     }
                     ToShard::Enroll(_) => {}
                     ToShard::Withdraw(id) => {

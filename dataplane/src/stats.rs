@@ -163,7 +163,8 @@ pub struct Snapshot {
 
 const MAX_MICROS: u64 = 3_600_000_000;
 
-fn histogram() -> Histogram<u64> {
+/// An empty histogram of microseconds, 1 µs to an hour, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("static histogram bounds are valid")
 }
 

@@ -2,37 +2,12 @@
 //! namespace files, pods coming and going behind a bridge, and two such
 //! nodes side by side.
 
-use std::{fs, path::PathBuf, process::Command, thread, time::Duration};
+use std::{fs, process::Command, thread, time::Duration};
 
-use testworld::{client, eventually, fds, http_get, metric, run_args, server, Certs, Cgroup, Dataplane, Netns, Proc};
-
-/// A directory of namespace files (symlinks to `ip netns` files), removed on
-/// drop.
-struct NetnsDir(PathBuf);
-
-impl NetnsDir {
-    fn new(test: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("dptest-netns-{}", testworld::unique(test, "n")));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).expect("netns dir");
-        Self(d)
-    }
-    fn add(&self, pod: &Netns) {
-        std::os::unix::fs::symlink(pod.path(), self.0.join(&pod.name)).expect("netns symlink");
-    }
-    fn remove(&self, pod: &Netns) {
-        fs::remove_file(self.0.join(&pod.name)).expect("netns symlink removed");
-    }
-    fn path(&self) -> String {
-        self.0.display().to_string()
-    }
-}
-
-impl Drop for NetnsDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use testworld::{
+    client, eventually, fds, http_get, metric, run_args, server, two_pods, Certs, Cgroup, Dataplane, Netns, NetnsDir,
+    Proc,
+};
 
 /// Plugs `pod` into the bridge `br0` of `node` with address `addr/24`.
 fn plug(node: &Netns, pod: &Netns, addr: &str) {
@@ -249,4 +224,64 @@ fn host_network_processes_connect_directly() {
     assert_eq!(metric(&text, "dataplane_bpf_decisions_total{decision=\"captured\"}"), Some(0.0));
     drop(_srv);
     dir.remove(&p);
+}
+
+#[test]
+fn a_workloads_file_is_the_model_without_a_cluster() {
+    let t = testworld::kernel_test!();
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
+    let (workload, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
+    let files = testworld::TempDir::new(&format!("dptest-workloads-{}", testworld::unique(t, "f"))).expect("temp dir");
+    let file = files.0.join("workloads.json");
+    let write = |b_mode: &str| {
+        let doc = serde_json::json!({"workloads": [
+            {"namespace": "shop", "name": "a", "addresses": ["10.77.0.1"], "mode": "meshed"},
+            {"namespace": "shop", "name": "b", "addresses": ["10.77.0.2"], "mode": b_mode},
+        ]});
+        // Written aside and renamed in, as a ConfigMap update lands.
+        let tmp = files.0.join(".workloads.json.new");
+        fs::write(&tmp, doc.to_string()).expect("workloads file");
+        fs::rename(&tmp, &file).expect("rename");
+    };
+    write("meshed");
+    let (a, b, _) = two_pods(t);
+    let _sa = server(&a, "0.0.0.0", 8080, "a");
+    let _sb = server(&b, "0.0.0.0", 8080, "b");
+    dir.add(&a);
+    dir.add(&b);
+    let file_s = file.display().to_string();
+    let dir_s = dir.path();
+    let args: Vec<String> = [
+        "--workloads",
+        &file_s,
+        "--netns-dir",
+        &dir_s,
+        "--workload-cgroup",
+        &workload.path.display().to_string(),
+        "--certs",
+        &certs.path(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let dp = Dataplane::start(&own, &args);
+    assert_eq!(namespaces_in(&dp.admin(), "served"), Some(2.0));
+    let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
+    assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("127.0.0.1:18000", "b"));
+
+    // B is declared outside the mesh: withdrawn, and reached directly.
+    write("outside");
+    assert!(eventually(Duration::from_secs(3), || namespaces_in(&dp.admin(), "passed") == Some(1.0)));
+    assert_eq!(client(&a, Some(&workload), "10.77.0.2", 8080, &[])[0].peer, "10.77.0.2:8080");
+
+    // A file that does not parse is refused; the model in service stays.
+    fs::write(&file, "{\"workloads\": [{\"namespace\": \"shop\"").expect("broken file");
+    assert!(eventually(Duration::from_secs(3), || dp
+        .proc
+        .output()
+        .iter()
+        .any(|l| l.contains("workloads file refused"))));
+    assert_eq!(namespaces_in(&dp.admin(), "served"), Some(1.0));
+    assert_eq!(namespaces_in(&dp.admin(), "passed"), Some(1.0));
+    assert_eq!(client(&b, Some(&workload), "10.77.0.1", 8080, &[])[0].peer, "10.77.0.1:8080", "b still outside");
 }

@@ -12,12 +12,15 @@
 //! Under `CI` (any value but empty), a missing privilege fails a test
 //! ([`kernel_test!`]) instead of skipping it.
 //!
+//! - [`apiserver`]: the cluster's double, a Kubernetes API server speaking
+//!   list/watch over HTTPS;
 //! - [`cgroup`], [`netns`]: the kernel objects;
 //! - [`certs`]: a certificate directory;
 //! - [`proc`]: child processes with their output collected;
 //! - [`peers`]: the Python peers (`peers.py`): servers, clients, hostile ones;
 //! - [`dataplane`]: the data plane binary, started and stopped;
 //! - [`mod@world`]: two pods and a data plane serving them.
+pub mod apiserver;
 pub mod certs;
 pub mod cgroup;
 pub mod dataplane;
@@ -35,10 +38,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use apiserver::ApiServer;
 pub use certs::Certs;
 pub use cgroup::{cgroup2_mount, Cgroup};
 pub use dataplane::{attached, dataplane_binary, run_args, Dataplane};
-pub use netns::{two_pods, veth, Netns};
+pub use netns::{two_pods, veth, Netns, NetnsDir};
 pub use peers::{client, peer, peers_py, server, server_with, Seen};
 pub use proc::Proc;
 pub use world::{world, World};

@@ -1,5 +1,9 @@
 //! Network namespaces as pods and nodes, joined by veth.
-use std::{fs::File, path::PathBuf, process::Command};
+use std::{
+    fs::{self, File},
+    path::PathBuf,
+    process::Command,
+};
 
 use crate::{run, sh, unique, Cgroup};
 
@@ -91,4 +95,37 @@ pub fn two_pods(test: &str) -> (Netns, Netns, String) {
     let b = Netns::new(test, "b");
     let (_, b_if) = veth(&a, "10.77.0.1/24", &b, "10.77.0.2/24");
     (a, b, b_if)
+}
+
+/// A directory of namespace files (symlinks to `ip netns` files), as
+/// containerd keeps under /var/run/netns; removed on drop.
+#[derive(Debug)]
+pub struct NetnsDir(PathBuf);
+
+impl NetnsDir {
+    /// An empty directory named after the test.
+    pub fn new(test: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("dptest-netns-{}", unique(test, "n")));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).expect("netns dir");
+        Self(d)
+    }
+    /// Adds `pod` under its own name.
+    pub fn add(&self, pod: &Netns) {
+        std::os::unix::fs::symlink(pod.path(), self.0.join(&pod.name)).expect("netns symlink");
+    }
+    /// Removes `pod`.
+    pub fn remove(&self, pod: &Netns) {
+        fs::remove_file(self.0.join(&pod.name)).expect("netns symlink removed");
+    }
+    /// The directory, for `--netns-dir`.
+    pub fn path(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for NetnsDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }

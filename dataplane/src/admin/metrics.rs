@@ -64,6 +64,14 @@ pub struct Extra {
     /// Admin connections closed at once because too many were open, and
     /// closed for being too slow.
     pub admin: (u64, u64),
+    /// This node's workloads in the model, by membership (`meshed`,
+    /// `namespace_not_opted_in`...).
+    pub pods: std::collections::BTreeMap<&'static str, u64>,
+    /// Kubernetes watch interruptions (pods, namespaces), when watching.
+    pub watch_errors: Option<(u64, u64)>,
+    /// From a namespace's address appearing to its listeners open on every
+    /// executor and `connect4` told (µs).
+    pub enrolment: Option<hdrhistogram::Histogram<u64>>,
 }
 
 /// Renders the merged executor measurements, the eBPF decision counters and
@@ -150,15 +158,48 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
     );
 
     let namespaces = Family::<Labels, Gauge>::default();
-    for state in ["served", "waiting_for_address", "waiting_for_certificate", "unusable"] {
+    for state in [
+        "served",
+        "passed",
+        "unclaimed",
+        "address_conflict",
+        "waiting_for_address",
+        "waiting_for_certificate",
+        "unusable",
+    ] {
         let n = extra.namespaces.get(state).copied().unwrap_or(0);
         namespaces.get_or_create(&vec![("state", state.to_string())]).set(n as i64);
     }
     reg.register(
         "namespaces",
-        "Namespaces found in --netns-dir, by state (an address without a certificate waits)",
+        "Namespaces found in --netns-dir, by state (an address without a certificate waits; passed: outside the mesh; unclaimed: no local workload holds its address)",
         namespaces,
     );
+    if !extra.pods.is_empty() {
+        let pods = Family::<Labels, Gauge>::default();
+        for (m, n) in &extra.pods {
+            pods.get_or_create(&vec![("membership", m.to_string())]).set(*n as i64);
+        }
+        reg.register("pods", "This node's workloads in the model, by mesh membership", pods);
+    }
+    if let Some((p, n)) = extra.watch_errors {
+        let errors = Family::<Labels, Counter>::default();
+        errors.get_or_create(&vec![("resource", "pods".into())]).inc_by(p);
+        errors.get_or_create(&vec![("resource", "namespaces".into())]).inc_by(n);
+        reg.register(
+            "watch_restarts",
+            "Kubernetes watches interrupted and resumed (or relisted after 410 Gone)",
+            errors,
+        );
+    }
+    if let Some(h) = &extra.enrolment {
+        reg.register_with_unit(
+            "enrolment_latency",
+            "From a pod namespace's address appearing to its listeners open on every executor and capture enabled",
+            prometheus_client::registry::Unit::Seconds,
+            HdrExport::from(h),
+        );
+    }
 
     for h in Hist::ALL {
         let help = h.help();

@@ -1,0 +1,321 @@
+//! The model from the Kubernetes API: kube-rs watchers of Pods (every node's:
+//! meshed pods elsewhere are the destinations we tunnel to; this node's are
+//! the ones we enrol) and Namespaces (their opt-in label), on a
+//! single-threaded tokio runtime of their own thread. Executors never see
+//! it; the control thread receives whole models.
+//!
+//! kube-rs's watcher lists, then watches from the list's resourceVersion with
+//! bookmarks; a dropped connection or an API server restart resumes the
+//! watch, and `410 Gone` (history compacted) relists. Each (re)list is
+//! applied as a whole when it completes (objects that vanished meanwhile go
+//! with it), so no pod is lost or kept. Errors back off exponentially and are
+//! counted per resource ([`Counters`]). Nothing is published until both
+//! resources have been listed once: the control thread does not capture or
+//! enrol on half a picture.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+};
+
+use crossbeam_channel::Sender;
+use futures_util::{stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{watcher, WatchStreamExt},
+    Api, Client, ResourceExt,
+};
+use tracing::{info, warn};
+
+use crate::model::{membership, Model, Workload};
+
+/// Where the client finds the API server.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// The ServiceAccount token and `KUBERNETES_SERVICE_*` of a pod.
+    InCluster,
+    /// A kubeconfig file (its current context).
+    Kubeconfig(PathBuf),
+}
+
+/// Watch errors (each followed by a retry, relist or resumed watch), per
+/// resource, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Pods watch.
+    pub pods: AtomicU64,
+    /// Namespaces watch.
+    pub namespaces: AtomicU64,
+}
+
+/// What a pod contributes to the model.
+#[derive(Debug, Clone)]
+struct PodView {
+    namespace: String,
+    name: String,
+    service_account: String,
+    node: Option<String>,
+    addresses: Vec<Ipv4Addr>,
+    host_network: bool,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+}
+
+fn view(pod: &Pod) -> Option<PodView> {
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+    // A finished pod's address goes back to the pool: never trust it.
+    if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let mut addresses: Vec<Ipv4Addr> =
+        status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().filter_map(|ip| ip.ip.parse().ok()).collect();
+    if addresses.is_empty() {
+        addresses.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<Ipv4Addr>().ok()));
+    }
+    Some(PodView {
+        namespace: pod.namespace()?,
+        name: pod.name_any(),
+        service_account: spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
+        node: spec.and_then(|s| s.node_name.clone()),
+        addresses,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        labels: pod.labels().clone(),
+        annotations: pod.annotations().clone(),
+    })
+}
+
+/// The cluster as last seen.
+#[derive(Debug, Default)]
+struct State {
+    node: String,
+    pods: BTreeMap<(String, String), PodView>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// A (re)list in progress, applied whole at its end.
+    pods_listing: Option<BTreeMap<(String, String), PodView>>,
+    namespaces_listing: Option<BTreeMap<String, BTreeMap<String, String>>>,
+    pods_listed: bool,
+    namespaces_listed: bool,
+}
+
+enum Change {
+    // Boxed: objects are large, and one change is in flight at a time.
+    Pod(Box<watcher::Event<Pod>>),
+    Namespace(Box<watcher::Event<Namespace>>),
+}
+
+impl State {
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Pod(ev) => {
+                let key = |p: &PodView| (p.namespace.clone(), p.name.clone());
+                match *ev {
+                    watcher::Event::Init => self.pods_listing = Some(BTreeMap::new()),
+                    watcher::Event::InitApply(p) => {
+                        if let (Some(list), Some(v)) = (self.pods_listing.as_mut(), view(&p)) {
+                            list.insert(key(&v), v);
+                        }
+                    }
+                    watcher::Event::InitDone => {
+                        self.pods = self.pods_listing.take().unwrap_or_default();
+                        self.pods_listed = true;
+                    }
+                    watcher::Event::Apply(p) => match view(&p) {
+                        Some(v) => {
+                            self.pods.insert(key(&v), v);
+                        }
+                        None => {
+                            self.pods.remove(&(p.namespace().unwrap_or_default(), p.name_any()));
+                        }
+                    },
+                    watcher::Event::Delete(p) => {
+                        self.pods.remove(&(p.namespace().unwrap_or_default(), p.name_any()));
+                    }
+                }
+            }
+            Change::Namespace(ev) => match *ev {
+                watcher::Event::Init => self.namespaces_listing = Some(BTreeMap::new()),
+                watcher::Event::InitApply(n) => {
+                    if let Some(list) = self.namespaces_listing.as_mut() {
+                        list.insert(n.name_any(), n.labels().clone());
+                    }
+                }
+                watcher::Event::InitDone => {
+                    self.namespaces = self.namespaces_listing.take().unwrap_or_default();
+                    self.namespaces_listed = true;
+                }
+                watcher::Event::Apply(n) => {
+                    self.namespaces.insert(n.name_any(), n.labels().clone());
+                }
+                watcher::Event::Delete(n) => {
+                    self.namespaces.remove(&n.name_any());
+                }
+            },
+        }
+    }
+
+    fn model(&self) -> Option<Arc<Model>> {
+        if !(self.pods_listed && self.namespaces_listed) {
+            return None;
+        }
+        let workloads = self
+            .pods
+            .values()
+            .map(|p| Workload {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                service_account: p.service_account.clone(),
+                addresses: p.addresses.clone(),
+                local: p.node.as_deref() == Some(self.node.as_str()),
+                netns: None,
+                mode: membership(p.host_network, self.namespaces.get(&p.namespace), &p.labels, &p.annotations),
+            })
+            .collect();
+        Some(Model::new(workloads))
+    }
+}
+
+/// Starts the watchers on a thread of their own; every model that differs
+/// from the last goes to `tx`. The thread ends when `tx`'s receiver is gone
+/// (it notices at its next change).
+pub fn start(access: Access, node: String, tx: Sender<Arc<Model>>) -> anyhow::Result<Arc<Counters>> {
+    let counters = Arc::new(Counters::default());
+    let c = counters.clone();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // The client is built here, so a bad kubeconfig fails start-up with its
+    // reason instead of a retry loop.
+    let client = rt.block_on(client(&access))?;
+    info!(?access, node, "watching the Kubernetes API");
+    thread::Builder::new().name("kube".into()).spawn(move || rt.block_on(watch(client, node, tx, c)))?;
+    Ok(counters)
+}
+
+async fn client(access: &Access) -> anyhow::Result<Client> {
+    use anyhow::Context;
+    let config = match access {
+        Access::InCluster => kube::Config::incluster().context("in-cluster Kubernetes configuration")?,
+        Access::Kubeconfig(path) => {
+            let kc = Kubeconfig::read_from(path).with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+    };
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+async fn watch(client: Client, node: String, tx: Sender<Arc<Model>>, counters: Arc<Counters>) {
+    let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .map(|r| r.map(|e| Change::Pod(Box::new(e))).map_err(|e| ("pods", e)));
+    let namespaces = watcher(Api::<Namespace>::all(client), watcher::Config::default())
+        .default_backoff()
+        .map(|r| r.map(|e| Change::Namespace(Box::new(e))).map_err(|e| ("namespaces", e)));
+    let mut changes = std::pin::pin!(stream::select(pods, namespaces));
+    let mut state = State { node, ..State::default() };
+    let mut last: Option<Arc<Model>> = None;
+    while let Some(first) = changes.next().await {
+        // Take every change already waiting before building a model: a
+        // relist of thousands of pods publishes once.
+        let mut batch = vec![first];
+        while let Some(Some(more)) = futures_util::FutureExt::now_or_never(changes.next()) {
+            batch.push(more);
+        }
+        for item in batch {
+            match item {
+                Ok(change) => state.apply(change),
+                Err((resource, e)) => {
+                    let counter = if resource == "pods" { &counters.pods } else { &counters.namespaces };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    warn!(resource, error = %e, "Kubernetes watch interrupted; resuming (relisting if needed)");
+                }
+            }
+        }
+        if let Some(model) = state.model() {
+            if last.as_deref() != Some(&*model) {
+                if tx.send(model.clone()).is_err() {
+                    return;
+                }
+                last = Some(model);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Mode, Outside, MESH_LABEL};
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).expect("a pod")
+    }
+
+    fn shop_pod(name: &str, ip: &str, node: &str) -> Pod {
+        pod(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "resourceVersion": "1"},
+            "spec": {"nodeName": node, "serviceAccountName": "web", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+        }))
+    }
+
+    fn ns(name: &str, meshed: bool) -> Namespace {
+        let labels = if meshed { serde_json::json!({MESH_LABEL: "enabled"}) } else { serde_json::json!({}) };
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}
+        }))
+        .expect("a namespace")
+    }
+
+    #[test]
+    fn nothing_is_published_before_both_lists_and_a_relist_replaces_the_whole() {
+        let mut s = State { node: "a".into(), ..State::default() };
+        s.apply(Change::Pod(Box::new(watcher::Event::Init)));
+        s.apply(Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-1", "10.0.0.2", "a")))));
+        s.apply(Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
+        s.apply(Change::Pod(Box::new(watcher::Event::InitDone)));
+        assert!(s.model().is_none(), "namespaces not listed yet");
+        s.apply(Change::Namespace(Box::new(watcher::Event::Init)));
+        s.apply(Change::Namespace(Box::new(watcher::Event::InitApply(ns("shop", true)))));
+        s.apply(Change::Namespace(Box::new(watcher::Event::InitDone)));
+        let m = s.model().expect("both listed");
+        assert_eq!(m.meshed_destinations().len(), 2, "both nodes' pods are destinations");
+        let local: Vec<_> = m.workloads().iter().filter(|w| w.local).map(|w| w.name.as_str()).collect();
+        assert_eq!(local, ["web-1"]);
+        // A relist after 410 Gone in which web-1 is gone: it goes, even
+        // though no Delete event was seen.
+        s.apply(Change::Pod(Box::new(watcher::Event::Init)));
+        s.apply(Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
+        assert_eq!(s.model().expect("model").workloads().len(), 2, "the old view serves until the relist ends");
+        s.apply(Change::Pod(Box::new(watcher::Event::InitDone)));
+        assert_eq!(s.model().expect("model").workloads().len(), 1);
+        // The namespace loses its label: its pods leave the mesh.
+        s.apply(Change::Namespace(Box::new(watcher::Event::Apply(ns("shop", false)))));
+        let m = s.model().expect("model");
+        assert_eq!(m.workloads()[0].mode, Mode::Outside(Outside::NotOptedIn));
+        assert!(m.meshed_destinations().is_empty());
+    }
+
+    #[test]
+    fn finished_pods_and_host_network_pods_are_read_as_such() {
+        let mut done = shop_pod("job", "10.0.0.9", "a");
+        done.status.as_mut().expect("status").phase = Some("Succeeded".into());
+        assert!(view(&done).is_none(), "its address may already be another pod's");
+        let mut host = shop_pod("agent", "192.168.0.10", "a");
+        host.spec.as_mut().expect("spec").host_network = Some(true);
+        let v = view(&host).expect("view");
+        assert!(v.host_network);
+        let pending = pod(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "shop"}, "spec": {"containers": []}
+        }));
+        let v = view(&pending).expect("a pod with no address yet");
+        assert!(v.addresses.is_empty() && v.node.is_none());
+    }
+}

@@ -1,0 +1,554 @@
+//! A test API server: the cluster's double, not a mock inside the daemon.
+//! It speaks the Kubernetes list/watch protocol over HTTPS with a bearer
+//! token, for the resources the data plane reads (Pods, Namespaces), and the
+//! daemon reaches it through kube-rs and a kubeconfig exactly as it would a
+//! real cluster:
+//!
+//! - `GET /api/v1/{pods,namespaces}` (and `/api/v1/namespaces/NS/pods`):
+//!   a list with `metadata.resourceVersion`, items without `kind` (as a real
+//!   server sends them), `limit`/`continue` pages, `fieldSelector`
+//!   (`spec.nodeName`, `metadata.name`, `metadata.namespace`, `=`, `==`, `!=`)
+//!   and `labelSelector` (`k=v`, `k!=v`, `k`, `!k`);
+//! - `?watch=true&resourceVersion=N`: newline-delimited events after N
+//!   (`ADDED`, `MODIFIED`, `DELETED`; an object leaving a selector is a
+//!   `DELETED`, entering it an `ADDED`), `BOOKMARK`s every second with
+//!   `allowWatchBookmarks=true`, ends after `timeoutSeconds`; a version older
+//!   than the compacted history gets the `ERROR` event with a `410 Expired`
+//!   Status, as etcd's compaction causes.
+//!
+//! The tests drive it: create, update and delete objects
+//! ([`ApiServer::put`], [`ApiServer::delete`]), expire every watch with
+//! `410 Gone` ([`ApiServer::expire`]), and restart it on the same port
+//! ([`ApiServer::restart`]), keeping its objects as etcd would.
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    thread,
+    time::Duration,
+};
+
+use anyhow::Context;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::{body::Frame, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::Certs;
+
+/// The resources served: (URL plural, kind, namespaced).
+const RESOURCES: [(&str, &str, bool); 2] = [("pods", "Pod", true), ("namespaces", "Namespace", false)];
+
+/// The bearer token the kubeconfig carries and the server requires.
+const TOKEN: &str = "test-token-for-the-data-plane";
+
+#[derive(Debug, Clone)]
+struct Event {
+    rv: u64,
+    resource: &'static str,
+    kind: &'static str, // ADDED, MODIFIED, DELETED
+    object: Value,
+    /// The object before a MODIFIED (for selectors).
+    old: Option<Value>,
+}
+
+#[derive(Debug, Default)]
+struct Store {
+    rv: u64,
+    /// (resource, namespace, name) → object.
+    objects: BTreeMap<(&'static str, String, String), Value>,
+    history: Vec<Event>,
+    /// Versions at or below this are gone from the history.
+    compacted: u64,
+    /// Bumped by [`ApiServer::expire`]: open watches end with 410.
+    epoch: u64,
+    /// Requests served, by kind (`list pods`, `watch namespaces`...).
+    requests: BTreeMap<String, u64>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    store: Mutex<Store>,
+    /// Wakes open watches: the latest resource version.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: thread::JoinHandle<()>,
+}
+
+/// A running test API server with its kubeconfig.
+#[derive(Debug)]
+pub struct ApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    certs: Certs,
+    kubeconfig: PathBuf,
+    running: Option<Running>,
+}
+
+impl ApiServer {
+    /// Starts one on a free loopback port, with a CA and certificate of its
+    /// own and a kubeconfig that trusts them.
+    pub fn start(test: &str) -> Self {
+        Self::try_start(test).unwrap_or_else(|e| panic!("test API server: {e:#}"))
+    }
+
+    fn try_start(test: &str) -> anyhow::Result<Self> {
+        let certs = Certs::new(&format!("{test}-api"), &["127.0.0.1"]);
+        let (changed, _) = tokio::sync::watch::channel(0);
+        let shared = Arc::new(Shared { store: Mutex::new(Store::default()), changed });
+        let kubeconfig = certs.dir.join("kubeconfig");
+        let mut server = Self { addr: "127.0.0.1:0".parse()?, shared, certs, kubeconfig, running: None };
+        server.serve()?;
+        let kubeconfig = json!({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {
+                "server": format!("https://{}", server.addr),
+                "certificate-authority": server.certs.dir.join("ca.crt"),
+            }}],
+            "users": [{"name": "dataplane", "user": {"token": TOKEN}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "dataplane"}}],
+        });
+        fs::write(&server.kubeconfig, serde_json::to_vec_pretty(&kubeconfig)?)?;
+        Ok(server)
+    }
+
+    /// The kubeconfig file to give `--kubeconfig`.
+    pub fn kubeconfig(&self) -> String {
+        self.kubeconfig.display().to_string()
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn serve(&mut self) -> anyhow::Result<()> {
+        let tls = tls_config(&self.certs)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let listener =
+            rt.block_on(tokio::net::TcpListener::bind(self.addr)).with_context(|| format!("binding {}", self.addr))?;
+        self.addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let shared = self.shared.clone();
+        let thread = thread::Builder::new().name("test-apiserver".into()).spawn(move || {
+            rt.block_on(async move {
+                tokio::select! {
+                    _ = accept_loop(listener, tls, shared) => {}
+                    _ = stopped => {}
+                }
+            });
+            // Dropping the runtime drops every connection: clients see the
+            // server go away, as in a real restart.
+        })?;
+        self.running = Some(Running { stop, thread });
+        Ok(())
+    }
+
+    /// Stops it (every connection drops), waits `down`, and starts it again
+    /// on the same port with the same objects and history.
+    pub fn restart(&mut self, down: Duration) {
+        self.restart_with(down, |_| {});
+    }
+
+    /// [`ApiServer::restart`], doing `meanwhile` while it is down (objects
+    /// change in etcd while no API server answers).
+    pub fn restart_with(&mut self, down: Duration, meanwhile: impl FnOnce(&Self)) {
+        self.shutdown();
+        meanwhile(self);
+        thread::sleep(down);
+        self.serve().unwrap_or_else(|e| panic!("restarting the test API server: {e:#}"));
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(r) = self.running.take() {
+            let _ = r.stop.send(());
+            let _ = r.thread.join();
+        }
+    }
+
+    /// Creates or replaces an object of `resource` (`pods`, `namespaces`);
+    /// returns its new resource version.
+    pub fn put(&self, resource: &str, mut object: Value) -> u64 {
+        let (resource, kind) = resource_kind(resource);
+        let mut s = self.shared.store();
+        s.rv += 1;
+        let rv = s.rv;
+        let (ns, name) = ns_name(&object);
+        let key = (resource, ns, name.clone());
+        object["apiVersion"] = json!("v1");
+        object["kind"] = json!(kind);
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let old = s.objects.get(&key).cloned();
+        let uid = old.as_ref().and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
+        object["metadata"]["uid"] = json!(uid.unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}")));
+        s.objects.insert(key, object.clone());
+        let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        s.history.push(Event { rv, resource, kind, object, old });
+        drop(s);
+        self.shared.changed.send_replace(rv);
+        rv
+    }
+
+    /// Deletes an object (namespace `""` for cluster-scoped ones).
+    pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
+        let (resource, _) = resource_kind(resource);
+        let mut s = self.shared.store();
+        let Some(mut object) = s.objects.remove(&(resource, namespace.to_string(), name.to_string())) else {
+            panic!("deleting {resource} {namespace}/{name}: no such object")
+        };
+        s.rv += 1;
+        let rv = s.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        s.history.push(Event { rv, resource, kind: "DELETED", object, old: None });
+        drop(s);
+        self.shared.changed.send_replace(rv);
+    }
+
+    /// Compacts the history to now and ends every open watch with `410
+    /// Gone`: watchers must relist.
+    pub fn expire(&self) {
+        let mut s = self.shared.store();
+        s.compacted = s.rv;
+        s.history.clear();
+        s.epoch += 1;
+        let rv = s.rv;
+        drop(s);
+        self.shared.changed.send_replace(rv);
+    }
+
+    /// How many requests of a kind (`list pods`, `watch namespaces`) it served.
+    pub fn requests(&self, what: &str) -> u64 {
+        self.shared.store().requests.get(what).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A pod shaped as the API serves it: on `node`, with `ip` (none: not yet
+/// given one by the CNI), labels and annotations.
+pub fn pod(namespace: &str, name: &str, node: &str, ip: Option<&str>, labels: Value, annotations: Value) -> Value {
+    let mut status = json!({
+        "phase": if ip.is_some() { "Running" } else { "Pending" },
+        "hostIP": "192.0.2.10",
+        "hostIPs": [{"ip": "192.0.2.10"}],
+        "qosClass": "BestEffort",
+        "conditions": [{"type": "PodScheduled", "status": "True"}],
+    });
+    if let Some(ip) = ip {
+        status["podIP"] = json!(ip);
+        status["podIPs"] = json!([{"ip": ip}]);
+    }
+    json!({
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations},
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": "default",
+            "containers": [{"name": "app", "image": "registry.example/app:1"}],
+            "restartPolicy": "Always",
+            "dnsPolicy": "ClusterFirst",
+        },
+        "status": status,
+    })
+}
+
+/// A namespace with labels.
+pub fn namespace(name: &str, labels: Value) -> Value {
+    let mut labels = labels;
+    labels["kubernetes.io/metadata.name"] = json!(name);
+    json!({"metadata": {"name": name, "labels": labels}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+}
+
+fn resource_kind(resource: &str) -> (&'static str, &'static str) {
+    RESOURCES
+        .iter()
+        .find(|(r, ..)| *r == resource)
+        .map(|(r, k, _)| (*r, *k))
+        .unwrap_or_else(|| panic!("the test API server does not serve {resource}"))
+}
+
+fn ns_name(object: &Value) -> (String, String) {
+    let m = &object["metadata"];
+    (m["namespace"].as_str().unwrap_or_default().to_string(), m["name"].as_str().unwrap_or_default().to_string())
+}
+
+fn tls_config(certs: &Certs) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(certs.dir.join("127.0.0.1.crt"))?.collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(certs.dir.join("127.0.0.1.key"))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, shared: Arc<Shared>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let (acceptor, shared) = (acceptor.clone(), shared.clone());
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(tcp).await else { return };
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(req, &shared)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+type Body = BoxBody<bytes::Bytes, Infallible>;
+
+fn full(status: StatusCode, body: Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(bytes::Bytes::from(body.to_string())).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+/// What a request asks for.
+struct Query {
+    resource: &'static str,
+    kind: &'static str,
+    namespace: Option<String>,
+    params: BTreeMap<String, String>,
+}
+
+/// The query, or why the path names nothing served here (a 404).
+fn parse(req: &Request<hyper::body::Incoming>) -> Result<Query, String> {
+    let path = req.uri().path();
+    let not_found = || format!("the server could not find {path}");
+    let rest = path.strip_prefix("/api/v1/").ok_or_else(not_found)?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let (namespace, plural) = match parts.as_slice() {
+        [plural] => (None, *plural),
+        ["namespaces", ns, plural] => (Some(ns.to_string()), *plural),
+        _ => return Err(not_found()),
+    };
+    let (resource, kind, namespaced) = RESOURCES.iter().find(|(r, ..)| *r == plural).copied().ok_or_else(not_found)?;
+    if namespace.is_some() && !namespaced {
+        return Err(not_found());
+    }
+    let params = form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes()).into_owned().collect();
+    Ok(Query { resource, kind, namespace, params })
+}
+
+/// Whether an object passes the request's namespace and selectors.
+fn selected(q: &Query, object: &Value) -> Result<bool, String> {
+    let (ns, name) = ns_name(object);
+    if q.namespace.as_ref().is_some_and(|want| *want != ns) {
+        return Ok(false);
+    }
+    if let Some(sel) = q.params.get("fieldSelector").filter(|s| !s.is_empty()) {
+        for term in sel.split(',') {
+            let (key, negate, want) = split_term(term)?;
+            let have = match key {
+                "spec.nodeName" => object["spec"]["nodeName"].as_str().unwrap_or_default().to_string(),
+                "metadata.name" => name.clone(),
+                "metadata.namespace" => ns.clone(),
+                other => return Err(format!("field label not supported: {other}")),
+            };
+            if (have == want) == negate {
+                return Ok(false);
+            }
+        }
+    }
+    if let Some(sel) = q.params.get("labelSelector").filter(|s| !s.is_empty()) {
+        let labels = &object["metadata"]["labels"];
+        for term in sel.split(',') {
+            let ok = if let Some(key) = term.strip_prefix('!') {
+                labels.get(key).is_none()
+            } else if term.contains('=') {
+                let (key, negate, want) = split_term(term)?;
+                (labels.get(key).and_then(Value::as_str) == Some(want)) != negate
+            } else {
+                labels.get(term).is_some()
+            };
+            if !ok {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn split_term(term: &str) -> Result<(&str, bool, &str), String> {
+    if let Some((k, v)) = term.split_once("!=") {
+        Ok((k, true, v))
+    } else if let Some((k, v)) = term.split_once("==") {
+        Ok((k, false, v))
+    } else if let Some((k, v)) = term.split_once('=') {
+        Ok((k, false, v))
+    } else {
+        Err(format!("invalid selector term {term:?}"))
+    }
+}
+
+fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response<Body> {
+    let authorized =
+        req.headers().get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {TOKEN}"));
+    if !authorized {
+        return full(StatusCode::UNAUTHORIZED, status(401, "Unauthorized", "Unauthorized"));
+    }
+    if req.method() != hyper::Method::GET {
+        return full(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", "only GET is served here"));
+    }
+    let q = match parse(&req) {
+        Ok(q) => q,
+        Err(why) => return full(StatusCode::NOT_FOUND, status(404, "NotFound", &why)),
+    };
+    if let Err(e) = selected(&q, &json!({})) {
+        return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e));
+    }
+    let watch = q.params.get("watch").is_some_and(|w| w == "true" || w == "1");
+    *shared.store().requests.entry(format!("{} {}", if watch { "watch" } else { "list" }, q.resource)).or_default() +=
+        1;
+    if watch {
+        watch_response(q, shared)
+    } else {
+        list(&q, shared)
+    }
+}
+
+fn list(q: &Query, shared: &Arc<Shared>) -> Response<Body> {
+    let s = shared.store();
+    let items: Vec<Value> = s
+        .objects
+        .iter()
+        .filter(|((r, ..), o)| *r == q.resource && selected(q, o).unwrap_or(false))
+        .map(|(_, o)| {
+            let mut o = o.clone();
+            // Items of a list carry no kind, as a real server sends them.
+            if let Some(m) = o.as_object_mut() {
+                m.remove("kind");
+                m.remove("apiVersion");
+            }
+            o
+        })
+        .collect();
+    // A continue token is "<list version>/<offset>"; a page always comes
+    // from the current objects (good enough for a test double).
+    let (rv, offset) = match q.params.get("continue") {
+        Some(c) => match c.split_once('/').and_then(|(rv, off)| Some((rv.parse().ok()?, off.parse().ok()?))) {
+            Some(t) => t,
+            None => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", "invalid continue token")),
+        },
+        None => (s.rv, 0usize),
+    };
+    let limit = q.params.get("limit").and_then(|l| l.parse().ok()).filter(|l: &usize| *l > 0).unwrap_or(usize::MAX);
+    let page: Vec<Value> = items.iter().skip(offset).take(limit).cloned().collect();
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if offset + page.len() < items.len() {
+        metadata["continue"] = json!(format!("{rv}/{}", offset + page.len()));
+        metadata["remainingItemCount"] = json!(items.len() - offset - page.len());
+    }
+    full(
+        StatusCode::OK,
+        json!({"kind": format!("{}List", q.kind), "apiVersion": "v1", "metadata": metadata, "items": page}),
+    )
+}
+
+fn watch_response(q: Query, shared: &Arc<Shared>) -> Response<Body> {
+    let from: u64 = q.params.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let bookmarks = q.params.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = Duration::from_secs(q.params.get("timeoutSeconds").and_then(|t| t.parse().ok()).unwrap_or(1800));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<bytes::Bytes>, Infallible>>(64);
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut changed = shared.changed.subscribe();
+        let mut last = from;
+        let epoch = shared.store().epoch;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        loop {
+            let lines = {
+                let s = shared.store();
+                if s.epoch != epoch || last < s.compacted {
+                    let msg = format!("too old resource version: {last} ({})", s.compacted + 1);
+                    vec![json!({"type": "ERROR", "object": status(410, "Expired", &msg)})]
+                } else {
+                    let out: Vec<Value> = s
+                        .history
+                        .iter()
+                        .filter(|e| e.rv > last && e.resource == q.resource)
+                        .filter_map(|e| event(&q, e))
+                        .collect();
+                    last = s.rv.max(last);
+                    out
+                }
+            };
+            let expired = lines.first().is_some_and(|l| l["type"] == "ERROR");
+            for l in lines {
+                if tx.send(Ok(Frame::data(bytes::Bytes::from(format!("{l}\n"))))).await.is_err() {
+                    return;
+                }
+            }
+            if expired {
+                return;
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                _ = tick.tick() => if bookmarks {
+                    let line = json!({"type": "BOOKMARK", "object": {"kind": q.kind, "apiVersion": "v1",
+                                      "metadata": {"resourceVersion": last.to_string()}}});
+                    if tx.send(Ok(Frame::data(bytes::Bytes::from(format!("{line}\n"))))).await.is_err() {
+                        return;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    });
+    let body = StreamBody::new(tokio_stream_from(rx)).boxed();
+    let mut r = Response::new(body);
+    r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+/// A watch event as the client sees it, or none when the object is not
+/// (and was not) selected.
+fn event(q: &Query, e: &Event) -> Option<Value> {
+    let now = selected(q, &e.object).unwrap_or(false);
+    let before = e.old.as_ref().map(|o| selected(q, o).unwrap_or(false));
+    let kind = match (e.kind, now, before) {
+        ("MODIFIED", true, Some(false)) => "ADDED",
+        ("MODIFIED", false, Some(true)) => "DELETED",
+        (_, true, _) => e.kind,
+        _ => return None,
+    };
+    Some(json!({"type": kind, "object": e.object}))
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
