@@ -20,4 +20,8 @@ for src in container.get("envFrom", []):
 for e in container.get("env", []):
     if "value" in e:
         env[e["name"]] = e["value"]
+    elif "fieldRef" in e.get("valueFrom", {}):
+        # Filled in by the kubelet (the downward API); any value will do for
+        # checking the configuration.
+        env[e["name"]] = "from-" + e["valueFrom"]["fieldRef"]["fieldPath"]
 print(json.dumps({"args": container.get("args", []), "env": env}))

@@ -79,7 +79,8 @@ fn the_binary_accepts_the_manifests_configuration() {
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{}{}", stdout, String::from_utf8_lossy(&ok.stderr));
     assert!(stdout.contains("configuration OK"), "{stdout}");
-    assert!(stdout.contains("10.244.0.0/16"), "the ConfigMap's CIDR reached the binary: {stdout}");
+    assert!(stdout.contains("from-spec.nodeName"), "the downward API's node name reached the binary: {stdout}");
+    assert!(stdout.contains("kube: true"), "the API is the model's source: {stdout}");
 
     // The check is not vacuous: a misspelt setting, a bad value, an unknown flag.
     let typo = check(&args, env, &[("DATAPLANE_CAPTURE_CIDR", "10.0.0.0/8")]);
