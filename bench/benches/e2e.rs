@@ -380,6 +380,26 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     drop(pair);
     world.stop_dataplane();
 
+    if want("enrol") {
+        let n = if opts.quick { 10 } else { 40 };
+        let e = bench::enrol::measure(&binary, n, &bench::enrol::me()?)?;
+        for (q, label) in [(50.0, "p50"), (99.0, "p99")] {
+            t.rows.push(Row {
+                workload: format!("pod enrolment, address to first capture, {label} ({n} pods)"),
+                direct: f64::NAN,
+                proxied: e.end_to_end.value_at_quantile(q / 100.0) as f64 / 1000.0,
+                haproxy: f64::NAN,
+                unit: "ms",
+                higher_is_better: false,
+                cpu: None,
+            });
+        }
+        t.latencies.insert(
+            "enrolment".into(),
+            json!({ "pods": n, "end_to_end_us": report::encode(&e.end_to_end)?, "dataplane_buckets": e.dataplane_buckets }),
+        );
+    }
+
     if want("nodes") {
         // The two-node shape: each data plane holds one end of every tunnel,
         // the haproxies sit one beside each pod.

@@ -13,7 +13,9 @@
 //!   placed in the workload cgroup;
 //! - [`haproxy`]: the yardstick, a haproxy pair doing the same job, and the
 //!   proxies' CPU time;
-//! - [`report`]: histograms, the table, JSON and `.hgrm` files.
+//! - [`report`]: histograms, the table, JSON and `.hgrm` files;
+//! - [`enrol`]: how fast a new pod is served.
+pub mod enrol;
 pub mod haproxy;
 pub mod report;
 pub mod server;

@@ -49,6 +49,9 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
             arg(args, 3, "rate")?,
             Duration::from_secs_f64(arg(args, 4, "seconds")?),
         )?,
+        "enrol-probe" => {
+            crate::enrol::probe(addr, args.get(2).context("address/prefix")?, args.get(3).context("device")?)?
+        }
         other => bail!("unknown worker mode {other:?}"),
     };
     println!("{out}");

@@ -1,0 +1,137 @@
+//! How fast a new pod is served: from its address appearing (as a CNI adds
+//! it) to its first connect to a meshed destination being captured. The
+//! data plane runs as on a node without a cluster: `--workloads` names the
+//! pods ahead, `--netns-dir` finds their namespaces (inotify), and each pod
+//! appears empty, then gets its address from a probe inside it that then
+//! connects until the connect is captured (until then it is refused: the
+//! pod is not served yet). Pods come one after another, so the figure is
+//! the latency, not the throughput, of enrolment.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use testworld::{Cgroup, Dataplane, Netns};
+
+/// A meshed destination no pod holds: a connect to it is captured (then
+/// answered by our own listener) once the pod is served.
+const PROBE_DST: &str = "10.97.255.254:9";
+
+/// What a run measured: end to end as the probe saw it, and the data
+/// plane's own histogram (address seen to served), both in µs.
+#[derive(Debug)]
+pub struct Enrolment {
+    /// The probes' figures.
+    pub end_to_end: Histogram<u64>,
+    /// The data plane's `dataplane_enrolment_latency_seconds`, as (p50, p99)
+    /// bucket bounds in µs.
+    pub dataplane_buckets: String,
+}
+
+/// Runs `n` pods through enrolment under the data plane `binary`.
+pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Enrolment> {
+    let id = std::process::id();
+    let workload = Cgroup::named(&format!("dpbench-enrol-w-{id}"))?;
+    let own = Cgroup::named(&format!("dpbench-enrol-d-{id}"))?;
+    let tmp = testworld::TempDir::new(&format!("dpbench-enrol-{id}"))?;
+    let dir = tmp.0.clone();
+    let netns_dir = dir.join("netns");
+    fs::create_dir_all(&netns_dir)?;
+    let certs = dir.join("certs");
+    let addrs: Vec<String> = (0..n).map(|i| format!("10.97.{}.{}", i / 200, i % 200 + 1)).collect();
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let certs = testworld::Certs::create(binary, certs, &refs)?;
+    let mut workloads: Vec<serde_json::Value> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| serde_json::json!({"namespace": "bench", "name": format!("p{i}"), "addresses": [a], "mode": "meshed"}))
+        .collect();
+    workloads.push(serde_json::json!({"namespace": "bench", "name": "elsewhere", "node": "another",
+        "addresses": [PROBE_DST.split(':').next()], "mode": "meshed"}));
+    let file = dir.join("workloads.json");
+    fs::write(&file, serde_json::json!({ "workloads": workloads }).to_string())?;
+    let args: Vec<String> = [
+        "--workloads",
+        &file.display().to_string(),
+        "--netns-dir",
+        &netns_dir.display().to_string(),
+        "--workload-cgroup",
+        &workload.path.display().to_string(),
+        "--certs",
+        &certs.path(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let dp = Dataplane::launch(binary, &own, &args, "warn")?;
+    let mut end_to_end = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    let mut pods = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let pod = Netns::named(&format!("dpbench-enrol-{id}-{i}"))?;
+        pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        std::os::unix::fs::symlink(pod.path(), netns_dir.join(&pod.name))?;
+        // Let the data plane see the empty namespace first, as it sees one
+        // the runtime has just made.
+        std::thread::sleep(Duration::from_millis(20));
+        let me_s = me.to_str().context("bench path")?;
+        let out = pod
+            .command(Some(&workload), me_s, &["--worker", "enrol-probe", PROBE_DST, &format!("{addr}/32"), "eth0"])
+            .output()?;
+        if !out.status.success() {
+            bail!("probe in pod {i}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("probe output")?;
+        let us = v["served_after_us"].as_u64().context("probe figure")?;
+        end_to_end.record(us.max(1))?;
+        pods.push(pod);
+    }
+    let (_, text) = testworld::http_get(&dp.admin(), "/metrics")?;
+    let buckets = text
+        .lines()
+        .filter(|l| l.starts_with("dataplane_enrolment_latency_seconds_bucket"))
+        .map(|l| l.replace("dataplane_enrolment_latency_seconds_bucket", ""))
+        .collect::<Vec<_>>()
+        .join(" ");
+    drop(dp);
+    drop(pods);
+    drop(tmp);
+    Ok(Enrolment { end_to_end, dataplane_buckets: buckets })
+}
+
+/// The probe, inside a new pod: adds the address, then connects to `dst`
+/// every 200 µs until a connect is captured (succeeds), for at most 5 s.
+pub fn probe(dst: std::net::SocketAddr, cidr: &str, dev: &str) -> anyhow::Result<serde_json::Value> {
+    let start = std::time::Instant::now();
+    let ok = Command::new("ip").args(["addr", "add", cidr, "dev", dev]).status()?;
+    if !ok.success() {
+        bail!("ip addr add {cidr} dev {dev} failed");
+    }
+    let deadline = start + Duration::from_secs(5);
+    let mut refused = 0u64;
+    loop {
+        match std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)) {
+            // Captured: our listener answered. It resets the connection at
+            // once (the destination is unreachable from this pod), which
+            // can land before the connect's result is read.
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => refused += 1,
+            Err(e) => bail!("connect to {dst}: {e} (neither refused by the mesh nor captured)"),
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("not served within 5 s");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(serde_json::json!({ "served_after_us": start.elapsed().as_micros() as u64, "refused_meanwhile": refused }))
+}
+
+/// Where the bench binary is (the probe runs it again).
+pub fn me() -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?)
+}
