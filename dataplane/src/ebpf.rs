@@ -194,6 +194,13 @@ where
     ebpf.map_mut(name).ok_or_else(|| missing_map(name))?.try_into().map_err(map_err(name))
 }
 
+fn typed_map<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+{
+    ebpf.map(name).ok_or_else(|| missing_map(name))?.try_into().map_err(map_err(name))
+}
+
 fn open_cgroup(path: &Path) -> Result<File, Error> {
     File::open(path).map_err(|source| Error::Cgroup { path: path.to_path_buf(), source })
 }
@@ -329,6 +336,20 @@ impl Capture {
             },
         };
         done.map_err(map_err(map::NETNS_VERDICT))
+    }
+
+    /// The namespaces `connect4` knows now (a strict predecessor's entries
+    /// included, when adopting its maps).
+    pub fn netns_cookies(&self) -> Result<Vec<NetnsCookie>, Error> {
+        let m: HashMap<_, u64, NetnsEntry> = typed_map(&self.ebpf, map::NETNS_VERDICT)?;
+        Ok(m.keys().filter_map(Result::ok).map(NetnsCookie).collect())
+    }
+
+    /// The meshed destination addresses written now (a strict
+    /// predecessor's included, when adopting its maps).
+    pub fn meshed_addresses(&self) -> Result<Vec<Ipv4Addr>, Error> {
+        let m: HashMap<_, u32, MeshedDst> = typed_map(&self.ebpf, map::MESHED_DSTS)?;
+        Ok(m.keys().filter_map(Result::ok).map(|k| Ipv4Addr::from(k.to_ne_bytes())).collect())
     }
 
     /// Writes a meshed destination address; `None` removes it (connects to

@@ -135,6 +135,11 @@ impl Registry {
         self.entries.values().filter(|e| e.state == State::Served).filter_map(|e| Some(e.netns.as_ref()?.id()))
     }
 
+    /// The cookies of every namespace found, whatever its state.
+    pub fn cookies(&self) -> Vec<NetnsCookie> {
+        self.entries.values().filter_map(|e| e.cookie).collect()
+    }
+
     /// Whether a namespace waits for its address, or was not yet one a
     /// moment ago (a file about to be mounted over): look again soon.
     pub fn waiting(&self) -> bool {

@@ -200,6 +200,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             default(deadline.saturating_duration_since(Instant::now())) => {}
         }
     }
+    ctl.forget_unknown_namespaces();
     if let Some(c) = ctl.capture.as_mut() {
         c.attach(&ctl.cfg.workload_cgroup, &ctl.cfg.own_cgroup)?;
     }
@@ -374,6 +375,24 @@ impl Control {
         }
     }
 
+    /// Drops what `connect4` knows of namespaces we do not (adopted from a
+    /// strict predecessor: namespaces that went while no agent ran). Those
+    /// we know, served or not yet, keep their entries until we decide.
+    fn forget_unknown_namespaces(&mut self) {
+        let mut known: Vec<NetnsCookie> = self.registry.as_ref().map(|r| r.cookies()).unwrap_or_default();
+        known.extend(self.own_netns.as_ref().map(|(_, c, _)| *c));
+        known.extend(self.cfg.namespaces.iter().filter_map(|ns| ns.cookie().ok()));
+        let Some(capture) = self.capture.as_mut() else { return };
+        let stale: Vec<NetnsCookie> =
+            capture.netns_cookies().unwrap_or_default().into_iter().filter(|c| !known.contains(c)).collect();
+        for c in &stale {
+            let _ = capture.set_netns(*c, None);
+        }
+        if !stale.is_empty() {
+            info!(entries = stale.len(), "forgot namespaces that went while no data plane ran");
+        }
+    }
+
     /// An executor's news: once every executor listens in a namespace being
     /// enrolled, `connect4` starts sending its connects to them.
     fn shard_event(&mut self, ev: shard::ShardEvent) {
@@ -413,6 +432,15 @@ impl Control {
     fn set_model(&mut self, model: Arc<Model>) {
         let want = model.meshed_destinations();
         let mut failed = 0;
+        if let (None, Some(capture)) = (&self.model, self.capture.as_mut()) {
+            // Adopted maps (strict mode) hold what the previous instance
+            // wrote: pods deleted while no agent ran go now.
+            for addr in capture.meshed_addresses().unwrap_or_default() {
+                if !want.contains_key(&addr) {
+                    let _ = capture.set_meshed(addr, None);
+                }
+            }
+        }
         if let Some(capture) = self.capture.as_mut() {
             for (addr, ports) in &want {
                 if self.meshed.get(addr) != Some(ports)

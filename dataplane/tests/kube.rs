@@ -310,3 +310,55 @@ fn host_network_pods_are_left_alone_with_the_daemonsets_flags() {
     assert_eq!(bpf(&dp, "captured"), 0.0);
     assert_eq!(bpf(&dp, "skipped_cidr"), 1.0, "not a meshed destination");
 }
+
+#[test]
+fn a_restarted_agent_rebuilds_from_the_api_and_forgets_what_went_meanwhile() {
+    let t = testworld::kernel_test!();
+    let bpffs = testworld::BpfFs::new(t);
+    let pins = bpffs.0.join("dataplane").display().to_string();
+    let api = ApiServer::start(t);
+    api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+    api.put("pods", shop_pod("a", Some("10.77.0.1"), json!({}), json!({})));
+    api.put("pods", shop_pod("b", Some("10.77.0.2"), json!({}), json!({})));
+    // A meshed pod on another node, which goes while no agent runs here.
+    api.put("pods", pod("shop", "far", "node-b", Some("10.77.7.7"), json!({}), json!({})));
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
+    let (workload, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
+    let (a, b, _) = two_pods(t);
+    let _sa = server(&a, "0.0.0.0", 8080, "a");
+    let _sb = server(&b, "0.0.0.0", 8080, "b");
+    dir.add(&a);
+    dir.add(&b);
+    let strict = ["--strict", "--pin-dir", &pins];
+    let mut first = start(&api, &certs, &workload, &own, &dir, &strict);
+    assert_eq!(namespaces_in(&first, "served"), Some(2.0));
+    let far = raw_connect(&a, &workload, "10.77.7.7", 9);
+    assert!(far.status.success() || String::from_utf8_lossy(&far.stderr).contains("Reset"), "captured while meshed");
+
+    // The agent dies; meanwhile b and far are deleted (b's namespace too).
+    first.proc.signal("KILL");
+    first.proc.wait(Duration::from_secs(10));
+    drop(first);
+    api.delete("pods", "shop", "far");
+    api.delete("pods", "shop", "b");
+    dir.remove(&b);
+    let second = start(&api, &certs, &workload, &own, &dir, &strict);
+    assert_eq!(namespaces_in(&second, "served"), Some(1.0), "{}", metrics(&second));
+    assert!(
+        second.proc.output().iter().any(|l| l.contains("forgot namespaces that went while no data plane ran")),
+        "b's entry, adopted from the pinned map, is dropped"
+    );
+    // far is no meshed destination any more: its connect is not captured
+    // (the kernel's own answer: no route from a to it).
+    let captured = bpf(&second, "captured");
+    let far = raw_connect(&a, &workload, "10.77.7.7", 9);
+    let err = String::from_utf8_lossy(&far.stderr);
+    assert!(err.contains("unreachable") || err.contains("timed out"), "not captured: {err}");
+    assert_eq!(bpf(&second, "captured"), captured);
+    // a is served by the new instance; b, gone from the API, is no meshed
+    // destination (its server still answers on the link).
+    let seen = client(&a, Some(&workload), "10.77.0.1", 8080, &[]);
+    assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("127.0.0.1:18000", "a"));
+    assert_eq!(client(&a, Some(&workload), "10.77.0.2", 8080, &[])[0].peer, "10.77.0.2:8080");
+    drop(second);
+}

@@ -5,34 +5,12 @@
 
 use std::{
     fs,
-    path::PathBuf,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
-use testworld::{attached, client, eventually, peer, run_args, server, two_pods, Certs, Cgroup, Dataplane};
-
-/// A BPF file system of the test's own, unmounted (dropping every pin in it)
-/// on drop.
-struct BpfFs(PathBuf);
-
-impl BpfFs {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("dptest-bpffs-{}", testworld::unique(test, "b")));
-        fs::create_dir_all(&dir).expect("bpffs dir");
-        let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().expect("mount");
-        assert!(ok.success(), "mounting a BPF file system at {}", dir.display());
-        Self(dir)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = fs::remove_dir(&self.0);
-    }
-}
+use testworld::{attached, client, eventually, peer, run_args, server, two_pods, BpfFs, Certs, Cgroup, Dataplane};
 
 #[test]
 fn strict_mode_fails_closed_and_the_next_instance_adopts() {

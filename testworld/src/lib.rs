@@ -156,6 +156,29 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A BPF file system of the test's own (strict mode's pins), unmounted
+/// (dropping every pin in it) on drop.
+#[derive(Debug)]
+pub struct BpfFs(pub PathBuf);
+
+impl BpfFs {
+    /// Mounts one under `$TMPDIR`, named after the test.
+    pub fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("dptest-bpffs-{}", unique(test, "b")));
+        fs::create_dir_all(&dir).expect("bpffs dir");
+        let ok = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().expect("mount");
+        assert!(ok.success(), "mounting a BPF file system at {}", dir.display());
+        Self(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
 /// A temporary directory for this test, removed on drop.
 #[derive(Debug)]
 pub struct TempDir(pub PathBuf);
