@@ -37,6 +37,66 @@ pub enum Command {
     /// Mint a cluster CA and pod certificates (for demos and tests).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Sign the node agents' node CAs (CertificateSigningRequests for
+    /// dataplane.dev/node-ca); runs until killed.
+    Issuer(IssuerArgs),
+}
+
+/// `dataplane issuer`.
+#[derive(Debug, Clone, Args)]
+pub struct IssuerArgs {
+    /// Use the pod's in-cluster configuration.
+    #[arg(long, env = "DATAPLANE_KUBE")]
+    pub kube: bool,
+    /// Use this kubeconfig file instead.
+    #[arg(
+        long,
+        env = "DATAPLANE_KUBECONFIG",
+        value_name = "FILE",
+        conflicts_with = "kube",
+        required_unless_present = "kube"
+    )]
+    pub kubeconfig: Option<PathBuf>,
+    /// The cluster root: ca.crt and ca.key (a Secret only the issuer mounts).
+    #[arg(long, env = "DATAPLANE_CA_DIR", value_name = "DIR")]
+    pub ca_dir: PathBuf,
+    /// The node agents' ServiceAccount (NAMESPACE/NAME): only its requests
+    /// are signed.
+    #[arg(
+        long,
+        env = "DATAPLANE_AGENT_SERVICE_ACCOUNT",
+        value_name = "NS/NAME",
+        default_value = "dataplane-system/dataplane"
+    )]
+    pub agent_service_account: String,
+    /// Longest node CA lifetime granted.
+    #[arg(long, env = "DATAPLANE_MAX_LIFETIME", value_name = "DURATION", default_value = "24h",
+          value_parser = humantime::parse_duration)]
+    pub max_lifetime: Duration,
+}
+
+impl IssuerArgs {
+    /// The issuer's settings.
+    pub fn settings(&self) -> Result<crate::issuer::Settings, ConfigError> {
+        let Some((ns, name)) = self.agent_service_account.split_once('/') else {
+            return Err(ConfigError::AgentAccount(self.agent_service_account.clone()));
+        };
+        if self.max_lifetime < Duration::from_secs(1) {
+            return Err(ConfigError::ZeroTimeout("max-lifetime"));
+        }
+        let access = match &self.kubeconfig {
+            Some(path) => crate::source::kube::Access::Kubeconfig(path.clone()),
+            None => crate::source::kube::Access::InCluster,
+        };
+        Ok(crate::issuer::Settings {
+            access,
+            ca_dir: self.ca_dir.clone(),
+            policy: crate::pki::Policy {
+                agent: format!("system:serviceaccount:{ns}:{name}"),
+                max_lifetime: self.max_lifetime,
+            },
+        })
+    }
 }
 
 /// `dataplane ca ...`.
@@ -97,9 +157,35 @@ pub struct RunArgs {
     /// Destination ports never captured (18000 and 18001 always are excluded).
     #[arg(long = "exclude-port", env = "DATAPLANE_EXCLUDE_PORTS", value_name = "PORT", value_delimiter = ',')]
     pub exclude_ports: Vec<u16>,
-    /// Certificate directory: ca.crt, and IP.crt + IP.key per pod address.
-    #[arg(long, env = "DATAPLANE_CERTS", value_name = "DIR")]
-    pub certs: PathBuf,
+    /// Certificate directory: ca.crt, and IP.crt + IP.key per pod address
+    /// (required unless --node-ca).
+    #[arg(long, env = "DATAPLANE_CERTS", value_name = "DIR", conflicts_with = "node_ca")]
+    pub certs: Option<PathBuf>,
+    /// Get this node's CA from the cluster (a CertificateSigningRequest the
+    /// issuer signs) and mint each meshed pod's certificate in memory;
+    /// needs --kube or --kubeconfig, and --trust-bundle.
+    #[arg(long, env = "DATAPLANE_NODE_CA")]
+    pub node_ca: bool,
+    /// The cluster root(s) peers must chain to (PEM; two during a root
+    /// rotation), e.g. a mounted ConfigMap; re-read when it changes.
+    #[arg(long, env = "DATAPLANE_TRUST_BUNDLE", value_name = "FILE")]
+    pub trust_bundle: Option<PathBuf>,
+    /// Node CA lifetime asked for (the issuer may grant less); renewed at
+    /// two thirds.
+    #[arg(long, env = "DATAPLANE_NODE_CA_LIFETIME", value_name = "DURATION", default_value = "24h",
+          value_parser = humantime::parse_duration)]
+    pub node_ca_lifetime: Duration,
+    /// Pod certificate lifetime (never past the node CA's); renewed at two
+    /// thirds.
+    #[arg(long, env = "DATAPLANE_POD_CERT_LIFETIME", value_name = "DURATION", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub pod_cert_lifetime: Duration,
+    /// Trust domain of the pods' SPIFFE IDs.
+    #[arg(long, env = "DATAPLANE_TRUST_DOMAIN", value_name = "DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Pod key type.
+    #[arg(long, env = "DATAPLANE_LEAF_KEY", value_enum, default_value_t = crate::pki::KeyType::P256)]
+    pub leaf_key: crate::pki::KeyType,
     /// Network namespace files to serve (default, without --netns-dir: the
     /// current namespace).
     #[arg(long = "netns", value_name = "NETNS_FILE")]
@@ -196,6 +282,9 @@ pub enum ConfigError {
     /// No cgroup v2 mount.
     #[error("--workload-cgroup: {0} (cgroup v2 is required)")]
     NoCgroup2(#[source] std::io::Error),
+    /// `--agent-service-account` is not NAMESPACE/NAME.
+    #[error("--agent-service-account {0:?}: expected NAMESPACE/NAME")]
+    AgentAccount(String),
     /// No model and no capture CIDR: nothing would ever be captured.
     #[error("--capture-cidr is required without a model (--kube, --kubeconfig or --workloads)")]
     NoDestinations,
@@ -253,6 +342,8 @@ pub struct Config {
     pub netns_dir: Option<PathBuf>,
     /// Where the model of the workloads comes from, if anywhere.
     pub source: Option<Source>,
+    /// Pod certificates minted on the node (`--node-ca`), if so.
+    pub minting: Option<Minting>,
     /// CPUs, one executor each.
     pub cores: Vec<usize>,
     /// What the eBPF programs are told.
@@ -267,6 +358,21 @@ pub struct Config {
     pub stats_dir: Option<PathBuf>,
     /// How long a drain may take.
     pub drain_timeout: Duration,
+}
+
+/// How pod certificates are minted on the node (`--node-ca`).
+#[derive(Debug, Clone)]
+pub struct Minting {
+    /// The trust bundle file.
+    pub bundle: PathBuf,
+    /// Node CA lifetime asked for.
+    pub node_ca_lifetime: Duration,
+    /// Pod certificate lifetime.
+    pub pod_lifetime: Duration,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Pod key type.
+    pub leaf_key: crate::pki::KeyType,
 }
 
 /// Where the model of the workloads comes from.
@@ -343,6 +449,19 @@ impl RunArgs {
             }
             _ => {}
         }
+        if self.node_ca {
+            if !matches!(model, Some("--kube" | "--kubeconfig")) {
+                return Err(ConfigError::Needs("--node-ca", "--kube or --kubeconfig"));
+            }
+            if self.trust_bundle.is_none() {
+                return Err(ConfigError::Needs("--node-ca", "--trust-bundle"));
+            }
+            if self.pod_cert_lifetime < Duration::from_secs(1) || self.node_ca_lifetime < Duration::from_secs(1) {
+                return Err(ConfigError::ZeroTimeout("pod-cert-lifetime/--node-ca-lifetime"));
+            }
+        } else if self.certs.is_none() {
+            return Err(ConfigError::Needs("dataplane run", "--certs DIR (or --node-ca)"));
+        }
         Ok(())
     }
 
@@ -362,7 +481,22 @@ impl RunArgs {
                 return Err(ConfigError::NetnsDir(dir.clone()));
             }
         }
-        let identity = Arc::new(Identity::load_with(&self.certs, !self.no_tls_resumption)?);
+        let (identity, minting) = match (&self.certs, &self.trust_bundle) {
+            (Some(dir), _) => (Identity::load_with(dir, !self.no_tls_resumption)?, None),
+            (None, Some(bundle)) => {
+                let roots = crate::identity::read_bundle(bundle)?;
+                let minting = Minting {
+                    bundle: bundle.clone(),
+                    node_ca_lifetime: self.node_ca_lifetime,
+                    pod_lifetime: self.pod_cert_lifetime,
+                    trust_domain: self.trust_domain.clone(),
+                    leaf_key: self.leaf_key,
+                };
+                (Identity::minted(roots, bundle, &[], !self.no_tls_resumption)?, Some(minting))
+            }
+            (None, None) => return Err(ConfigError::Needs("dataplane run", "--certs DIR (or --node-ca)")),
+        };
+        let identity = Arc::new(identity);
         let node = self.node_name.clone();
         let source = match (self.kube, &self.kubeconfig, &self.workloads) {
             (true, _, _) => {
@@ -407,6 +541,7 @@ impl RunArgs {
             namespaces,
             netns_dir: self.netns_dir,
             source,
+            minting,
             cores,
             capture: ebpf::Settings {
                 proxy: SocketAddrV4::new([127, 0, 0, 1].into(), OUTBOUND_PORT),

@@ -222,10 +222,11 @@ impl Registry {
                 _ => {}
             }
             match &next {
-                State::WaitingForCertificate(ip) => {
-                    warn!(netns = %name, %ip, certs = %identity.dir().display(),
-                          "pod address has no certificate: not serving it until {ip}.crt appears")
-                }
+                State::WaitingForCertificate(ip) => match identity.dir() {
+                    Some(certs) => warn!(netns = %name, %ip, certs = %certs.display(),
+                                         "pod address has no certificate: not serving it until {ip}.crt appears"),
+                    None => info!(netns = %name, %ip, "waiting for the node CA to mint the pod's certificate"),
+                },
                 State::Unclaimed(ip) => {
                     info!(netns = %name, %ip, "no local workload holds this address yet: its connects to meshed destinations are refused until one does")
                 }

@@ -63,7 +63,9 @@ const SESSIONS: usize = 256;
 /// builds a new one.
 #[derive(Debug)]
 pub struct Identity {
-    dir: PathBuf,
+    /// The certificate directory, or `None` for certificates minted in
+    /// memory ([`Identity::minted`]).
+    dir: Option<PathBuf>,
     by_ip: HashMap<IpAddr, Configs>,
     resumption: bool,
 }
@@ -110,16 +112,8 @@ impl Identity {
     /// tickets).
     pub fn load_with(dir: &Path, resumption: bool) -> Result<Self, Error> {
         let ca_path = dir.join("ca.crt");
-        let mut roots = RootCertStore::empty();
-        for c in load_chain(&ca_path)? {
-            roots.add(c).map_err(tls_err(format!("CA certificate {}", ca_path.display())))?;
-        }
-        let roots = Arc::new(roots);
+        let (roots, verifier) = trust(load_chain(&ca_path)?, &ca_path)?;
         let provider = provider();
-        let verifier: Arc<dyn ClientCertVerifier> =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| file_err(&ca_path, e))?;
 
         let mut by_ip = HashMap::new();
         let entries = fs::read_dir(dir).map_err(|e| file_err(dir, e))?;
@@ -132,12 +126,33 @@ impl Identity {
             let configs = build(ip, chain, key, &roots, &verifier, &provider, resumption)?;
             by_ip.insert(ip, configs);
         }
-        Ok(Self { dir: dir.into(), by_ip, resumption })
+        Ok(Self { dir: Some(dir.into()), by_ip, resumption })
     }
 
-    /// The directory it was loaded from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Certificates minted in memory: `roots` (the trust bundle, read from
+    /// `bundle`) and, per pod, its addresses, chain and key. Nothing is
+    /// written anywhere.
+    pub fn minted(
+        roots: Vec<CertificateDer<'static>>,
+        bundle: &Path,
+        pods: &[(Vec<IpAddr>, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)],
+        resumption: bool,
+    ) -> Result<Self, Error> {
+        let (roots, verifier) = trust(roots, bundle)?;
+        let provider = provider();
+        let mut by_ip = HashMap::new();
+        for (ips, chain, key) in pods {
+            for ip in ips {
+                let configs = build(*ip, chain.clone(), key.clone_key(), &roots, &verifier, &provider, resumption)?;
+                by_ip.insert(*ip, configs);
+            }
+        }
+        Ok(Self { dir: None, by_ip, resumption })
+    }
+
+    /// The directory it was loaded from (`None`: minted in memory).
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// Whether TLS sessions may be resumed.
@@ -174,6 +189,28 @@ impl Identity {
         }
         Ok(c)
     }
+}
+
+/// Reads a trust bundle: one or more root certificates in PEM (two during a
+/// root rotation).
+pub fn read_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    load_chain(path)
+}
+
+/// The roots and the client-certificate verifier over them.
+fn trust(
+    certs: Vec<CertificateDer<'static>>,
+    from: &Path,
+) -> Result<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>), Error> {
+    let mut roots = RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(tls_err(format!("CA certificate {}", from.display())))?;
+    }
+    let roots = Arc::new(roots);
+    let verifier: Arc<dyn ClientCertVerifier> = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| file_err(from, e))?;
+    Ok((roots, verifier))
 }
 
 /// `10.0.0.1.crt` → 10.0.0.1; anything else (ca.crt, keys) → None.
@@ -226,6 +263,10 @@ pub enum PeerError {
     /// Valid, but not for the address the peer connects from.
     #[error("peer certificate is not valid for its source address {0}: {1}")]
     WrongIp(IpAddr, webpki::Error),
+    /// Valid for its address, but with no (or more than one, or a
+    /// malformed) SPIFFE ID.
+    #[error("peer certificate carries no well-formed SPIFFE ID")]
+    NoIdentity,
 }
 
 /// Checks that the (already chain-verified) end-entity certificate is valid
@@ -234,6 +275,13 @@ pub fn check_peer_ip(certs: Option<&[CertificateDer<'_>]>, ip: IpAddr) -> Result
     let leaf = certs.and_then(|c| c.first()).ok_or(PeerError::Missing)?;
     let ee = webpki::EndEntityCert::try_from(leaf).map_err(PeerError::Unreadable)?;
     ee.verify_is_valid_for_subject_name(&ServerName::IpAddress(ip.into())).map_err(|e| PeerError::WrongIp(ip, e))
+}
+
+/// The peer's SPIFFE ID, checked to be well-formed (authorization by
+/// identity comes later; today it names the peer in logs).
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<String, PeerError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(PeerError::Missing)?;
+    crate::pki::spiffe_of(leaf).ok_or(PeerError::NoIdentity)
 }
 
 #[cfg(test)]
@@ -267,6 +315,16 @@ mod tests {
             Err(PeerError::WrongIp(..))
         ));
         assert!(matches!(check_peer_ip(None, ip), Err(PeerError::Missing)));
+        assert_eq!(
+            peer_identity(Some(std::slice::from_ref(&der))).ok(),
+            Some(format!("spiffe://cluster.local/ip/{ip}"))
+        );
+        // Right CA, right address, no SPIFFE ID: not accepted as a peer.
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.subject_alt_names = vec![rcgen::SanType::IpAddress(ip)];
+        let bare = p.self_signed(&key).expect("cert");
+        assert!(matches!(peer_identity(Some(&[bare.der().clone()])), Err(PeerError::NoIdentity)));
         assert!(matches!(ca::init(&d), Err(ca::Error::Exists(_))), "init never overwrites a CA");
         fs::remove_dir_all(&d).expect("cleanup");
     }

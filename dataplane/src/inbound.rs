@@ -105,6 +105,7 @@ impl Refusal {
             Refusal::Peer(identity::PeerError::Missing) => Reason::NoClientCertificate,
             Refusal::Peer(identity::PeerError::Unreadable(_)) => Reason::BadCertificate,
             Refusal::Peer(identity::PeerError::WrongIp(..)) => Reason::ClientIpMismatch,
+            Refusal::Peer(identity::PeerError::NoIdentity) => Reason::BadIdentity,
             Refusal::Preamble(R::Invalid(P::Version(_))) => Reason::PreambleVersion,
             Refusal::Preamble(R::Invalid(P::TooLong(_))) => Reason::PreambleTooLong,
             Refusal::Preamble(R::Invalid(_)) => Reason::BadPreamble,
@@ -189,6 +190,7 @@ async fn accept(
             return Err(Refusal::Alpn);
         }
         identity::check_peer_ip(session.peer_certificates(), client.ip())?;
+        rec.peer(identity::peer_identity(session.peer_certificates())?);
         let prefaced = preamble::read(&mut tls).await?;
         drop(ticket);
         Ok((tls, prefaced))

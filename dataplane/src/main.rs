@@ -68,6 +68,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Issuer(args) => {
+            let settings = match args.settings() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match dataplane::issuer::run(settings) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ca(cmd) => {
             let result = match cmd {
                 CaCommand::Init { dir } => ca::init(&dir),

@@ -101,6 +101,9 @@ async fn open_tunnel(shard: &ShardCtx, rec: &mut Record, netns: &Netns, orig: Or
         }
     };
     rec.handshake(handshake_started.elapsed());
+    if let Ok(id) = crate::identity::peer_identity(tls.get_ref().1.peer_certificates()) {
+        rec.peer(id);
+    }
 
     let mut buf = Vec::with_capacity(preamble::MAX_LEN);
     preamble::encode(&preamble::Preamble { dst: orig.0 }, &mut buf);

@@ -40,8 +40,11 @@ pub enum Reason {
     WrongName,
     /// Inbound: the client's certificate is not valid for its source address.
     ClientIpMismatch,
-    /// A certificate we cannot use for another reason.
+    /// A certificate we cannot use for another reason (a node CA speaking
+    /// outside its name constraints among them).
     BadCertificate,
+    /// Inbound: the client's certificate carries no well-formed SPIFFE ID.
+    BadIdentity,
     /// The peer sent a TLS alert.
     AlertReceived,
     /// The peer does not speak TLS 1.3 with our suites.
@@ -99,6 +102,7 @@ impl Reason {
             Reason::WrongName => "wrong_name",
             Reason::ClientIpMismatch => "client_ip_mismatch",
             Reason::BadCertificate => "bad_certificate",
+            Reason::BadIdentity => "bad_identity",
             Reason::AlertReceived => "alert_received",
             Reason::IncompatiblePeer => "incompatible_peer",
             Reason::NotTls => "not_tls",

@@ -70,7 +70,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         strict = cfg.capture.strict,
         pin_dir = %cfg.capture.pin_dir.display(),
         bpf_trace = cfg.capture.trace,
-        certs = %cfg.identity.dir().display(),
+        certs = ?cfg.identity.dir(),
         identities = ?cfg.identity.addresses().collect::<Vec<_>>(),
         tls_resumption = cfg.identity.resumption(),
         handshake_timeout = ?cfg.timeouts.handshake,
@@ -103,12 +103,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     // The model's source. A file is read here (and again when it changes);
     // the API's first model arrives on the channel once both lists are in.
     let (model_tx, models) = crossbeam_channel::unbounded();
+    let (ca_tx, node_cas) = crossbeam_channel::unbounded();
     let mut workloads_watch = None;
     let mut watch_counters = None;
     let mut model = None;
+    let minter = cfg.minting.clone().map(|m| crate::mint::Minter::new(m, cfg.identity.resumption())).transpose()?;
     match &cfg.source {
         Some(Source::Kube { access, node }) => {
-            watch_counters = Some(source::kube::start(access.clone(), node.clone(), model_tx)?);
+            let node_ca = cfg.minting.as_ref().map(|m| {
+                let spec =
+                    source::nodeca::Spec { node: node.clone(), lifetime: m.node_ca_lifetime, leaf_key: m.leaf_key };
+                (spec, ca_tx)
+            });
+            watch_counters = Some(source::kube::start(access.clone(), node.clone(), model_tx, node_ca)?);
         }
         Some(Source::File { path, node }) => {
             model = Some(source::file::load(path, node.as_deref())?);
@@ -131,6 +138,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         pending: HashMap::new(),
         enrolment: crate::stats::histogram(),
         watch_counters,
+        minter,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
     let home = crate::netns::Netns::current().context("opening our own network namespace")?;
@@ -188,6 +196,22 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(m) = model {
         ctl.set_model(m);
     }
+    // Pods are served once their certificates are minted: after a restart,
+    // give the issuer a moment before attaching (then go on regardless; a
+    // pod without a certificate is refused, never plaintext).
+    if ctl.minter.is_some() {
+        info!("waiting for this node's CA from the issuer");
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while ctl.minter.as_ref().is_some_and(|m| !m.has_ca()) && Instant::now() < deadline {
+            select! {
+                recv(node_cas) -> ca => if let Ok(ca) = ca { ctl.set_node_ca(ca) },
+                recv(models) -> m => if let Ok(m) = m { ctl.set_model(m) },
+                recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
+                recv(signals) -> sig => if matches!(sig, Ok(SIGTERM | SIGINT)) { bail!("stopped during start-up") },
+                default(deadline.saturating_duration_since(Instant::now())) => {}
+            }
+        }
+    }
     // Then every namespace already there is enrolled before the programs
     // are attached: after a restart, pods are served again before anything
     // is refused for want of a listener.
@@ -207,7 +231,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     ctl.health.set_phase(Phase::Ready);
     info!("data plane ready: capturing connects");
 
-    let mut watch = reload::Watch::new(ctl.cfg.identity.dir());
+    let mut watch = ctl.cfg.identity.dir().map(reload::Watch::new);
     let tick = crossbeam_channel::tick(RELOAD_POLL);
     let trim = crossbeam_channel::tick(TRIM_EVERY);
     let mut open_before = 0;
@@ -234,10 +258,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 }
                 Err(_) => bail!("the Kubernetes watch thread stopped"),
             },
+            recv(node_cas) -> ca => if let Ok(ca) = ca {
+                ctl.set_node_ca(ca);
+                ctl.scan_namespaces();
+            },
             recv(netns_events) -> _ => ctl.scan_namespaces(),
             recv(quick) -> _ => ctl.scan_namespaces(),
             recv(tick) -> _ => {
-                if watch.changed() {
+                if watch.as_mut().is_some_and(reload::Watch::changed) {
                     ctl.reload();
                 }
                 if let (Some(w), Some(Source::File { path, node })) = (workloads_watch.as_mut(), &ctl.cfg.source) {
@@ -251,6 +279,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                         }
                     }
                 }
+                ctl.refresh_certificates();
                 ctl.scan_namespaces();
             },
             recv(trim) -> _ => {
@@ -316,8 +345,10 @@ struct Control {
     pending: HashMap<NetnsId, Pending>,
     /// Enrolment latencies (µs).
     enrolment: hdrhistogram::Histogram<u64>,
-    /// Kubernetes watch interruptions, when watching.
-    watch_counters: Option<Arc<source::kube::Counters>>,
+    /// Kubernetes watch interruptions, and node CA requests, when watching.
+    watch_counters: Option<(Arc<source::kube::Counters>, Arc<source::nodeca::Counters>)>,
+    /// The pods' certificates, when minted on the node.
+    minter: Option<crate::mint::Minter>,
 }
 
 /// A namespace whose listeners are opening.
@@ -469,6 +500,28 @@ impl Control {
         }
         self.meshed = want;
         self.model = Some(model);
+        self.refresh_certificates();
+    }
+
+    /// A node CA from the cluster: every pod is re-minted with it.
+    fn set_node_ca(&mut self, ca: Arc<crate::pki::NodeCa>) {
+        if let Some(m) = self.minter.as_mut() {
+            m.set_ca(ca);
+        }
+        self.refresh_certificates();
+    }
+
+    /// Mints what is missing or due, and hands a changed identity to the
+    /// executors (new handshakes use it; those in flight finish with theirs).
+    fn refresh_certificates(&mut self) {
+        let Some(minter) = self.minter.as_mut() else { return };
+        let Some(id) = minter.refresh(self.model.as_deref()) else { return };
+        let id = Arc::new(id);
+        tracing::debug!(identities = ?id.addresses().collect::<Vec<_>>(), "pod certificates minted");
+        self.cfg.identity = id.clone();
+        for s in &self.shards {
+            let _ = s.tx.send(shard::ToShard::Identity(id.clone()));
+        }
     }
 
     /// Connects from our own namespace are never captured unless we serve it
@@ -554,9 +607,14 @@ impl Control {
                     namespaces,
                     admin: self.health.closed(),
                     pods: self.model.as_ref().map(|m| m.local_counts()).unwrap_or_default(),
-                    watch_errors: self.watch_counters.as_ref().map(|c| {
+                    watch_errors: self.watch_counters.as_ref().map(|(c, _)| {
                         use std::sync::atomic::Ordering::Relaxed;
                         (c.pods.load(Relaxed), c.namespaces.load(Relaxed))
+                    }),
+                    certificates: self.minter.as_ref().zip(self.watch_counters.as_ref()).map(|(m, (_, ca))| {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        let (minted, failed) = m.counts();
+                        [ca.issued.load(Relaxed), ca.failed.load(Relaxed), minted, failed]
                     }),
                     enrolment: self.registry.as_ref().map(|_| self.enrolment.clone()),
                 };
@@ -567,7 +625,7 @@ impl Control {
     }
 
     fn reload(&mut self) {
-        let dir = self.cfg.identity.dir().to_path_buf();
+        let Some(dir) = self.cfg.identity.dir().map(std::path::Path::to_path_buf) else { return };
         match Identity::load_with(&dir, self.cfg.identity.resumption()) {
             Ok(id) => {
                 let id = Arc::new(id);

@@ -38,11 +38,63 @@ use serde_json::{json, Value};
 
 use crate::Certs;
 
-/// The resources served: (URL plural, kind, namespaced).
-const RESOURCES: [(&str, &str, bool); 2] = [("pods", "Pod", true), ("namespaces", "Namespace", false)];
+/// A resource served.
+#[derive(Debug, Clone, Copy)]
+struct Resource {
+    plural: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+    /// The group's path prefix, and its apiVersion.
+    prefix: &'static str,
+    api_version: &'static str,
+}
 
-/// The bearer token the kubeconfig carries and the server requires.
+const RESOURCES: [Resource; 4] = [
+    Resource { plural: "pods", kind: "Pod", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
+    Resource { plural: "namespaces", kind: "Namespace", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
+    Resource { plural: "nodes", kind: "Node", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
+    Resource {
+        plural: "certificatesigningrequests",
+        kind: "CertificateSigningRequest",
+        namespaced: false,
+        prefix: "/apis/certificates.k8s.io/v1/",
+        api_version: "certificates.k8s.io/v1",
+    },
+];
+
+/// The bearer token of the default kubeconfig (a cluster admin).
 const TOKEN: &str = "test-token-for-the-data-plane";
+
+/// Who a token authenticates, as the API server records it in a CSR's spec
+/// (`username`, `groups`, `extra`: a pod-bound ServiceAccount token adds the
+/// node and pod it is bound to).
+#[derive(Debug, Clone, Default)]
+pub struct User {
+    /// `system:serviceaccount:NS:NAME` for a ServiceAccount.
+    pub username: String,
+    /// Its groups.
+    pub groups: Vec<String>,
+    /// Extra claims (e.g. `authentication.kubernetes.io/node-name`).
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl User {
+    /// A ServiceAccount's pod-bound token, for a pod on `node`.
+    pub fn service_account_on(namespace: &str, name: &str, node: &str) -> Self {
+        let mut extra = BTreeMap::new();
+        extra.insert("authentication.kubernetes.io/node-name".to_string(), vec![node.to_string()]);
+        extra.insert("authentication.kubernetes.io/pod-name".to_string(), vec![format!("{name}-{node}")]);
+        Self {
+            username: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ],
+            extra,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Event {
@@ -66,6 +118,8 @@ struct Store {
     epoch: u64,
     /// Requests served, by kind (`list pods`, `watch namespaces`...).
     requests: BTreeMap<String, u64>,
+    /// Bearer tokens and who they are.
+    users: BTreeMap<String, User>,
 }
 
 #[derive(Debug)]
@@ -107,21 +161,59 @@ impl ApiServer {
     fn try_start(test: &str) -> anyhow::Result<Self> {
         let certs = Certs::new(&format!("{test}-api"), &["127.0.0.1"]);
         let (changed, _) = tokio::sync::watch::channel(0);
-        let shared = Arc::new(Shared { store: Mutex::new(Store::default()), changed });
+        let mut store = Store::default();
+        store.users.insert(
+            TOKEN.into(),
+            User { username: "kubernetes-admin".into(), groups: vec!["system:masters".into()], ..User::default() },
+        );
+        let shared = Arc::new(Shared { store: Mutex::new(store), changed });
         let kubeconfig = certs.dir.join("kubeconfig");
         let mut server = Self { addr: "127.0.0.1:0".parse()?, shared, certs, kubeconfig, running: None };
         server.serve()?;
+        server.write_kubeconfig(&server.kubeconfig.clone(), TOKEN)?;
+        Ok(server)
+    }
+
+    fn write_kubeconfig(&self, path: &std::path::Path, token: &str) -> anyhow::Result<()> {
         let kubeconfig = json!({
             "apiVersion": "v1", "kind": "Config", "current-context": "test",
             "clusters": [{"name": "test", "cluster": {
-                "server": format!("https://{}", server.addr),
-                "certificate-authority": server.certs.dir.join("ca.crt"),
+                "server": format!("https://{}", self.addr),
+                "certificate-authority": self.certs.dir.join("ca.crt"),
             }}],
-            "users": [{"name": "dataplane", "user": {"token": TOKEN}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "dataplane"}}],
+            "users": [{"name": "user", "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user"}}],
         });
-        fs::write(&server.kubeconfig, serde_json::to_vec_pretty(&kubeconfig)?)?;
-        Ok(server)
+        fs::write(path, serde_json::to_vec_pretty(&kubeconfig)?)?;
+        Ok(())
+    }
+
+    /// A kubeconfig authenticating as `user` (a token of its own), named
+    /// `name` in the server's directory.
+    pub fn kubeconfig_as(&self, name: &str, user: User) -> String {
+        let token = format!("token-{name}-{}", self.shared.store().users.len());
+        self.shared.store().users.insert(token.clone(), user);
+        let path = self.certs.dir.join(format!("kubeconfig-{name}"));
+        self.write_kubeconfig(&path, &token).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path.display().to_string()
+    }
+
+    /// An object as stored now, if there is one.
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        let r = resource_of(resource);
+        self.shared.store().objects.get(&(r.plural, namespace.to_string(), name.to_string())).cloned()
+    }
+
+    /// Every object of a resource, as stored now.
+    pub fn all(&self, resource: &str) -> Vec<Value> {
+        let r = resource_of(resource);
+        self.shared.store().objects.iter().filter(|((p, ..), _)| *p == r.plural).map(|(_, o)| o.clone()).collect()
+    }
+
+    /// Creates an object as `user` would through the API (for a CSR, the
+    /// server records who asked).
+    pub fn create_as(&self, user: &User, resource: &str, object: Value) -> Result<Value, String> {
+        create(&self.shared, resource_of(resource), user, object)
     }
 
     /// The kubeconfig file to give `--kubeconfig`.
@@ -180,30 +272,13 @@ impl ApiServer {
 
     /// Creates or replaces an object of `resource` (`pods`, `namespaces`);
     /// returns its new resource version.
-    pub fn put(&self, resource: &str, mut object: Value) -> u64 {
-        let (resource, kind) = resource_kind(resource);
-        let mut s = self.shared.store();
-        s.rv += 1;
-        let rv = s.rv;
-        let (ns, name) = ns_name(&object);
-        let key = (resource, ns, name.clone());
-        object["apiVersion"] = json!("v1");
-        object["kind"] = json!(kind);
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let old = s.objects.get(&key).cloned();
-        let uid = old.as_ref().and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
-        object["metadata"]["uid"] = json!(uid.unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}")));
-        s.objects.insert(key, object.clone());
-        let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
-        s.history.push(Event { rv, resource, kind, object, old });
-        drop(s);
-        self.shared.changed.send_replace(rv);
-        rv
+    pub fn put(&self, resource: &str, object: Value) -> u64 {
+        store_object(&self.shared, resource_of(resource), object)
     }
 
     /// Deletes an object (namespace `""` for cluster-scoped ones).
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
-        let (resource, _) = resource_kind(resource);
+        let resource = resource_of(resource).plural;
         let mut s = self.shared.store();
         let Some(mut object) = s.objects.remove(&(resource, namespace.to_string(), name.to_string())) else {
             panic!("deleting {resource} {namespace}/{name}: no such object")
@@ -267,6 +342,19 @@ pub fn pod(namespace: &str, name: &str, node: &str, ip: Option<&str>, labels: Va
     })
 }
 
+/// A node with its pod CIDRs (`spec.podCIDRs`; none, as some CNIs leave it).
+pub fn node(name: &str, pod_cidrs: &[&str]) -> Value {
+    let mut spec = json!({});
+    if let Some(first) = pod_cidrs.first() {
+        spec = json!({"podCIDR": first, "podCIDRs": pod_cidrs});
+    }
+    json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+        "spec": spec,
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}], "conditions": [{"type": "Ready", "status": "True"}]},
+    })
+}
+
 /// A namespace with labels.
 pub fn namespace(name: &str, labels: Value) -> Value {
     let mut labels = labels;
@@ -274,12 +362,72 @@ pub fn namespace(name: &str, labels: Value) -> Value {
     json!({"metadata": {"name": name, "labels": labels}, "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
 }
 
-fn resource_kind(resource: &str) -> (&'static str, &'static str) {
+fn resource_of(plural: &str) -> Resource {
     RESOURCES
         .iter()
-        .find(|(r, ..)| *r == resource)
-        .map(|(r, k, _)| (*r, *k))
-        .unwrap_or_else(|| panic!("the test API server does not serve {resource}"))
+        .find(|r| r.plural == plural)
+        .copied()
+        .unwrap_or_else(|| panic!("the test API server does not serve {plural}"))
+}
+
+/// Stores `object` (created or replaced) with a new resource version;
+/// returns the version.
+fn store_object(shared: &Shared, r: Resource, mut object: Value) -> u64 {
+    let mut s = shared.store();
+    s.rv += 1;
+    let rv = s.rv;
+    let (ns, name) = ns_name(&object);
+    let key = (r.plural, ns, name.clone());
+    object["apiVersion"] = json!(r.api_version);
+    object["kind"] = json!(r.kind);
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let old = s.objects.get(&key).cloned();
+    let uid = old.as_ref().and_then(|o| o["metadata"]["uid"].as_str().map(str::to_string));
+    object["metadata"]["uid"] = json!(uid.unwrap_or_else(|| format!("00000000-0000-4000-8000-{rv:012}")));
+    if old.is_none() {
+        object["metadata"]["creationTimestamp"] = json!("2026-11-29T00:00:00Z");
+    }
+    s.objects.insert(key, object.clone());
+    let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
+    s.history.push(Event { rv, resource: r.plural, kind, object, old });
+    drop(s);
+    shared.changed.send_replace(rv);
+    rv
+}
+
+/// A create through the API: 409 if it exists; a CSR gets its requester.
+fn create(shared: &Shared, r: Resource, user: &User, mut object: Value) -> Result<Value, String> {
+    let (ns, name) = ns_name(&object);
+    if name.is_empty() {
+        return Err("metadata.name: Required value".into());
+    }
+    if shared.store().objects.contains_key(&(r.plural, ns.clone(), name.clone())) {
+        return Err(format!("{} {name:?} already exists", r.plural));
+    }
+    if r.plural == "certificatesigningrequests" {
+        object["spec"]["username"] = json!(user.username);
+        object["spec"]["groups"] = json!(user.groups);
+        object["spec"]["extra"] = json!(user.extra);
+        object["status"] = json!({});
+    }
+    store_object(shared, r, object);
+    Ok(shared.store().objects.get(&(r.plural, ns, name)).cloned().unwrap_or_default())
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
 }
 
 fn ns_name(object: &Value) -> (String, String) {
@@ -310,7 +458,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerC
             let Ok(stream) = acceptor.accept(tcp).await else { return };
             let service = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(handle(req, &shared)) }
+                async move { Ok::<_, Infallible>(handle(req, &shared).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -337,7 +485,11 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 struct Query {
     resource: &'static str,
     kind: &'static str,
+    r: Resource,
     namespace: Option<String>,
+    /// One object (`.../NAME`), and a subresource (`.../NAME/status`).
+    name: Option<String>,
+    sub: Option<String>,
     params: BTreeMap<String, String>,
 }
 
@@ -345,19 +497,33 @@ struct Query {
 fn parse(req: &Request<hyper::body::Incoming>) -> Result<Query, String> {
     let path = req.uri().path();
     let not_found = || format!("the server could not find {path}");
-    let rest = path.strip_prefix("/api/v1/").ok_or_else(not_found)?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    let (namespace, plural) = match parts.as_slice() {
-        [plural] => (None, *plural),
-        ["namespaces", ns, plural] => (Some(ns.to_string()), *plural),
+    let (prefix, rest) = RESOURCES
+        .iter()
+        .find_map(|r| path.strip_prefix(r.prefix).map(|rest| (r.prefix, rest)))
+        .ok_or_else(not_found)?;
+    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    let (namespace, rest) = match parts.as_slice() {
+        ["namespaces", ns, plural, rest @ ..] if prefix == "/api/v1/" && *plural != "status" => {
+            (Some(ns.to_string()), {
+                let mut v = vec![*plural];
+                v.extend_from_slice(rest);
+                v
+            })
+        }
+        other => (None, other.to_vec()),
+    };
+    let (plural, name, sub) = match rest.as_slice() {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(name.to_string()), None),
+        [plural, name, sub] => (*plural, Some(name.to_string()), Some(sub.to_string())),
         _ => return Err(not_found()),
     };
-    let (resource, kind, namespaced) = RESOURCES.iter().find(|(r, ..)| *r == plural).copied().ok_or_else(not_found)?;
-    if namespace.is_some() && !namespaced {
+    let r = RESOURCES.iter().find(|r| r.plural == plural && r.prefix == prefix).copied().ok_or_else(not_found)?;
+    if namespace.is_some() && !r.namespaced {
         return Err(not_found());
     }
     let params = form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes()).into_owned().collect();
-    Ok(Query { resource, kind, namespace, params })
+    Ok(Query { resource: r.plural, kind: r.kind, r, namespace, name, sub, params })
 }
 
 /// Whether an object passes the request's namespace and selectors.
@@ -411,15 +577,12 @@ fn split_term(term: &str) -> Result<(&str, bool, &str), String> {
     }
 }
 
-fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response<Body> {
-    let authorized =
-        req.headers().get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {TOKEN}"));
-    if !authorized {
+async fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response<Body> {
+    let token =
+        req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let Some(user) = token.and_then(|t| shared.store().users.get(t).cloned()) else {
         return full(StatusCode::UNAUTHORIZED, status(401, "Unauthorized", "Unauthorized"));
-    }
-    if req.method() != hyper::Method::GET {
-        return full(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", "only GET is served here"));
-    }
+    };
     let q = match parse(&req) {
         Ok(q) => q,
         Err(why) => return full(StatusCode::NOT_FOUND, status(404, "NotFound", &why)),
@@ -427,13 +590,74 @@ fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Response
     if let Err(e) = selected(&q, &json!({})) {
         return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e));
     }
+    let method = req.method().clone();
     let watch = q.params.get("watch").is_some_and(|w| w == "true" || w == "1");
-    *shared.store().requests.entry(format!("{} {}", if watch { "watch" } else { "list" }, q.resource)).or_default() +=
-        1;
-    if watch {
-        watch_response(q, shared)
+    let verb = match (&method, &q.name, watch) {
+        (&hyper::Method::GET, None, true) => "watch",
+        (&hyper::Method::GET, None, false) => "list",
+        (&hyper::Method::GET, Some(_), _) => "get",
+        (&hyper::Method::POST, None, _) => "create",
+        (&hyper::Method::PATCH, Some(_), _) => "patch",
+        _ => return full(StatusCode::METHOD_NOT_ALLOWED, status(405, "MethodNotAllowed", "not served here")),
+    };
+    let what = match &q.sub {
+        Some(sub) => format!("{verb} {}/{sub}", q.resource),
+        None => format!("{verb} {}", q.resource),
+    };
+    *shared.store().requests.entry(what).or_default() += 1;
+    let body = if matches!(verb, "create" | "patch") {
+        match req.into_body().collect().await.map(|b| b.to_bytes()) {
+            Ok(b) => match serde_json::from_slice::<Value>(&b) {
+                Ok(v) => v,
+                Err(e) => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e.to_string())),
+            },
+            Err(e) => return full(StatusCode::BAD_REQUEST, status(400, "BadRequest", &e.to_string())),
+        }
     } else {
-        list(&q, shared)
+        Value::Null
+    };
+    let key = |name: &String| (q.resource, q.namespace.clone().unwrap_or_default(), name.clone());
+    match verb {
+        "watch" => watch_response(q, shared),
+        "list" => list(&q, shared),
+        "get" => match q.name.as_ref().and_then(|n| shared.store().objects.get(&key(n)).cloned()) {
+            Some(o) => full(StatusCode::OK, o),
+            None => full(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("{} not found", q.resource))),
+        },
+        "create" => match create(shared, q.r, &user, body) {
+            Ok(o) => full(StatusCode::CREATED, o),
+            Err(e) if e.contains("already exists") => full(StatusCode::CONFLICT, status(409, "AlreadyExists", &e)),
+            Err(e) => full(StatusCode::UNPROCESSABLE_ENTITY, status(422, "Invalid", &e)),
+        },
+        _ => {
+            let Some(name) = q.name.as_ref() else { return full(StatusCode::NOT_FOUND, status(404, "NotFound", "")) };
+            let Some(mut object) = shared.store().objects.get(&key(name)).cloned() else {
+                return full(
+                    StatusCode::NOT_FOUND,
+                    status(404, "NotFound", &format!("{} {name} not found", q.resource)),
+                );
+            };
+            // A subresource takes only its own part of the patch, as the
+            // real one does: approval the conditions, status the rest of
+            // the status; the main resource never the status.
+            let patch = match q.sub.as_deref() {
+                Some("approval") => json!({"status": {"conditions": body["status"]["conditions"]}}),
+                Some("status") => json!({"status": body["status"]}),
+                None => {
+                    let mut b = body;
+                    if let Some(m) = b.as_object_mut() {
+                        m.remove("status");
+                    }
+                    b
+                }
+                Some(other) => {
+                    return full(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("no subresource {other}")))
+                }
+            };
+            merge(&mut object, &patch);
+            store_object(shared, q.r, object);
+            full(StatusCode::OK, shared.store().objects.get(&key(name)).cloned().unwrap_or_default())
+        }
     }
 }
 

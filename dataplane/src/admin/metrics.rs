@@ -72,6 +72,9 @@ pub struct Extra {
     /// From a namespace's address appearing to its listeners open on every
     /// executor and `connect4` told (µs).
     pub enrolment: Option<hdrhistogram::Histogram<u64>>,
+    /// With `--node-ca`: node CAs issued, node CA requests failed, pod
+    /// certificates minted, mints failed.
+    pub certificates: Option<[u64; 4]>,
 }
 
 /// Renders the merged executor measurements, the eBPF decision counters and
@@ -191,6 +194,22 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
             "Kubernetes watches interrupted and resumed (or relisted after 410 Gone)",
             errors,
         );
+    }
+    if let Some([issued, failed, minted, mint_failed]) = extra.certificates {
+        for (name, help, n) in [
+            ("node_ca_issued", "Node CAs received from the issuer", issued),
+            (
+                "node_ca_request_failures",
+                "Node CA requests denied, unanswered or failed (retried with backoff)",
+                failed,
+            ),
+            ("pod_certificates_minted", "Pod certificates minted on this node (in memory)", minted),
+            ("pod_certificate_failures", "Pod certificates that could not be minted", mint_failed),
+        ] {
+            let c = Counter::<u64>::default();
+            c.inc_by(n);
+            reg.register(name, help, c);
+        }
     }
     if let Some(h) = &extra.enrolment {
         reg.register_with_unit(

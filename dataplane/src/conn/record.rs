@@ -40,6 +40,8 @@ pub struct Record {
     /// application (inbound).
     dst: Option<SocketAddr>,
     handshake: Option<Duration>,
+    /// The far data plane's pod, by its SPIFFE ID, once authenticated.
+    peer: Option<String>,
     done: bool,
 }
 
@@ -64,6 +66,7 @@ impl Record {
             client: None,
             dst: None,
             handshake: None,
+            peer: None,
             done: false,
         }
     }
@@ -76,6 +79,13 @@ impl Record {
     /// Names where it goes, for the log line.
     pub fn dst(&mut self, addr: SocketAddr) {
         self.dst = Some(addr);
+    }
+
+    /// The peer is authenticated as `id` (its SPIFFE ID): logged now, and
+    /// with the connection's outcome.
+    pub fn peer(&mut self, id: String) {
+        debug!(direction = %self.direction, client = ?self.client, peer = %id, "peer authenticated");
+        self.peer = Some(id);
     }
 
     /// The TLS handshake finished after `took`.
@@ -97,8 +107,8 @@ impl Record {
     pub fn refuse(mut self, blame: Blame, reason: Reason, error: &dyn fmt::Display) {
         self.end(blame, reason);
         if let Some(left_out) = self.shard.may_log(reason.label()) {
-            warn!(direction = %self.direction, client = ?self.client, dst = ?self.dst, netns = %self.netns.name(),
-                  side = %blame, %reason, %error, left_out, "{} refused", self.direction);
+            warn!(direction = %self.direction, client = ?self.client, dst = ?self.dst, peer = ?self.peer,
+                  netns = %self.netns.name(), side = %blame, %reason, %error, left_out, "{} refused", self.direction);
         }
     }
 
@@ -133,8 +143,8 @@ impl Record {
             self.done = true;
             self.shard.with_stats(|s| s.flow(self.direction).completed += 1);
             self.shard.open.down();
-            debug!(client = ?self.client, dst = ?self.dst, sent, received, duration_us, handshake_us,
-                   "{} closed", self.direction);
+            debug!(client = ?self.client, dst = ?self.dst, peer = ?self.peer, sent, received, duration_us,
+                   handshake_us, "{} closed", self.direction);
             return;
         };
         let (blame, reason) = match &end {
@@ -142,8 +152,8 @@ impl Record {
             End::Idle(_) => (Blame::Ours, Reason::IdleTimeout),
         };
         self.end(blame, reason);
-        debug!(client = ?self.client, dst = ?self.dst, side = %blame, %reason, error = %end, sent, received,
-               duration_us, handshake_us, "{} ended early", self.direction);
+        debug!(client = ?self.client, dst = ?self.dst, peer = ?self.peer, side = %blame, %reason, error = %end,
+               sent, received, duration_us, handshake_us, "{} ended early", self.direction);
         match end {
             End::Io { side: Side::Upstream, .. } => socket::reset_on_close(down),
             End::Io { side: Side::Downstream, .. } => socket::reset_on_close(up),

@@ -182,21 +182,38 @@ impl State {
 }
 
 /// Starts the watchers on a thread of their own; every model that differs
-/// from the last goes to `tx`. The thread ends when `tx`'s receiver is gone
-/// (it notices at its next change).
-pub fn start(access: Access, node: String, tx: Sender<Arc<Model>>) -> anyhow::Result<Arc<Counters>> {
+/// from the last goes to `tx`. With `node_ca`, the same runtime also requests
+/// this node's CA ([`super::nodeca`]). The thread ends when the receivers
+/// are gone (each task notices at its next result).
+pub fn start(
+    access: Access,
+    node: String,
+    tx: Sender<Arc<Model>>,
+    node_ca: Option<(super::nodeca::Spec, Sender<Arc<crate::pki::NodeCa>>)>,
+) -> anyhow::Result<(Arc<Counters>, Arc<super::nodeca::Counters>)> {
     let counters = Arc::new(Counters::default());
-    let c = counters.clone();
+    let ca_counters = Arc::new(super::nodeca::Counters::default());
+    let (c, cc) = (counters.clone(), ca_counters.clone());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     // The client is built here, so a bad kubeconfig fails start-up with its
     // reason instead of a retry loop.
     let client = rt.block_on(client(&access))?;
     info!(?access, node, "watching the Kubernetes API");
-    thread::Builder::new().name("kube".into()).spawn(move || rt.block_on(watch(client, node, tx, c)))?;
-    Ok(counters)
+    thread::Builder::new().name("kube".into()).spawn(move || {
+        rt.block_on(async move {
+            let requests = async {
+                if let Some((spec, ca_tx)) = node_ca {
+                    super::nodeca::run(client.clone(), spec, ca_tx, cc).await;
+                }
+            };
+            futures_util::future::join(watch(client.clone(), node, tx, c), requests).await;
+        })
+    })?;
+    Ok((counters, ca_counters))
 }
 
-async fn client(access: &Access) -> anyhow::Result<Client> {
+/// A client for the API server `access` names.
+pub async fn client(access: &Access) -> anyhow::Result<Client> {
     use anyhow::Context;
     let config = match access {
         Access::InCluster => kube::Config::incluster().context("in-cluster Kubernetes configuration")?,

@@ -1,0 +1,336 @@
+//! Certificates issued inside the cluster, against the real kernel and the
+//! test API server: `dataplane issuer` signs node CAs through
+//! CertificateSigningRequests, two node agents mint their pods' certificates
+//! in memory, and pods on the two nodes talk over mutual TLS.
+use std::{
+    fs,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use testworld::{
+    apiserver::{namespace, node, pod, User},
+    client, dataplane_binary, eventually, http_get, metric, server, two_pods, ApiServer, Certs, Cgroup, Dataplane,
+    Netns, NetnsDir, Proc,
+};
+
+const MESH: &str = "dataplane.dev/mesh";
+const AGENT_NS: &str = "dataplane-system";
+const AGENT: &str = "dataplane";
+
+fn metrics(dp: &Dataplane) -> String {
+    http_get(&dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default()
+}
+
+fn counter(dp: &Dataplane, name: &str) -> f64 {
+    metric(&metrics(dp), name).unwrap_or(-1.0)
+}
+
+/// `dataplane issuer` as the issuer Deployment runs it.
+fn issuer(api: &ApiServer, root: &Certs, max_lifetime: &str) -> Proc {
+    let kc = api.kubeconfig_as("issuer", User::service_account_on(AGENT_NS, "dataplane-issuer", "node-c"));
+    let mut cmd = Command::new(dataplane_binary());
+    cmd.args(["issuer", "--kubeconfig", &kc, "--ca-dir", &root.path(), "--max-lifetime", max_lifetime]);
+    cmd.env("RUST_LOG", "info");
+    let mut p = Proc::spawn(cmd, "issuer");
+    p.wait_for("issuer watching", Duration::from_secs(20));
+    p
+}
+
+/// One node: its agent's own kubeconfig (a pod-bound token for that node),
+/// its namespace directory and workload cgroup.
+struct NodeAgent {
+    dp: Dataplane,
+    workload: Cgroup,
+    _own: Cgroup,
+    _dir: NetnsDir,
+}
+
+fn agent(t: &str, api: &ApiServer, root: &Certs, name: &str, pods: &[&Netns], extra: &[&str]) -> NodeAgent {
+    let (workload, own, dir) = (
+        Cgroup::new(t, &format!("w{name}")),
+        Cgroup::new(t, &format!("d{name}")),
+        NetnsDir::new(&format!("{t}-{name}")),
+    );
+    for p in pods {
+        dir.add(p);
+    }
+    let kc = api.kubeconfig_as(&format!("agent-{name}"), User::service_account_on(AGENT_NS, AGENT, name));
+    let bundle = root.dir.join("ca.crt").display().to_string();
+    let mut args: Vec<String> = [
+        "--kubeconfig",
+        &kc,
+        "--node-name",
+        name,
+        "--netns-dir",
+        &dir.path(),
+        "--workload-cgroup",
+        &workload.path.display().to_string(),
+        "--node-ca",
+        "--trust-bundle",
+        &bundle,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    NodeAgent { dp: Dataplane::start(&own, &args), workload, _own: own, _dir: dir }
+}
+
+/// The cluster: node-a hosts 10.77.0.0/31 (pod a, 10.77.0.1), node-b
+/// 10.77.0.2/31 (pod b, 10.77.0.2), both in an opted-in namespace.
+fn cluster(api: &ApiServer) {
+    api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+    api.put("nodes", node("node-a", &["10.77.0.0/31"]));
+    api.put("nodes", node("node-b", &["10.77.0.2/31"]));
+    api.put("pods", pod("shop", "a", "node-a", Some("10.77.0.1"), json!({}), json!({})));
+    api.put("pods", pod("shop", "b", "node-b", Some("10.77.0.2"), json!({}), json!({})));
+}
+
+fn condition(csr: &Value) -> (String, String) {
+    let c = &csr["status"]["conditions"][0];
+    (c["type"].as_str().unwrap_or_default().to_string(), c["message"].as_str().unwrap_or_default().to_string())
+}
+
+#[test]
+fn pods_on_two_nodes_talk_with_certificates_minted_on_their_nodes() {
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    cluster(&api);
+    let root = Certs::new(t, &[]);
+    let _issuer = issuer(&api, &root, "1h");
+    let (a, b, _) = two_pods(t);
+    let _sa = server(&a, "0.0.0.0", 8080, "a");
+    let _sb = server(&b, "0.0.0.0", 8080, "b");
+    let node_a = agent(t, &api, &root, "node-a", &[&a], &[]);
+    let node_b = agent(t, &api, &root, "node-b", &[&b], &[]);
+    for n in [&node_a, &node_b] {
+        assert!(eventually(Duration::from_secs(5), || metric(
+            &metrics(&n.dp),
+            "dataplane_namespaces{state=\"served\"}"
+        ) == Some(1.0)));
+    }
+    let ab = client(&a, Some(&node_a.workload), "10.77.0.2", 8080, &[]);
+    assert_eq!((ab[0].peer.as_str(), ab[0].server.as_str()), ("127.0.0.1:18000", "b"), "node-a to node-b");
+    let ba = client(&b, Some(&node_b.workload), "10.77.0.1", 8080, &[]);
+    assert_eq!((ba[0].peer.as_str(), ba[0].server.as_str()), ("127.0.0.1:18000", "a"), "node-b to node-a");
+
+    // One node CA per node, approved and signed; nothing else.
+    let csrs = api.all("certificatesigningrequests");
+    assert_eq!(csrs.len(), 2, "{csrs:#?}");
+    for csr in &csrs {
+        assert_eq!(condition(csr).0, "Approved", "{csr:#}");
+        assert!(csr["status"]["certificate"].as_str().is_some_and(|c| !c.is_empty()));
+        assert_eq!(csr["spec"]["signerName"], "dataplane.dev/node-ca");
+    }
+    for n in [&node_a, &node_b] {
+        assert_eq!(counter(&n.dp, "dataplane_node_ca_issued_total"), 1.0);
+        assert!(counter(&n.dp, "dataplane_pod_certificates_minted_total") >= 1.0);
+    }
+    // No pod key anywhere on disk: the root's directory holds the root only,
+    // and the agents were given no certificate directory at all.
+    let mut files: Vec<String> = fs::read_dir(&root.dir)
+        .expect("root dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    files.retain(|f| !f.starts_with("kubeconfig"));
+    files.sort();
+    assert_eq!(files, ["ca.crt", "ca.key"]);
+    let dp_out = node_a.dp.proc.output().join("\n");
+    assert!(!dp_out.contains("PRIVATE KEY"), "no key in the logs either");
+}
+
+#[test]
+fn the_issuer_denies_every_request_it_cannot_prove() {
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    cluster(&api);
+    api.put("nodes", node("node-bare", &[]));
+    let root = Certs::new(t, &[]);
+    let _issuer = issuer(&api, &root, "1h");
+    let request = |cn_node: &str, annotations: Value| {
+        let (_, pem) = dataplane::pki::node_request(cn_node).expect("request");
+        json!({
+            "metadata": {"annotations": annotations},
+            "spec": {
+                "request": base64_encode(pem.as_bytes()),
+                "signerName": "dataplane.dev/node-ca",
+                "usages": ["cert sign", "digital signature"],
+            }
+        })
+    };
+    let agent_on = |n: &str| User::service_account_on(AGENT_NS, AGENT, n);
+    let cases: Vec<(&str, User, Value, &str)> = vec![
+        (
+            "another service account",
+            User::service_account_on("shop", "web", "node-a"),
+            request("node-a", json!({})),
+            "not by the node agent",
+        ),
+        ("another node", agent_on("node-b"), request("node-a", json!({})), "runs on node node-b"),
+        (
+            "wider constraints",
+            agent_on("node-b"),
+            request("node-b", json!({"dataplane.dev/pod-cidrs": "10.77.0.0/16"})),
+            "wider than",
+        ),
+        ("CA:true without constraints", agent_on("node-bare"), request("node-bare", json!({})), "no spec.podCIDRs"),
+        (
+            "a token bound to no node",
+            User { username: format!("system:serviceaccount:{AGENT_NS}:{AGENT}"), ..User::default() },
+            request("node-a", json!({"x": "1"})),
+            "pod-bound token",
+        ),
+    ];
+    let mut names = Vec::new();
+    for (i, (what, user, csr, _)) in cases.iter().enumerate() {
+        let mut csr = csr.clone();
+        csr["metadata"]["name"] = json!(format!("test-{i}"));
+        let created = api.create_as(user, "certificatesigningrequests", csr).unwrap_or_else(|e| panic!("{what}: {e}"));
+        names.push(created["metadata"]["name"].as_str().expect("name").to_string());
+    }
+    for ((what, _, _, why), name) in cases.iter().zip(&names) {
+        let mut last = json!(null);
+        let denied = eventually(Duration::from_secs(10), || {
+            last = api.get("certificatesigningrequests", "", name).unwrap_or_default();
+            condition(&last).0 == "Denied"
+        });
+        assert!(denied, "{what}: {last:#}");
+        let (_, message) = condition(&last);
+        assert!(message.contains(why), "{what}: the reason is written: {message}");
+        assert!(last["status"]["certificate"].is_null(), "{what}: nothing signed");
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[test]
+fn a_node_ca_minting_for_another_nodes_address_is_refused() {
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    cluster(&api);
+    let root = Certs::new(t, &[]);
+    let _issuer = issuer(&api, &root, "1h");
+    let (a, b, _) = two_pods(t);
+    let _sa = server(&a, "0.0.0.0", 8080, "a");
+    let node_a = agent(t, &api, &root, "node-a", &[&a], &[]);
+
+    // A compromised node-a: a genuine node CA for its own 10.77.0.0/31,
+    // signed by the cluster root, minting a certificate for node-b's pod
+    // address 10.77.0.2. Presented from that very address to pod a.
+    let key_pem = fs::read_to_string(root.dir.join("ca.key")).expect("root key");
+    let root_key = rcgen::KeyPair::from_pem(&key_pem).expect("key");
+    let root_issuer =
+        rcgen::Issuer::from_ca_cert_pem(&fs::read_to_string(root.dir.join("ca.crt")).expect("root"), root_key)
+            .expect("issuer");
+    let (node_key, request) = dataplane::pki::node_request("node-a").expect("request");
+    let grant = dataplane::pki::Grant {
+        node: "node-a".into(),
+        cidrs: vec!["10.77.0.0/31".parse().expect("net")],
+        lifetime: Duration::from_secs(3600),
+    };
+    let forged_ca = dataplane::pki::sign_node_ca(&request, &grant, &root_issuer).expect("node CA");
+    let ca = dataplane::pki::NodeCa::new(node_key, &forged_ca, dataplane::pki::KeyType::P256).expect("node CA");
+    let spiffe = dataplane::pki::spiffe_id("cluster.local", "shop", "b");
+    let (chain, key, _) =
+        ca.mint(&["10.77.0.2".parse().expect("ip")], &spiffe, Duration::from_secs(600)).expect("mint");
+    let files = testworld::TempDir::new(&format!("dptest-forged-{}", testworld::unique(t, "f"))).expect("dir");
+    let pem = |der: &[u8], label: &str| {
+        let b = base64_encode(der);
+        let body: Vec<String> = b.as_bytes().chunks(64).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", body.join("\n"))
+    };
+    let chain_pem: String = chain.iter().map(|c| pem(c.as_ref(), "CERTIFICATE")).collect();
+    let crt = files.0.join("forged.crt");
+    let keyf = files.0.join("forged.key");
+    fs::write(&crt, chain_pem).expect("chain");
+    fs::write(&keyf, pem(key.secret_der(), "PRIVATE KEY")).expect("key");
+    let bundle = root.dir.join("ca.crt");
+    let failed_before = metrics(&node_a.dp);
+    let out = testworld::peer(
+        &b,
+        None,
+        &[
+            "tls",
+            "10.77.0.1",
+            "18001",
+            &bundle.display().to_string(),
+            &crt.display().to_string(),
+            &keyf.display().to_string(),
+            "10.77.0.1:8080",
+        ],
+    );
+    let seen = &out[0];
+    let refused = seen["handshake"] != "ok" || seen["reply"].is_null() || seen["error"].is_string();
+    assert!(refused, "the forged certificate gets nowhere: {seen}");
+    assert!(seen["reply"].as_str().is_none_or(|r| !r.contains("a")), "nothing reached pod a: {seen}");
+    let failures = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("dataplane_connections_failed_total{") && l.contains("direction=\"inbound\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || failures(&metrics(&node_a.dp)) > failures(&failed_before)),
+        "counted: {}",
+        metrics(&node_a.dp)
+    );
+    // Refused for the constraint, not for anything else.
+    assert!(
+        node_a.dp.proc.output().iter().any(|l| l.contains("NameConstraintViolation") && l.contains("bad_certificate")),
+        "{:#?}",
+        node_a.dp.proc.output()
+    );
+    drop(b);
+}
+
+#[test]
+fn certificates_rotate_every_few_seconds_without_a_failed_handshake() {
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    cluster(&api);
+    let root = Certs::new(t, &[]);
+    // Node CAs live 6 s (renewed at 4 s), pod certificates 2 s.
+    let mut iss = issuer(&api, &root, "6s");
+    let (a, b, _) = two_pods(t);
+    let _sb = server(&b, "0.0.0.0", 8080, "b");
+    let node_a = agent(t, &api, &root, "node-a", &[&a], &["--pod-cert-lifetime", "2s", "--no-tls-resumption"]);
+    let node_b = agent(t, &api, &root, "node-b", &[&b], &["--pod-cert-lifetime", "2s", "--no-tls-resumption"]);
+    let start = Instant::now();
+    let mut done = 0;
+    let mut restarted = false;
+    // At most 400 connections, for at most 16 s: every one a full mutual
+    // handshake across renewals; the issuer restarts half-way.
+    while done < 400 && start.elapsed() < Duration::from_secs(16) {
+        let seen = client(&a, Some(&node_a.workload), "10.77.0.2", 8080, &[]);
+        assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("127.0.0.1:18000", "b"), "connection {done}");
+        done += 1;
+        if !restarted && start.elapsed() > Duration::from_secs(7) {
+            iss.signal("KILL");
+            iss.wait(Duration::from_secs(5));
+            iss = issuer(&api, &root, "6s");
+            restarted = true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(restarted && done > 50, "{done} connections");
+    for n in [&node_a, &node_b] {
+        let text = metrics(&n.dp);
+        let issued = metric(&text, "dataplane_node_ca_issued_total").unwrap_or(0.0);
+        assert!(issued >= 3.0, "node CA renewed several times: {text}");
+        assert!(metric(&text, "dataplane_pod_certificates_minted_total").unwrap_or(0.0) >= 6.0, "{text}");
+        let failed: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("dataplane_connections_failed_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(failed, 0.0, "no failed connection: {text}");
+    }
+    println!("{done} connections across renewals in {:?}", start.elapsed());
+}
