@@ -97,6 +97,13 @@ pub fn init(dir: &Path) -> Result<(), Error> {
     if crt.exists() {
         return Err(Error::Exists(crt));
     }
+    let (cert, key) = root()?;
+    write(&dir.join("ca.key"), &key, 0o600)?;
+    write(&crt, &cert, 0o644)
+}
+
+/// A new cluster root: certificate and key, PEM, valid ten years.
+pub fn root() -> Result<(String, String), Error> {
     let key = KeyPair::generate().map_err(cert_err("generating the CA key"))?;
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("CA parameters"))?;
     p.distinguished_name.push(DnType::CommonName, "dataplane cluster CA");
@@ -104,8 +111,7 @@ pub fn init(dir: &Path) -> Result<(), Error> {
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     Validity { not_before_days: 1, days: 3650 }.apply(&mut p);
     let cert = p.self_signed(&key).map_err(cert_err("signing the CA"))?;
-    write(&dir.join("ca.key"), &key.serialize_pem(), 0o600)?;
-    write(&crt, &cert.pem(), 0o644)
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// `ca issue`: a certificate for `ip`, signed by the CA in `dir`, written to

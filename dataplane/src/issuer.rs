@@ -16,7 +16,7 @@ use k8s_openapi::api::{certificates::v1::CertificateSigningRequest, core::v1::No
 use kube::{
     api::{Patch, PatchParams},
     runtime::{watcher, WatchStreamExt},
-    Api, ResourceExt,
+    Api, Client, ResourceExt,
 };
 use rcgen::{Issuer, KeyPair};
 use tracing::{error, info, warn};
@@ -28,23 +28,49 @@ use crate::{pki, source::kube::Access};
 pub struct Settings {
     /// How to reach the API server.
     pub access: Access,
-    /// `ca.crt` and `ca.key` of the cluster root.
-    pub ca_dir: PathBuf,
+    /// Where the cluster root is kept.
+    pub root: RootFrom,
     /// What it will sign.
     pub policy: pki::Policy,
 }
 
+/// Where the cluster root (`ca.crt`, `ca.key`) is kept.
+#[derive(Debug, Clone)]
+pub enum RootFrom {
+    /// A directory (`dataplane ca init` makes one).
+    Dir(PathBuf),
+    /// A Secret (namespace, name), made on first start if there is none,
+    /// and the ConfigMap (namespace, name) the root is published in as the
+    /// agents' trust bundle (`ca.crt`).
+    Cluster {
+        /// The Secret only the issuer may read.
+        secret: (String, String),
+        /// The trust bundle every agent mounts.
+        bundle: (String, String),
+    },
+}
+
 /// Runs until killed.
 pub fn run(settings: Settings) -> anyhow::Result<()> {
-    let read = |name: &str| {
-        let path = settings.ca_dir.join(name);
-        std::fs::read_to_string(&path).with_context(|| format!("--ca-dir: {}", path.display()))
-    };
-    let key = KeyPair::from_pem(&read("ca.key")?).context("--ca-dir: ca.key")?;
-    let root = Issuer::from_ca_cert_pem(&read("ca.crt")?, key).context("--ca-dir: ca.crt does not match ca.key")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let client = crate::source::kube::client(&settings.access).await?;
+        let (cert, key) = match &settings.root {
+            RootFrom::Dir(dir) => {
+                let read = |name: &str| {
+                    let path = dir.join(name);
+                    std::fs::read_to_string(&path).with_context(|| format!("--ca-dir: {}", path.display()))
+                };
+                (read("ca.crt")?, read("ca.key")?)
+            }
+            RootFrom::Cluster { secret, bundle } => {
+                let root = cluster_root(&client, secret).await?;
+                publish(&client, bundle, &root.0).await?;
+                root
+            }
+        };
+        let key = KeyPair::from_pem(&key).context("the root key does not parse")?;
+        let root = Issuer::from_ca_cert_pem(&cert, key).context("the root certificate does not match its key")?;
         info!(signer = pki::SIGNER, agent = settings.policy.agent, max_lifetime = ?settings.policy.max_lifetime, "issuer watching CertificateSigningRequests");
         let csrs: Api<CertificateSigningRequest> = Api::all(client.clone());
         let nodes: Api<Node> = Api::all(client);
@@ -66,6 +92,79 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// The root kept in `secret`, made (once, whoever wins the race) if absent.
+async fn cluster_root(client: &Client, (ns, name): &(String, String)) -> anyhow::Result<(String, String)> {
+    use k8s_openapi::{api::core::v1::Secret, ByteString};
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let read = |s: Secret| -> anyhow::Result<(String, String)> {
+        let data = s.data.unwrap_or_default();
+        let field = |k: &str| {
+            data.get(k)
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                .with_context(|| format!("Secret {ns}/{name} has no {k}"))
+        };
+        Ok((field("ca.crt")?, field("ca.key")?))
+    };
+    if let Some(s) = secrets.get_opt(name).await? {
+        info!(secret = format!("{ns}/{name}"), "using the cluster root kept in the Secret");
+        return read(s);
+    }
+    let (cert, key) = crate::ca::root()?;
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/name": "dataplane"}},
+        "type": "Opaque",
+    }))?;
+    let secret = Secret {
+        data: Some(
+            [
+                ("ca.crt".to_string(), ByteString(cert.clone().into_bytes())),
+                ("ca.key".to_string(), ByteString(key.clone().into_bytes())),
+            ]
+            .into(),
+        ),
+        ..secret
+    };
+    match secrets.create(&kube::api::PostParams::default(), &secret).await {
+        Ok(_) => {
+            info!(secret = format!("{ns}/{name}"), "made a new cluster root and kept it in the Secret");
+            Ok((cert, key))
+        }
+        // Another issuer made one first: use that.
+        Err(kube::Error::Api(e)) if e.code == 409 => read(secrets.get(name).await?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Makes sure the trust bundle holds `cert` (beside any other root already
+/// there: during a root rotation it holds two).
+async fn publish(client: &Client, (ns, name): &(String, String), cert: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    match maps.get_opt(name).await? {
+        Some(m) => {
+            let current = m.data.unwrap_or_default().get("ca.crt").cloned().unwrap_or_default();
+            if !current.contains(cert.trim()) {
+                let merged = format!(
+                    "{}{cert}",
+                    if current.is_empty() { String::new() } else { format!("{}\n", current.trim_end()) }
+                );
+                let patch = serde_json::json!({"data": {"ca.crt": merged}});
+                maps.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+                info!(configmap = format!("{ns}/{name}"), "added the root to the trust bundle");
+            }
+        }
+        None => {
+            let m: ConfigMap = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/name": "dataplane"}},
+                "data": {"ca.crt": cert},
+            }))?;
+            maps.create(&kube::api::PostParams::default(), &m).await?;
+            info!(configmap = format!("{ns}/{name}"), "published the trust bundle");
+        }
+    }
+    Ok(())
 }
 
 /// Where a request stands, from its status.

@@ -76,6 +76,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if args.check_config {
+                println!("configuration OK (flags and values; nothing was contacted): {settings:#?}");
+                return ExitCode::SUCCESS;
+            }
             match dataplane::issuer::run(settings) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

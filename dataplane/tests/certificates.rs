@@ -28,11 +28,15 @@ fn counter(dp: &Dataplane, name: &str) -> f64 {
     metric(&metrics(dp), name).unwrap_or(-1.0)
 }
 
-/// `dataplane issuer` as the issuer Deployment runs it.
-fn issuer(api: &ApiServer, root: &Certs, max_lifetime: &str) -> Proc {
+/// `dataplane issuer` as the issuer Deployment runs it: the root from
+/// `root`'s directory, or (`None`) kept in a Secret it makes itself.
+fn issuer(api: &ApiServer, root: Option<&Certs>, max_lifetime: &str) -> Proc {
     let kc = api.kubeconfig_as("issuer", User::service_account_on(AGENT_NS, "dataplane-issuer", "node-c"));
     let mut cmd = Command::new(dataplane_binary());
-    cmd.args(["issuer", "--kubeconfig", &kc, "--ca-dir", &root.path(), "--max-lifetime", max_lifetime]);
+    cmd.args(["issuer", "--kubeconfig", &kc, "--max-lifetime", max_lifetime]);
+    if let Some(root) = root {
+        cmd.args(["--ca-dir", &root.path()]);
+    }
     cmd.env("RUST_LOG", "info");
     let mut p = Proc::spawn(cmd, "issuer");
     p.wait_for("issuer watching", Duration::from_secs(20));
@@ -48,7 +52,7 @@ struct NodeAgent {
     _dir: NetnsDir,
 }
 
-fn agent(t: &str, api: &ApiServer, root: &Certs, name: &str, pods: &[&Netns], extra: &[&str]) -> NodeAgent {
+fn agent(t: &str, api: &ApiServer, bundle: &str, name: &str, pods: &[&Netns], extra: &[&str]) -> NodeAgent {
     let (workload, own, dir) = (
         Cgroup::new(t, &format!("w{name}")),
         Cgroup::new(t, &format!("d{name}")),
@@ -58,7 +62,6 @@ fn agent(t: &str, api: &ApiServer, root: &Certs, name: &str, pods: &[&Netns], ex
         dir.add(p);
     }
     let kc = api.kubeconfig_as(&format!("agent-{name}"), User::service_account_on(AGENT_NS, AGENT, name));
-    let bundle = root.dir.join("ca.crt").display().to_string();
     let mut args: Vec<String> = [
         "--kubeconfig",
         &kc,
@@ -70,7 +73,7 @@ fn agent(t: &str, api: &ApiServer, root: &Certs, name: &str, pods: &[&Netns], ex
         &workload.path.display().to_string(),
         "--node-ca",
         "--trust-bundle",
-        &bundle,
+        bundle,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -99,13 +102,22 @@ fn pods_on_two_nodes_talk_with_certificates_minted_on_their_nodes() {
     let t = testworld::kernel_test!();
     let api = ApiServer::start(t);
     cluster(&api);
-    let root = Certs::new(t, &[]);
-    let _issuer = issuer(&api, &root, "1h");
+    // No root anywhere yet: the issuer makes one, keeps it in its Secret
+    // and publishes the trust bundle, which the kubelet would mount into
+    // every agent (here: written to a file, as the mount shows it).
+    let issuer_proc = issuer(&api, None, "1h");
+    let secret = api.get("secrets", AGENT_NS, "dataplane-ca").expect("the root's Secret");
+    assert!(secret["data"]["ca.key"].as_str().is_some_and(|k| !k.is_empty()));
+    let bundle_map = api.get("configmaps", AGENT_NS, "dataplane-trust-bundle").expect("the trust bundle");
+    let files = testworld::TempDir::new(&format!("dptest-bundle-{}", testworld::unique(t, "b"))).expect("dir");
+    let bundle = files.0.join("ca.crt");
+    fs::write(&bundle, bundle_map["data"]["ca.crt"].as_str().expect("ca.crt")).expect("bundle");
+    let bundle = bundle.display().to_string();
     let (a, b, _) = two_pods(t);
     let _sa = server(&a, "0.0.0.0", 8080, "a");
     let _sb = server(&b, "0.0.0.0", 8080, "b");
-    let node_a = agent(t, &api, &root, "node-a", &[&a], &[]);
-    let node_b = agent(t, &api, &root, "node-b", &[&b], &[]);
+    let node_a = agent(t, &api, &bundle, "node-a", &[&a], &[]);
+    let node_b = agent(t, &api, &bundle, "node-b", &[&b], &[]);
     for n in [&node_a, &node_b] {
         assert!(eventually(Duration::from_secs(5), || metric(
             &metrics(&n.dp),
@@ -129,18 +141,19 @@ fn pods_on_two_nodes_talk_with_certificates_minted_on_their_nodes() {
         assert_eq!(counter(&n.dp, "dataplane_node_ca_issued_total"), 1.0);
         assert!(counter(&n.dp, "dataplane_pod_certificates_minted_total") >= 1.0);
     }
-    // No pod key anywhere on disk: the root's directory holds the root only,
-    // and the agents were given no certificate directory at all.
-    let mut files: Vec<String> = fs::read_dir(&root.dir)
-        .expect("root dir")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    files.retain(|f| !f.starts_with("kubeconfig"));
-    files.sort();
-    assert_eq!(files, ["ca.crt", "ca.key"]);
+    // No key anywhere on disk: the agents were given no certificate
+    // directory, the only file we wrote is the public bundle, and the
+    // issuer restarted keeps the root it made.
+    let listed: Vec<String> =
+        fs::read_dir(&files.0).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(listed, ["ca.crt"]);
     let dp_out = node_a.dp.proc.output().join("\n");
     assert!(!dp_out.contains("PRIVATE KEY"), "no key in the logs either");
+    drop(issuer_proc);
+    let _again = issuer(&api, None, "1h");
+    assert_eq!(api.get("secrets", AGENT_NS, "dataplane-ca").expect("Secret")["data"], secret["data"], "same root");
+    let again = api.get("configmaps", AGENT_NS, "dataplane-trust-bundle").expect("bundle");
+    assert_eq!(again["data"], bundle_map["data"], "the bundle unchanged");
 }
 
 #[test]
@@ -150,7 +163,7 @@ fn the_issuer_denies_every_request_it_cannot_prove() {
     cluster(&api);
     api.put("nodes", node("node-bare", &[]));
     let root = Certs::new(t, &[]);
-    let _issuer = issuer(&api, &root, "1h");
+    let _issuer = issuer(&api, Some(&root), "1h");
     let request = |cn_node: &str, annotations: Value| {
         let (_, pem) = dataplane::pki::node_request(cn_node).expect("request");
         json!({
@@ -216,10 +229,11 @@ fn a_node_ca_minting_for_another_nodes_address_is_refused() {
     let api = ApiServer::start(t);
     cluster(&api);
     let root = Certs::new(t, &[]);
-    let _issuer = issuer(&api, &root, "1h");
+    let _issuer = issuer(&api, Some(&root), "1h");
     let (a, b, _) = two_pods(t);
     let _sa = server(&a, "0.0.0.0", 8080, "a");
-    let node_a = agent(t, &api, &root, "node-a", &[&a], &[]);
+    let bundle = root.dir.join("ca.crt").display().to_string();
+    let node_a = agent(t, &api, &bundle, "node-a", &[&a], &[]);
 
     // A compromised node-a: a genuine node CA for its own 10.77.0.0/31,
     // signed by the cluster root, minting a certificate for node-b's pod
@@ -297,11 +311,12 @@ fn certificates_rotate_every_few_seconds_without_a_failed_handshake() {
     cluster(&api);
     let root = Certs::new(t, &[]);
     // Node CAs live 6 s (renewed at 4 s), pod certificates 2 s.
-    let mut iss = issuer(&api, &root, "6s");
+    let mut iss = issuer(&api, Some(&root), "6s");
     let (a, b, _) = two_pods(t);
     let _sb = server(&b, "0.0.0.0", 8080, "b");
-    let node_a = agent(t, &api, &root, "node-a", &[&a], &["--pod-cert-lifetime", "2s", "--no-tls-resumption"]);
-    let node_b = agent(t, &api, &root, "node-b", &[&b], &["--pod-cert-lifetime", "2s", "--no-tls-resumption"]);
+    let bundle = root.dir.join("ca.crt").display().to_string();
+    let node_a = agent(t, &api, &bundle, "node-a", &[&a], &["--pod-cert-lifetime", "2s", "--no-tls-resumption"]);
+    let node_b = agent(t, &api, &bundle, "node-b", &[&b], &["--pod-cert-lifetime", "2s", "--no-tls-resumption"]);
     let start = Instant::now();
     let mut done = 0;
     let mut restarted = false;
@@ -314,7 +329,7 @@ fn certificates_rotate_every_few_seconds_without_a_failed_handshake() {
         if !restarted && start.elapsed() > Duration::from_secs(7) {
             iss.signal("KILL");
             iss.wait(Duration::from_secs(5));
-            iss = issuer(&api, &root, "6s");
+            iss = issuer(&api, Some(&root), "6s");
             restarted = true;
         }
         thread::sleep(Duration::from_millis(20));

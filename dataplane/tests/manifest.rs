@@ -92,3 +92,62 @@ fn the_binary_accepts_the_manifests_configuration() {
     unknown.push("--no-such-flag".into());
     assert_eq!(check(&unknown, env, &[]).status.code(), Some(2));
 }
+
+#[test]
+fn the_binary_accepts_the_issuers_configuration() {
+    if !tools() {
+        return;
+    }
+    let script = format!("{}/../deploy/manifest_config.py", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3").arg(script).arg(manifest()).arg("issuer").output().expect("manifest_config.py");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let args: Vec<String> =
+        cfg["args"].as_array().expect("args").iter().map(|a| a.as_str().expect("arg").to_string()).collect();
+    assert_eq!(args.first().map(String::as_str), Some("issuer"));
+    let ok = check(&args, cfg["env"].as_object().expect("env"), &[]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{}{}", stdout, String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        stdout.contains("dataplane-system/dataplane")
+            || stdout.contains("system:serviceaccount:dataplane-system:dataplane"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("dataplane-ca"), "the root is kept in its Secret: {stdout}");
+}
+
+#[test]
+fn only_the_issuer_may_read_the_root() {
+    if !tools() {
+        return;
+    }
+    let script = format!("{}/../deploy/manifest_config.py", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3").arg(script).arg(manifest()).arg("rbac").output().expect("manifest_config.py");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let roles: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    let grants = |role: &serde_json::Value, resource: &str, verb: &str| {
+        role["rules"].as_array().into_iter().flatten().any(|r| {
+            let has = |k: &str, v: &str| r[k].as_array().is_some_and(|a| a.iter().any(|x| x == v || x == "*"));
+            has("resources", resource) && has("verbs", verb)
+        })
+    };
+    let readers: Vec<String> = roles
+        .iter()
+        .filter(|r| ["get", "list", "watch"].iter().any(|v| grants(r, "secrets", v)))
+        .map(|r| {
+            format!("{}/{} -> {}", r["kind"].as_str().unwrap_or(""), r["name"].as_str().unwrap_or(""), r["subjects"])
+        })
+        .collect();
+    assert_eq!(readers, [r#"Role/dataplane-issuer -> ["dataplane-issuer"]"#], "who may read Secrets");
+    let issuer = roles.iter().find(|r| r["name"] == "dataplane-issuer" && r["kind"] == "Role").expect("issuer role");
+    let named = issuer["rules"].as_array().expect("rules").iter().any(|r| {
+        r["resources"].as_array().is_some_and(|a| a.iter().any(|x| x == "secrets"))
+            && r["verbs"].as_array().is_some_and(|a| a.iter().any(|x| x == "get"))
+            && r["resourceNames"] == serde_json::json!(["dataplane-ca"])
+    });
+    assert!(named, "the issuer may read its own Secret only: {issuer}");
+    let agent = roles.iter().find(|r| r["name"] == "dataplane-node").expect("agent role");
+    assert!(!grants(agent, "secrets", "get") && !grants(agent, "secrets", "list"), "{agent}");
+    assert!(grants(agent, "certificatesigningrequests", "create"), "{agent}");
+    assert!(!grants(agent, "signers", "approve"), "agents approve nothing: {agent}");
+}

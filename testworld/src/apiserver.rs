@@ -49,10 +49,12 @@ struct Resource {
     api_version: &'static str,
 }
 
-const RESOURCES: [Resource; 4] = [
+const RESOURCES: [Resource; 6] = [
     Resource { plural: "pods", kind: "Pod", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "namespaces", kind: "Namespace", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "nodes", kind: "Node", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
+    Resource { plural: "secrets", kind: "Secret", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
+    Resource { plural: "configmaps", kind: "ConfigMap", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
     Resource {
         plural: "certificatesigningrequests",
         kind: "CertificateSigningRequest",
@@ -624,7 +626,13 @@ async fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Re
             Some(o) => full(StatusCode::OK, o),
             None => full(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("{} not found", q.resource))),
         },
-        "create" => match create(shared, q.r, &user, body) {
+        "create" => match create(shared, q.r, &user, {
+            let mut body = body;
+            if let (Some(ns), true) = (&q.namespace, body["metadata"]["namespace"].is_null()) {
+                body["metadata"]["namespace"] = json!(ns);
+            }
+            body
+        }) {
             Ok(o) => full(StatusCode::CREATED, o),
             Err(e) if e.contains("already exists") => full(StatusCode::CONFLICT, status(409, "AlreadyExists", &e)),
             Err(e) => full(StatusCode::UNPROCESSABLE_ENTITY, status(422, "Invalid", &e)),
