@@ -3,7 +3,8 @@
  *
  * 1. cgroup/connect4 (on the workloads' cgroup): a TCP connect from an
  *    enrolled (NETNS_SERVED) namespace to a meshed destination (an address in
- *    meshed_dsts or a capture CIDR) on a port that is not excluded (globally,
+ *    meshed_dsts, a Service ClusterIP:port in service_vips, or a capture
+ *    CIDR) on a port that is not excluded (globally,
  *    by the source pod, or by the destination pod) is rewritten to the local
  *    proxy (127.0.0.1:18000); the original destination is remembered under
  *    the socket cookie. From a namespace not enrolled (yet) such a connect is
@@ -77,6 +78,16 @@ struct {
 	__type(key, __u64); /* network-namespace cookie */
 	__type(value, struct netns_entry);
 } netns_verdict SEC(".maps");
+
+/* Service ClusterIP:port pairs, written from the model (plain hash: an
+ * evicted entry would let a Service connect go around the mesh). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct vip_key);
+	__type(value, __u8);
+} service_vips SEC(".maps");
 
 /* Plain hash, not LRU: an evicted meshed address would silently go out in
  * plaintext. Userspace sizes it and counts a full map. */
@@ -156,8 +167,9 @@ int capture_connect4(struct bpf_sock_addr *ctx)
 	__u16 dst_port = (__u16)ctx->user_port;
 	__u16 port_host = bpf_ntohs(dst_port);
 	const struct meshed_dst *dst = bpf_map_lookup_elem(&meshed_dsts, &dst_ip);
+	struct vip_key vk = { .ip4 = dst_ip, .port = dst_port };
 	struct cidr_key ck = { .prefixlen = 32, .ip4 = dst_ip };
-	if (!dst && !bpf_map_lookup_elem(&capture_cidrs, &ck)) {
+	if (!dst && !bpf_map_lookup_elem(&service_vips, &vk) && !bpf_map_lookup_elem(&capture_cidrs, &ck)) {
 		count(STAT_SKIP_CIDR);
 		return 1;
 	}

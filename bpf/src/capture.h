@@ -70,6 +70,15 @@ struct meshed_dst {
 };
 _Static_assert(sizeof(struct meshed_dst) == 16, "meshed_dst layout");
 
+/* A Service's ClusterIP and port (service_vips key): connects to it from a
+ * served namespace are captured; the data plane picks the endpoint. */
+struct vip_key {
+	__u32 ip4;  /* network order */
+	__u16 port; /* network order */
+	__u16 _pad;
+};
+_Static_assert(sizeof(struct vip_key) == 8, "vip_key layout");
+
 /* Indices of the per-CPU decision counters. */
 enum stat_index {
 	STAT_CAPTURED = 0,

@@ -37,6 +37,8 @@ pub mod map {
     pub const NETNS_VERDICT: &str = "netns_verdict";
     /// Addresses of meshed pods, with the inbound ports each leaves alone.
     pub const MESHED_DSTS: &str = "meshed_dsts";
+    /// Service ClusterIP:port pairs.
+    pub const SERVICE_VIPS: &str = "service_vips";
     /// Per-CPU decision counters, indexed by `StatIndex`.
     pub const STATS: &str = "stats";
 }

@@ -172,6 +172,27 @@ impl MeshedDst {
     }
 }
 
+/// A Service's ClusterIP and port (`struct vip_key`, the `service_vips` key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipKey {
+    ip4: u32,
+    port: u16,
+    _pad: u16,
+}
+
+impl VipKey {
+    /// The key for `vip`.
+    pub fn new(vip: SocketAddrV4) -> Self {
+        Self { ip4: u32::from_ne_bytes(vip.ip().octets()), port: vip.port().to_be(), _pad: 0 }
+    }
+
+    /// The ClusterIP and port.
+    pub fn addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(self.ip4.to_ne_bytes()), u16::from_be(self.port))
+    }
+}
+
 fn ports(given: &[u16]) -> [u16; POD_PORTS] {
     let mut out = [0; POD_PORTS];
     for (slot, p) in out.iter_mut().zip(given) {
@@ -263,6 +284,7 @@ const _: () = {
     assert!(std::mem::offset_of!(CaptureConfig, excluded_ports) == 16);
     assert!(size_of::<NetnsEntry>() == 20);
     assert!(size_of::<MeshedDst>() == 16);
+    assert!(size_of::<VipKey>() == 8);
 };
 
 #[cfg(feature = "aya")]
@@ -280,6 +302,8 @@ mod pod {
     unsafe impl aya::Pod for super::NetnsEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MeshedDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::VipKey {}
 }
 
 #[cfg(test)]
@@ -307,6 +331,7 @@ mod tests {
         assert_eq!(sizes(map::STATS), (4, 8));
         assert_eq!(sizes(map::NETNS_VERDICT), (size_of::<NetnsCookie>(), size_of::<NetnsEntry>()));
         assert_eq!(sizes(map::MESHED_DSTS), (size_of::<u32>(), size_of::<MeshedDst>()));
+        assert_eq!(sizes(map::SERVICE_VIPS), (size_of::<VipKey>(), 1));
         let stats = maps.get(map::STATS).expect("stats map");
         assert_eq!(stats.max_entries(), StatIndex::COUNT, "one counter per StatIndex");
     }

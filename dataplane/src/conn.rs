@@ -82,6 +82,32 @@ pub struct ShardCtx {
     /// The pinned original-destination map, for what `SO_ORIGINAL_DST`
     /// cannot answer (sockets of a previous instance's cgroup).
     pub orig: Option<OrigLookup>,
+    /// The Services, as the control thread last sent them.
+    services: RefCell<Arc<crate::services::Table>>,
+    /// Open connections per Service endpoint on this executor (for the two
+    /// choices), and the state of the random numbers they draw.
+    endpoint_load: RefCell<std::collections::HashMap<std::net::SocketAddrV4, u32>>,
+    random: std::cell::Cell<u64>,
+}
+
+/// One open connection to a Service endpoint, counted in the executor's
+/// load until dropped.
+#[derive(Debug)]
+pub struct EndpointLoad<'a> {
+    shard: &'a ShardCtx,
+    addr: std::net::SocketAddrV4,
+}
+
+impl Drop for EndpointLoad<'_> {
+    fn drop(&mut self) {
+        let mut load = self.shard.endpoint_load.borrow_mut();
+        if let Some(n) = load.get_mut(&self.addr) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                load.remove(&self.addr);
+            }
+        }
+    }
 }
 
 impl ShardCtx {
@@ -104,7 +130,48 @@ impl ShardCtx {
             admission: Rc::new(Admission::default()),
             quiet: Quiet::default(),
             orig,
+            services: RefCell::new(Arc::default()),
+            endpoint_load: RefCell::new(std::collections::HashMap::new()),
+            random: std::cell::Cell::new(0x9e37_79b9_7f4a_7c15 ^ (cpu as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)),
         }
+    }
+
+    /// Counts a connection to `service` that went `route`.
+    pub fn count_service(&self, service: &str, route: crate::stats::ServiceRoute) {
+        self.with_stats(|s| *s.services.entry((service.to_string(), route)).or_default() += 1);
+    }
+
+    /// New Services from the control thread.
+    pub fn set_services(&self, table: Arc<crate::services::Table>) {
+        *self.services.borrow_mut() = table;
+    }
+
+    /// The Service behind `vip`, if it is one.
+    pub fn service(&self, vip: std::net::SocketAddrV4) -> Option<Arc<crate::services::Frontend>> {
+        self.services.borrow().get(vip).cloned()
+    }
+
+    /// Picks an endpoint of `fe` for `client` and counts a connection to it
+    /// until the returned guard drops.
+    pub fn choose_endpoint(
+        &self,
+        fe: &crate::services::Frontend,
+        client: std::net::Ipv4Addr,
+    ) -> Option<(crate::services::Backend, EndpointLoad<'_>)> {
+        let draw = || {
+            // splitmix64: cheap, and good enough to pick two of a few.
+            let mut z = self.random.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+            self.random.set(z);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let picked = {
+            let load = self.endpoint_load.borrow();
+            crate::services::choose(fe, client, |a| load.get(&a).copied().unwrap_or(0), (draw(), draw()))?
+        };
+        *self.endpoint_load.borrow_mut().entry(picked.addr).or_default() += 1;
+        Some((picked, EndpointLoad { shard: self, addr: picked.addr }))
     }
 
     /// Records into this executor's measurements.

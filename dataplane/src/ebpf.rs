@@ -40,7 +40,8 @@ use aya::{
 };
 use dataplane_bpf::{map, program};
 use dataplane_common::maps::{
-    CaptureConfig, ClientKey, MeshedDst, NetnsCookie, NetnsEntry, OrigDst, StatIndex, CONFIG_F_ENABLED, CONFIG_F_TRACE,
+    CaptureConfig, ClientKey, MeshedDst, NetnsCookie, NetnsEntry, OrigDst, StatIndex, VipKey, CONFIG_F_ENABLED,
+    CONFIG_F_TRACE,
 };
 
 /// What failed on the eBPF side, naming the program, map or cgroup.
@@ -121,7 +122,7 @@ pub struct Settings {
 /// The programs whose links strict mode pins.
 const PINNED_PROGRAMS: [&str; 2] = [program::CONNECT4, program::SOCKOPS];
 /// The maps a strict instance shares with the next one.
-const SHARED_MAPS: [&str; 7] = [
+const SHARED_MAPS: [&str; 8] = [
     map::ORIG_BY_COOKIE,
     map::ORIG_BY_CLIENT,
     map::CAPTURE_CIDRS,
@@ -129,6 +130,7 @@ const SHARED_MAPS: [&str; 7] = [
     map::STATS,
     map::NETNS_VERDICT,
     map::MESHED_DSTS,
+    map::SERVICE_VIPS,
 ];
 
 /// Reads the original destinations straight from the pinned map, for the
@@ -350,6 +352,27 @@ impl Capture {
     pub fn meshed_addresses(&self) -> Result<Vec<Ipv4Addr>, Error> {
         let m: HashMap<_, u32, MeshedDst> = typed_map(&self.ebpf, map::MESHED_DSTS)?;
         Ok(m.keys().filter_map(Result::ok).map(|k| Ipv4Addr::from(k.to_ne_bytes())).collect())
+    }
+
+    /// The Service ClusterIP:port pairs written now (a strict
+    /// predecessor's included, when adopting its maps).
+    pub fn service_vips(&self) -> Result<Vec<SocketAddrV4>, Error> {
+        let m: HashMap<_, VipKey, u8> = typed_map(&self.ebpf, map::SERVICE_VIPS)?;
+        Ok(m.keys().filter_map(Result::ok).map(|k| k.addr()).collect())
+    }
+
+    /// Marks a Service ClusterIP:port captured (`true`) or not.
+    pub fn set_service_vip(&mut self, vip: SocketAddrV4, on: bool) -> Result<(), Error> {
+        let mut m: HashMap<_, VipKey, u8> = typed_map_mut(&mut self.ebpf, map::SERVICE_VIPS)?;
+        let done = if on {
+            m.insert(VipKey::new(vip), 1, 0)
+        } else {
+            match m.remove(&VipKey::new(vip)) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        };
+        done.map_err(map_err(map::SERVICE_VIPS))
     }
 
     /// Writes a meshed destination address; `None` removes it (connects to

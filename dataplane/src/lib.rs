@@ -37,6 +37,7 @@ pub mod relay;
 pub mod reload;
 pub mod rlimit;
 pub mod run;
+pub mod services;
 pub mod shard;
 pub mod socket;
 pub mod source;

@@ -101,13 +101,27 @@ impl Workload {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Model {
     workloads: Vec<Workload>,
+    services: Vec<crate::services::Service>,
 }
 
 impl Model {
     /// A model of these workloads.
-    pub fn new(mut workloads: Vec<Workload>) -> Arc<Self> {
+    pub fn new(workloads: Vec<Workload>) -> Arc<Self> {
+        Self::with_services(workloads, Vec::new())
+    }
+
+    /// A model of these workloads and services.
+    pub fn with_services(mut workloads: Vec<Workload>, mut services: Vec<crate::services::Service>) -> Arc<Self> {
         workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        Arc::new(Self { workloads })
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        Arc::new(Self { workloads, services })
+    }
+
+    /// The service table: every ClusterIP:port and its ready endpoints,
+    /// marked meshed when a meshed workload holds the address.
+    pub fn service_table(&self) -> crate::services::Table {
+        let meshed = self.meshed_destinations();
+        crate::services::table(&self.services, |ip| meshed.contains_key(&ip))
     }
 
     /// Every workload.

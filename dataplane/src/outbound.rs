@@ -8,6 +8,12 @@
 //! socket's source address and requiring the server's to be valid for the
 //! original IP, send the preamble, and relay.
 //!
+//! A connection to a Service's ClusterIP gets an endpoint picked here
+//! ([`crate::services`]): a meshed one is tunnelled to (the preamble names
+//! the endpoint and its target port), one outside the mesh is connected to
+//! directly from the client's namespace (counted as passthrough), and a
+//! Service with no ready endpoint is refused at once.
+//!
 //! A connection whose original destination is unknown, or that cannot be
 //! tunnelled, is refused with a reset, never sent anywhere else. Every
 //! connection is counted and timed on this executor.
@@ -25,7 +31,7 @@ use crate::{
     netns::Netns,
     reason::Reason,
     relay, socket,
-    stats::Blame,
+    stats::{Blame, ServiceRoute},
     sys,
 };
 
@@ -47,6 +53,30 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
             }
         };
     rec.dst(orig.0);
+    // A Service's ClusterIP: the endpoint is ours to pick. The guard counts
+    // this connection against the endpoint until it ends.
+    let mut orig = orig;
+    let mut _load = None;
+    if let (SocketAddr::V4(vip), Some(fe)) = (orig.0, orig_v4(orig).and_then(|v| shard.service(v))) {
+        let client_ip = match rec_client(&downstream) {
+            Some(ip) => ip,
+            None => std::net::Ipv4Addr::UNSPECIFIED,
+        };
+        let Some((endpoint, load)) = shard.choose_endpoint(&fe, client_ip) else {
+            shard.count_service(&fe.service, ServiceRoute::NoEndpoint);
+            socket::reset_on_close(&downstream);
+            let why = format!("service {} ({vip}) has no ready endpoint", fe.service);
+            return rec.refuse(Blame::Upstream, Reason::NoEndpoints, &why);
+        };
+        _load = Some(load);
+        rec.service(&fe.service, endpoint.addr);
+        orig = OrigDstAddr(SocketAddr::V4(endpoint.addr));
+        if !endpoint.meshed {
+            shard.count_service(&fe.service, ServiceRoute::Passthrough);
+            return passthrough(&shard, &netns, downstream, rec, orig).await;
+        }
+        shard.count_service(&fe.service, ServiceRoute::Tunnelled);
+    }
     let mut tls = match open_tunnel(&shard, &mut rec, &netns, orig).await {
         Ok(tls) => tls,
         Err((blame, reason, why)) => {
@@ -57,6 +87,35 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     rec.tunnel_ready();
     let result = relay::relay(&mut downstream, &mut tls, shard.timeouts.idle).await;
     rec.relayed(0, result, &downstream, tls.get_ref().0);
+}
+
+fn orig_v4(orig: OrigDstAddr) -> Option<std::net::SocketAddrV4> {
+    match orig.0 {
+        SocketAddr::V4(v) => Some(v),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+fn rec_client(downstream: &TcpStream) -> Option<std::net::Ipv4Addr> {
+    match downstream.peer_addr().ok()? {
+        SocketAddr::V4(a) => Some(*a.ip()),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// A Service endpoint outside the mesh: connected to directly from the
+/// client's namespace and relayed in plaintext, as it would have been
+/// without the mesh (its pod has no tunnel end).
+async fn passthrough(shard: &ShardCtx, netns: &Netns, mut downstream: TcpStream, rec: Record, to: OrigDstAddr) {
+    let mut upstream = match netns.run(|| socket::upstream(to.0, shard.bypass_mark)) {
+        Ok(Ok(fd)) => sys::glommio_stream(fd),
+        Ok(Err(e)) | Err(e) => {
+            socket::reset_on_close(&downstream);
+            return rec.refuse(Blame::Ours, Reason::Socket, &format!("connecting to {}: {e}", to.0));
+        }
+    };
+    let result = relay::relay(&mut downstream, &mut upstream, shard.timeouts.idle).await;
+    rec.relayed(0, result, &downstream, &upstream);
 }
 
 /// The original destination from the pinned map, for a socket whose

@@ -45,6 +45,8 @@ pub enum Reason {
     BadCertificate,
     /// Inbound: the client's certificate carries no well-formed SPIFFE ID.
     BadIdentity,
+    /// Outbound: a Service with no ready endpoint.
+    NoEndpoints,
     /// The peer sent a TLS alert.
     AlertReceived,
     /// The peer does not speak TLS 1.3 with our suites.
@@ -103,6 +105,7 @@ impl Reason {
             Reason::ClientIpMismatch => "client_ip_mismatch",
             Reason::BadCertificate => "bad_certificate",
             Reason::BadIdentity => "bad_identity",
+            Reason::NoEndpoints => "no_endpoints",
             Reason::AlertReceived => "alert_received",
             Reason::IncompatiblePeer => "incompatible_peer",
             Reason::NotTls => "not_tls",

@@ -139,6 +139,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         enrolment: crate::stats::histogram(),
         watch_counters,
         minter,
+        services: Arc::default(),
+        vips: BTreeSet::new(),
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
     let home = crate::netns::Netns::current().context("opening our own network namespace")?;
@@ -349,6 +351,10 @@ struct Control {
     watch_counters: Option<(Arc<source::kube::Counters>, Arc<source::nodeca::Counters>)>,
     /// The pods' certificates, when minted on the node.
     minter: Option<crate::mint::Minter>,
+    /// The Services the executors route with, and the ClusterIP:port pairs
+    /// written to `connect4`'s map.
+    services: Arc<crate::services::Table>,
+    vips: BTreeSet<std::net::SocketAddrV4>,
 }
 
 /// A namespace whose listeners are opening.
@@ -491,6 +497,7 @@ impl Control {
                 "meshed destinations not written (map full?): connects to them go direct"
             );
         }
+        self.set_services(Arc::new(model.service_table()), self.model.is_none());
         // Every pod change in the cluster lands here: the first model is
         // worth a line, the rest only at debug.
         if self.model.is_none() {
@@ -501,6 +508,47 @@ impl Control {
         self.meshed = want;
         self.model = Some(model);
         self.refresh_certificates();
+    }
+
+    /// New Services: executors learn a ClusterIP before `connect4` starts
+    /// capturing it, and `connect4` stops before they forget one.
+    fn set_services(&mut self, table: Arc<crate::services::Table>, first: bool) {
+        let want: BTreeSet<std::net::SocketAddrV4> = table.vips().collect();
+        if *table != *self.services {
+            for s in &self.shards {
+                let _ = s.tx.send(shard::ToShard::Services(table.clone()));
+            }
+        }
+        let Some(capture) = self.capture.as_mut() else { return };
+        if first {
+            // Adopted maps: ClusterIPs deleted while no agent ran go now.
+            for vip in capture.service_vips().unwrap_or_default() {
+                if !want.contains(&vip) {
+                    let _ = capture.set_service_vip(vip, false);
+                }
+            }
+        }
+        let mut failed = 0;
+        for vip in want.difference(&self.vips) {
+            if capture.set_service_vip(*vip, true).is_err() {
+                failed += 1;
+            }
+        }
+        for vip in self.vips.difference(&want) {
+            let _ = capture.set_service_vip(*vip, false);
+        }
+        if failed > 0 {
+            error!(
+                failed,
+                total = want.len(),
+                "Service ClusterIPs not written (map full?): connects to them go around the mesh"
+            );
+        }
+        if *table != *self.services {
+            tracing::debug!(service_ports = table.len(), "services updated");
+        }
+        self.vips = want;
+        self.services = table;
     }
 
     /// A node CA from the cluster: every pod is re-minted with it.

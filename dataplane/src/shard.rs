@@ -67,6 +67,8 @@ pub enum ToShard {
     Withdraw(NetnsId),
     /// Close your listeners; keep serving open connections.
     Drain,
+    /// New Services: route new connections to ClusterIPs with these.
+    Services(Arc<crate::services::Table>),
 }
 
 /// An executor's answer to [`ToShard::Snapshot`].
@@ -218,6 +220,7 @@ async fn run(
                         let _ = reply.send(ShardReport { cpu, stats: shard.snapshot() });
                     }
                     ToShard::Identity(id) => shard.set_identity(id),
+                    ToShard::Services(table) => shard.set_services(table),
                     ToShard::Enroll(ns) if !draining => {
                         let event = match enroll(&shard, &ns, &mut listeners, &listening) {
                             Ok(()) => ShardEvent::Listening { cpu, netns: ns.id() },

@@ -159,6 +159,30 @@ pub struct Snapshot {
     pub hist: [Histogram<u64>; HISTS],
     /// Log lines left out by the limiter.
     pub logs_suppressed: u64,
+    /// Connections to Services, by `namespace/name` and how they went.
+    pub services: BTreeMap<(String, ServiceRoute), u64>,
+}
+
+/// How a connection to a Service went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceRoute {
+    /// Tunnelled to a meshed endpoint.
+    Tunnelled,
+    /// Connected directly to an endpoint outside the mesh.
+    Passthrough,
+    /// Refused: no ready endpoint.
+    NoEndpoint,
+}
+
+impl ServiceRoute {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ServiceRoute::Tunnelled => "tunnelled",
+            ServiceRoute::Passthrough => "passthrough",
+            ServiceRoute::NoEndpoint => "no_endpoint",
+        }
+    }
 }
 
 const MAX_MICROS: u64 = 3_600_000_000;
@@ -176,6 +200,7 @@ impl Default for Snapshot {
             failures: BTreeMap::new(),
             hist: std::array::from_fn(|_| histogram()),
             logs_suppressed: 0,
+            services: BTreeMap::new(),
         }
     }
 }
@@ -214,6 +239,9 @@ impl Snapshot {
         self.logs_suppressed += other.logs_suppressed;
         for (k, v) in &other.failures {
             *self.failures.entry(*k).or_default() += v;
+        }
+        for (k, v) in &other.services {
+            *self.services.entry(k.clone()).or_default() += v;
         }
         for (mine, theirs) in self.hist.iter_mut().zip(&other.hist) {
             // Same bounds on both sides: cannot fail.

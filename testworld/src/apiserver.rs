@@ -49,12 +49,20 @@ struct Resource {
     api_version: &'static str,
 }
 
-const RESOURCES: [Resource; 6] = [
+const RESOURCES: [Resource; 8] = [
     Resource { plural: "pods", kind: "Pod", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "namespaces", kind: "Namespace", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "nodes", kind: "Node", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "secrets", kind: "Secret", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "configmaps", kind: "ConfigMap", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
+    Resource { plural: "services", kind: "Service", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
+    Resource {
+        plural: "endpointslices",
+        kind: "EndpointSlice",
+        namespaced: true,
+        prefix: "/apis/discovery.k8s.io/v1/",
+        api_version: "discovery.k8s.io/v1",
+    },
     Resource {
         plural: "certificatesigningrequests",
         kind: "CertificateSigningRequest",
@@ -357,6 +365,53 @@ pub fn node(name: &str, pod_cidrs: &[&str]) -> Value {
     })
 }
 
+/// A Service with a ClusterIP: `ports` as (name, port, targetPort: a
+/// number or a container port's name).
+pub fn service(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    ports: &[(&str, u16, Value)],
+    client_ip_affinity: bool,
+) -> Value {
+    let ports: Vec<Value> =
+        ports.iter().map(|(n, p, t)| json!({"name": n, "port": p, "targetPort": t, "protocol": "TCP"})).collect();
+    json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "ipFamilies": ["IPv4"],
+            "ports": ports, "sessionAffinity": if client_ip_affinity { "ClientIP" } else { "None" },
+            "selector": {"app": name},
+        },
+        "status": {"loadBalancer": {}},
+    })
+}
+
+/// An EndpointSlice of service `service`: `ports` as (name, resolved
+/// port), `endpoints` as (address, ready, node).
+pub fn endpoint_slice(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16)],
+    endpoints: &[(&str, bool, &str)],
+) -> Value {
+    let ports: Vec<Value> = ports.iter().map(|(n, p)| json!({"name": n, "port": p, "protocol": "TCP"})).collect();
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(a, ready, node)| {
+            json!({"addresses": [a], "conditions": {"ready": ready, "serving": ready, "terminating": false}, "nodeName": node})
+        })
+        .collect();
+    json!({
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service, "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints,
+    })
+}
+
 /// A namespace with labels.
 pub fn namespace(name: &str, labels: Value) -> Value {
     let mut labels = labels;
@@ -504,14 +559,17 @@ fn parse(req: &Request<hyper::body::Incoming>) -> Result<Query, String> {
         .find_map(|r| path.strip_prefix(r.prefix).map(|rest| (r.prefix, rest)))
         .ok_or_else(not_found)?;
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    // `namespaces/NS/PLURAL...` is a namespaced path when PLURAL is a
+    // namespaced resource of this group; otherwise (`namespaces/NAME/status`)
+    // it names a Namespace.
+    let namespaced_path =
+        |plural: &str| RESOURCES.iter().any(|r| r.prefix == prefix && r.namespaced && r.plural == plural);
     let (namespace, rest) = match parts.as_slice() {
-        ["namespaces", ns, plural, rest @ ..] if prefix == "/api/v1/" && *plural != "status" => {
-            (Some(ns.to_string()), {
-                let mut v = vec![*plural];
-                v.extend_from_slice(rest);
-                v
-            })
-        }
+        ["namespaces", ns, plural, rest @ ..] if namespaced_path(plural) => (Some(ns.to_string()), {
+            let mut v = vec![*plural];
+            v.extend_from_slice(rest);
+            v
+        }),
         other => (None, other.to_vec()),
     };
     let (plural, name, sub) = match rest.as_slice() {

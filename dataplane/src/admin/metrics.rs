@@ -160,6 +160,17 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
         suppressed,
     );
 
+    if !stats.services.is_empty() {
+        let services = Family::<Labels, Counter>::default();
+        for ((svc, route), n) in &stats.services {
+            services.get_or_create(&vec![("service", svc.clone()), ("route", route.label().into())]).inc_by(*n);
+        }
+        reg.register(
+            "service_connections",
+            "Connections to Service ClusterIPs, by service (namespace/name) and route: tunnelled to a meshed endpoint, passthrough to one outside the mesh, no_endpoint (refused)",
+            services,
+        );
+    }
     let namespaces = Family::<Labels, Gauge>::default();
     for state in [
         "served",

@@ -42,6 +42,8 @@ pub struct Record {
     handshake: Option<Duration>,
     /// The far data plane's pod, by its SPIFFE ID, once authenticated.
     peer: Option<String>,
+    /// The Service connected to, if the destination was a ClusterIP.
+    service: Option<String>,
     done: bool,
 }
 
@@ -67,6 +69,7 @@ impl Record {
             dst: None,
             handshake: None,
             peer: None,
+            service: None,
             done: false,
         }
     }
@@ -88,6 +91,13 @@ impl Record {
         self.peer = Some(id);
     }
 
+    /// The destination was a ClusterIP of `service`; `endpoint` was chosen.
+    pub fn service(&mut self, service: &str, endpoint: std::net::SocketAddrV4) {
+        debug!(client = ?self.client, vip = ?self.dst, service, %endpoint, "service endpoint chosen");
+        self.service = Some(service.to_string());
+        self.dst = Some(SocketAddr::V4(endpoint));
+    }
+
     /// The TLS handshake finished after `took`.
     pub fn handshake(&mut self, took: Duration) {
         self.handshake = Some(took);
@@ -107,7 +117,7 @@ impl Record {
     pub fn refuse(mut self, blame: Blame, reason: Reason, error: &dyn fmt::Display) {
         self.end(blame, reason);
         if let Some(left_out) = self.shard.may_log(reason.label()) {
-            warn!(direction = %self.direction, client = ?self.client, dst = ?self.dst, peer = ?self.peer,
+            warn!(direction = %self.direction, client = ?self.client, dst = ?self.dst, service = ?self.service, peer = ?self.peer,
                   netns = %self.netns.name(), side = %blame, %reason, %error, left_out, "{} refused", self.direction);
         }
     }
@@ -143,7 +153,7 @@ impl Record {
             self.done = true;
             self.shard.with_stats(|s| s.flow(self.direction).completed += 1);
             self.shard.open.down();
-            debug!(client = ?self.client, dst = ?self.dst, peer = ?self.peer, sent, received, duration_us,
+            debug!(client = ?self.client, dst = ?self.dst, service = ?self.service, peer = ?self.peer, sent, received, duration_us,
                    handshake_us, "{} closed", self.direction);
             return;
         };
@@ -152,7 +162,7 @@ impl Record {
             End::Idle(_) => (Blame::Ours, Reason::IdleTimeout),
         };
         self.end(blame, reason);
-        debug!(client = ?self.client, dst = ?self.dst, peer = ?self.peer, side = %blame, %reason, error = %end,
+        debug!(client = ?self.client, dst = ?self.dst, service = ?self.service, peer = ?self.peer, side = %blame, %reason, error = %end,
                sent, received, duration_us, handshake_us, "{} ended early", self.direction);
         match end {
             End::Io { side: Side::Upstream, .. } => socket::reset_on_close(down),

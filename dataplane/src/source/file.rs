@@ -9,8 +9,16 @@
 //!   { "namespace": "shop", "name": "db", "addresses": ["10.0.1.7"],
 //!     "node": "node-b", "mode": "meshed" },
 //!   { "namespace": "ops", "name": "agent", "addresses": ["10.0.0.9"],
-//!     "mode": "outside", "netns": "/var/run/netns/agent" } ] }
+//!     "mode": "outside", "netns": "/var/run/netns/agent" } ],
+//!   "services": [
+//!   { "namespace": "shop", "name": "db", "clusterIPs": ["10.96.0.20"],
+//!     "ports": [{ "name": "pg", "port": 5432 }], "sessionAffinity": "ClientIP",
+//!     "endpoints": [{ "addresses": ["10.0.1.7"], "ready": true,
+//!                     "ports": [{ "name": "pg", "port": 5432 }] }] } ] }
 //! ```
+//!
+//! `services` is optional: each endpoint entry stands for an EndpointSlice
+//! (its `ports` resolve the service's port names for its addresses).
 //!
 //! A workload is local (ours to enrol) when it names no `node`, or our own
 //! (`--node-name`); its namespace is `netns` if given, otherwise the one under
@@ -22,12 +30,52 @@ use std::{net::Ipv4Addr, path::Path, path::PathBuf, sync::Arc};
 
 use serde::Deserialize;
 
-use crate::model::{parse_ports, Mode, Model, Outside, Workload};
+use crate::{
+    model::{parse_ports, Mode, Model, Outside, Workload},
+    services::{Service, ServicePort, Slice},
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
     workloads: Vec<Entry>,
+    #[serde(default)]
+    services: Vec<ServiceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceEntry {
+    namespace: String,
+    name: String,
+    #[serde(rename = "clusterIPs")]
+    cluster_ips: Vec<Ipv4Addr>,
+    ports: Vec<PortEntry>,
+    #[serde(default)]
+    session_affinity: Option<String>,
+    #[serde(default)]
+    endpoints: Vec<EndpointEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortEntry {
+    #[serde(default)]
+    name: String,
+    port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointEntry {
+    addresses: Vec<Ipv4Addr>,
+    #[serde(default = "yes")]
+    ready: bool,
+    ports: Vec<PortEntry>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,7 +165,33 @@ pub fn parse(text: &str, node: Option<&str>) -> Result<Arc<Model>, String> {
             mode,
         });
     }
-    Ok(Model::new(out))
+    let services = file
+        .services
+        .into_iter()
+        .map(|s| {
+            let affinity = match s.session_affinity.as_deref() {
+                None | Some("None") => false,
+                Some("ClientIP") => true,
+                Some(other) => return Err(format!("service {}/{}: sessionAffinity {other:?}", s.namespace, s.name)),
+            };
+            Ok(Service {
+                namespace: s.namespace,
+                name: s.name,
+                cluster_ips: s.cluster_ips,
+                ports: s.ports.into_iter().map(|p| ServicePort { name: p.name, port: p.port }).collect(),
+                client_ip_affinity: affinity,
+                slices: s
+                    .endpoints
+                    .into_iter()
+                    .map(|e| Slice {
+                        ports: e.ports.into_iter().map(|p| (p.name, p.port)).collect(),
+                        endpoints: e.addresses.into_iter().map(|a| (a, e.ready)).collect(),
+                    })
+                    .collect(),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Model::with_services(out, services))
 }
 
 #[cfg(test)]
@@ -139,6 +213,9 @@ mod tests {
         assert_eq!(web.mode, Mode::Meshed { skip_outbound: vec![5432], skip_inbound: vec![9090] });
         assert!(web.local && web.service_account == "web");
         assert_eq!(m.meshed_destinations().len(), 2, "web and db");
+        let table = m.service_table();
+        let db = table.get("10.96.0.20:5432".parse().expect("vip")).expect("the db service");
+        assert!(db.client_ip_affinity && db.backends.len() == 1 && db.backends[0].meshed);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The model from the Kubernetes API: kube-rs watchers of Pods (every node's:
 //! meshed pods elsewhere are the destinations we tunnel to; this node's are
-//! the ones we enrol) and Namespaces (their opt-in label), on a
+//! the ones we enrol), Namespaces (their opt-in label), Services and
+//! EndpointSlices (ClusterIPs and their endpoints), on a
 //! single-threaded tokio runtime of their own thread. Executors never see
 //! it; the control thread receives whole models.
 //!
@@ -25,7 +26,10 @@ use std::{
 
 use crossbeam_channel::Sender;
 use futures_util::{stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service as K8sService},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{watcher, WatchStreamExt},
@@ -33,7 +37,10 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use crate::model::{membership, Model, Workload};
+use crate::{
+    model::{membership, Model, Workload},
+    services::{Service, ServicePort, Slice},
+};
 
 /// Where the client finds the API server.
 #[derive(Debug, Clone)]
@@ -52,6 +59,8 @@ pub struct Counters {
     pub pods: AtomicU64,
     /// Namespaces watch.
     pub namespaces: AtomicU64,
+    /// Services and EndpointSlices watches.
+    pub services: AtomicU64,
 }
 
 /// What a pod contributes to the model.
@@ -91,81 +100,148 @@ fn view(pod: &Pod) -> Option<PodView> {
     })
 }
 
+/// One resource as last seen, by (namespace, name): a (re)list in progress is
+/// applied whole at its end, so objects that vanished meanwhile go with it.
+#[derive(Debug)]
+struct Store<V> {
+    items: BTreeMap<(String, String), V>,
+    listing: Option<BTreeMap<(String, String), V>>,
+    listed: bool,
+}
+
+impl<V> Default for Store<V> {
+    fn default() -> Self {
+        Self { items: BTreeMap::new(), listing: None, listed: false }
+    }
+}
+
+impl<V> Store<V> {
+    /// Applies a watcher event; `view` reduces an object to what we keep
+    /// (`None`: not kept, e.g. a finished pod).
+    fn apply<K: ResourceExt>(&mut self, ev: watcher::Event<K>, view: impl Fn(&K) -> Option<V>) {
+        let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+        match ev {
+            watcher::Event::Init => self.listing = Some(BTreeMap::new()),
+            watcher::Event::InitApply(o) => {
+                if let (Some(list), Some(v)) = (self.listing.as_mut(), view(&o)) {
+                    list.insert(key(&o), v);
+                }
+            }
+            watcher::Event::InitDone => {
+                self.items = self.listing.take().unwrap_or_default();
+                self.listed = true;
+            }
+            watcher::Event::Apply(o) => match view(&o) {
+                Some(v) => {
+                    self.items.insert(key(&o), v);
+                }
+                None => {
+                    self.items.remove(&key(&o));
+                }
+            },
+            watcher::Event::Delete(o) => {
+                self.items.remove(&key(&o));
+            }
+        }
+    }
+}
+
 /// The cluster as last seen.
 #[derive(Debug, Default)]
 struct State {
     node: String,
-    pods: BTreeMap<(String, String), PodView>,
-    namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    /// A (re)list in progress, applied whole at its end.
-    pods_listing: Option<BTreeMap<(String, String), PodView>>,
-    namespaces_listing: Option<BTreeMap<String, BTreeMap<String, String>>>,
-    pods_listed: bool,
-    namespaces_listed: bool,
+    pods: Store<PodView>,
+    namespaces: Store<BTreeMap<String, String>>,
+    services: Store<ServiceView>,
+    slices: Store<SliceView>,
 }
 
 enum Change {
     // Boxed: objects are large, and one change is in flight at a time.
     Pod(Box<watcher::Event<Pod>>),
     Namespace(Box<watcher::Event<Namespace>>),
+    Service(Box<watcher::Event<K8sService>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+}
+
+/// What a Service contributes: its ClusterIPs (none for a headless one),
+/// TCP ports and affinity.
+#[derive(Debug, Clone)]
+struct ServiceView {
+    cluster_ips: Vec<Ipv4Addr>,
+    ports: Vec<ServicePort>,
+    client_ip_affinity: bool,
+}
+
+fn service_view(s: &K8sService) -> Option<ServiceView> {
+    let spec = s.spec.as_ref()?;
+    let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+    if ips.is_empty() {
+        ips.extend(spec.cluster_ip.clone());
+    }
+    let cluster_ips: Vec<Ipv4Addr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| {
+            Some(ServicePort { name: p.name.clone().unwrap_or_default(), port: u16::try_from(p.port).ok()? })
+        })
+        .collect();
+    Some(ServiceView { cluster_ips, ports, client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP") })
+}
+
+/// What an EndpointSlice contributes: the service it belongs to, its
+/// resolved ports and its endpoints (IPv4 slices only).
+#[derive(Debug, Clone)]
+struct SliceView {
+    service: String,
+    slice: Slice,
+}
+
+fn slice_view(s: &EndpointSlice) -> Option<SliceView> {
+    if s.address_type != "IPv4" {
+        return None;
+    }
+    let service = s.labels().get("kubernetes.io/service-name")?.clone();
+    let ports = s
+        .ports
+        .iter()
+        .flatten()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter_map(|p| Some((p.name.clone().unwrap_or_default(), u16::try_from(p.port?).ok()?)))
+        .collect();
+    let endpoints = s
+        .endpoints
+        .iter()
+        .flat_map(|e| {
+            // "ready: nil should be interpreted as true" (discovery/v1).
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            e.addresses.iter().filter_map(move |a| Some((a.parse::<Ipv4Addr>().ok()?, ready)))
+        })
+        .collect();
+    Some(SliceView { service, slice: Slice { ports, endpoints } })
 }
 
 impl State {
     fn apply(&mut self, change: Change) {
         match change {
-            Change::Pod(ev) => {
-                let key = |p: &PodView| (p.namespace.clone(), p.name.clone());
-                match *ev {
-                    watcher::Event::Init => self.pods_listing = Some(BTreeMap::new()),
-                    watcher::Event::InitApply(p) => {
-                        if let (Some(list), Some(v)) = (self.pods_listing.as_mut(), view(&p)) {
-                            list.insert(key(&v), v);
-                        }
-                    }
-                    watcher::Event::InitDone => {
-                        self.pods = self.pods_listing.take().unwrap_or_default();
-                        self.pods_listed = true;
-                    }
-                    watcher::Event::Apply(p) => match view(&p) {
-                        Some(v) => {
-                            self.pods.insert(key(&v), v);
-                        }
-                        None => {
-                            self.pods.remove(&(p.namespace().unwrap_or_default(), p.name_any()));
-                        }
-                    },
-                    watcher::Event::Delete(p) => {
-                        self.pods.remove(&(p.namespace().unwrap_or_default(), p.name_any()));
-                    }
-                }
-            }
-            Change::Namespace(ev) => match *ev {
-                watcher::Event::Init => self.namespaces_listing = Some(BTreeMap::new()),
-                watcher::Event::InitApply(n) => {
-                    if let Some(list) = self.namespaces_listing.as_mut() {
-                        list.insert(n.name_any(), n.labels().clone());
-                    }
-                }
-                watcher::Event::InitDone => {
-                    self.namespaces = self.namespaces_listing.take().unwrap_or_default();
-                    self.namespaces_listed = true;
-                }
-                watcher::Event::Apply(n) => {
-                    self.namespaces.insert(n.name_any(), n.labels().clone());
-                }
-                watcher::Event::Delete(n) => {
-                    self.namespaces.remove(&n.name_any());
-                }
-            },
+            Change::Pod(ev) => self.pods.apply(*ev, view),
+            Change::Namespace(ev) => self.namespaces.apply(*ev, |n| Some(n.labels().clone())),
+            Change::Service(ev) => self.services.apply(*ev, service_view),
+            Change::Slice(ev) => self.slices.apply(*ev, slice_view),
         }
     }
 
     fn model(&self) -> Option<Arc<Model>> {
-        if !(self.pods_listed && self.namespaces_listed) {
+        if !(self.pods.listed && self.namespaces.listed && self.services.listed && self.slices.listed) {
             return None;
         }
+        let ns_labels = |ns: &str| self.namespaces.items.get(&(String::new(), ns.to_string()));
         let workloads = self
             .pods
+            .items
             .values()
             .map(|p| Workload {
                 namespace: p.namespace.clone(),
@@ -174,10 +250,28 @@ impl State {
                 addresses: p.addresses.clone(),
                 local: p.node.as_deref() == Some(self.node.as_str()),
                 netns: None,
-                mode: membership(p.host_network, self.namespaces.get(&p.namespace), &p.labels, &p.annotations),
+                mode: membership(p.host_network, ns_labels(&p.namespace), &p.labels, &p.annotations),
             })
             .collect();
-        Some(Model::new(workloads))
+        let mut slices: BTreeMap<(&str, &str), Vec<Slice>> = BTreeMap::new();
+        for ((ns, _), v) in &self.slices.items {
+            slices.entry((ns.as_str(), v.service.as_str())).or_default().push(v.slice.clone());
+        }
+        let services = self
+            .services
+            .items
+            .iter()
+            .filter(|(_, v)| !v.cluster_ips.is_empty())
+            .map(|((ns, name), v)| Service {
+                namespace: ns.clone(),
+                name: name.clone(),
+                cluster_ips: v.cluster_ips.clone(),
+                ports: v.ports.clone(),
+                client_ip_affinity: v.client_ip_affinity,
+                slices: slices.get(&(ns.as_str(), name.as_str())).cloned().unwrap_or_default(),
+            })
+            .collect();
+        Some(Model::with_services(workloads, services))
     }
 }
 
@@ -231,10 +325,17 @@ async fn watch(client: Client, node: String, tx: Sender<Arc<Model>>, counters: A
     let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .map(|r| r.map(|e| Change::Pod(Box::new(e))).map_err(|e| ("pods", e)));
-    let namespaces = watcher(Api::<Namespace>::all(client), watcher::Config::default())
+    let namespaces = watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .map(|r| r.map(|e| Change::Namespace(Box::new(e))).map_err(|e| ("namespaces", e)));
-    let mut changes = std::pin::pin!(stream::select(pods, namespaces));
+    let services = watcher(Api::<K8sService>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .map(|r| r.map(|e| Change::Service(Box::new(e))).map_err(|e| ("services", e)));
+    let slices = watcher(Api::<EndpointSlice>::all(client), watcher::Config::default())
+        .default_backoff()
+        .map(|r| r.map(|e| Change::Slice(Box::new(e))).map_err(|e| ("endpointslices", e)));
+    let mut changes =
+        std::pin::pin!(stream::select(stream::select(pods, namespaces), stream::select(services, slices)));
     let mut state = State { node, ..State::default() };
     let mut last: Option<Arc<Model>> = None;
     while let Some(first) = changes.next().await {
@@ -248,7 +349,11 @@ async fn watch(client: Client, node: String, tx: Sender<Arc<Model>>, counters: A
             match item {
                 Ok(change) => state.apply(change),
                 Err((resource, e)) => {
-                    let counter = if resource == "pods" { &counters.pods } else { &counters.namespaces };
+                    let counter = match resource {
+                        "pods" => &counters.pods,
+                        "namespaces" => &counters.namespaces,
+                        _ => &counters.services,
+                    };
                     counter.fetch_add(1, Ordering::Relaxed);
                     warn!(resource, error = %e, "Kubernetes watch interrupted; resuming (relisting if needed)");
                 }
@@ -302,7 +407,37 @@ mod tests {
         s.apply(Change::Namespace(Box::new(watcher::Event::Init)));
         s.apply(Change::Namespace(Box::new(watcher::Event::InitApply(ns("shop", true)))));
         s.apply(Change::Namespace(Box::new(watcher::Event::InitDone)));
-        let m = s.model().expect("both listed");
+        assert!(s.model().is_none(), "services and slices not listed yet");
+        // A service with a named target port, and its slice.
+        let svc: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "sessionAffinity": "ClientIP",
+                     "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                               {"name": "dns", "port": 53, "protocol": "UDP"}]}
+        }))
+        .expect("service");
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-abc", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.0.0.2"], "conditions": {"ready": true}},
+                          {"addresses": ["10.0.1.2"]},
+                          {"addresses": ["10.0.1.3"], "conditions": {"ready": false}}]
+        }))
+        .expect("slice");
+        s.apply(Change::Service(Box::new(watcher::Event::Init)));
+        s.apply(Change::Service(Box::new(watcher::Event::InitApply(svc))));
+        s.apply(Change::Service(Box::new(watcher::Event::InitDone)));
+        s.apply(Change::Slice(Box::new(watcher::Event::Init)));
+        s.apply(Change::Slice(Box::new(watcher::Event::InitApply(slice))));
+        s.apply(Change::Slice(Box::new(watcher::Event::InitDone)));
+        let m = s.model().expect("all listed");
+        let table = m.service_table();
+        let web = table.get("10.96.0.10:80".parse().expect("vip")).expect("the TCP port");
+        assert!(web.client_ip_affinity);
+        let backends: Vec<String> = web.backends.iter().map(|b| format!("{} {}", b.addr, b.meshed)).collect();
+        assert_eq!(backends, ["10.0.0.2:8080 true", "10.0.1.2:8080 true"], "ready (or unsaid) only; both pods meshed");
+        assert_eq!(table.len(), 1, "the UDP port is not ours");
         assert_eq!(m.meshed_destinations().len(), 2, "both nodes' pods are destinations");
         let local: Vec<_> = m.workloads().iter().filter(|w| w.local).map(|w| w.name.as_str()).collect();
         assert_eq!(local, ["web-1"]);

@@ -1,0 +1,297 @@
+//! Services: traffic to a ClusterIP goes through the mesh too.
+//!
+//! `connect4` sees the ClusterIP before kube-proxy (or Cilium's socket load
+//! balancer on the root cgroup) translates it, so the data plane picks the
+//! endpoint itself: the model's Services and EndpointSlices become a
+//! [`Table`] (ClusterIP:port → the ready endpoints, their target ports
+//! resolved per EndpointSlice, each marked meshed or not), handed to every
+//! executor as an immutable snapshot. [`choose`] picks one:
+//!
+//! - `sessionAffinity: ClientIP`: rendezvous hashing of the client address
+//!   over the ready endpoints, so every executor (and every data plane)
+//!   makes the same choice, and a client moves only when its endpoint goes;
+//! - otherwise the power of two choices on this executor's open connections
+//!   per endpoint: two at random, the less loaded wins.
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+};
+
+/// One endpoint of a service port: where to connect, and whether its pod is
+/// in the mesh (tunnelled) or not (reached directly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Endpoint address and resolved target port.
+    pub addr: SocketAddrV4,
+    /// Its pod is meshed.
+    pub meshed: bool,
+}
+
+/// What a ClusterIP:port leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontend {
+    /// `namespace/name`, for logs and metrics.
+    pub service: String,
+    /// The ready endpoints.
+    pub backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP`.
+    pub client_ip_affinity: bool,
+}
+
+/// Every service port, by ClusterIP:port. Immutable: the control thread
+/// sends a new one when the model changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    by_vip: HashMap<SocketAddrV4, Arc<Frontend>>,
+}
+
+impl Table {
+    /// A table of these frontends.
+    pub fn new(entries: impl IntoIterator<Item = (SocketAddrV4, Frontend)>) -> Self {
+        Self { by_vip: entries.into_iter().map(|(k, v)| (k, Arc::new(v))).collect() }
+    }
+
+    /// The service behind `vip`, if it is one.
+    pub fn get(&self, vip: SocketAddrV4) -> Option<&Arc<Frontend>> {
+        self.by_vip.get(&vip)
+    }
+
+    /// Every ClusterIP:port (what `connect4` must capture).
+    pub fn vips(&self) -> impl Iterator<Item = SocketAddrV4> + '_ {
+        self.by_vip.keys().copied()
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.by_vip.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_vip.is_empty()
+    }
+}
+
+/// A service as the model holds it (from the API or a file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `spec.clusterIPs` (IPv4 ones).
+    pub cluster_ips: Vec<Ipv4Addr>,
+    /// TCP ports.
+    pub ports: Vec<ServicePort>,
+    /// `sessionAffinity: ClientIP`.
+    pub client_ip_affinity: bool,
+    /// Its EndpointSlices, reduced to what routing needs.
+    pub slices: Vec<Slice>,
+}
+
+/// A service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Its name (`""` for a lone unnamed port): EndpointSlices name their
+    /// ports after it.
+    pub name: String,
+    /// The port on the ClusterIP.
+    pub port: u16,
+}
+
+/// An EndpointSlice: its ports (service port name → target port, resolved
+/// for the pods in this slice) and endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slice {
+    /// (port name, target port).
+    pub ports: Vec<(String, u16)>,
+    /// (address, ready).
+    pub endpoints: Vec<(Ipv4Addr, bool)>,
+}
+
+/// The table for `services`, marking endpoints whose address is meshed.
+pub fn table(services: &[Service], meshed: impl Fn(Ipv4Addr) -> bool) -> Table {
+    let mut entries = Vec::new();
+    for svc in services {
+        for sp in &svc.ports {
+            let mut backends: Vec<Backend> = svc
+                .slices
+                .iter()
+                .filter_map(|sl| sl.ports.iter().find(|(n, _)| *n == sp.name).map(|(_, p)| (sl, *p)))
+                .flat_map(|(sl, target)| {
+                    sl.endpoints.iter().filter(|(_, ready)| *ready).map(move |(ip, _)| SocketAddrV4::new(*ip, target))
+                })
+                .map(|addr| Backend { addr, meshed: meshed(*addr.ip()) })
+                .collect();
+            backends.sort();
+            backends.dedup();
+            for vip in &svc.cluster_ips {
+                let fe = Frontend {
+                    service: format!("{}/{}", svc.namespace, svc.name),
+                    backends: backends.clone(),
+                    client_ip_affinity: svc.client_ip_affinity,
+                };
+                entries.push((SocketAddrV4::new(*vip, sp.port), fe));
+            }
+        }
+    }
+    Table::new(entries)
+}
+
+/// Picks a backend for a client at `client`: see the module comment.
+/// `load` is this executor's open connections to a backend; `random` two
+/// random numbers. `None`: no ready endpoint.
+pub fn choose(
+    fe: &Frontend,
+    client: Ipv4Addr,
+    load: impl Fn(SocketAddrV4) -> u32,
+    random: (u64, u64),
+) -> Option<Backend> {
+    let b = &fe.backends;
+    match b.len() {
+        0 => None,
+        1 => Some(b[0]),
+        n if fe.client_ip_affinity => b.iter().max_by_key(|be| rendezvous(client, be.addr)).copied().or(Some(b[n - 1])),
+        n => {
+            let i = (random.0 % n as u64) as usize;
+            let mut j = (random.1 % (n as u64 - 1)) as usize;
+            if j >= i {
+                j += 1;
+            }
+            let (x, y) = (b[i], b[j]);
+            Some(if load(y.addr) < load(x.addr) { y } else { x })
+        }
+    }
+}
+
+/// The rendezvous weight of `backend` for `client`: stable across
+/// processes (a fixed hash, not the per-process random one).
+fn rendezvous(client: Ipv4Addr, backend: SocketAddrV4) -> u64 {
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    client.hash(&mut h);
+    backend.hash(&mut h);
+    // FNV alone mixes the last bytes poorly: finish with a 64-bit mixer.
+    let mut x = h.finish();
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x
+}
+
+/// FNV-1a, 64-bit.
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("ip")
+    }
+
+    fn web() -> Service {
+        Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            cluster_ips: vec![ip("10.96.0.10")],
+            ports: vec![
+                ServicePort { name: "http".into(), port: 80 },
+                ServicePort { name: "admin".into(), port: 9000 },
+            ],
+            client_ip_affinity: false,
+            slices: vec![
+                // Two slices resolve the named port differently (two
+                // versions of a Deployment with different container ports).
+                Slice {
+                    ports: vec![("http".into(), 8080), ("admin".into(), 9090)],
+                    endpoints: vec![(ip("10.1.0.5"), true), (ip("10.1.0.6"), false)],
+                },
+                Slice { ports: vec![("http".into(), 8081)], endpoints: vec![(ip("10.2.0.7"), true)] },
+            ],
+        }
+    }
+
+    #[test]
+    fn ready_endpoints_with_their_target_ports_per_slice() {
+        let t = table(&[web()], |a| a != ip("10.2.0.7"));
+        let http = t.get("10.96.0.10:80".parse().expect("vip")).expect("http");
+        assert_eq!(http.service, "shop/web");
+        assert_eq!(
+            http.backends,
+            [
+                Backend { addr: "10.1.0.5:8080".parse().expect("a"), meshed: true },
+                Backend { addr: "10.2.0.7:8081".parse().expect("a"), meshed: false },
+            ],
+            "not-ready 10.1.0.6 left out"
+        );
+        let admin = t.get("10.96.0.10:9000".parse().expect("vip")).expect("admin");
+        assert_eq!(admin.backends.len(), 1, "the second slice has no admin port");
+        assert!(t.get("10.96.0.10:81".parse().expect("vip")).is_none());
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn two_choices_prefer_the_less_loaded_and_spread_evenly_when_idle() {
+        let fe = Frontend {
+            service: "s".into(),
+            backends: (1..=4)
+                .map(|i| Backend { addr: SocketAddrV4::new(ip(&format!("10.0.0.{i}")), 80), meshed: true })
+                .collect(),
+            client_ip_affinity: false,
+        };
+        let busy: SocketAddrV4 = "10.0.0.1:80".parse().expect("addr");
+        let mut seen = HashMap::new();
+        let mut x: u64 = 7;
+        for _ in 0..4000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let r = (x >> 11, x.rotate_left(29) >> 7);
+            let b = choose(&fe, ip("10.9.9.9"), |a| if a == busy { 100 } else { 0 }, r).expect("a backend");
+            *seen.entry(b.addr).or_insert(0u32) += 1;
+        }
+        assert_eq!(seen.get(&busy), None, "the loaded one never wins a duel");
+        for (a, n) in &seen {
+            assert!((1100..1600).contains(n), "{a}: {n} of 4000 over three idle backends");
+        }
+        let empty = Frontend { backends: vec![], ..fe };
+        assert_eq!(choose(&empty, ip("10.9.9.9"), |_| 0, (1, 2)), None);
+    }
+
+    #[test]
+    fn client_ip_affinity_is_the_same_everywhere_and_moves_only_the_clients_of_a_gone_endpoint() {
+        let backends: Vec<Backend> = (1..=5)
+            .map(|i| Backend { addr: SocketAddrV4::new(ip(&format!("10.0.0.{i}")), 80), meshed: true })
+            .collect();
+        let fe = Frontend { service: "s".into(), backends: backends.clone(), client_ip_affinity: true };
+        let clients: Vec<Ipv4Addr> = (0..200).map(|i| Ipv4Addr::new(10, 8, (i / 250) as u8, (i % 250) as u8)).collect();
+        let before: Vec<Backend> = clients.iter().map(|c| choose(&fe, *c, |_| 0, (1, 2)).expect("b")).collect();
+        // Load and randomness change nothing.
+        for (c, b) in clients.iter().zip(&before) {
+            assert_eq!(choose(&fe, *c, |a| a.port().into(), (99, 3)), Some(*b));
+        }
+        let spread: std::collections::HashSet<_> = before.iter().collect();
+        assert_eq!(spread.len(), 5, "clients spread over every endpoint");
+        // 10.0.0.3 goes: only its clients move.
+        let gone = backends[2];
+        let fewer = Frontend { backends: backends.iter().copied().filter(|b| *b != gone).collect(), ..fe };
+        for (c, b) in clients.iter().zip(&before) {
+            let now = choose(&fewer, *c, |_| 0, (1, 2)).expect("b");
+            if *b != gone {
+                assert_eq!(now, *b, "{c} kept its endpoint");
+            }
+        }
+    }
+}

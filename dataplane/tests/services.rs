@@ -1,0 +1,284 @@
+//! Services against the real kernel and the test API server: connects to a
+//! ClusterIP (which no interface owns) are captured, the data plane picks a
+//! ready endpoint and tunnels to it, across two "nodes" on one bridge.
+use std::{
+    collections::BTreeMap,
+    fs,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use testworld::{
+    apiserver::{endpoint_slice, namespace, pod, service},
+    client, eventually, http_get, metric, server, ApiServer, Certs, Cgroup, Dataplane, Netns, NetnsDir, Proc, Seen,
+};
+
+const MESH: &str = "dataplane.dev/mesh";
+const VIP: &str = "10.96.0.10";
+
+/// Plugs `pod` into the bridge `br0` of `net` with address `addr/24`.
+fn plug(net: &Netns, pod: &Netns, addr: &str) {
+    let (pod_if, net_if) = ("eth0", format!("v{}", &pod.name[..pod.name.len().min(14)]));
+    let ok = Command::new("ip")
+        .args(["link", "add", pod_if, "netns", &pod.name, "type", "veth", "peer", "name", &net_if, "netns", &net.name])
+        .status()
+        .expect("ip link add");
+    assert!(ok.success(), "veth for {}", pod.name);
+    net.ip(&["link", "set", &net_if, "master", "br0", "up"]);
+    pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", pod_if]);
+    pod.ip(&["link", "set", pod_if, "up"]);
+}
+
+/// A data plane as on a node: the API through a kubeconfig, its pods from a
+/// namespace directory, certificates from a directory.
+struct Node {
+    dp: Dataplane,
+    workload: Cgroup,
+    _own: Cgroup,
+    dir: NetnsDir,
+}
+
+fn node(t: &str, api: &ApiServer, certs: &Certs, name: &str) -> Node {
+    let (workload, own, dir) = (
+        Cgroup::new(t, &format!("w{name}")),
+        Cgroup::new(t, &format!("d{name}")),
+        NetnsDir::new(&format!("{t}-{name}")),
+    );
+    let args: Vec<String> = [
+        "--kubeconfig",
+        &api.kubeconfig(),
+        "--node-name",
+        name,
+        "--netns-dir",
+        &dir.path(),
+        "--workload-cgroup",
+        &workload.path.display().to_string(),
+        "--certs",
+        &certs.path(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Node { dp: Dataplane::start(&own, &args), workload, _own: own, dir }
+}
+
+fn metrics(n: &Node) -> String {
+    http_get(&n.dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default()
+}
+
+fn served(n: &Node, count: f64) -> bool {
+    eventually(Duration::from_secs(5), || metric(&metrics(n), "dataplane_namespaces{state=\"served\"}") == Some(count))
+}
+
+fn spread(seen: &[Seen]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for s in seen {
+        *m.entry(s.server.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// The world: a bridge; client pod c (10.77.0.1) and endpoint e1
+/// (10.77.0.2) on node-a, endpoint e2 (10.77.0.3) on node-b; service web
+/// (VIP:80 → the named port "http", 8080; and VIP:9000 → "admin", 9090 on
+/// e1 only).
+struct World {
+    api: ApiServer,
+    a: Node,
+    b: Node,
+    c: Netns,
+    e1: Netns,
+    e2: Netns,
+    net: Netns,
+    _servers: Vec<Proc>,
+    _certs: Certs,
+}
+
+fn world(t: &str) -> World {
+    let api = ApiServer::start(t);
+    api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+    for (name, ip, node) in [("c", "10.77.0.1", "node-a"), ("e1", "10.77.0.2", "node-a"), ("e2", "10.77.0.3", "node-b")]
+    {
+        api.put("pods", pod("shop", name, node, Some(ip), json!({"app": "web"}), json!({})));
+    }
+    api.put(
+        "services",
+        service("shop", "web", VIP, &[("http", 80, json!("http")), ("admin", 9000, json!("admin"))], false),
+    );
+    api.put(
+        "endpointslices",
+        endpoint_slice(
+            "shop",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            &[("10.77.0.2", true, "node-a"), ("10.77.0.3", true, "node-b")],
+        ),
+    );
+    api.put(
+        "endpointslices",
+        endpoint_slice("shop", "web-2", "web", &[("admin", 9090)], &[("10.77.0.2", true, "node-a")]),
+    );
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.3"]);
+    let net = Netns::new(t, "net");
+    net.ip(&["link", "add", "br0", "type", "bridge"]);
+    net.ip(&["link", "set", "br0", "up"]);
+    let (c, e1, e2) = (Netns::new(t, "c"), Netns::new(t, "e1"), Netns::new(t, "e2"));
+    plug(&net, &c, "10.77.0.1");
+    plug(&net, &e1, "10.77.0.2");
+    plug(&net, &e2, "10.77.0.3");
+    let servers = vec![
+        server(&e1, "0.0.0.0", 8080, "e1"),
+        server(&e2, "0.0.0.0", 8080, "e2"),
+        server(&e1, "0.0.0.0", 9090, "e1-admin"),
+    ];
+    let a = node(t, &api, &certs, "node-a");
+    let b = node(t, &api, &certs, "node-b");
+    a.dir.add(&c);
+    a.dir.add(&e1);
+    b.dir.add(&e2);
+    assert!(served(&a, 2.0) && served(&b, 1.0), "{}", metrics(&a));
+    World { api, a, b, c, e1, e2, net, _servers: servers, _certs: certs }
+}
+
+#[test]
+fn a_service_spreads_over_its_endpoints_through_the_tunnel() {
+    let t = testworld::kernel_test!();
+    let w = world(t);
+    // kube-proxy's rule for the ClusterIP, in the client's namespace: were
+    // the connect not captured first, it would go to e2 in plaintext.
+    let rules = "table ip kubeproxy { chain output { type nat hook output priority -100; \
+                 ip daddr 10.96.0.10 tcp dport 80 dnat to 10.77.0.3:8080; }; }";
+    let ok = w.c.command(None, "nft", &[rules]).status().expect("nft");
+    assert!(ok.success(), "the DNAT rule");
+    // A pod has a default route (the ClusterIP is routed, then translated).
+    w.c.ip(&["route", "add", "default", "dev", "eth0"]);
+    // The rule is real: a process outside the mesh's cgroup goes through it.
+    let uncaptured = client(&w.c, None, VIP, 80, &[]);
+    assert_eq!((uncaptured[0].server.as_str(), uncaptured[0].peer.as_str()), ("e2", "10.96.0.10:80"), "DNAT works");
+    let marker = "SERVICE-MARKER-7c2a";
+    let pcap = std::env::temp_dir().join(format!("{}.pcap", w.net.name));
+    let pcap_s = pcap.display().to_string();
+    let mut dump = Proc::spawn(
+        w.net.command(None, "tcpdump", &["--immediate-mode", "-i", "br0", "-n", "-w", &pcap_s, "tcp"]),
+        "tcpdump",
+    );
+    dump.wait_for("listening on", Duration::from_secs(10));
+    let seen = client(&w.c, Some(&w.a.workload), VIP, 80, &["--count", "200", "--payload", marker]);
+    assert_eq!(seen.len(), 200);
+    for s in &seen {
+        assert_eq!((s.peer.as_str(), s.echo.as_str()), ("127.0.0.1:18000", marker), "captured, every byte back");
+    }
+    let by = spread(&seen);
+    println!("spread over the endpoints: {by:?}");
+    assert!(by.get("e1").is_some_and(|n| *n >= 40) && by.get("e2").is_some_and(|n| *n >= 40), "{by:?}");
+    // The second port, resolved by its own name, reaches e1's admin port.
+    let admin = client(&w.c, Some(&w.a.workload), VIP, 9000, &[]);
+    assert_eq!(admin[0].server, "e1-admin");
+    thread::sleep(Duration::from_millis(200));
+    dump.signal("INT");
+    dump.wait(Duration::from_secs(10));
+    let raw = fs::read(&pcap).expect("pcap");
+    assert!(!raw.windows(marker.len()).any(|x| x == marker.as_bytes()), "only TLS on the wire");
+    // And only port 18001: the capture read back, filtered to anything else.
+    let all = Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp"]).output().expect("tcpdump -r");
+    let other =
+        Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp and not port 18001"]).output().expect("tcpdump -r");
+    let _ = fs::remove_file(&pcap);
+    assert!(all.status.success() && other.status.success());
+    assert!(String::from_utf8_lossy(&all.stdout).lines().count() > 400, "the capture saw the tunnels");
+    assert_eq!(String::from_utf8_lossy(&other.stdout).trim(), "", "nothing but 18001 between the pods");
+    let text = metrics(&w.a);
+    assert_eq!(
+        metric(&text, "dataplane_service_connections_total{service=\"shop/web\",route=\"tunnelled\"}"),
+        Some(201.0),
+        "{text}"
+    );
+}
+
+#[test]
+fn endpoints_that_go_stop_getting_connections_within_a_second() {
+    let t = testworld::kernel_test!();
+    let w = world(t);
+    // e2 becomes not ready.
+    let changed = Instant::now();
+    w.api.put(
+        "endpointslices",
+        endpoint_slice(
+            "shop",
+            "web-1",
+            "web",
+            &[("http", 8080)],
+            &[("10.77.0.2", true, "node-a"), ("10.77.0.3", false, "node-b")],
+        ),
+    );
+    thread::sleep(Duration::from_secs(1).saturating_sub(changed.elapsed()));
+    let seen = client(&w.c, Some(&w.a.workload), VIP, 80, &["--count", "40"]);
+    assert_eq!(spread(&seen), [("e1".to_string(), 40)].into(), "not-ready e2 gets nothing after a second");
+    // Then removed, with e1: the service has no endpoint; a connect is
+    // refused within milliseconds, and counted.
+    w.api.delete("endpointslices", "shop", "web-1");
+    thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let out = testworld::peer(&w.c, Some(&w.a.workload), &["expect-reset", VIP, "80"]);
+    let took = started.elapsed();
+    assert!(out[0]["result"] == "reset" || out[0]["result"] == "eof", "{out:?}");
+    assert!(took < Duration::from_millis(900), "refused fast: {took:?} (python start-up included)");
+    let text = metrics(&w.a);
+    assert!(
+        metric(&text, "dataplane_service_connections_total{service=\"shop/web\",route=\"no_endpoint\"}") >= Some(1.0),
+        "{text}"
+    );
+    drop(w.e2);
+}
+
+#[test]
+fn session_affinity_and_endpoints_outside_the_mesh() {
+    let t = testworld::kernel_test!();
+    let w = world(t);
+    // A sticky service over both endpoints.
+    w.api.put("services", service("shop", "sticky", "10.96.0.11", &[("http", 80, json!(8080))], true));
+    w.api.put(
+        "endpointslices",
+        endpoint_slice(
+            "shop",
+            "sticky-1",
+            "sticky",
+            &[("http", 8080)],
+            &[("10.77.0.2", true, "node-a"), ("10.77.0.3", true, "node-b")],
+        ),
+    );
+    // A service in a namespace outside the mesh, its endpoint a pod there.
+    let e3 = Netns::new(t, "e3");
+    plug(&w.net, &e3, "10.77.0.4");
+    let _s3 = server(&e3, "0.0.0.0", 8080, "e3");
+    w.api.put("namespaces", namespace("legacy", json!({})));
+    w.api.put("pods", pod("legacy", "e3", "node-b", Some("10.77.0.4"), json!({}), json!({})));
+    w.api.put("services", service("legacy", "plain", "10.96.0.12", &[("", 80, json!(8080))], false));
+    w.api.put(
+        "endpointslices",
+        endpoint_slice("legacy", "plain-1", "plain", &[("", 8080)], &[("10.77.0.4", true, "node-b")]),
+    );
+    w.b.dir.add(&e3);
+    assert!(eventually(Duration::from_secs(5), || metric(&metrics(&w.b), "dataplane_namespaces{state=\"passed\"}")
+        == Some(1.0)));
+    thread::sleep(Duration::from_millis(300)); // the executors take the new table
+
+    let sticky = client(&w.c, Some(&w.a.workload), "10.96.0.11", 80, &["--count", "30"]);
+    assert_eq!(spread(&sticky).len(), 1, "one client, one endpoint: {:?}", spread(&sticky));
+
+    let plain = client(&w.c, Some(&w.a.workload), "10.96.0.12", 80, &[]);
+    // Captured (the ClusterIP is the mesh's to route) but connected to
+    // directly: the server sees the client pod's own address, not a tunnel.
+    assert_eq!(plain[0].server, "e3");
+    assert!(plain[0].server_saw.starts_with("10.77.0.1:"), "reached directly: {:?}", plain[0].server_saw);
+    let text = metrics(&w.a);
+    assert_eq!(
+        metric(&text, "dataplane_service_connections_total{service=\"legacy/plain\",route=\"passthrough\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    drop(w.e1);
+}
