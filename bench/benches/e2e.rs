@@ -26,6 +26,10 @@ const DISCARD: &str = "127.0.0.1:9002";
 const HAPROXY_ECHO: &str = "127.0.0.1:9101";
 const HAPROXY_DISCARD: &str = "127.0.0.1:9102";
 
+/// A Service ClusterIP (no interface has it) whose endpoint is the echo
+/// server.
+const SERVICE_VIP: &str = "10.96.0.10:9001";
+
 /// In the two-node shape the servers live in the server pod.
 const NODES_ECHO: &str = "10.98.0.2:9001";
 const NODES_DISCARD: &str = "10.98.0.2:9002";
@@ -330,6 +334,48 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         pair = haproxy::Pair::start(&local, &local, &certs, &loopback_routes, true)?;
     }
 
+    if want("service") {
+        // The same echo server, by its address and through a Service whose
+        // one endpoint it is: both through the data plane, so the difference
+        // is the endpoint choice. The model comes from a workloads file.
+        let files = testworld::TempDir::new(&format!("dpbench-service-{}", std::process::id()))?;
+        let netns_dir = files.0.join("netns");
+        std::fs::create_dir_all(&netns_dir)?;
+        let model = files.0.join("workloads.json");
+        std::fs::write(
+            &model,
+            json!({
+                "workloads": [{"namespace": "bench", "name": "server", "addresses": ["127.0.0.1"], "mode": "meshed"}],
+                "services": [{"namespace": "bench", "name": "echo", "clusterIPs": [SERVICE_VIP.split(':').next()],
+                              "ports": [{"name": "echo", "port": 9001}],
+                              "endpoints": [{"addresses": ["127.0.0.1"], "ports": [{"name": "echo", "port": 9001}]}]}]
+            })
+            .to_string(),
+        )?;
+        let (model_s, dir_s) = (model.display().to_string(), netns_dir.display().to_string());
+        dp = world.start_dataplane(&binary, &["--workloads", &model_s, "--netns-dir", &dir_s])?;
+        let by_address = work(&world, true, &[s("connrate"), s(ECHO), s(2), s(secs)])?;
+        let before = haproxy::cpu_of(&[dp]);
+        let via_service = work(&world, true, &[s("connrate"), s(SERVICE_VIP), s(2), s(secs)])?;
+        let cpu_service = haproxy::cpu_of(&[dp]).saturating_sub(before);
+        let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
+        t.rows.push(Row {
+            workload: "new connections/s via a ClusterIP (direct column: by pod address, also through the data plane)"
+                .into(),
+            direct: rate(&by_address),
+            proxied: rate(&via_service),
+            haproxy: f64::NAN,
+            unit: "/s",
+            higher_is_better: true,
+            cpu: None,
+        });
+        t.latencies.insert(
+            "service".into(),
+            json!({ "by_address": by_address, "via_service": via_service,
+                    "cpu_us_per_conn_via_service": cpu_service.as_secs_f64() * 1e6 / via_service["count"].as_f64().unwrap_or(1.0).max(1.0) }),
+        );
+        dp = world.start_dataplane(&binary, &[])?;
+    }
     if want("memory") {
         let n: usize = (if opts.quick { 2_000 } else { 10_000 }).min(max_conns);
         thread::sleep(Duration::from_millis(300));
