@@ -11,6 +11,11 @@ COPY . .
 RUN cargo build --release --locked -p dataplane --bin dataplane
 
 FROM debian:bookworm-slim
+# nft and ip write the return path that lets applications see their clients'
+# addresses (see dataplane/src/return_path.rs).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables iproute2 \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/dataplane /usr/local/bin/dataplane
 ENTRYPOINT ["/usr/local/bin/dataplane"]
 CMD ["run"]

@@ -475,6 +475,29 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let full = paths.proxied(&args, &resumed[0])?;
         t.connrate(prefix, &resumed, &full)?;
         drop(paths);
+        // The cost of delivering from the client's address: the same
+        // connection rate (resumed handshakes) with it off.
+        let off = nodes.start(&binary, &["--no-client-address"])?;
+        let before = haproxy::cpu_of(&off);
+        let without = work(&nodes, true, &args)?;
+        let cpu_off = haproxy::cpu_of(&off).saturating_sub(before);
+        let with = &resumed[1];
+        let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
+        let per = |cpu: Duration, v: &Value| cpu.as_secs_f64() * 1e6 / v["count"].as_f64().unwrap_or(0.0).max(1.0);
+        t.rows.push(Row {
+            workload: "2 nodes: new conn/s, client address on (direct column: off)".into(),
+            direct: rate(&without),
+            proxied: rate(&with.out),
+            haproxy: f64::NAN,
+            unit: "/s",
+            higher_is_better: true,
+            cpu: None,
+        });
+        t.latencies.insert(
+            "client_address".into(),
+            json!({ "on_per_s": rate(&with.out), "off_per_s": rate(&without),
+                    "on_cpu_us_per_conn": per(with.cpu, &with.out), "off_cpu_us_per_conn": per(cpu_off, &without) }),
+        );
         drop(pair);
         nodes.stop();
     }

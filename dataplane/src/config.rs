@@ -256,6 +256,11 @@ pub struct RunArgs {
     /// instance adopts what a strict one left there.
     #[arg(long, env = "DATAPLANE_PIN_DIR", value_name = "DIR", default_value = "/sys/fs/bpf/dataplane")]
     pub pin_dir: PathBuf,
+    /// Deliver inbound connections to the application from the pod's own
+    /// address instead of the client's (a pod can also opt out with the
+    /// annotation dataplane.dev/client-address: "off").
+    #[arg(long, env = "DATAPLANE_NO_CLIENT_ADDRESS")]
+    pub no_client_address: bool,
     /// Make every tunnel handshake a full one: no TLS session cache, no
     /// tickets (resumption is on by default).
     #[arg(long, env = "DATAPLANE_NO_TLS_RESUMPTION")]
@@ -374,6 +379,8 @@ pub struct Config {
     pub source: Option<Source>,
     /// Pod certificates minted on the node (`--node-ca`), if so.
     pub minting: Option<Minting>,
+    /// Whether applications see clients' addresses.
+    pub client_address: bool,
     /// CPUs, one executor each.
     pub cores: Vec<usize>,
     /// What the eBPF programs are told.
@@ -572,6 +579,7 @@ impl RunArgs {
             netns_dir: self.netns_dir,
             source,
             minting,
+            client_address: !self.no_client_address,
             cores,
             capture: ebpf::Settings {
                 proxy: SocketAddrV4::new([127, 0, 0, 1].into(), OUTBOUND_PORT),

@@ -107,12 +107,16 @@ pub enum Change {
         skip_outbound: Vec<u16>,
         /// When its address appeared (for the enrolment latency).
         since: Instant,
+        /// Its addresses.
+        addresses: Vec<Ipv4Addr>,
+        /// Whether its application should see clients' addresses.
+        client_address: bool,
     },
     /// A served namespace's skipped ports changed.
     Ports(NetnsId, NetnsCookie, Vec<u16>),
     /// Close the listeners of this namespace, forget its clients and what
     /// `connect4` knew of it.
-    Withdraw(NetnsId, Option<NetnsCookie>),
+    Withdraw(Arc<Netns>, Option<NetnsCookie>),
     /// Never capture this namespace's connects (`true`), or forget that.
     Pass(NetnsCookie, bool),
 }
@@ -177,7 +181,7 @@ impl Registry {
                 match (&e.state, &e.netns) {
                     (State::Served, Some(ns)) => {
                         info!(netns = %path.display(), "namespace gone: withdrawing");
-                        changes.push(Change::Withdraw(ns.id(), e.cookie));
+                        changes.push(Change::Withdraw(ns.clone(), e.cookie));
                     }
                     (State::Passed(_), _) => changes.extend(e.cookie.map(|c| Change::Pass(c, false))),
                     _ => {}
@@ -216,7 +220,7 @@ impl Registry {
             match &before {
                 State::Served => {
                     info!(netns = %name, now = next.label(), "namespace no longer meshed: withdrawing");
-                    changes.push(Change::Withdraw(ns.id(), Some(cookie)));
+                    changes.push(Change::Withdraw(ns.clone(), Some(cookie)));
                 }
                 State::Passed(_) => changes.push(Change::Pass(cookie, false)),
                 _ => {}
@@ -238,7 +242,17 @@ impl Registry {
                 State::Served => {
                     info!(netns = %name, addresses = ?entry.addresses, "enrolling namespace");
                     let since = entry.addressed.unwrap_or_else(Instant::now);
-                    changes.push(Change::Enroll { ns, cookie, skip_outbound: skip.clone(), since });
+                    let client_address = model.is_none_or(|m| {
+                        entry.addresses.iter().filter_map(|a| m.local_with(*a).ok().flatten()).all(|w| w.client_address)
+                    });
+                    changes.push(Change::Enroll {
+                        ns,
+                        cookie,
+                        skip_outbound: skip.clone(),
+                        since,
+                        addresses: entry.addresses.clone(),
+                        client_address,
+                    });
                 }
                 State::WaitingForAddress | State::Broken(_) => {}
             }
@@ -370,6 +384,7 @@ mod tests {
             addresses: vec![ip(addr)],
             local,
             netns: None,
+            client_address: true,
             mode,
         };
         let meshed = || Mode::Meshed { skip_outbound: vec![5432], skip_inbound: vec![] };

@@ -35,6 +35,7 @@ pub mod pki;
 pub mod reason;
 pub mod relay;
 pub mod reload;
+pub mod return_path;
 pub mod rlimit;
 pub mod run;
 pub mod services;

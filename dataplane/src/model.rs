@@ -22,6 +22,10 @@ pub const SKIP_OUTBOUND: &str = "dataplane.dev/skip-outbound-ports";
 /// the tunnel (comma-separated).
 pub const SKIP_INBOUND: &str = "dataplane.dev/skip-inbound-ports";
 
+/// Pod annotation: `off` makes the application see connections from the
+/// pod's own address instead of the client's.
+pub const CLIENT_ADDRESS: &str = "dataplane.dev/client-address";
+
 /// One pod (or, from a file, one workload).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -38,6 +42,9 @@ pub struct Workload {
     /// Its network namespace file, when the source names it (a file may);
     /// otherwise found by address under `--netns-dir`.
     pub netns: Option<PathBuf>,
+    /// Whether its application sees the client's address (the
+    /// [`CLIENT_ADDRESS`] annotation, on unless `off`).
+    pub client_address: bool,
     /// Whether and how it is in the mesh.
     pub mode: Mode,
 }
@@ -281,6 +288,7 @@ mod tests {
             addresses: vec![addr.parse().expect("addr")],
             local,
             netns: None,
+            client_address: true,
             mode,
         }
     }

@@ -25,6 +25,10 @@ pub struct Netns {
     path: PathBuf,
     file: File,
     inode: u64,
+    /// Whether the return path for the client's address is in place here
+    /// (see [`crate::return_path`]): set by the control thread, read by
+    /// the inbound side for each connection.
+    client_address: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Netns {
@@ -39,7 +43,18 @@ impl Netns {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path)?;
         let inode = file.metadata()?.ino();
-        Ok(Self { path: path.to_path_buf(), file, inode })
+        Ok(Self { path: path.to_path_buf(), file, inode, client_address: Default::default() })
+    }
+
+    /// Whether connections to the application here come from the client's
+    /// address.
+    pub fn client_address(&self) -> bool {
+        self.client_address.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns connections from the client's address on or off here.
+    pub fn set_client_address(&self, on: bool) {
+        self.client_address.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The namespace the calling thread is in now.

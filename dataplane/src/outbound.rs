@@ -43,15 +43,28 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     if let Ok(client) = downstream.peer_addr() {
         rec.client(ClientAddr(client));
     }
-    let orig =
-        match socket::original_dst(&downstream).or_else(|e| from_pinned_map(&shard, &netns, &downstream).ok_or(e)) {
-            Ok(orig) => OrigDstAddr(SocketAddr::V4(orig)),
-            Err(e) => {
-                socket::reset_on_close(&downstream);
-                let why = format!("no original destination (not captured by us): {e}");
-                return rec.refuse(Blame::Downstream, Reason::NoOriginalDestination, &why);
+    // With conntrack active in the namespace (any nftables or iptables rule
+    // using it, our own return path among them), the kernel answers
+    // SO_ORIGINAL_DST for a connection that was never redirected with the
+    // address it was made to: this very listener. That is no destination.
+    let own = downstream.local_addr().ok();
+    let orig = match socket::original_dst(&downstream)
+        .and_then(|o| {
+            if Some(SocketAddr::V4(o)) == own {
+                Err(std::io::Error::from_raw_os_error(libc::ENOENT))
+            } else {
+                Ok(o)
             }
-        };
+        })
+        .or_else(|e| from_pinned_map(&shard, &netns, &downstream).ok_or(e))
+    {
+        Ok(orig) => OrigDstAddr(SocketAddr::V4(orig)),
+        Err(e) => {
+            socket::reset_on_close(&downstream);
+            let why = format!("no original destination (not captured by us): {e}");
+            return rec.refuse(Blame::Downstream, Reason::NoOriginalDestination, &why);
+        }
+    };
     rec.dst(orig.0);
     // A Service's ClusterIP: the endpoint is ours to pick. The guard counts
     // this connection against the endpoint until it ends.

@@ -141,6 +141,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         minter,
         services: Arc::default(),
         vips: BTreeSet::new(),
+        return_path_failures: 0,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
     let home = crate::netns::Netns::current().context("opening our own network namespace")?;
@@ -181,6 +182,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     for ns in ctl.cfg.namespaces.clone() {
         let cookie = ns.cookie().with_context(|| format!("reading the cookie of {}", ns.name()))?;
         ctl.set_netns(cookie, Some(NetnsEntry::new(Verdict::Served, &[])));
+        let addresses = ns.ipv4_addresses().unwrap_or_default();
+        ctl.return_path(&ns, &addresses, true);
     }
     ctl.sync_own_netns()?;
     // With a model, nothing is captured before it is in: which pods are
@@ -355,6 +358,8 @@ struct Control {
     /// written to `connect4`'s map.
     services: Arc<crate::services::Table>,
     vips: BTreeSet<std::net::SocketAddrV4>,
+    /// Namespaces where the return path could not be set up.
+    return_path_failures: u64,
 }
 
 /// A namespace whose listeners are opening.
@@ -373,19 +378,25 @@ impl Control {
         let changes = registry.scan(&self.cfg.identity, self.model.as_deref());
         for change in changes {
             match change {
-                Change::Enroll { ns, cookie, skip_outbound, since } => {
+                Change::Enroll { ns, cookie, skip_outbound, since, addresses, client_address } => {
                     migrate_requests(&ns);
                     self.pending.insert(ns.id(), Pending { cookie, skip_outbound, listening: BTreeSet::new(), since });
                     for s in &self.shards {
                         let _ = s.tx.send(shard::ToShard::Enroll(ns.clone()));
                     }
+                    self.return_path(&ns, &addresses, client_address);
                 }
                 Change::Ports(id, cookie, skip) => match self.pending.get_mut(&id) {
                     Some(p) => p.skip_outbound = skip,
                     None => self.set_netns(cookie, Some(NetnsEntry::new(Verdict::Served, &skip))),
                 },
-                Change::Withdraw(id, cookie) => {
+                Change::Withdraw(ns, cookie) => {
+                    let id = ns.id();
                     self.pending.remove(&id);
+                    if ns.client_address() {
+                        ns.set_client_address(false);
+                        crate::return_path::remove(&ns);
+                    }
                     // connect4 first: new connects stop coming our way...
                     if let Some(cookie) = cookie {
                         self.set_netns(cookie, None);
@@ -427,6 +438,23 @@ impl Control {
         }
         if !stale.is_empty() {
             info!(entries = stale.len(), "forgot namespaces that went while no data plane ran");
+        }
+    }
+
+    /// Sets up (or not) the return path that lets the application in `ns`
+    /// see clients' addresses; on failure the pod is served as before.
+    fn return_path(&mut self, ns: &crate::netns::Netns, addresses: &[std::net::Ipv4Addr], wanted: bool) {
+        // A namespace with no address of its own (loopback only) has no
+        // client from elsewhere.
+        if !(wanted && self.cfg.client_address) || addresses.is_empty() {
+            return;
+        }
+        match crate::return_path::install(ns, addresses, self.cfg.capture.bypass_mark) {
+            Ok(()) => ns.set_client_address(true),
+            Err(e) => {
+                self.return_path_failures += 1;
+                warn!(netns = %ns.name(), error = %e, "cannot give the application the clients' addresses: it sees the pod's own");
+            }
         }
     }
 
@@ -665,6 +693,7 @@ impl Control {
                         [ca.issued.load(Relaxed), ca.failed.load(Relaxed), minted, failed]
                     }),
                     enrolment: self.registry.as_ref().map(|_| self.enrolment.clone()),
+                    return_path_failures: self.return_path_failures,
                 };
                 (200, admin::render(&stats, &self.bpf_stats(), &extra))
             }

@@ -62,6 +62,30 @@ pub fn upstream(dst: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
     Ok(s.into())
 }
 
+/// Like [`upstream`], but from `from` (an address this namespace does not
+/// own: the client's), with `IP_TRANSPARENT`. Binding the client's port too
+/// is tried first; if it is taken here, any port.
+pub fn upstream_from(dst: SocketAddr, from: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
+    let s = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    s.set_ip_transparent_v4(true)?;
+    if mark != 0 {
+        s.set_mark(mark)?;
+    }
+    s.set_tcp_nodelay(true)?;
+    if let Err(e) = s.bind(&SockAddr::from(from)) {
+        if e.kind() != io::ErrorKind::AddrInUse {
+            return Err(e);
+        }
+        s.bind(&SockAddr::from(SocketAddr::new(from.ip(), 0)))?;
+    }
+    match s.connect(&SockAddr::from(dst)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(s.into())
+}
+
 /// Where a redirected connection was going: `getsockopt(SOL_IP,
 /// SO_ORIGINAL_DST)`, answered by our `cgroup/getsockopt` program (or by
 /// conntrack behind an iptables REDIRECT).

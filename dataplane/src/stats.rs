@@ -161,6 +161,9 @@ pub struct Snapshot {
     pub logs_suppressed: u64,
     /// Connections to Services, by `namespace/name` and how they went.
     pub services: BTreeMap<(String, ServiceRoute), u64>,
+    /// Inbound connections delivered from the pod's own address because the
+    /// transparent socket was refused.
+    pub client_address_fallbacks: u64,
 }
 
 /// How a connection to a Service went.
@@ -201,6 +204,7 @@ impl Default for Snapshot {
             hist: std::array::from_fn(|_| histogram()),
             logs_suppressed: 0,
             services: BTreeMap::new(),
+            client_address_fallbacks: 0,
         }
     }
 }
@@ -237,6 +241,7 @@ impl Snapshot {
             mine.accept_errors += theirs.accept_errors;
         }
         self.logs_suppressed += other.logs_suppressed;
+        self.client_address_fallbacks += other.client_address_fallbacks;
         for (k, v) in &other.failures {
             *self.failures.entry(*k).or_default() += v;
         }

@@ -26,6 +26,7 @@ fn the_demo_tells_its_story_and_cleans_up() {
     assert!(min > 0 && min <= p50 && p50 <= max, "{hs}");
     assert_eq!(count, 22, "{hs}");
     assert!(text.contains("PASS: only TLS crossed the wire"), "{text}");
+    assert!(text.contains("you came from 10.99.0.1:"), "pod B's server sees pod A's address: {text}");
     assert!(text.contains("was on the wire 0 time(s)"), "{text}");
 
     // Nothing left behind: namespaces, cgroups, certificates.

@@ -75,6 +75,8 @@ pub struct Extra {
     /// With `--node-ca`: node CAs issued, node CA requests failed, pod
     /// certificates minted, mints failed.
     pub certificates: Option<[u64; 4]>,
+    /// Namespaces where the client-address return path could not be set up.
+    pub return_path_failures: u64,
 }
 
 /// Renders the merged executor measurements, the eBPF decision counters and
@@ -160,6 +162,14 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
         suppressed,
     );
 
+    let fallbacks = Family::<Labels, Counter>::default();
+    fallbacks.get_or_create(&vec![("why", "return_path".into())]).inc_by(extra.return_path_failures);
+    fallbacks.get_or_create(&vec![("why", "socket".into())]).inc_by(stats.client_address_fallbacks);
+    reg.register(
+        "client_address_unavailable",
+        "The application saw the pod's own address instead of the client's: per namespace whose return path could not be set up, and per connection whose transparent socket was refused",
+        fallbacks,
+    );
     if !stats.services.is_empty() {
         let services = Family::<Labels, Counter>::default();
         for ((svc, route), n) in &stats.services {

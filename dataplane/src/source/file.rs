@@ -162,6 +162,7 @@ pub fn parse(text: &str, node: Option<&str>) -> Result<Arc<Model>, String> {
             addresses: e.addresses,
             local,
             netns: e.netns,
+            client_address: true,
             mode,
         });
     }

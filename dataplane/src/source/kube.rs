@@ -38,7 +38,7 @@ use kube::{
 use tracing::{info, warn};
 
 use crate::{
-    model::{membership, Model, Workload},
+    model::{membership, Model, Workload, CLIENT_ADDRESS},
     services::{Service, ServicePort, Slice},
 };
 
@@ -250,6 +250,7 @@ impl State {
                 addresses: p.addresses.clone(),
                 local: p.node.as_deref() == Some(self.node.as_str()),
                 netns: None,
+                client_address: p.annotations.get(CLIENT_ADDRESS).map(String::as_str) != Some("off"),
                 mode: membership(p.host_network, ns_labels(&p.namespace), &p.labels, &p.annotations),
             })
             .collect();

@@ -1,0 +1,201 @@
+//! The application sees the real client address, against the real kernel:
+//! the inbound side connects from the client pod's address with
+//! IP_TRANSPARENT, and the return path (an nftables table and a policy
+//! routing rule in the pod's namespace) keeps the replies inside the pod.
+use std::{fs, process::Command, thread, time::Duration};
+
+use testworld::{
+    client, eventually, http_get, metric, peer, run_args, server, Certs, Cgroup, Dataplane, Netns, NetnsDir, Proc,
+};
+
+/// Plugs `pod` into the bridge `br0` of `net` with address `addr/24`.
+fn plug(net: &Netns, pod: &Netns, addr: &str) {
+    let (pod_if, net_if) = ("eth0", format!("v{}", &pod.name[..pod.name.len().min(14)]));
+    let ok = Command::new("ip")
+        .args(["link", "add", pod_if, "netns", &pod.name, "type", "veth", "peer", "name", &net_if, "netns", &net.name])
+        .status()
+        .expect("ip link add");
+    assert!(ok.success(), "veth for {}", pod.name);
+    net.ip(&["link", "set", &net_if, "master", "br0", "up"]);
+    pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", pod_if]);
+    pod.ip(&["link", "set", pod_if, "up"]);
+}
+
+/// Clients a (10.77.0.1) and c (10.77.0.3) on one node, server b
+/// (10.77.0.2) on another, one bridge between them.
+struct World {
+    node1: Dataplane,
+    node2: Dataplane,
+    w1: Cgroup,
+    dir2: NetnsDir,
+    a: Netns,
+    b: Netns,
+    c: Netns,
+    _net: Netns,
+    certs: Certs,
+    own2: Cgroup,
+    w2: Cgroup,
+    _own1: Cgroup,
+    _dir1: NetnsDir,
+}
+
+fn start(w: &Cgroup, own: &Cgroup, dir: &NetnsDir, certs: &Certs, extra: &[&str]) -> Dataplane {
+    let dir_s = dir.path();
+    let mut more = vec!["--netns-dir", dir_s.as_str()];
+    more.extend_from_slice(extra);
+    Dataplane::start(own, &run_args(w, "10.77.0.0/16", certs, &[], &more))
+}
+
+fn served(dp: &Dataplane, n: f64) -> bool {
+    eventually(Duration::from_secs(5), || {
+        http_get(&dp.admin(), "/metrics")
+            .is_ok_and(|(_, t)| metric(&t, "dataplane_namespaces{state=\"served\"}") == Some(n))
+    })
+}
+
+fn world(t: &str, extra: &[&str]) -> World {
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.3"]);
+    let net = Netns::new(t, "net");
+    net.ip(&["link", "add", "br0", "type", "bridge"]);
+    net.ip(&["link", "set", "br0", "up"]);
+    let (a, b, c) = (Netns::new(t, "a"), Netns::new(t, "b"), Netns::new(t, "c"));
+    plug(&net, &a, "10.77.0.1");
+    plug(&net, &b, "10.77.0.2");
+    plug(&net, &c, "10.77.0.3");
+    let (w1, own1, dir1) = (Cgroup::new(t, "w1"), Cgroup::new(t, "d1"), NetnsDir::new(&format!("{t}-1")));
+    let (w2, own2, dir2) = (Cgroup::new(t, "w2"), Cgroup::new(t, "d2"), NetnsDir::new(&format!("{t}-2")));
+    dir1.add(&a);
+    dir1.add(&c);
+    dir2.add(&b);
+    let node1 = start(&w1, &own1, &dir1, &certs, extra);
+    let node2 = start(&w2, &own2, &dir2, &certs, extra);
+    assert!(served(&node1, 2.0) && served(&node2, 1.0));
+    World { node1, node2, w1, dir2, a, b, c, _net: net, certs, own2, w2, _own1: own1, _dir1: dir1 }
+}
+
+fn rules_in(ns: &Netns) -> (String, String) {
+    let nft = ns.command(None, "nft", &["list", "ruleset"]).output().expect("nft");
+    let ip = ns.command(None, "ip", &["-4", "rule", "show"]).output().expect("ip rule");
+    (String::from_utf8_lossy(&nft.stdout).into_owned(), String::from_utf8_lossy(&ip.stdout).into_owned())
+}
+
+#[test]
+fn an_unmodified_http_server_logs_the_client_pods_address() {
+    let t = testworld::kernel_test!();
+    let w = world(t, &[]);
+    // python3 -m http.server logs "CLIENT - - [date] \"GET / HTTP/1.1\" 200 -".
+    let files = testworld::TempDir::new(&format!("dptest-www-{}", testworld::unique(t, "w"))).expect("dir");
+    fs::write(files.0.join("index.html"), "hello\n").expect("page");
+    let dir = files.0.display().to_string();
+    let mut http =
+        Proc::spawn(w.b.command(None, "python3", &["-m", "http.server", "8000", "--directory", &dir]), "http.server");
+    http.wait_for("Serving HTTP", Duration::from_secs(10));
+    let out =
+        w.a.command(Some(&w.w1), "curl", &["-sS", "--max-time", "5", "http://10.77.0.2:8000/"]).output().expect("curl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    assert!(
+        eventually(Duration::from_secs(3), || http
+            .output()
+            .iter()
+            .any(|l| l.starts_with("10.77.0.1 - - ") && l.contains("GET /"))),
+        "the server logged the client pod's address: {:#?}",
+        http.output()
+    );
+}
+
+#[test]
+fn replies_never_leave_the_pod_during_big_transfers_both_ways() {
+    let t = testworld::kernel_test!();
+    // One data plane serving both pods (see the closing note of issue 16:
+    // the same transfer between two data planes on a bridge can stall,
+    // with or without the client address, a defect of its own).
+    let w = testworld::world(t, &["10.77.0.1", "10.77.0.2"], &[]);
+    let sink = testworld::server_with(&w.b, &["sink", "0.0.0.0", "8080"], "sink");
+    let pcap = std::env::temp_dir().join(format!("{}.pcap", w.b.name));
+    let pcap_s = pcap.display().to_string();
+    let mut dump = Proc::spawn(
+        w.b.command(None, "tcpdump", &["--immediate-mode", "-i", &w.b_if, "-n", "-s", "96", "-w", &pcap_s, "tcp"]),
+        "tcpdump",
+    );
+    dump.wait_for("listening on", Duration::from_secs(10));
+    let mib64 = (64u64 << 20).to_string();
+    let out = peer(&w.a, Some(&w.workload), &["transfer", "10.77.0.2", "8080", &mib64, &mib64]);
+    assert!(out[0]["sent_ok"] == true && out[0]["received_ok"] == true, "64 MiB each way, byte-exact: {}", out[0]);
+    assert!(
+        sink.output().iter().any(|l| l.starts_with("accepted 10.77.0.1:")),
+        "from a's address: {:#?}",
+        sink.output()
+    );
+    thread::sleep(Duration::from_millis(200));
+    dump.signal("INT");
+    dump.wait(Duration::from_secs(10));
+    let other =
+        Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp and not port 18001"]).output().expect("tcpdump");
+    let all = Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp"]).output().expect("tcpdump");
+    let _ = fs::remove_file(&pcap);
+    assert!(String::from_utf8_lossy(&all.stdout).lines().count() > 1000, "the capture saw the transfer");
+    assert_eq!(String::from_utf8_lossy(&other.stdout).trim(), "", "nothing but the tunnel on B's link");
+}
+
+#[test]
+fn two_clients_with_the_same_source_port_at_once_each_keep_their_address() {
+    let t = testworld::kernel_test!();
+    let w = world(t, &[]);
+    let _s = server(&w.b, "0.0.0.0", 8080, "b");
+    let (a, c, w1) = (&w.a, &w.c, &w.w1);
+    let (from_a, from_c) = thread::scope(|s| {
+        let x = s.spawn(|| client(a, Some(w1), "10.77.0.2", 8080, &["--bind-port", "40100", "--count", "20"]));
+        let y = s.spawn(|| client(c, Some(w1), "10.77.0.2", 8080, &["--bind-port", "40100", "--count", "20"]));
+        (x.join().expect("a"), y.join().expect("c"))
+    });
+    for (seen, ip) in [(&from_a, "10.77.0.1:"), (&from_c, "10.77.0.3:")] {
+        assert_eq!(seen.len(), 20);
+        for s in seen {
+            assert!(s.server_saw.starts_with(ip), "{s:?}");
+            assert_eq!(s.peer, "127.0.0.1:18000");
+        }
+    }
+}
+
+#[test]
+fn a_killed_data_plane_leaves_the_pod_working_and_the_next_one_cleans_up() {
+    let t = testworld::kernel_test!();
+    let mut w = world(t, &[]);
+    let _s = server(&w.b, "0.0.0.0", 8080, "b");
+    let (nft, rules) = rules_in(&w.b);
+    assert!(nft.contains("table ip dataplane") && rules.contains("lookup 18001"), "{nft}\n{rules}");
+    w.node2.proc.signal("KILL");
+    w.node2.proc.wait(Duration::from_secs(10));
+    // The pod's own traffic, outside the mesh: both ways.
+    let direct = client(&w.a, None, "10.77.0.2", 8080, &[]);
+    assert_eq!((direct[0].peer.as_str(), direct[0].server.as_str()), ("10.77.0.2:8080", "b"));
+    let _sa = server(&w.a, "0.0.0.0", 8080, "a");
+    let out = client(&w.b, None, "10.77.0.1", 8080, &[]);
+    assert_eq!(out[0].server, "a", "b's own connects still work");
+    // A new data plane re-installs, once.
+    w.node2 = start(&w.w2, &w.own2, &w.dir2, &w.certs, &[]);
+    assert!(served(&w.node2, 1.0));
+    let (nft, rules) = rules_in(&w.b);
+    assert_eq!(nft.matches("table ip dataplane").count(), 1, "{nft}");
+    assert_eq!(rules.matches("lookup 18001").count(), 1, "{rules}");
+    let seen = client(&w.a, Some(&w.w1), "10.77.0.2", 8080, &[]);
+    assert!(seen[0].server_saw.starts_with("10.77.0.1:"), "{:?}", seen[0]);
+    // Withdrawal removes both.
+    w.dir2.remove(&w.b);
+    assert!(served(&w.node2, 0.0));
+    let (nft, rules) = rules_in(&w.b);
+    assert!(!nft.contains("dataplane") && !rules.contains("18001"), "{nft}\n{rules}");
+}
+
+#[test]
+fn the_flag_turns_it_off() {
+    let t = testworld::kernel_test!();
+    let w = world(t, &["--no-client-address"]);
+    let _s = server(&w.b, "0.0.0.0", 8080, "b");
+    let seen = client(&w.a, Some(&w.w1), "10.77.0.2", 8080, &[]);
+    assert!(seen[0].server_saw.starts_with("10.77.0.2:"), "from the pod's own address: {:?}", seen[0]);
+    let (nft, rules) = rules_in(&w.b);
+    assert!(!nft.contains("dataplane") && !rules.contains("18001"), "nothing installed: {nft}\n{rules}");
+    let _ = &w.node1;
+}
