@@ -54,7 +54,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Enrolment> 
         "addresses": [PROBE_DST.split(':').next()], "mode": "meshed"}));
     let file = dir.join("workloads.json");
     fs::write(&file, serde_json::json!({ "workloads": workloads }).to_string())?;
-    let args: Vec<String> = [
+    let args: Vec<String> = testworld::strings(&[
         "--workloads",
         &file.display().to_string(),
         "--netns-dir",
@@ -63,10 +63,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Enrolment> 
         &workload.path.display().to_string(),
         "--certs",
         &certs.path(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let dp = Dataplane::launch(binary, &own, &args, "warn")?;
     let mut end_to_end = Histogram::new_with_bounds(1, 60_000_000, 3)?;
     let mut pods = Vec::new();

@@ -242,10 +242,23 @@ where
 }
 
 /// Runs `fut`, giving up after `limit`.
+///
+/// While it waits, `fut` is re-polled after 50 ms, then at doubling
+/// intervals up to a second: the same lost readiness wake-up that
+/// [`idle_watch`] guards the relay against was seen to hold a TLS handshake
+/// until its deadline (10 s), where the timer's wake-up found it complete.
 pub async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
     future::or(async { Some(fut.await) }, async {
-        glommio::timer::sleep(limit).await;
-        None
+        let deadline = Instant::now() + limit;
+        let mut tick = REPOLL_MIN;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            glommio::timer::sleep(left.min(tick)).await;
+            tick = (tick * 2).min(Duration::from_secs(1));
+        }
     })
     .await
 }

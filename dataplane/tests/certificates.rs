@@ -62,7 +62,7 @@ fn agent(t: &str, api: &ApiServer, bundle: &str, name: &str, pods: &[&Netns], ex
         dir.add(p);
     }
     let kc = api.kubeconfig_as(&format!("agent-{name}"), User::service_account_on(AGENT_NS, AGENT, name));
-    let mut args: Vec<String> = [
+    let mut args: Vec<String> = testworld::strings(&[
         "--kubeconfig",
         &kc,
         "--node-name",
@@ -74,10 +74,7 @@ fn agent(t: &str, api: &ApiServer, bundle: &str, name: &str, pods: &[&Netns], ex
         "--node-ca",
         "--trust-bundle",
         bundle,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     NodeAgent { dp: Dataplane::start(&own, &args), workload, _own: own, _dir: dir }
 }

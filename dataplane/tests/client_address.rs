@@ -8,19 +8,6 @@ use testworld::{
     client, eventually, http_get, metric, peer, run_args, server, Certs, Cgroup, Dataplane, Netns, NetnsDir, Proc,
 };
 
-/// Plugs `pod` into the bridge `br0` of `net` with address `addr/24`.
-fn plug(net: &Netns, pod: &Netns, addr: &str) {
-    let (pod_if, net_if) = ("eth0", format!("v{}", &pod.name[..pod.name.len().min(14)]));
-    let ok = Command::new("ip")
-        .args(["link", "add", pod_if, "netns", &pod.name, "type", "veth", "peer", "name", &net_if, "netns", &net.name])
-        .status()
-        .expect("ip link add");
-    assert!(ok.success(), "veth for {}", pod.name);
-    net.ip(&["link", "set", &net_if, "master", "br0", "up"]);
-    pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", pod_if]);
-    pod.ip(&["link", "set", pod_if, "up"]);
-}
-
 /// Clients a (10.77.0.1) and c (10.77.0.3) on one node, server b
 /// (10.77.0.2) on another, one bridge between them.
 struct World {
@@ -55,13 +42,11 @@ fn served(dp: &Dataplane, n: f64) -> bool {
 
 fn world(t: &str, extra: &[&str]) -> World {
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.3"]);
-    let net = Netns::new(t, "net");
-    net.ip(&["link", "add", "br0", "type", "bridge"]);
-    net.ip(&["link", "set", "br0", "up"]);
+    let net = testworld::bridge(t, "net");
     let (a, b, c) = (Netns::new(t, "a"), Netns::new(t, "b"), Netns::new(t, "c"));
-    plug(&net, &a, "10.77.0.1");
-    plug(&net, &b, "10.77.0.2");
-    plug(&net, &c, "10.77.0.3");
+    testworld::plug(&net, &a, "10.77.0.1");
+    testworld::plug(&net, &b, "10.77.0.2");
+    testworld::plug(&net, &c, "10.77.0.3");
     let (w1, own1, dir1) = (Cgroup::new(t, "w1"), Cgroup::new(t, "d1"), NetnsDir::new(&format!("{t}-1")));
     let (w2, own2, dir2) = (Cgroup::new(t, "w2"), Cgroup::new(t, "d2"), NetnsDir::new(&format!("{t}-2")));
     dir1.add(&a);
@@ -109,7 +94,7 @@ fn replies_never_leave_the_pod_during_big_transfers_both_ways() {
     let t = testworld::kernel_test!();
     let w = world(t, &[]);
     let sink = testworld::server_with(&w.b, &["sink", "0.0.0.0", "8080"], "sink");
-    let b_link = format!("v{}", &w.b.name[..w.b.name.len().min(14)]);
+    let b_link = testworld::bridge_port(&w.b);
     let pcap = std::env::temp_dir().join(format!("{}.pcap", w.b.name));
     let pcap_s = pcap.display().to_string();
     let mut dump = Proc::spawn(

@@ -32,7 +32,7 @@ fn bpf(dp: &Dataplane, decision: &str) -> f64 {
 /// The data plane as the DaemonSet runs it, with a kubeconfig instead of
 /// the in-cluster configuration.
 fn start(api: &ApiServer, certs: &Certs, workload: &Cgroup, own: &Cgroup, dir: &NetnsDir, extra: &[&str]) -> Dataplane {
-    let mut args: Vec<String> = [
+    let mut args: Vec<String> = testworld::strings(&[
         "--kubeconfig",
         &api.kubeconfig(),
         "--node-name",
@@ -43,10 +43,7 @@ fn start(api: &ApiServer, certs: &Certs, workload: &Cgroup, own: &Cgroup, dir: &
         &workload.path.display().to_string(),
         "--certs",
         &certs.path(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     args.extend(extra.iter().map(|s| s.to_string()));
     Dataplane::start(own, &args)
 }

@@ -9,21 +9,6 @@ use testworld::{
     Proc,
 };
 
-/// Plugs `pod` into the bridge `br0` of `node` with address `addr/24`.
-fn plug(node: &Netns, pod: &Netns, addr: &str) {
-    let (pod_if, node_if) = ("eth0", format!("v{}", &pod.name[..pod.name.len().min(14)]));
-    let ok = Command::new("ip")
-        .args([
-            "link", "add", pod_if, "netns", &pod.name, "type", "veth", "peer", "name", &node_if, "netns", &node.name,
-        ])
-        .status()
-        .expect("ip link add");
-    assert!(ok.success(), "veth for {}", pod.name);
-    node.ip(&["link", "set", &node_if, "master", "br0", "up"]);
-    pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", pod_if]);
-    pod.ip(&["link", "set", pod_if, "up"]);
-}
-
 fn namespaces_in(admin: &str, state: &str) -> Option<f64> {
     let (_, text) = http_get(admin, "/metrics").ok()?;
     metric(&text, &format!("dataplane_namespaces{{state=\"{state}\"}}"))
@@ -35,9 +20,7 @@ fn a_node_serves_pods_as_they_come_and_go() {
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.3"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
-    let node = Netns::new(t, "node");
-    node.ip(&["link", "add", "br0", "type", "bridge"]);
-    node.ip(&["link", "set", "br0", "up"]);
+    let node = testworld::bridge(t, "node");
     let dir = NetnsDir::new(t);
     let dir_s = dir.path();
     let args = run_args(&workload, "10.77.0.0/16", &certs, &[], &["--netns-dir", &dir_s, "--admin", "127.0.0.1:0"]);
@@ -54,7 +37,7 @@ fn a_node_serves_pods_as_they_come_and_go() {
     }
     assert!(eventually(Duration::from_secs(3), || namespaces_in(&admin, "waiting_for_address") == Some(3.0)));
     for (i, p) in pods.iter().enumerate() {
-        plug(&node, p, &format!("10.77.0.{}", i + 1));
+        testworld::plug(&node, p, &format!("10.77.0.{}", i + 1));
     }
     let mut servers: Vec<Proc> =
         pods.iter().enumerate().map(|(i, p)| server(p, "0.0.0.0", 8080, &format!("p{}", i + 1))).collect();
@@ -100,7 +83,7 @@ fn a_node_serves_pods_as_they_come_and_go() {
     drop(p3);
     assert!(eventually(Duration::from_secs(2), || namespaces_in(&admin, "served") == Some(2.0)));
     let q3 = Netns::new(t, "q3");
-    plug(&node, &q3, "10.77.0.3");
+    testworld::plug(&node, &q3, "10.77.0.3");
     // The new pod has a new MAC: a CNI announces it (gratuitous ARP); here the
     // other pods simply forget the old one.
     for p in &pods {
@@ -114,7 +97,7 @@ fn a_node_serves_pods_as_they_come_and_go() {
 
     // A pod whose address has no certificate waits until one appears.
     let p4 = Netns::new(t, "p4");
-    plug(&node, &p4, "10.77.0.4");
+    testworld::plug(&node, &p4, "10.77.0.4");
     dir.add(&p4);
     let _s4 = server(&p4, "0.0.0.0", 8080, "p4");
     assert!(eventually(Duration::from_secs(2), || namespaces_in(&admin, "waiting_for_certificate") == Some(1.0)));
@@ -251,7 +234,7 @@ fn a_workloads_file_is_the_model_without_a_cluster() {
     dir.add(&b);
     let file_s = file.display().to_string();
     let dir_s = dir.path();
-    let args: Vec<String> = [
+    let args: Vec<String> = testworld::strings(&[
         "--workloads",
         &file_s,
         "--netns-dir",
@@ -260,10 +243,7 @@ fn a_workloads_file_is_the_model_without_a_cluster() {
         &workload.path.display().to_string(),
         "--certs",
         &certs.path(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     let dp = Dataplane::start(&own, &args);
     assert_eq!(namespaces_in(&dp.admin(), "served"), Some(2.0));
     let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);

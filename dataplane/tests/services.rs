@@ -18,19 +18,6 @@ use testworld::{
 const MESH: &str = "dataplane.dev/mesh";
 const VIP: &str = "10.96.0.10";
 
-/// Plugs `pod` into the bridge `br0` of `net` with address `addr/24`.
-fn plug(net: &Netns, pod: &Netns, addr: &str) {
-    let (pod_if, net_if) = ("eth0", format!("v{}", &pod.name[..pod.name.len().min(14)]));
-    let ok = Command::new("ip")
-        .args(["link", "add", pod_if, "netns", &pod.name, "type", "veth", "peer", "name", &net_if, "netns", &net.name])
-        .status()
-        .expect("ip link add");
-    assert!(ok.success(), "veth for {}", pod.name);
-    net.ip(&["link", "set", &net_if, "master", "br0", "up"]);
-    pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", pod_if]);
-    pod.ip(&["link", "set", pod_if, "up"]);
-}
-
 /// A data plane as on a node: the API through a kubeconfig, its pods from a
 /// namespace directory, certificates from a directory.
 struct Node {
@@ -46,7 +33,7 @@ fn node(t: &str, api: &ApiServer, certs: &Certs, name: &str) -> Node {
         Cgroup::new(t, &format!("d{name}")),
         NetnsDir::new(&format!("{t}-{name}")),
     );
-    let args: Vec<String> = [
+    let args: Vec<String> = testworld::strings(&[
         "--kubeconfig",
         &api.kubeconfig(),
         "--node-name",
@@ -57,10 +44,7 @@ fn node(t: &str, api: &ApiServer, certs: &Certs, name: &str) -> Node {
         &workload.path.display().to_string(),
         "--certs",
         &certs.path(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ]);
     Node { dp: Dataplane::start(&own, &args), workload, _own: own, dir }
 }
 
@@ -122,13 +106,11 @@ fn world(t: &str) -> World {
         endpoint_slice("shop", "web-2", "web", &[("admin", 9090)], &[("10.77.0.2", true, "node-a")]),
     );
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.3"]);
-    let net = Netns::new(t, "net");
-    net.ip(&["link", "add", "br0", "type", "bridge"]);
-    net.ip(&["link", "set", "br0", "up"]);
+    let net = testworld::bridge(t, "net");
     let (c, e1, e2) = (Netns::new(t, "c"), Netns::new(t, "e1"), Netns::new(t, "e2"));
-    plug(&net, &c, "10.77.0.1");
-    plug(&net, &e1, "10.77.0.2");
-    plug(&net, &e2, "10.77.0.3");
+    testworld::plug(&net, &c, "10.77.0.1");
+    testworld::plug(&net, &e1, "10.77.0.2");
+    testworld::plug(&net, &e2, "10.77.0.3");
     let servers = vec![
         server(&e1, "0.0.0.0", 8080, "e1"),
         server(&e2, "0.0.0.0", 8080, "e2"),
@@ -252,7 +234,7 @@ fn session_affinity_and_endpoints_outside_the_mesh() {
     );
     // A service in a namespace outside the mesh, its endpoint a pod there.
     let e3 = Netns::new(t, "e3");
-    plug(&w.net, &e3, "10.77.0.4");
+    testworld::plug(&w.net, &e3, "10.77.0.4");
     let _s3 = server(&e3, "0.0.0.0", 8080, "e3");
     w.api.put("namespaces", namespace("legacy", json!({})));
     w.api.put("pods", pod("legacy", "e3", "node-b", Some("10.77.0.4"), json!({}), json!({})));
@@ -264,21 +246,28 @@ fn session_affinity_and_endpoints_outside_the_mesh() {
     w.b.dir.add(&e3);
     assert!(eventually(Duration::from_secs(5), || metric(&metrics(&w.b), "dataplane_namespaces{state=\"passed\"}")
         == Some(1.0)));
-    thread::sleep(Duration::from_millis(300)); // the executors take the new table
+    // Services and their slices arrive on two watches: a Service may be in
+    // before its endpoints (and is refused meanwhile). Wait until both
+    // answer.
+    let answers = |vip: &str| {
+        let out = testworld::peer(&w.c, Some(&w.a.workload), &["expect-reset", vip, "80"]);
+        out[0]["result"] == "data"
+    };
+    assert!(eventually(Duration::from_secs(5), || answers("10.96.0.11") && answers("10.96.0.12")));
 
     let sticky = client(&w.c, Some(&w.a.workload), "10.96.0.11", 80, &["--count", "30"]);
     assert_eq!(spread(&sticky).len(), 1, "one client, one endpoint: {:?}", spread(&sticky));
 
+    let passthrough = || {
+        metric(&metrics(&w.a), "dataplane_service_connections_total{service=\"legacy/plain\",route=\"passthrough\"}")
+            .unwrap_or(0.0)
+    };
+    let before = passthrough();
     let plain = client(&w.c, Some(&w.a.workload), "10.96.0.12", 80, &[]);
     // Captured (the ClusterIP is the mesh's to route) but connected to
     // directly: the server sees the client pod's own address, not a tunnel.
     assert_eq!(plain[0].server, "e3");
     assert!(plain[0].server_saw.starts_with("10.77.0.1:"), "reached directly: {:?}", plain[0].server_saw);
-    let text = metrics(&w.a);
-    assert_eq!(
-        metric(&text, "dataplane_service_connections_total{service=\"legacy/plain\",route=\"passthrough\"}"),
-        Some(1.0),
-        "{text}"
-    );
+    assert_eq!(passthrough(), before + 1.0, "counted as passthrough: {}", metrics(&w.a));
     drop(w.e1);
 }

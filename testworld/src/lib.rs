@@ -42,7 +42,7 @@ pub use apiserver::ApiServer;
 pub use certs::Certs;
 pub use cgroup::{cgroup2_mount, Cgroup};
 pub use dataplane::{attached, dataplane_binary, run_args, Dataplane};
-pub use netns::{two_pods, veth, Netns, NetnsDir};
+pub use netns::{bridge, bridge_port, plug, two_pods, veth, Netns, NetnsDir};
 pub use peers::{client, peer, peers_py, server, server_with, Seen};
 pub use proc::Proc;
 pub use world::{world, World};
@@ -154,6 +154,11 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Owned copies of `args`, for a command line.
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
 }
 
 /// A BPF file system of the test's own (strict mode's pins), unmounted

@@ -98,6 +98,33 @@ pub fn two_pods(test: &str) -> (Netns, Netns, String) {
 }
 
 /// A directory of namespace files (symlinks to `ip netns` files), as
+/// A namespace with a bridge `br0` (up): the network of a few pods.
+pub fn bridge(test: &str, tag: &str) -> Netns {
+    let net = Netns::new(test, tag);
+    net.ip(&["link", "add", "br0", "type", "bridge"]);
+    net.ip(&["link", "set", "br0", "up"]);
+    net
+}
+
+/// Plugs `pod` into the bridge `br0` of `net` with address `addr/24`, as
+/// `eth0`; the bridge side is named after the pod (`v<name>`, see
+/// [`bridge_port`]).
+pub fn plug(net: &Netns, pod: &Netns, addr: &str) {
+    let (pod_if, net_if) = ("eth0", bridge_port(pod));
+    run(Command::new("ip").args([
+        "link", "add", pod_if, "netns", &pod.name, "type", "veth", "peer", "name", &net_if, "netns", &net.name,
+    ]));
+    net.ip(&["link", "set", &net_if, "master", "br0", "up"]);
+    pod.ip(&["addr", "add", &format!("{addr}/24"), "dev", pod_if]);
+    pod.ip(&["link", "set", pod_if, "up"]);
+}
+
+/// The bridge-side interface of a pod plugged with [`plug`].
+pub fn bridge_port(pod: &Netns) -> String {
+    format!("v{}", &pod.name[..pod.name.len().min(14)])
+}
+
+/// A directory of namespace files (symlinks to `ip netns` files), as
 /// containerd keeps under /var/run/netns; removed on drop.
 #[derive(Debug)]
 pub struct NetnsDir(PathBuf);
