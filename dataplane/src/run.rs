@@ -369,6 +369,9 @@ struct Pending {
     skip_outbound: Vec<u16>,
     listening: BTreeSet<usize>,
     since: Instant,
+    ns: Arc<crate::netns::Netns>,
+    /// The pod's addresses, when its application should see clients'.
+    return_path: Option<Vec<std::net::Ipv4Addr>>,
 }
 
 impl Control {
@@ -380,11 +383,19 @@ impl Control {
             match change {
                 Change::Enroll { ns, cookie, skip_outbound, since, addresses, client_address } => {
                     migrate_requests(&ns);
-                    self.pending.insert(ns.id(), Pending { cookie, skip_outbound, listening: BTreeSet::new(), since });
+                    let return_path = client_address.then_some(addresses);
+                    let pending = Pending {
+                        cookie,
+                        skip_outbound,
+                        listening: BTreeSet::new(),
+                        since,
+                        ns: ns.clone(),
+                        return_path,
+                    };
+                    self.pending.insert(ns.id(), pending);
                     for s in &self.shards {
                         let _ = s.tx.send(shard::ToShard::Enroll(ns.clone()));
                     }
-                    self.return_path(&ns, &addresses, client_address);
                 }
                 Change::Ports(id, cookie, skip) => match self.pending.get_mut(&id) {
                     Some(p) => p.skip_outbound = skip,
@@ -473,6 +484,11 @@ impl Control {
                     let took = p.since.elapsed();
                     let _ = self.enrolment.record(took.as_micros().max(1) as u64);
                     info!(?netns, ?took, "namespace served: its connects are captured");
+                    // Then the return path (a few milliseconds of nft and ip):
+                    // the pod is served meanwhile, from its own address.
+                    if let Some(addresses) = p.return_path {
+                        self.return_path(&p.ns, &addresses, true);
+                    }
                 }
             }
             shard::ShardEvent::Failed { cpu, netns, error } => {

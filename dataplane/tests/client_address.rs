@@ -55,6 +55,10 @@ fn world(t: &str, extra: &[&str]) -> World {
     let node1 = start(&w1, &own1, &dir1, &certs, extra);
     let node2 = start(&w2, &own2, &dir2, &certs, extra);
     assert!(served(&node1, 2.0) && served(&node2, 1.0));
+    // The return path follows shortly after a pod is served.
+    if !extra.contains(&"--no-client-address") {
+        assert!(eventually(Duration::from_secs(5), || rules_in(&b).0.contains("table ip dataplane")));
+    }
     World { node1, node2, w1, dir2, a, b, c, net, certs, own2, w2, _own1: own1, _dir1: dir1 }
 }
 
@@ -159,6 +163,7 @@ fn a_killed_data_plane_leaves_the_pod_working_and_the_next_one_cleans_up() {
     // A new data plane re-installs, once.
     w.node2 = start(&w.w2, &w.own2, &w.dir2, &w.certs, &[]);
     assert!(served(&w.node2, 1.0));
+    assert!(eventually(Duration::from_secs(5), || rules_in(&w.b).1.contains("lookup 18001")));
     let (nft, rules) = rules_in(&w.b);
     assert_eq!(nft.matches("table ip dataplane").count(), 1, "{nft}");
     assert_eq!(rules.matches("lookup 18001").count(), 1, "{rules}");
