@@ -247,7 +247,7 @@ where
 ///
 /// While it waits, `fut` is re-polled after 50 ms, then at doubling
 /// intervals up to a second: the same lost readiness wake-up that
-/// [`idle_watch`] guards the relay against was seen to hold a TLS handshake
+/// the relay's idle watch guards against was seen to hold a TLS handshake
 /// until its deadline (10 s), where the timer's wake-up found it complete.
 pub async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
     future::or(async { Some(fut.await) }, async {
