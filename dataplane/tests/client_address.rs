@@ -99,7 +99,8 @@ fn replies_never_leave_the_pod_during_big_transfers_both_ways() {
     let w = world(t, &[]);
     let sink = testworld::server_with(&w.b, &["sink", "0.0.0.0", "8080"], "sink");
     let b_link = testworld::bridge_port(&w.b);
-    let pcap = std::env::temp_dir().join(format!("{}.pcap", w.b.name));
+    let pcap_file = testworld::TempFile(std::env::temp_dir().join(format!("{}.pcap", w.b.name)));
+    let pcap = &pcap_file.0;
     let pcap_s = pcap.display().to_string();
     let mut dump = Proc::spawn(
         w.net.command(None, "tcpdump", &["--immediate-mode", "-i", &b_link, "-n", "-s", "96", "-w", &pcap_s, "tcp"]),
@@ -120,7 +121,6 @@ fn replies_never_leave_the_pod_during_big_transfers_both_ways() {
     let other =
         Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp and not port 18001"]).output().expect("tcpdump");
     let all = Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp"]).output().expect("tcpdump");
-    let _ = fs::remove_file(&pcap);
     assert!(String::from_utf8_lossy(&all.stdout).lines().count() > 1000, "the capture saw the transfer");
     assert_eq!(String::from_utf8_lossy(&other.stdout).trim(), "", "nothing but the tunnel on B's link");
 }

@@ -90,7 +90,8 @@ fn pods_join_and_leave_the_mesh_by_label_and_annotation() {
 
     // Meshed to meshed: tunnelled, only TLS on B's link.
     let marker = "KUBE-MARKER-5d1e";
-    let pcap = std::env::temp_dir().join(format!("{}.pcap", b.name));
+    let pcap_file = testworld::TempFile(std::env::temp_dir().join(format!("{}.pcap", b.name)));
+    let pcap = &pcap_file.0;
     let pcap_s = pcap.display().to_string();
     let mut dump = Proc::spawn(
         b.command(None, "tcpdump", &["--immediate-mode", "-i", &b_if, "-n", "-w", &pcap_s, "tcp"]),
@@ -108,8 +109,7 @@ fn pods_join_and_leave_the_mesh_by_label_and_annotation() {
     thread::sleep(Duration::from_millis(200));
     dump.signal("INT");
     dump.wait(Duration::from_secs(10));
-    let raw = fs::read(&pcap).expect("pcap");
-    let _ = fs::remove_file(&pcap);
+    let raw = fs::read(pcap).expect("pcap");
     assert!(raw.len() > 500, "the capture saw the traffic");
     assert!(!raw.windows(marker.len()).any(|w| w == marker.as_bytes()), "only TLS on the link");
 
@@ -161,7 +161,8 @@ fn a_pod_the_api_has_not_shown_yet_is_refused_never_plaintext() {
     dir.add(&a);
     assert!(eventually(Duration::from_secs(3), || namespaces_in(&dp, "unclaimed") == Some(1.0)), "{}", metrics(&dp));
 
-    let pcap = std::env::temp_dir().join(format!("{}.pcap", b.name));
+    let pcap_file = testworld::TempFile(std::env::temp_dir().join(format!("{}.pcap", b.name)));
+    let pcap = &pcap_file.0;
     let pcap_s = pcap.display().to_string();
     let filter = "tcp port 8080";
     let mut dump = Proc::spawn(
@@ -190,8 +191,7 @@ fn a_pod_the_api_has_not_shown_yet_is_refused_never_plaintext() {
     thread::sleep(Duration::from_millis(200));
     dump.signal("INT");
     dump.wait(Duration::from_secs(10));
-    let raw = fs::read(&pcap).expect("pcap");
-    let _ = fs::remove_file(&pcap);
+    let raw = fs::read(pcap).expect("pcap");
     // pcap global header (24 bytes) and nothing else: no packet to port
     // 8080 ever crossed the link, refused or tunnelled.
     assert_eq!(raw.len(), 24, "no plaintext packet to the meshed port on the wire");

@@ -49,7 +49,8 @@ fn a_node_serves_pods_as_they_come_and_go() {
 
     // Every pair, both ways, with only TLS on the bridge.
     let marker = "NODE-MARKER-93c1";
-    let pcap = std::env::temp_dir().join(format!("{}.pcap", node.name));
+    let pcap_file = testworld::TempFile(std::env::temp_dir().join(format!("{}.pcap", node.name)));
+    let pcap = &pcap_file.0;
     let pcap_s = pcap.display().to_string();
     let mut dump = Proc::spawn(
         node.command(None, "tcpdump", &["--immediate-mode", "-i", "br0", "-n", "-w", &pcap_s, "tcp"]),
@@ -70,8 +71,7 @@ fn a_node_serves_pods_as_they_come_and_go() {
     thread::sleep(Duration::from_millis(200));
     dump.signal("INT");
     dump.wait(Duration::from_secs(10));
-    let raw = fs::read(&pcap).expect("pcap");
-    let _ = fs::remove_file(&pcap);
+    let raw = fs::read(pcap).expect("pcap");
     assert!(raw.len() > 1000, "the capture saw the traffic");
     assert!(!raw.windows(marker.len()).any(|w| w == marker.as_bytes()), "only TLS on the bridge");
 

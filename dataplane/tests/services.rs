@@ -141,7 +141,8 @@ fn a_service_spreads_over_its_endpoints_through_the_tunnel() {
     let uncaptured = client(&w.c, None, VIP, 80, &[]);
     assert_eq!((uncaptured[0].server.as_str(), uncaptured[0].peer.as_str()), ("e2", "10.96.0.10:80"), "DNAT works");
     let marker = "SERVICE-MARKER-7c2a";
-    let pcap = std::env::temp_dir().join(format!("{}.pcap", w.net.name));
+    let pcap_file = testworld::TempFile(std::env::temp_dir().join(format!("{}.pcap", w.net.name)));
+    let pcap = &pcap_file.0;
     let pcap_s = pcap.display().to_string();
     let mut dump = Proc::spawn(
         w.net.command(None, "tcpdump", &["--immediate-mode", "-i", "br0", "-n", "-w", &pcap_s, "tcp"]),
@@ -162,13 +163,12 @@ fn a_service_spreads_over_its_endpoints_through_the_tunnel() {
     thread::sleep(Duration::from_millis(200));
     dump.signal("INT");
     dump.wait(Duration::from_secs(10));
-    let raw = fs::read(&pcap).expect("pcap");
+    let raw = fs::read(pcap).expect("pcap");
     assert!(!raw.windows(marker.len()).any(|x| x == marker.as_bytes()), "only TLS on the wire");
     // And only port 18001: the capture read back, filtered to anything else.
     let all = Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp"]).output().expect("tcpdump -r");
     let other =
         Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp and not port 18001"]).output().expect("tcpdump -r");
-    let _ = fs::remove_file(&pcap);
     assert!(all.status.success() && other.status.success());
     assert!(String::from_utf8_lossy(&all.stdout).lines().count() > 400, "the capture saw the tunnels");
     assert_eq!(String::from_utf8_lossy(&other.stdout).trim(), "", "nothing but 18001 between the pods");

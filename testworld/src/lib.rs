@@ -184,6 +184,17 @@ impl Drop for BpfFs {
     }
 }
 
+/// A file a test writes (a packet capture, say), removed on drop, so a
+/// failing test leaves it behind no more than a passing one.
+#[derive(Debug)]
+pub struct TempFile(pub PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 /// A temporary directory for this test, removed on drop.
 #[derive(Debug)]
 pub struct TempDir(pub PathBuf);
