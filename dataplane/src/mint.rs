@@ -93,8 +93,8 @@ impl Minter {
         }
         let Some(ca) = self.ca.clone() else { return changed.then(|| self.identity()).flatten() };
         let mut want = BTreeMap::new();
-        for w in model.map(Model::workloads).unwrap_or_default() {
-            if w.local && w.meshed() && !w.addresses.is_empty() {
+        for w in model.into_iter().flat_map(Model::local) {
+            if w.meshed() && !w.addresses.is_empty() {
                 let ips: Vec<IpAddr> = w.addresses.iter().map(|a| IpAddr::V4(*a)).collect();
                 let spiffe = pki::spiffe_id(&self.spec.trust_domain, &w.namespace, &w.service_account);
                 want.insert((w.namespace.clone(), w.name.clone()), (ips, spiffe));

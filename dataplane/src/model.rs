@@ -109,6 +109,9 @@ impl Workload {
 pub struct Model {
     workloads: Vec<Workload>,
     services: Vec<crate::services::Service>,
+    /// Where the local workloads are in `workloads`: a node's hundred pods
+    /// among a cluster's, looked up on every look at the namespace directory.
+    local: Vec<usize>,
 }
 
 impl Model {
@@ -121,13 +124,14 @@ impl Model {
     pub fn with_services(mut workloads: Vec<Workload>, mut services: Vec<crate::services::Service>) -> Arc<Self> {
         workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        Arc::new(Self { workloads, services })
+        let local = workloads.iter().enumerate().filter(|(_, w)| w.local).map(|(i, _)| i).collect();
+        Arc::new(Self { workloads, services, local })
     }
 
     /// The service table: every ClusterIP:port and its ready endpoints,
-    /// marked meshed when a meshed workload holds the address.
-    pub fn service_table(&self) -> crate::services::Table {
-        let meshed = self.meshed_destinations();
+    /// marked meshed when `meshed` (see [`Model::meshed_destinations`])
+    /// holds the address.
+    pub fn service_table(&self, meshed: &BTreeMap<Ipv4Addr, Vec<u16>>) -> crate::services::Table {
         crate::services::table(&self.services, |ip| meshed.contains_key(&ip))
     }
 
@@ -136,11 +140,16 @@ impl Model {
         &self.workloads
     }
 
+    /// The workloads on this node.
+    pub fn local(&self) -> impl Iterator<Item = &Workload> {
+        self.local.iter().map(|i| &self.workloads[*i])
+    }
+
     /// The local workload holding `addr`, if one does. Two local workloads
     /// claiming one address (a stale object beside its successor) give
     /// `Err` with both names: neither is trusted until it clears.
     pub fn local_with(&self, addr: Ipv4Addr) -> Result<Option<&Workload>, String> {
-        let mut found = self.workloads.iter().filter(|w| w.local && w.addresses.contains(&addr));
+        let mut found = self.local().filter(|w| w.addresses.contains(&addr));
         match (found.next(), found.next()) {
             (Some(a), Some(b)) => Err(format!("{addr} is claimed by both {} and {}", a.key(), b.key())),
             (first, _) => Ok(first),
@@ -149,7 +158,7 @@ impl Model {
 
     /// Local workloads that name their namespace file.
     pub fn named_netns(&self) -> impl Iterator<Item = &PathBuf> {
-        self.workloads.iter().filter(|w| w.local).filter_map(|w| w.netns.as_ref())
+        self.local().filter_map(|w| w.netns.as_ref())
     }
 
     /// Every meshed address, anywhere, with the inbound ports its pod leaves
@@ -170,7 +179,7 @@ impl Model {
     /// each reason.
     pub fn local_counts(&self) -> BTreeMap<&'static str, u64> {
         let mut m = BTreeMap::new();
-        for w in self.workloads.iter().filter(|w| w.local) {
+        for w in self.local() {
             let label = match &w.mode {
                 Mode::Meshed { .. } => "meshed",
                 Mode::Outside(why) => why.label(),

@@ -541,7 +541,9 @@ impl Control {
                 "meshed destinations not written (map full?): connects to them go direct"
             );
         }
-        self.set_services(Arc::new(model.service_table()), self.model.is_none());
+        // The meshed destinations, computed once, also mark which Service
+        // endpoints are tunnelled to.
+        self.set_services(Arc::new(model.service_table(&want)), self.model.is_none());
         // Every pod change in the cluster lands here: the first model is
         // worth a line, the rest only at debug.
         if self.model.is_none() {

@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(web.mode, Mode::Meshed { skip_outbound: vec![5432], skip_inbound: vec![9090] });
         assert!(web.local && web.service_account == "web");
         assert_eq!(m.meshed_destinations().len(), 2, "web and db");
-        let table = m.service_table();
+        let table = m.service_table(&m.meshed_destinations());
         let db = table.get("10.96.0.20:5432".parse().expect("vip")).expect("the db service");
         assert!(db.client_ip_affinity && db.backends.len() == 1 && db.backends[0].meshed);
     }

@@ -433,7 +433,7 @@ mod tests {
         s.apply(Change::Slice(Box::new(watcher::Event::InitApply(slice))));
         s.apply(Change::Slice(Box::new(watcher::Event::InitDone)));
         let m = s.model().expect("all listed");
-        let table = m.service_table();
+        let table = m.service_table(&m.meshed_destinations());
         let web = table.get("10.96.0.10:80".parse().expect("vip")).expect("the TCP port");
         assert!(web.client_ip_affinity);
         let backends: Vec<String> = web.backends.iter().map(|b| format!("{} {}", b.addr, b.meshed)).collect();
