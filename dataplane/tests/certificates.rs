@@ -62,20 +62,9 @@ fn agent(t: &str, api: &ApiServer, bundle: &str, name: &str, pods: &[&Netns], ex
         dir.add(p);
     }
     let kc = api.kubeconfig_as(&format!("agent-{name}"), User::service_account_on(AGENT_NS, AGENT, name));
-    let mut args: Vec<String> = testworld::strings(&[
-        "--kubeconfig",
-        &kc,
-        "--node-name",
-        name,
-        "--netns-dir",
-        &dir.path(),
-        "--workload-cgroup",
-        &workload.path.display().to_string(),
-        "--node-ca",
-        "--trust-bundle",
-        bundle,
-    ]);
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut more = vec!["--node-ca", "--trust-bundle", bundle];
+    more.extend_from_slice(extra);
+    let args = testworld::node_args(&kc, name, &dir, &workload, &more);
     NodeAgent { dp: Dataplane::start(&own, &args), workload, _own: own, _dir: dir }
 }
 

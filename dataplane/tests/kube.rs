@@ -32,20 +32,10 @@ fn bpf(dp: &Dataplane, decision: &str) -> f64 {
 /// The data plane as the DaemonSet runs it, with a kubeconfig instead of
 /// the in-cluster configuration.
 fn start(api: &ApiServer, certs: &Certs, workload: &Cgroup, own: &Cgroup, dir: &NetnsDir, extra: &[&str]) -> Dataplane {
-    let mut args: Vec<String> = testworld::strings(&[
-        "--kubeconfig",
-        &api.kubeconfig(),
-        "--node-name",
-        "node-a",
-        "--netns-dir",
-        &dir.path(),
-        "--workload-cgroup",
-        &workload.path.display().to_string(),
-        "--certs",
-        &certs.path(),
-    ]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Dataplane::start(own, &args)
+    let certs_dir = certs.path();
+    let mut more = vec!["--certs", certs_dir.as_str()];
+    more.extend_from_slice(extra);
+    Dataplane::start(own, &testworld::node_args(&api.kubeconfig(), "node-a", dir, workload, &more))
 }
 
 /// A bare connect from `ns` in `cgroup`: what the kernel said.

@@ -33,18 +33,8 @@ fn node(t: &str, api: &ApiServer, certs: &Certs, name: &str) -> Node {
         Cgroup::new(t, &format!("d{name}")),
         NetnsDir::new(&format!("{t}-{name}")),
     );
-    let args: Vec<String> = testworld::strings(&[
-        "--kubeconfig",
-        &api.kubeconfig(),
-        "--node-name",
-        name,
-        "--netns-dir",
-        &dir.path(),
-        "--workload-cgroup",
-        &workload.path.display().to_string(),
-        "--certs",
-        &certs.path(),
-    ]);
+    let certs_dir = certs.path();
+    let args = testworld::node_args(&api.kubeconfig(), name, &dir, &workload, &["--certs", &certs_dir]);
     Node { dp: Dataplane::start(&own, &args), workload, _own: own, dir }
 }
 

@@ -46,6 +46,30 @@ pub fn run_args(workload: &Cgroup, cidr: &str, certs: &Certs, pods: &[&Netns], e
     args
 }
 
+/// `dataplane run` arguments of a node agent as the DaemonSet runs it, with
+/// a kubeconfig instead of the in-cluster configuration: this node's name,
+/// its namespace directory, its workload cgroup, and `extra` (certificates).
+pub fn node_args(
+    kubeconfig: &str,
+    node: &str,
+    dir: &crate::NetnsDir,
+    workload: &Cgroup,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = crate::strings(&[
+        "--kubeconfig",
+        kubeconfig,
+        "--node-name",
+        node,
+        "--netns-dir",
+        &dir.path(),
+        "--workload-cgroup",
+        &workload.path.display().to_string(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// A running data plane.
 #[derive(Debug)]
 pub struct Dataplane {
