@@ -40,7 +40,8 @@ type Tls = futures_rustls::client::TlsStream<TcpStream>;
 /// Serves one captured connection, start to finish, on this executor
 /// (`rec` was opened when it was accepted).
 pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpStream, mut rec: Record) {
-    if let Ok(client) = downstream.peer_addr() {
+    let peer = downstream.peer_addr().ok();
+    if let Some(client) = peer {
         rec.client(ClientAddr(client));
     }
     // With conntrack active in the namespace (any nftables or iptables rule
@@ -70,10 +71,13 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     // this connection against the endpoint until it ends.
     let mut orig = orig;
     let mut _load = None;
-    if let (SocketAddr::V4(vip), Some(fe)) = (orig.0, orig_v4(orig).and_then(|v| shard.service(v))) {
-        let client_ip = match rec_client(&downstream) {
-            Some(ip) => ip,
-            None => std::net::Ipv4Addr::UNSPECIFIED,
+    if let Some((vip, fe)) = match orig.0 {
+        SocketAddr::V4(vip) => shard.service(vip).map(|fe| (vip, fe)),
+        SocketAddr::V6(_) => None,
+    } {
+        let client_ip = match peer {
+            Some(SocketAddr::V4(a)) => *a.ip(),
+            _ => std::net::Ipv4Addr::UNSPECIFIED,
         };
         let Some((endpoint, load)) = shard.choose_endpoint(&fe, client_ip) else {
             shard.count_service(&fe.service, ServiceRoute::NoEndpoint);
@@ -100,20 +104,6 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     rec.tunnel_ready();
     let result = relay::relay(&mut downstream, &mut tls, shard.timeouts.idle).await;
     rec.relayed(0, result, &downstream, tls.get_ref().0);
-}
-
-fn orig_v4(orig: OrigDstAddr) -> Option<std::net::SocketAddrV4> {
-    match orig.0 {
-        SocketAddr::V4(v) => Some(v),
-        SocketAddr::V6(_) => None,
-    }
-}
-
-fn rec_client(downstream: &TcpStream) -> Option<std::net::Ipv4Addr> {
-    match downstream.peer_addr().ok()? {
-        SocketAddr::V4(a) => Some(*a.ip()),
-        SocketAddr::V6(_) => None,
-    }
 }
 
 /// A Service endpoint outside the mesh: connected to directly from the
