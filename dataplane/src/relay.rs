@@ -243,6 +243,18 @@ where
     result.map(|()| bytes).map_err(|end| RelayError { end, bytes })
 }
 
+/// Runs `fut` to the end, re-polling it every `every` while it waits: the
+/// lost readiness wake-up of [`within`] guards also for waits with no
+/// deadline (an accept loop).
+pub async fn repolled<T>(every: Duration, fut: impl std::future::Future<Output = T>) -> T {
+    future::or(fut, async {
+        loop {
+            glommio::timer::sleep(every).await;
+        }
+    })
+    .await
+}
+
 /// Runs `fut`, giving up after `limit`.
 ///
 /// While it waits, `fut` is re-polled after 50 ms, then at doubling

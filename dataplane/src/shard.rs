@@ -337,6 +337,8 @@ impl AcceptLoop {
 /// into a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How often a waiting accept is re-polled (see `relay::repolled`).
+const ACCEPT_REPOLL: Duration = Duration::from_secs(1);
 
 async fn accept_loop(
     listener: TcpListener,
@@ -347,7 +349,10 @@ async fn accept_loop(
 ) {
     let mut backoff = ACCEPT_BACKOFF;
     loop {
-        match listener.accept().await {
+        // Re-polled every second: an accept whose wake-up went missing
+        // would otherwise wait for the next connection (a tunnel handshake
+        // was seen to wait out its 10 s with no trace on the accepting side).
+        match crate::relay::repolled(ACCEPT_REPOLL, listener.accept()).await {
             Ok(conn) => {
                 backoff = ACCEPT_BACKOFF;
                 // Counted as open from the moment it is accepted, before its
