@@ -30,10 +30,9 @@ fn root() -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
 
 /// One full handshake between `client` (from `a`) and `server` (at `b`).
 fn handshake(client: &Identity, server: &Identity, a: IpAddr, b: IpAddr) {
-    let mut c =
-        ClientConnection::new(Arc::new(client.client_config(a).expect("client")), ServerName::IpAddress(b.into()))
-            .expect("client conn");
-    let mut s = ServerConnection::new(Arc::new(server.server_config(b).expect("server"))).expect("server conn");
+    let mut c = ClientConnection::new(client.client_config(a).expect("client"), ServerName::IpAddress(b.into()))
+        .expect("client conn");
+    let mut s = ServerConnection::new(server.server_config(b).expect("server")).expect("server conn");
     let mut buf = Vec::with_capacity(8192);
     while c.is_handshaking() || s.is_handshaking() {
         buf.clear();

@@ -8,13 +8,10 @@
 //!   across threads), and the [`Timeouts`];
 //! - [`Record`]: a connection's outcome, recorded exactly once, its log line
 //!   limited by [`Quiet`] so a flood cannot flood the log;
-//! - [`Admission`]: the bound on unauthenticated connections at 18001;
-//! - [`TlsConfigs`]: this executor's own TLS configurations and session
-//!   stores, built from the shared, immutable [`Identity`].
+//! - [`Admission`]: the bound on unauthenticated connections at 18001.
 mod admission;
 mod quiet;
 mod record;
-mod tls;
 
 use std::{
     cell::RefCell,
@@ -30,7 +27,6 @@ use std::{
 pub use admission::{Admission, Ticket, MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_SOURCE};
 pub use quiet::Quiet;
 pub use record::Record;
-pub use tls::TlsConfigs;
 
 use crate::{ebpf::OrigLookup, identity::Identity, stats::Snapshot};
 
@@ -73,7 +69,8 @@ pub struct ShardCtx {
     pub bypass_mark: u32,
     /// Limits.
     pub timeouts: Timeouts,
-    tls: RefCell<TlsConfigs>,
+    /// The certificates, as the control thread last sent them.
+    identity: RefCell<Arc<Identity>>,
     stats: RefCell<Snapshot>,
     open: Arc<Open>,
     /// Unauthenticated connections at 18001.
@@ -124,7 +121,7 @@ impl ShardCtx {
             cpu,
             bypass_mark,
             timeouts,
-            tls: RefCell::new(TlsConfigs::new(identity)),
+            identity: RefCell::new(identity),
             stats: RefCell::new(Snapshot::default()),
             open,
             admission: Rc::new(Admission::default()),
@@ -196,17 +193,16 @@ impl ShardCtx {
 
     /// New certificates, for new handshakes.
     pub fn set_identity(&self, identity: Arc<Identity>) {
-        self.tls.borrow_mut().replace(identity);
+        *self.identity.borrow_mut() = identity;
     }
 
-    /// This executor's client configuration for a tunnel leaving from `src`.
+    /// The client configuration for a tunnel leaving from `src`.
     pub fn client_config(&self, src: IpAddr) -> Result<Arc<rustls::ClientConfig>, crate::identity::Error> {
-        self.tls.borrow_mut().client(src)
+        self.identity.borrow().client_config(src)
     }
 
-    /// This executor's server configuration for a tunnel that arrived at
-    /// `local`.
+    /// The server configuration for a tunnel that arrived at `local`.
     pub fn server_config(&self, local: IpAddr) -> Result<Arc<rustls::ServerConfig>, crate::identity::Error> {
-        self.tls.borrow_mut().server(local)
+        self.identity.borrow().server_config(local)
     }
 }

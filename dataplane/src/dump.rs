@@ -42,7 +42,7 @@ pub fn to_json(stats: &Snapshot, bpf: &[(StatIndex, u64)], at: SystemTime) -> Va
         };
         json!({
             "accepted": f.accepted, "active": f.active(), "completed": f.completed, "failed": f.failed,
-            "bytes_to_upstream": f.bytes_up, "bytes_to_downstream": f.bytes_down,
+            "bytes_to_upstream": f.bytes_up, "bytes_to_downstream": f.bytes_down, "tls_resumed": f.resumed,
         })
     };
     let failures: Vec<Value> = stats

@@ -47,16 +47,25 @@ pub enum Error {
     NoCert(IpAddr),
 }
 
-/// The TLS configurations for one address, built and checked at load time.
-/// Executors never use these directly: each takes copies with session stores
-/// of its own ([`Identity::client_config`], [`Identity::server_config`]).
+/// The TLS configurations for one address, built and checked at load time
+/// and shared by every executor, so that a session resumes whichever
+/// executors its connections land on:
+///
+/// - the server side issues stateless tickets (sealed with a key of this
+///   address's own, rotated by rustls), which every executor can open;
+/// - the client side keeps the tickets it received in one store for this
+///   address.
+///
+/// Both live and die with the [`Identity`]: new certificates, or another
+/// pod with this address, start with no sessions, so no session outlives
+/// the certificates it was authenticated with.
 #[derive(Debug)]
 struct Configs {
-    client: ClientConfig,
-    server: ServerConfig,
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
 }
 
-/// Sessions each executor remembers, per address and side (rustls's default).
+/// Servers whose tickets the client side keeps, per address (rustls's default).
 const SESSIONS: usize = 256;
 
 /// Everything loaded from one certificate directory. Immutable: a reload
@@ -170,24 +179,14 @@ impl Identity {
         self.by_ip.keys().copied()
     }
 
-    /// A client configuration for a tunnel leaving from `src`, with a
-    /// session store of its own (a clone would share the original's).
-    pub fn client_config(&self, src: IpAddr) -> Result<ClientConfig, Error> {
-        let mut c = self.by_ip.get(&src).ok_or(Error::NoCert(src))?.client.clone();
-        if self.resumption {
-            c.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS);
-        }
-        Ok(c)
+    /// The client configuration for a tunnel leaving from `src`.
+    pub fn client_config(&self, src: IpAddr) -> Result<Arc<ClientConfig>, Error> {
+        Ok(self.by_ip.get(&src).ok_or(Error::NoCert(src))?.client.clone())
     }
 
-    /// A server configuration for a tunnel that arrived at `local`, with a
-    /// session store of its own.
-    pub fn server_config(&self, local: IpAddr) -> Result<ServerConfig, Error> {
-        let mut c = self.by_ip.get(&local).ok_or(Error::NoCert(local))?.server.clone();
-        if self.resumption {
-            c.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSIONS);
-        }
-        Ok(c)
+    /// The server configuration for a tunnel that arrived at `local`.
+    pub fn server_config(&self, local: IpAddr) -> Result<Arc<ServerConfig>, Error> {
+        Ok(self.by_ip.get(&local).ok_or(Error::NoCert(local))?.server.clone())
     }
 }
 
@@ -243,12 +242,16 @@ fn build(
         .with_single_cert(chain, key)
         .map_err(tls_err(format!("server certificate {ip}")))?;
     server.alpn_protocols = vec![preamble::ALPN.to_vec()];
-    if !resumption {
+    // TLS 1.3 only: with a ticketer no session is stored on the server side.
+    server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    if resumption {
+        client.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS);
+        server.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(tls_err(format!("ticket key {ip}")))?;
+    } else {
         client.resumption = rustls::client::Resumption::disabled();
-        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.send_tls13_tickets = 0;
     }
-    Ok(Configs { client, server })
+    Ok(Configs { client: Arc::new(client), server: Arc::new(server) })
 }
 
 /// Why a verified peer certificate is still not accepted.

@@ -22,6 +22,7 @@ use dataplane_common::{preamble, INBOUND_PORT, OUTBOUND_PORT};
 use futures_lite::io::AsyncWriteExt;
 use futures_rustls::TlsAcceptor;
 use glommio::net::TcpStream;
+use rustls::HandshakeKind;
 
 use crate::{
     addrs::{ClientAddr, LocalAddr, OrigDstAddr},
@@ -197,9 +198,9 @@ async fn accept(
         phase.set(Phase::Handshake);
         let started = Instant::now();
         let mut tls = TlsAcceptor::from(config).accept(conn).await.map_err(Refusal::Handshake)?;
-        rec.handshake(started.elapsed());
-        phase.set(Phase::Preamble);
         let (_, session) = tls.get_ref();
+        rec.handshake(started.elapsed(), session.handshake_kind() == Some(HandshakeKind::Resumed));
+        phase.set(Phase::Preamble);
         if session.alpn_protocol() != Some(preamble::ALPN) {
             return Err(Refusal::Alpn);
         }

@@ -23,6 +23,7 @@ use dataplane_common::{preamble, INBOUND_PORT};
 use futures_lite::io::AsyncWriteExt;
 use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
+use rustls::HandshakeKind;
 use rustls_pki_types::ServerName;
 
 use crate::{
@@ -162,7 +163,7 @@ async fn open_tunnel(shard: &ShardCtx, rec: &mut Record, netns: &Netns, orig: Or
             return Err((Blame::Upstream, Reason::HandshakeTimeout, format!("TLS handshake with {tunnel} timed out")))
         }
     };
-    rec.handshake(handshake_started.elapsed());
+    rec.handshake(handshake_started.elapsed(), tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed));
     if let Ok(id) = crate::identity::peer_identity(tls.get_ref().1.peer_certificates()) {
         rec.peer(id);
     }

@@ -137,6 +137,9 @@ pub struct Flow {
     pub bytes_down: u64,
     /// Accepts that failed (EMFILE and the like).
     pub accept_errors: u64,
+    /// TLS handshakes that resumed an earlier session (no certificates
+    /// exchanged, no signatures).
+    pub resumed: u64,
 }
 
 impl Flow {
@@ -239,6 +242,7 @@ impl Snapshot {
             mine.bytes_up += theirs.bytes_up;
             mine.bytes_down += theirs.bytes_down;
             mine.accept_errors += theirs.accept_errors;
+            mine.resumed += theirs.resumed;
         }
         self.logs_suppressed += other.logs_suppressed;
         self.client_address_fallbacks += other.client_address_fallbacks;

@@ -163,6 +163,52 @@ fn two_nodes_talk_both_ways() {
     assert_eq!((ba[0].peer.as_str(), ba[0].server.as_str()), ("127.0.0.1:18000", "a"), "node 2 to node 1");
 }
 
+/// Sessions resume whichever executors a pod's connections land on: the
+/// server side's tickets open on every executor, and the client side keeps
+/// what it received in one store per pod address. With a store and a ticket
+/// key per executor (as before), only connections that happened to land on
+/// the same executors at both ends resumed: about half with two.
+#[test]
+fn sessions_resume_across_executors() {
+    let t = testworld::kernel_test!();
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
+    let (a, b, _) = two_pods(t);
+    let _sb = server(&b, "0.0.0.0", 8080, "b");
+    let (w1, o1, d1) = (Cgroup::new(t, "w1"), Cgroup::new(t, "d1"), NetnsDir::new(&format!("{t}-1")));
+    let (w2, o2, d2) = (Cgroup::new(t, "w2"), Cgroup::new(t, "d2"), NetnsDir::new(&format!("{t}-2")));
+    d1.add(&a);
+    d2.add(&b);
+    let (s1, s2) = (d1.path(), d2.path());
+    let two = ["--cores", "2"];
+    let dp1 =
+        Dataplane::start(&o1, &run_args(&w1, "10.77.0.0/16", &certs, &[], &[&["--netns-dir", &s1], &two[..]].concat()));
+    let dp2 =
+        Dataplane::start(&o2, &run_args(&w2, "10.77.0.0/16", &certs, &[], &[&["--netns-dir", &s2], &two[..]].concat()));
+    assert!(namespaces_in_eventually(&dp1.admin(), 1.0) && namespaces_in_eventually(&dp2.admin(), 1.0));
+    const N: usize = 40;
+    let seen = client(&a, Some(&w1), "10.77.0.2", 8080, &["--count", &N.to_string()]);
+    assert_eq!(seen.len(), N);
+    assert!(seen.iter().all(|s| s.server == "b" && s.echo == "ping"), "{seen:?}");
+    let counter = |dp: &Dataplane, name: &str, direction: &str| {
+        let (_, text) = http_get(&dp.admin(), "/metrics").expect("metrics");
+        metric(&text, &format!("dataplane_{name}{{direction=\"{direction}\"}}")).unwrap_or(0.0)
+    };
+    assert_eq!(counter(&dp1, "connections_accepted_total", "outbound"), N as f64);
+    assert_eq!(counter(&dp2, "connections_accepted_total", "inbound"), N as f64);
+    // The first handshake is a full one; every later one resumes, on
+    // whichever executor of either data plane it lands.
+    let (out, inb) = (
+        counter(&dp1, "tls_resumed_handshakes_total", "outbound"),
+        counter(&dp2, "tls_resumed_handshakes_total", "inbound"),
+    );
+    assert!(out >= (N - 1) as f64 && inb >= (N - 1) as f64, "resumed: {out} as client, {inb} as server, of {N}");
+    // Both executors of each side took part, or this proved nothing.
+    for (dp, direction) in [(&dp1, "outbound"), (&dp2, "inbound")] {
+        let per_cpu = executors_that_accepted(dp, direction);
+        assert!(per_cpu >= 2, "{direction}: connections landed on {per_cpu} executor(s)");
+    }
+}
+
 #[test]
 fn host_network_processes_connect_directly() {
     let t = testworld::kernel_test!();
@@ -295,6 +341,19 @@ fn bulk_both_ways_between_two_data_planes_never_stalls() {
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
         assert!(r["sent_ok"] == true && r["received_ok"] == true, "transfer {i}: {r}");
     }
+}
+
+/// How many executors logged a `direction` connection as closed.
+fn executors_that_accepted(dp: &Dataplane, direction: &str) -> usize {
+    let closed = format!("{direction} closed");
+    let cpus: std::collections::BTreeSet<String> = dp
+        .proc
+        .output()
+        .iter()
+        .filter(|l| l.contains(&closed))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("cpu=")).map(str::to_string))
+        .collect();
+    cpus.len()
 }
 
 fn namespaces_in_eventually(admin: &str, n: f64) -> bool {

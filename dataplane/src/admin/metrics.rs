@@ -154,6 +154,15 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
         "Failed accepts (EMFILE and the like); the executor backs off after each",
         accept_errors,
     );
+    let resumed = Family::<Labels, Counter>::default();
+    for (d, n) in [(Direction::Outbound, stats.outbound.resumed), (Direction::Inbound, stats.inbound.resumed)] {
+        resumed.get_or_create(&vec![("direction", d.to_string())]).inc_by(n);
+    }
+    reg.register(
+        "tls_resumed_handshakes",
+        "TLS handshakes that resumed an earlier session (outbound: as client; inbound: as server)",
+        resumed,
+    );
     let suppressed = Counter::<u64>::default();
     suppressed.inc_by(stats.logs_suppressed);
     reg.register(

@@ -98,11 +98,15 @@ impl Record {
         self.dst = Some(SocketAddr::V4(endpoint));
     }
 
-    /// The TLS handshake finished after `took`.
-    pub fn handshake(&mut self, took: Duration) {
+    /// The TLS handshake finished after `took`, resuming an earlier
+    /// session or not.
+    pub fn handshake(&mut self, took: Duration, resumed: bool) {
         self.handshake = Some(took);
         let (h, _, _) = hists(self.direction);
-        self.shard.with_stats(|s| s.record(h, took));
+        self.shard.with_stats(|s| {
+            s.record(h, took);
+            s.flow(self.direction).resumed += u64::from(resumed);
+        });
     }
 
     /// Outbound: the tunnel is ready (accept to preamble sent).
@@ -154,7 +158,7 @@ impl Record {
             self.shard.with_stats(|s| s.flow(self.direction).completed += 1);
             self.shard.open.down();
             debug!(client = ?self.client, dst = ?self.dst, service = ?self.service, peer = ?self.peer, sent, received, duration_us,
-                   handshake_us, "{} closed", self.direction);
+                   handshake_us, cpu = self.shard.cpu, "{} closed", self.direction);
             return;
         };
         let (blame, reason) = match &end {
@@ -163,7 +167,7 @@ impl Record {
         };
         self.end(blame, reason);
         debug!(client = ?self.client, dst = ?self.dst, service = ?self.service, peer = ?self.peer, side = %blame, %reason, error = %end,
-               sent, received, duration_us, handshake_us, "{} ended early", self.direction);
+               sent, received, duration_us, handshake_us, cpu = self.shard.cpu, "{} ended early", self.direction);
         match end {
             End::Io { side: Side::Upstream, .. } => socket::reset_on_close(down),
             End::Io { side: Side::Downstream, .. } => socket::reset_on_close(up),
