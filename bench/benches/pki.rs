@@ -2,7 +2,7 @@
 //! for the mint itself and for a full mutual TLS 1.3 handshake between two
 //! pods (both ends in memory, no sockets: the CPU a handshake costs).
 //! `cargo bench -p bench --bench pki` (no root).
-use std::{hint::black_box, net::IpAddr, sync::Arc, time::Duration};
+use std::{hint::black_box, net::IpAddr, time::Duration};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use dataplane::{
