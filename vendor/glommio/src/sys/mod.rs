@@ -306,6 +306,10 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // Patched: paired with the fence the sleeping side issues between
+        // `prepare_to_sleep` and its last look at its channels (it used a
+        // process-wide membarrier, which needed none here).
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

@@ -294,6 +294,12 @@ impl Source {
         }
     }
 
+    /// Whether the request is still queued or in the kernel (its
+    /// completion not consumed yet).
+    pub(super) fn in_flight(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     pub(super) fn raw(&self) -> RawFd {
         self.inner.borrow().raw
     }

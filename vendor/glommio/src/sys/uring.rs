@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -1044,12 +1044,23 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+    fn sleep(&mut self, link: Option<&Source>) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
             "sleeping with pending SQEs"
         );
+        let Some(link) = link else {
+            // Still linked from an earlier sleep.
+            return self
+                .ring
+                .cq()
+                .wait(1)
+                .map(|_| 1)
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok);
+        };
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
             let op = UringDescriptor {
@@ -1069,31 +1080,24 @@ impl SleepableRing {
                 &mut self.source_map.borrow_mut(),
             );
 
-            // We have now prepared the SQE that links the two rings. We now need to submit
-            // it successfully to be able to safely sleep.
-
-            if self
-                .submit_sqes()
+            // We have now prepared the SQE that links the two rings. It is
+            // submitted and waited on in one enter (patched: two before); the
+            // kernel does not wait when the submission fails.
+            let submitted = self
+                .ring
+                .submit_sqes_and_wait(1)
+                .map(|n| n as usize)
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
+                .or_else(Reactor::intr_ok)?;
+            self.in_kernel += submitted;
+            if submitted != 1 {
                 // We failed to submit the `SQE` that links the rings. Just can't sleep.
-                // Waiting here is unsafe because we could end up waiting much longer than
-                // needed.
                 // We make the SQE a no-op and return
                 unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                Ok(1)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1222,7 +1226,13 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    // When the armed latency-ring timer fires.
+    latency_timer_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
+    // The `POLL_ADD` of the latency ring's fd in the main ring that wakes a
+    // sleeping executor on latency-ring events. Kept armed between sleeps
+    // (dropping it before it fires costs a cancellation and an enter).
+    link_rings_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
 
@@ -1353,7 +1363,9 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_timer_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
+            link_rings_src: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1726,14 +1738,29 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
-        let link_rings = Source::new(
-            IoRequirements::default(),
-            self.link_fd,
-            SourceType::LinkRings,
-            None,
-            None,
-        );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        // (Patched: the link stays armed until it fires, and a new one is
+        // submitted in the same enter that waits.)
+        let armed = self.link_rings_src.take().filter(Source::in_flight);
+        let slept = match armed {
+            Some(link) => {
+                let slept = ring.sleep(None);
+                self.link_rings_src.set(Some(link));
+                slept
+            }
+            None => {
+                let link = Source::new(
+                    IoRequirements::default(),
+                    self.link_fd,
+                    SourceType::LinkRings,
+                    None,
+                    None,
+                );
+                let slept = ring.sleep(Some(&link));
+                self.link_rings_src.set(Some(link));
+                slept
+            }
+        };
+        slept.or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1814,22 +1841,52 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // The latency-ring timer this call needs: the preempt timer if we
+        // will not sleep, else the user timer that must wake us, else none.
+        // (Patched: glommio cancelled and re-armed it on every call, two
+        // or three enters of the latency ring each time the executor woke.
+        // An armed timer that fires no later than needed is now kept: a
+        // task queue may be preempted early, and a sleeping executor with
+        // a far user timer wakes once per preempt period to no purpose.
+        // When a new timer is needed, the cancellation and the new timer
+        // reach the kernel in one enter.)
+        let preempt = preempt_timer();
+        let want = preempt.or(user_timer);
+        let now = Instant::now();
+        let armed = self
+            .latency_preemption_timeout_src
+            .take()
+            .filter(Source::in_flight);
+        let keep = matches!(
+            (&armed, self.latency_timer_deadline.get(), want),
+            (Some(_), Some(deadline), Some(dur)) if deadline <= now + dur
+        );
+        if keep {
+            self.latency_preemption_timeout_src.set(armed);
+        } else {
+            drop(armed);
+            self.latency_timer_deadline.set(None);
+            if let Some(dur) = want {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                self.latency_timer_deadline.set(Some(now + dur));
+            }
+        }
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
+        // The throughput-based timeout stays armed until it fires. (Patched:
+        // re-arming it on every call cost a cancellation and two SQEs in the
+        // main ring each time; it now counts completions since it was armed
+        // rather than since the last call, so it may preempt a little early.)
+        let armed = self
+            .throughput_preemption_timeout_src
+            .take()
+            .filter(Source::in_flight);
+        self.throughput_preemption_timeout_src.set(Some(armed.unwrap_or_else(|| {
             main_ring.prepare_throughput_preemption_timer(
                 self.ring_depth() as u32,
                 self.eventfd_src.raw(),
-            ),
-        ));
+            )
+        })));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1840,30 +1897,37 @@ impl Reactor {
         // pick up the results of any cancellations
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
+        // A user timer that already fired (a very short one) must not be
+        // slept through.
+        let timer_pending = user_timer.is_none() || {
+            let src = self.latency_preemption_timeout_src.take();
+            let pending = src.as_ref().is_some_and(Source::in_flight);
+            self.latency_preemption_timeout_src.set(src);
+            pending
+        };
+
         // If we generated any event so far, we can't sleep. Need to handle them.
-        let should_sleep = preempt_timer().is_none()
+        let should_sleep = preempt.is_none()
+            && timer_pending
             && (woke == 0)
             && poll_ring.can_sleep()
             && main_ring.can_sleep()
             && lat_ring.can_sleep();
 
         if should_sleep {
-            // We are about to go to sleep. It's ok to sleep, but if there
-            // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
-            }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
-            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // Patched: a SeqCst fence, paired with the one in
+            // `SleepNotifier::notify`, instead of `membarrier::heavy()`. The
+            // membarrier (see https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/)
+            // spares the notifying side its fence, but costs a system call
+            // and an interrupt on every other CPU running this process each
+            // time an executor goes to sleep; notifications are rare, sleeps
+            // are not.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
@@ -1879,11 +1943,6 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
-        }
 
         // A Note about `need_preempt`:
         //
