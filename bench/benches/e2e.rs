@@ -98,6 +98,15 @@ impl Paths<'_> {
     }
 }
 
+/// The latency names' prefix for a row prefix.
+fn tag(prefix: &str) -> &'static str {
+    match prefix {
+        "" => "",
+        p if p.starts_with("same node") => "same-node-",
+        _ => "nodes-",
+    }
+}
+
 struct Opts {
     only: Option<String>,
     quick: bool,
@@ -224,7 +233,7 @@ impl Table {
     fn rr(&mut self, paths: &Paths, prefix: &str, size: usize, echo: &str) -> anyhow::Result<()> {
         let count = if self.quick { 5_000 } else { 20_000 };
         let runs = paths.three(&[s("rr"), s(echo), s(size), s(self.secs), s(count)])?;
-        let tag = if prefix.is_empty() { String::new() } else { "nodes-".into() };
+        let tag = tag(prefix);
         self.latency(&format!("{tag}rr-{size}B"), &runs)?;
         let hists = runs
             .iter()
@@ -251,7 +260,7 @@ impl Table {
     /// The connection-rate rows from runs with resumption and with full
     /// handshakes (the direct run is shared).
     fn connrate(&mut self, prefix: &str, resumed: &[Run; 3], full: &[Run; 3]) -> anyhow::Result<()> {
-        let tag = if prefix.is_empty() { String::new() } else { "nodes-".into() };
+        let tag = tag(prefix);
         let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
         let per = |r: &Run| r.cpu.as_secs_f64() * 1e6 / r.out["count"].as_f64().unwrap_or(0.0).max(1.0);
         for (what, runs) in [("TLS resumption", resumed), ("full handshakes", full)] {
@@ -498,6 +507,16 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             json!({ "on_per_s": rate(&with.out), "off_per_s": rate(&without),
                     "on_cpu_us_per_conn": per(with.cpu, &with.out), "off_cpu_us_per_conn": per(cpu_off, &without) }),
         );
+        // Both pods on one data plane, with the same-node fast path: no
+        // tunnel, no TLS. The haproxy pair is the same as above.
+        let dps = nodes.start_one(&binary, &["--same-node-fast-path"])?;
+        drop(pair);
+        let pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
+        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes };
+        let prefix = "same node (fast path): ";
+        t.bulk(&paths, prefix, 1, NODES_DISCARD)?;
+        t.rr(&paths, prefix, 1024, NODES_ECHO)?;
+        drop(paths);
         drop(pair);
         nodes.stop();
     }

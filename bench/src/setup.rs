@@ -159,6 +159,16 @@ impl Nodes {
         Ok(self.dataplanes.iter().map(Dataplane::pid).collect())
     }
 
+    /// (Re)starts one data plane serving both pods, as on one node, with
+    /// `extra` flags; its PID.
+    pub fn start_one(&mut self, binary: &Path, extra: &[&str]) -> anyhow::Result<Vec<u32>> {
+        self.stop();
+        let args =
+            testworld::run_args(&self.workload, "10.98.0.0/24", &self.certs, &[&self.client, &self.server], extra);
+        self.dataplanes.push(Dataplane::launch(binary, &self.owns[0], &args, "warn")?);
+        Ok(self.dataplanes.iter().map(Dataplane::pid).collect())
+    }
+
     /// Stops both data planes and keeps their logs.
     pub fn stop(&mut self) {
         for (i, dp) in self.dataplanes.drain(..).enumerate() {

@@ -261,6 +261,12 @@ pub struct RunArgs {
     /// annotation dataplane.dev/client-address: "off").
     #[arg(long, env = "DATAPLANE_NO_CLIENT_ADDRESS")]
     pub no_client_address: bool,
+    /// Between two pods this data plane serves, skip the tunnel: relay the
+    /// client's bytes straight into a socket made in the destination pod,
+    /// without TLS (they never leave the two pods and this process). Off by
+    /// default: every connection is a mutual-TLS tunnel.
+    #[arg(long, env = "DATAPLANE_SAME_NODE_FAST_PATH")]
+    pub same_node_fast_path: bool,
     /// Make every tunnel handshake a full one: no TLS session cache, no
     /// tickets (resumption is on by default).
     #[arg(long, env = "DATAPLANE_NO_TLS_RESUMPTION")]
@@ -381,6 +387,8 @@ pub struct Config {
     pub minting: Option<Minting>,
     /// Whether applications see clients' addresses.
     pub client_address: bool,
+    /// Whether connections between two pods served here skip the tunnel.
+    pub same_node_fast_path: bool,
     /// CPUs, one executor each.
     pub cores: Vec<usize>,
     /// What the eBPF programs are told.
@@ -580,6 +588,7 @@ impl RunArgs {
             source,
             minting,
             client_address: !self.no_client_address,
+            same_node_fast_path: self.same_node_fast_path,
             cores,
             capture: ebpf::Settings {
                 proxy: SocketAddrV4::new([127, 0, 0, 1].into(), OUTBOUND_PORT),

@@ -28,7 +28,12 @@ pub use admission::{Admission, Ticket, MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_SOURCE};
 pub use quiet::Quiet;
 pub use record::Record;
 
-use crate::{ebpf::OrigLookup, identity::Identity, stats::Snapshot};
+use crate::{
+    ebpf::OrigLookup,
+    identity::Identity,
+    netns::{Netns, NetnsId},
+    stats::Snapshot,
+};
 
 /// Handshake and idle limits.
 #[derive(Clone, Copy, Debug)]
@@ -85,6 +90,10 @@ pub struct ShardCtx {
     /// choices), and the state of the random numbers they draw.
     endpoint_load: RefCell<std::collections::HashMap<std::net::SocketAddrV4, u32>>,
     random: std::cell::Cell<u64>,
+    /// Whether connections between two pods served here skip the tunnel.
+    pub same_node_fast_path: bool,
+    /// The pods this executor serves, by address (with the fast path on).
+    local: RefCell<std::collections::HashMap<std::net::Ipv4Addr, Arc<Netns>>>,
 }
 
 /// One open connection to a Service endpoint, counted in the executor's
@@ -130,6 +139,8 @@ impl ShardCtx {
             services: RefCell::new(Arc::default()),
             endpoint_load: RefCell::new(std::collections::HashMap::new()),
             random: std::cell::Cell::new(0x9e37_79b9_7f4a_7c15 ^ (cpu as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)),
+            same_node_fast_path: false,
+            local: RefCell::new(std::collections::HashMap::new()),
         }
     }
 
@@ -189,6 +200,39 @@ impl ShardCtx {
             self.with_stats(|s| s.logs_suppressed += 1);
         }
         allowed
+    }
+
+    /// `ns`, at `addrs`, is served by this executor.
+    pub fn serve_locally(&self, ns: &Arc<Netns>, addrs: &[std::net::Ipv4Addr]) {
+        let mut local = self.local.borrow_mut();
+        for ip in addrs {
+            local.insert(*ip, ns.clone());
+        }
+    }
+
+    /// `id` is no longer served here.
+    pub fn forget_local(&self, id: NetnsId) {
+        self.local.borrow_mut().retain(|_, ns| ns.id() != id);
+    }
+
+    /// No pod is served here any more (draining).
+    pub fn forget_all_local(&self) {
+        self.local.borrow_mut().clear();
+    }
+
+    /// With the fast path on, for a connection from the pod in `client`
+    /// to `dst`: the client pod's address and the destination pod's
+    /// namespace, if this executor serves both and holds certificates for
+    /// both (the data plane vouches for both ends, as the tunnel's
+    /// handshake would have).
+    pub fn same_node(&self, client: &Netns, dst: IpAddr) -> Option<(std::net::Ipv4Addr, Arc<Netns>)> {
+        let IpAddr::V4(v4) = dst else { return None };
+        let local = self.local.borrow();
+        let dst_ns = local.get(&v4)?;
+        let identity = self.identity.borrow();
+        let held = |ip: std::net::Ipv4Addr| identity.holds(IpAddr::V4(ip));
+        let src = local.iter().find(|(ip, ns)| ns.id() == client.id() && held(**ip)).map(|(ip, _)| *ip)?;
+        held(v4).then(|| (src, dst_ns.clone()))
     }
 
     /// New certificates, for new handshakes.

@@ -19,7 +19,7 @@
 //! connection is counted and timed on this executor.
 use std::{net::SocketAddr, rc::Rc, sync::Arc, time::Instant};
 
-use dataplane_common::{preamble, INBOUND_PORT};
+use dataplane_common::{preamble, INBOUND_PORT, OUTBOUND_PORT};
 use futures_lite::io::AsyncWriteExt;
 use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
@@ -95,6 +95,13 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
         }
         shard.count_service(&fe.service, ServiceRoute::Tunnelled);
     }
+    if shard.same_node_fast_path {
+        if let Some((src, dst_ns)) = shard.same_node(&netns, orig.ip()) {
+            // The pod's address, and the client's own port.
+            let from = SocketAddr::new(src.into(), peer.map_or(0, |p| p.port()));
+            return same_node(&shard, &dst_ns, downstream, rec, orig, from).await;
+        }
+    }
     let mut tls = match open_tunnel(&shard, &mut rec, &netns, orig).await {
         Ok(tls) => tls,
         Err((blame, reason, why)) => {
@@ -120,6 +127,49 @@ async fn passthrough(shard: &ShardCtx, netns: &Netns, mut downstream: TcpStream,
     };
     let result = relay::relay(&mut downstream, &mut upstream, shard.timeouts.idle).await;
     rec.relayed(0, result, &downstream, &upstream);
+}
+
+/// Both pods are served here (`--same-node-fast-path`): no tunnel. The
+/// application's bytes go from the client pod's loopback through this
+/// process into a socket made in the destination pod, the one the inbound
+/// side would have delivered the tunnel on (from the client's own address
+/// where the pod's return path is in place), so they never leave the two
+/// pods and this process, and no TLS is needed to keep them there.
+async fn same_node(
+    shard: &ShardCtx,
+    dst_ns: &Netns,
+    mut downstream: TcpStream,
+    rec: Record,
+    to: OrigDstAddr,
+    client: SocketAddr,
+) {
+    if to.port() == INBOUND_PORT || to.port() == OUTBOUND_PORT {
+        socket::reset_on_close(&downstream);
+        return rec.refuse(Blame::Downstream, Reason::NotThisPod, &format!("{} is the data plane's own port", to.0));
+    }
+    shard.with_stats(|s| s.same_node += 1);
+    let connect = || {
+        if dst_ns.client_address() {
+            match socket::upstream_from(to.0, client, shard.bypass_mark) {
+                Ok(fd) => return Ok(fd),
+                Err(e) => {
+                    shard.with_stats(|s| s.client_address_fallbacks += 1);
+                    tracing::debug!(%client, error = %e, "transparent socket refused: connecting from the pod's address");
+                }
+            }
+        }
+        socket::upstream(to.0, shard.bypass_mark)
+    };
+    let mut app = match dst_ns.run(connect) {
+        Ok(Ok(fd)) => sys::glommio_stream(fd),
+        Ok(Err(e)) | Err(e) => {
+            socket::reset_on_close(&downstream);
+            return rec.refuse(Blame::Ours, Reason::Socket, &format!("connecting to {} in its pod: {e}", to.0));
+        }
+    };
+    tracing::debug!(%client, dst = %to.0, netns = %dst_ns.name(), "same-node fast path");
+    let result = relay::relay(&mut downstream, &mut app, shard.timeouts.idle).await;
+    rec.relayed(0, result, &downstream, &app);
 }
 
 /// The original destination from the pinned map, for a socket whose

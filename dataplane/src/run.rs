@@ -157,6 +157,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         identity: ctl.cfg.identity.clone(),
         timeouts: ctl.cfg.timeouts,
         orig_pin: ctl.capture.as_ref().and_then(Capture::pinned_orig),
+        same_node_fast_path: ctl.cfg.same_node_fast_path,
     });
     ctl.shards = shard::spawn(&ctl.cfg.cores, spec, tx)?;
     ctl.health.set_shards(ctl.shards.iter().map(|s| s.listening.clone()).collect());

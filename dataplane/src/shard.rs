@@ -45,6 +45,8 @@ pub struct ShardSpec {
     /// The pinned original-destination map, if any (strict mode): for the
     /// sockets `SO_ORIGINAL_DST` cannot answer for.
     pub orig_pin: Option<std::path::PathBuf>,
+    /// Connections between two pods served here skip the tunnel.
+    pub same_node_fast_path: bool,
 }
 
 /// The namespaces an executor has listeners in, written by the executor
@@ -194,7 +196,9 @@ async fn run(
             None
         }
     });
-    let shard = Rc::new(ShardCtx::new(cpu, spec.bypass_mark, spec.timeouts, spec.identity.clone(), open, orig));
+    let mut shard = ShardCtx::new(cpu, spec.bypass_mark, spec.timeouts, spec.identity.clone(), open, orig);
+    shard.same_node_fast_path = spec.same_node_fast_path;
+    let shard = Rc::new(shard);
     let mut listeners = Listeners::new();
     if let Err(e) = Netns::pin_home() {
         let error = e.to_string();
@@ -230,6 +234,7 @@ async fn run(
                     }
                     ToShard::Enroll(_) => {}
                     ToShard::Withdraw(id) => {
+                        shard.forget_local(id);
                         if let Some(loops) = listeners.remove(&id) {
                             lock(&listening).remove(&id);
                             for l in loops {
@@ -245,6 +250,7 @@ async fn run(
                         // accept loop is left: the control thread waits for
                         // that before it counts open connections.
                         draining = true;
+                        shard.forget_all_local();
                         for (_, loops) in std::mem::take(&mut listeners) {
                             for l in loops {
                                 l.stop(cpu).await;
@@ -288,6 +294,15 @@ fn enroll(
     ];
     listeners.insert(ns.id(), loops);
     lock(listening).insert(ns.id());
+    if shard.same_node_fast_path {
+        match ns.ipv4_addresses() {
+            Ok(addrs) => shard.serve_locally(ns, &addrs),
+            // Its connections go through the tunnel, as without the fast path.
+            Err(e) => {
+                warn!(cpu = shard.cpu, netns = %ns.name(), error = %e, "reading the pod's addresses for the same-node fast path")
+            }
+        }
+    }
     Ok(())
 }
 

@@ -167,6 +167,9 @@ pub struct Snapshot {
     /// Inbound connections delivered from the pod's own address because the
     /// transparent socket was refused.
     pub client_address_fallbacks: u64,
+    /// Outbound connections between two pods served here that skipped the
+    /// tunnel (`--same-node-fast-path`).
+    pub same_node: u64,
 }
 
 /// How a connection to a Service went.
@@ -208,6 +211,7 @@ impl Default for Snapshot {
             logs_suppressed: 0,
             services: BTreeMap::new(),
             client_address_fallbacks: 0,
+            same_node: 0,
         }
     }
 }
@@ -246,6 +250,7 @@ impl Snapshot {
         }
         self.logs_suppressed += other.logs_suppressed;
         self.client_address_fallbacks += other.client_address_fallbacks;
+        self.same_node += other.same_node;
         for (k, v) in &other.failures {
             *self.failures.entry(*k).or_default() += v;
         }

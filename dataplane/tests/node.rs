@@ -163,6 +163,63 @@ fn two_nodes_talk_both_ways() {
     assert_eq!((ba[0].peer.as_str(), ba[0].server.as_str()), ("127.0.0.1:18000", "a"), "node 2 to node 1");
 }
 
+/// `--same-node-fast-path`: two pods of one data plane talk without a
+/// tunnel. Nothing crosses the bridge at all (the bytes go from one pod's
+/// loopback through the data plane into a socket made in the other pod),
+/// the application still sees the client's address, and every connection
+/// is counted.
+#[test]
+fn pods_of_one_node_skip_the_tunnel_when_asked() {
+    let t = testworld::kernel_test!();
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
+    let (workload, own) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"));
+    let node = testworld::bridge(t, "node");
+    let dir = NetnsDir::new(t);
+    let dir_s = dir.path();
+    let extra = ["--netns-dir", &dir_s, "--admin", "127.0.0.1:0", "--same-node-fast-path"];
+    let dp = Dataplane::start(&own, &run_args(&workload, "10.77.0.0/16", &certs, &[], &extra));
+    let pods: Vec<Netns> = (1..=2).map(|i| Netns::new(t, &format!("p{i}"))).collect();
+    for (i, p) in pods.iter().enumerate() {
+        testworld::plug(&node, p, &format!("10.77.0.{}", i + 1));
+        dir.add(p);
+    }
+    let _servers: Vec<Proc> =
+        pods.iter().enumerate().map(|(i, p)| server(p, "0.0.0.0", 8080, &format!("p{}", i + 1))).collect();
+    assert!(eventually(Duration::from_secs(3), || namespaces_in(&dp.admin(), "served") == Some(2.0)));
+
+    let pcap_file = testworld::TempFile(std::env::temp_dir().join(format!("{}.pcap", node.name)));
+    let pcap_s = pcap_file.0.display().to_string();
+    let mut dump = Proc::spawn(
+        node.command(None, "tcpdump", &["--immediate-mode", "-i", "br0", "-n", "-w", &pcap_s, "tcp"]),
+        "tcpdump",
+    );
+    dump.wait_for("listening on", Duration::from_secs(10));
+    const N: usize = 20;
+    for (from, to) in [(0, 1), (1, 0)] {
+        let dst = format!("10.77.0.{}", to + 1);
+        let seen = client(&pods[from], Some(&workload), &dst, 8080, &["--count", &N.to_string()]);
+        assert_eq!(seen.len(), N);
+        for s in &seen {
+            assert_eq!(s.peer, "127.0.0.1:18000", "p{} -> p{} captured", from + 1, to + 1);
+            assert_eq!((s.server.as_str(), s.echo.as_str()), (format!("p{}", to + 1).as_str(), "ping"));
+            let saw = s.server_saw.rsplit_once(':').map(|(ip, _)| ip);
+            assert_eq!(saw, Some(format!("10.77.0.{}", from + 1).as_str()), "the server saw the client's address");
+        }
+    }
+    thread::sleep(Duration::from_millis(200));
+    dump.signal("INT");
+    dump.wait(Duration::from_secs(10));
+    let read = Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp"]).output().expect("tcpdump -r");
+    assert!(read.status.success());
+    assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), "", "nothing crossed the bridge");
+
+    let (_, text) = http_get(&dp.admin(), "/metrics").expect("metrics");
+    let m = |name: &str| metric(&text, name).unwrap_or(0.0);
+    assert_eq!(m("dataplane_same_node_connections_total"), (2 * N) as f64, "{text}");
+    assert_eq!(m("dataplane_connections_completed_total{direction=\"outbound\"}"), (2 * N) as f64);
+    assert_eq!(m("dataplane_connections_accepted_total{direction=\"inbound\"}"), 0.0, "no tunnel was made");
+}
+
 /// Sessions resume whichever executors a pod's connections land on: the
 /// server side's tickets open on every executor, and the client side keeps
 /// what it received in one store per pod address. With a store and a ticket

@@ -171,6 +171,14 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
         suppressed,
     );
 
+    let same_node = Counter::<u64>::default();
+    same_node.inc_by(stats.same_node);
+    reg.register(
+        "same_node_connections",
+        "Outbound connections between two pods this data plane serves that skipped the tunnel (--same-node-fast-path)",
+        same_node,
+    );
+
     let fallbacks = Family::<Labels, Counter>::default();
     fallbacks.get_or_create(&vec![("why", "return_path".into())]).inc_by(extra.return_path_failures);
     fallbacks.get_or_create(&vec![("why", "socket".into())]).inc_by(stats.client_address_fallbacks);
