@@ -56,9 +56,10 @@ pub enum Error {
 /// - the client side keeps the tickets it received in one store for this
 ///   address.
 ///
-/// Both live and die with the [`Identity`]: new certificates, or another
-/// pod with this address, start with no sessions, so no session outlives
-/// the certificates it was authenticated with.
+/// Both live and die with the [`Identity`], which is rebuilt whenever any
+/// certificate changes (with `--node-ca`, also whenever a pod comes or goes,
+/// so another pod at the same address starts with no sessions): no session
+/// outlives the certificates it was authenticated with.
 #[derive(Debug)]
 struct Configs {
     client: Arc<ClientConfig>,
