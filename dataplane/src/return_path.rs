@@ -18,7 +18,8 @@
 //! Nothing else is touched: the pod's own traffic carries neither mark, so if
 //! the data plane dies the rules are inert, and the next instance replaces
 //! them (the table is re-created in one nft transaction; the rule is deleted
-//! until none is left, then added). Withdrawal removes both.
+//! until none is left, then added). Withdrawal leaves both, inert, so that
+//! connections open through them keep working; they go with the namespace.
 //!
 //! The rules are written with the `nft` and `ip` commands run inside the
 //! namespace (the data plane's image carries nftables and iproute2): both are
@@ -120,13 +121,6 @@ fn remove_rules(ns: &Netns) {
             break;
         }
     }
-}
-
-/// Removes the return path from `ns` (what is already gone is fine).
-pub fn remove(ns: &Netns) {
-    let _ = run(ns, "nft", &["delete", "table", "ip", "dataplane"], None);
-    remove_rules(ns);
-    let _ = run(ns, "ip", &["-4", "route", "flush", "table", &TABLE.to_string()], None);
 }
 
 #[cfg(test)]

@@ -405,10 +405,13 @@ impl Control {
                 Change::Withdraw(ns, cookie) => {
                     let id = ns.id();
                     self.pending.remove(&id);
-                    if ns.client_address() {
-                        ns.set_client_address(false);
-                        crate::return_path::remove(&ns);
-                    }
+                    // The return path stays: connections still open through
+                    // it keep working to their end (without it the
+                    // application's replies would leave the pod). No new
+                    // transparent socket is made, so it is inert; it goes
+                    // with the namespace, or is re-created if the pod is
+                    // served again.
+                    ns.set_client_address(false);
                     // connect4 first: new connects stop coming our way...
                     if let Some(cookie) = cookie {
                         self.set_netns(cookie, None);

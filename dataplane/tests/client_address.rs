@@ -169,11 +169,22 @@ fn a_killed_data_plane_leaves_the_pod_working_and_the_next_one_cleans_up() {
     assert_eq!(rules.matches("lookup 18001").count(), 1, "{rules}");
     let seen = client(&w.a, Some(&w.w1), "10.77.0.2", 8080, &[]);
     assert!(seen[0].server_saw.starts_with("10.77.0.1:"), "{:?}", seen[0]);
-    // Withdrawal removes both.
+    // Withdrawal (the pod leaves the mesh, say by a label, while it runs)
+    // leaves the return path in place: a connection open through it keeps
+    // working to its end. Removing it cut such connections off (the
+    // application's replies left the pod for an address it does not own).
+    let py = testworld::peers_py();
+    let mut slow =
+        Proc::spawn(w.a.command(Some(&w.w1), "python3", &[&py, "slow", "10.77.0.2", "8080", "3"]), "slow client");
+    thread::sleep(Duration::from_millis(800));
     w.dir2.remove(&w.b);
     assert!(served(&w.node2, 0.0));
+    assert!(slow.wait(Duration::from_secs(15)).success());
+    let out = slow.output().join("\n");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+    assert!(r["ok"] == true && r["lines"].as_u64() >= Some(20), "the open connection outlived the withdrawal: {r}");
     let (nft, rules) = rules_in(&w.b);
-    assert!(!nft.contains("dataplane") && !rules.contains("18001"), "{nft}\n{rules}");
+    assert!(nft.contains("table ip dataplane") && rules.contains("lookup 18001"), "left, inert: {nft}\n{rules}");
 }
 
 #[test]
