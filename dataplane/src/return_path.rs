@@ -17,8 +17,8 @@
 //!
 //! Nothing else is touched: the pod's own traffic carries neither mark, so if
 //! the data plane dies the rules are inert, and the next instance replaces
-//! them (the table is re-created in one nft transaction; the rule is deleted
-//! until none is left, then added). Withdrawal leaves both, inert, so that
+//! them (the table is re-created in one nft transaction; the rule is added if
+//! missing, and duplicates are deleted). Withdrawal leaves both, inert, so that
 //! connections open through them keep working; they go with the namespace.
 //!
 //! The rules are written with the `nft` and `ip` commands run inside the
@@ -111,16 +111,6 @@ pub fn install(ns: &Netns, addresses: &[Ipv4Addr], bypass_mark: u32) -> Result<(
         let _ = run(ns, "ip", &["-4", "rule", "del", "fwmark", &mark, "lookup", &table], None);
     }
     Ok(())
-}
-
-fn remove_rules(ns: &Netns) {
-    let (mark, table) = (format!("{MARK:#x}"), TABLE.to_string());
-    // At most a few: one per instance that crashed before removing its own.
-    for _ in 0..8 {
-        if run(ns, "ip", &["-4", "rule", "del", "fwmark", &mark, "lookup", &table], None).is_err() {
-            break;
-        }
-    }
 }
 
 #[cfg(test)]
