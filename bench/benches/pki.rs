@@ -62,7 +62,7 @@ fn keys(c: &mut Criterion) {
         });
         let pod = |ip: IpAddr| {
             let (chain, key, _) = ca.mint(&[ip], &spiffe, Duration::from_secs(3600)).expect("mint");
-            Identity::minted(roots.clone(), &bundle, &[(vec![ip], chain, key)], false).expect("identity")
+            Identity::minted(roots.clone(), &bundle, &[(vec![ip], chain, key)], false, None).expect("identity")
         };
         let (client, server) = (pod(a), pod(b));
         c.bench_function(&format!("full mutual TLS 1.3 handshake, {name} leaves"), |bch| {

@@ -537,7 +537,7 @@ impl RunArgs {
                     trust_domain: self.trust_domain.clone(),
                     leaf_key: self.leaf_key,
                 };
-                (Identity::minted(roots, bundle, &[], !self.no_tls_resumption)?, Some(minting))
+                (Identity::minted(roots, bundle, &[], !self.no_tls_resumption, None)?, Some(minting))
             }
             (None, None) => return Err(ConfigError::Needs("dataplane run", "--certs DIR (or --node-ca)")),
         };

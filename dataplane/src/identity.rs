@@ -56,14 +56,18 @@ pub enum Error {
 /// - the client side keeps the tickets it received in one store for this
 ///   address.
 ///
-/// Both live and die with the [`Identity`], which is rebuilt whenever any
-/// certificate changes (with `--node-ca`, also whenever a pod comes or goes,
-/// so another pod at the same address starts with no sessions): no session
-/// outlives the certificates it was authenticated with.
+/// Both live as long as the certificates they were built from: a reload
+/// builds them anew, and with `--node-ca` a new [`Identity`] keeps those of
+/// the addresses whose chain (and trust bundle) did not change
+/// ([`Identity::minted`]), so a pod coming or going elsewhere on the node
+/// does not cost the others their sessions, and another pod at the same
+/// address (a new certificate) starts with none. No session outlives the
+/// certificates it was authenticated with.
 #[derive(Debug)]
 struct Configs {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
+    chain: Vec<CertificateDer<'static>>,
 }
 
 /// Servers whose tickets the client side keeps, per address (rustls's default).
@@ -78,6 +82,9 @@ pub struct Identity {
     dir: Option<PathBuf>,
     by_ip: HashMap<IpAddr, Configs>,
     resumption: bool,
+    /// The trust bundle it was minted under (empty when loaded from a
+    /// directory).
+    roots: Vec<CertificateDer<'static>>,
 }
 
 fn file_err(path: &Path, reason: impl ToString) -> Error {
@@ -136,28 +143,35 @@ impl Identity {
             let configs = build(ip, chain, key, &roots, &verifier, &provider, resumption)?;
             by_ip.insert(ip, configs);
         }
-        Ok(Self { dir: Some(dir.into()), by_ip, resumption })
+        Ok(Self { dir: Some(dir.into()), by_ip, resumption, roots: Vec::new() })
     }
 
     /// Certificates minted in memory: `roots` (the trust bundle, read from
     /// `bundle`) and, per pod, its addresses, chain and key. Nothing is
-    /// written anywhere.
+    /// written anywhere. The configurations (and so the TLS sessions) of
+    /// `previous` are kept for every address whose chain is the same, under
+    /// the same roots.
     pub fn minted(
         roots: Vec<CertificateDer<'static>>,
         bundle: &Path,
         pods: &[(Vec<IpAddr>, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)],
         resumption: bool,
+        previous: Option<&Identity>,
     ) -> Result<Self, Error> {
-        let (roots, verifier) = trust(roots, bundle)?;
+        let kept = previous.filter(|p| p.dir.is_none() && p.roots == roots && p.resumption == resumption);
+        let (store, verifier) = trust(roots.clone(), bundle)?;
         let provider = provider();
         let mut by_ip = HashMap::new();
         for (ips, chain, key) in pods {
             for ip in ips {
-                let configs = build(*ip, chain.clone(), key.clone_key(), &roots, &verifier, &provider, resumption)?;
+                let configs = match kept.and_then(|p| p.by_ip.get(ip)).filter(|c| c.chain == *chain) {
+                    Some(c) => Configs { client: c.client.clone(), server: c.server.clone(), chain: c.chain.clone() },
+                    None => build(*ip, chain.clone(), key.clone_key(), &store, &verifier, &provider, resumption)?,
+                };
                 by_ip.insert(*ip, configs);
             }
         }
-        Ok(Self { dir: None, by_ip, resumption })
+        Ok(Self { dir: None, by_ip, resumption, roots })
     }
 
     /// The directory it was loaded from (`None`: minted in memory).
@@ -240,7 +254,7 @@ fn build(
         .with_protocol_versions(tls13)
         .map_err(tls_err("TLS 1.3 server"))?
         .with_client_cert_verifier(verifier.clone())
-        .with_single_cert(chain, key)
+        .with_single_cert(chain.clone(), key)
         .map_err(tls_err(format!("server certificate {ip}")))?;
     server.alpn_protocols = vec![preamble::ALPN.to_vec()];
     // TLS 1.3 only: with a ticketer no session is stored on the server side.
@@ -252,7 +266,7 @@ fn build(
         client.resumption = rustls::client::Resumption::disabled();
         server.send_tls13_tickets = 0;
     }
-    Ok(Configs { client: Arc::new(client), server: Arc::new(server) })
+    Ok(Configs { client: Arc::new(client), server: Arc::new(server), chain })
 }
 
 /// Why a verified peer certificate is still not accepted.
@@ -297,6 +311,62 @@ mod tests {
         let d = std::env::temp_dir().join(format!("dp-identity-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         d
+    }
+
+    /// A pod coming or going rebuilds the node's Identity; the other pods
+    /// keep their configurations, so their TLS sessions stay resumable. A
+    /// new certificate at an address, or a new trust bundle, starts clean.
+    #[test]
+    fn a_new_minted_identity_keeps_what_did_not_change() {
+        use std::time::Duration;
+
+        use crate::pki;
+        let d = temp_dir("keep");
+        fs::create_dir_all(&d).expect("dir");
+        let (root_pem, root_key) = ca::root().expect("root");
+        let key = rcgen::KeyPair::from_pem(&root_key).expect("key");
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, key).expect("issuer");
+        let bundle = d.join("ca.crt");
+        fs::write(&bundle, &root_pem).expect("bundle");
+        let roots = read_bundle(&bundle).expect("roots");
+        let (node_key, csr) = pki::node_request("node-a").expect("request");
+        let grant = pki::Grant {
+            node: "node-a".into(),
+            cidrs: vec!["10.1.0.0/24".parse().expect("net")],
+            lifetime: Duration::from_secs(3600),
+        };
+        let signed = pki::sign_node_ca(&csr, &grant, &issuer).expect("signed");
+        let node = pki::NodeCa::new(node_key, &signed, pki::KeyType::Ed25519).expect("node CA");
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) =
+            ("10.1.0.1".parse().expect("ip"), "10.1.0.2".parse().expect("ip"), "10.1.0.3".parse().expect("ip"));
+        let spiffe = pki::spiffe_id("cluster.local", "shop", "web");
+        let pod = |ip: IpAddr| {
+            let (chain, key, _) = node.mint(&[ip], &spiffe, Duration::from_secs(600)).expect("mint");
+            (vec![ip], chain, key)
+        };
+        let pa = pod(a);
+        let again = |p: &(Vec<IpAddr>, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)| {
+            (p.0.clone(), p.1.clone(), p.2.clone_key())
+        };
+        let first = Identity::minted(roots.clone(), &bundle, &[again(&pa), pod(b)], true, None).expect("first");
+        // Pod c arrives and pod b gets a new certificate: a keeps its own.
+        let second = Identity::minted(roots.clone(), &bundle, &[again(&pa), pod(b), pod(c)], true, Some(&first))
+            .expect("second");
+        let same = |x: &Identity, y: &Identity, ip: IpAddr| {
+            let (cx, cy) = (x.client_config(ip).expect("client"), y.client_config(ip).expect("client"));
+            let (sx, sy) = (x.server_config(ip).expect("server"), y.server_config(ip).expect("server"));
+            Arc::ptr_eq(&cx, &cy) && Arc::ptr_eq(&sx, &sy)
+        };
+        assert!(same(&first, &second, a), "an unchanged certificate keeps its sessions");
+        assert!(!same(&first, &second, b), "a new certificate at an address starts clean");
+        assert!(second.holds(c));
+        // Another trust bundle: everything is built anew.
+        let (other_root, _) = ca::root().expect("root");
+        fs::write(&bundle, format!("{root_pem}{other_root}")).expect("bundle");
+        let two_roots = read_bundle(&bundle).expect("roots");
+        let third = Identity::minted(two_roots, &bundle, &[again(&pa)], true, Some(&second)).expect("third");
+        assert!(!same(&second, &third, a), "a new bundle starts clean");
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -78,7 +78,7 @@ impl Minter {
 
     /// Brings the certificates in line with `model` (and renews the old);
     /// returns the identity to serve with when anything changed.
-    pub fn refresh(&mut self, model: Option<&Model>) -> Option<Identity> {
+    pub fn refresh(&mut self, model: Option<&Model>, current: &Identity) -> Option<Identity> {
         let mut changed = false;
         if self.bundle.changed() {
             match crate::identity::read_bundle(&self.spec.bundle) {
@@ -91,7 +91,7 @@ impl Minter {
                 Err(e) => warn!(error = %e, "trust bundle refused: the previous one stays in service"),
             }
         }
-        let Some(ca) = self.ca.clone() else { return changed.then(|| self.identity()).flatten() };
+        let Some(ca) = self.ca.clone() else { return changed.then(|| self.identity(current)).flatten() };
         let mut want = BTreeMap::new();
         for w in model.into_iter().flat_map(Model::local) {
             if w.meshed() && !w.addresses.is_empty() {
@@ -134,7 +134,7 @@ impl Minter {
             }
         }
         if changed {
-            self.identity()
+            self.identity(current)
         } else {
             None
         }
@@ -145,9 +145,12 @@ impl Minter {
         self.pods.values().map(|m| m.issued + m.not_after.duration_since(m.issued).unwrap_or_default() * 2 / 3).min()
     }
 
-    fn identity(&self) -> Option<Identity> {
+    /// The identity of every pod minted for, keeping `current`'s
+    /// configurations (and TLS sessions) of the certificates that did not
+    /// change.
+    fn identity(&self, current: &Identity) -> Option<Identity> {
         let pods: Vec<_> = self.pods.values().map(|m| (m.ips.clone(), m.chain.clone(), m.key.clone_key())).collect();
-        match Identity::minted(self.roots.clone(), &self.spec.bundle, &pods, self.resumption) {
+        match Identity::minted(self.roots.clone(), &self.spec.bundle, &pods, self.resumption, Some(current)) {
             Ok(id) => Some(id),
             Err(e) => {
                 warn!(error = %e, "the minted certificates do not load: keeping the previous ones");

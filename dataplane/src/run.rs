@@ -613,7 +613,7 @@ impl Control {
     /// executors (new handshakes use it; those in flight finish with theirs).
     fn refresh_certificates(&mut self) {
         let Some(minter) = self.minter.as_mut() else { return };
-        let Some(id) = minter.refresh(self.model.as_deref()) else { return };
+        let Some(id) = minter.refresh(self.model.as_deref(), &self.cfg.identity) else { return };
         let id = Arc::new(id);
         tracing::debug!(identities = ?id.addresses().collect::<Vec<_>>(), "pod certificates minted");
         self.cfg.identity = id.clone();
