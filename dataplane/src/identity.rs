@@ -321,8 +321,16 @@ mod tests {
         use std::time::Duration;
 
         use crate::pki;
+        /// Removed even when an assertion fails.
+        struct Gone(PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
         let d = temp_dir("keep");
         fs::create_dir_all(&d).expect("dir");
+        let _gone = Gone(d.clone());
         let (root_pem, root_key) = ca::root().expect("root");
         let key = rcgen::KeyPair::from_pem(&root_key).expect("key");
         let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, key).expect("issuer");
@@ -366,7 +374,6 @@ mod tests {
         let two_roots = read_bundle(&bundle).expect("roots");
         let third = Identity::minted(two_roots, &bundle, &[again(&pa)], true, Some(&second)).expect("third");
         assert!(!same(&second, &third, a), "a new bundle starts clean");
-        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]
