@@ -151,8 +151,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         migrate_requests(ns);
     }
     let (tx, rx) = crossbeam_channel::unbounded();
+    // Read once: the executors index the pods by them (the same-node fast
+    // path) and the return path is made for them.
+    let namespaces: Vec<_> =
+        ctl.cfg.namespaces.iter().map(|ns| (ns.clone(), ns.ipv4_addresses().unwrap_or_default())).collect();
     let spec = Arc::new(shard::ShardSpec {
-        namespaces: ctl.cfg.namespaces.clone(),
+        namespaces: namespaces.clone(),
         bypass_mark: ctl.cfg.capture.bypass_mark,
         identity: ctl.cfg.identity.clone(),
         timeouts: ctl.cfg.timeouts,
@@ -180,10 +184,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     // The namespaces given on the command line are served from the start.
-    for ns in ctl.cfg.namespaces.clone() {
+    for (ns, addresses) in namespaces {
         let cookie = ns.cookie().with_context(|| format!("reading the cookie of {}", ns.name()))?;
         ctl.set_netns(cookie, Some(NetnsEntry::new(Verdict::Served, &[])));
-        let addresses = ns.ipv4_addresses().unwrap_or_default();
         ctl.return_path(&ns, &addresses, true);
     }
     ctl.sync_own_netns()?;
@@ -384,6 +387,9 @@ impl Control {
             match change {
                 Change::Enroll { ns, cookie, skip_outbound, since, addresses, client_address } => {
                     migrate_requests(&ns);
+                    for s in &self.shards {
+                        let _ = s.tx.send(shard::ToShard::Enroll(ns.clone(), addresses.clone()));
+                    }
                     let return_path = client_address.then_some(addresses);
                     let pending = Pending {
                         cookie,
@@ -394,9 +400,6 @@ impl Control {
                         return_path,
                     };
                     self.pending.insert(ns.id(), pending);
-                    for s in &self.shards {
-                        let _ = s.tx.send(shard::ToShard::Enroll(ns.clone()));
-                    }
                 }
                 Change::Ports(id, cookie, skip) => match self.pending.get_mut(&id) {
                     Some(p) => p.skip_outbound = skip,

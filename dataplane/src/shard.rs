@@ -34,8 +34,8 @@ use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
 /// What every executor is started with.
 #[derive(Debug)]
 pub struct ShardSpec {
-    /// Namespaces to open listeners in.
-    pub namespaces: Vec<Arc<Netns>>,
+    /// Namespaces to open listeners in, with their pods' addresses.
+    pub namespaces: Vec<(Arc<Netns>, Vec<Ipv4Addr>)>,
     /// SO_MARK of our own sockets.
     pub bypass_mark: u32,
     /// Certificates and TLS configurations.
@@ -62,8 +62,9 @@ pub enum ToShard {
     Snapshot(Sender<ShardReport>),
     /// New certificates: use them for new handshakes.
     Identity(Arc<Identity>),
-    /// Serve this namespace too: open both listeners in it.
-    Enroll(Arc<Netns>),
+    /// Serve this namespace too, whose pod has these addresses: open both
+    /// listeners in it.
+    Enroll(Arc<Netns>, Vec<Ipv4Addr>),
     /// Stop serving this namespace: close its listeners (open connections
     /// finish on their own).
     Withdraw(NetnsId),
@@ -205,8 +206,8 @@ async fn run(
         let _ = events.send(ShardEvent::Failed { cpu, netns: NetnsId(0), error });
         return;
     }
-    for ns in &spec.namespaces {
-        if let Err(error) = enroll(&shard, ns, &mut listeners, &listening) {
+    for (ns, addresses) in &spec.namespaces {
+        if let Err(error) = enroll(&shard, ns, addresses, &mut listeners, &listening) {
             let _ = events.send(ShardEvent::Failed { cpu, netns: ns.id(), error });
             return;
         }
@@ -225,14 +226,14 @@ async fn run(
                     }
                     ToShard::Identity(id) => shard.set_identity(id),
                     ToShard::Services(table) => shard.set_services(table),
-                    ToShard::Enroll(ns) if !draining => {
-                        let event = match enroll(&shard, &ns, &mut listeners, &listening) {
+                    ToShard::Enroll(ns, addresses) if !draining => {
+                        let event = match enroll(&shard, &ns, &addresses, &mut listeners, &listening) {
                             Ok(()) => ShardEvent::Listening { cpu, netns: ns.id() },
                             Err(error) => ShardEvent::Failed { cpu, netns: ns.id(), error },
                         };
                         let _ = events.send(event);
                     }
-                    ToShard::Enroll(_) => {}
+                    ToShard::Enroll(..) => {}
                     ToShard::Withdraw(id) => {
                         shard.forget_local(id);
                         if let Some(loops) = listeners.remove(&id) {
@@ -276,10 +277,12 @@ pub fn lock(listening: &Listening) -> std::sync::MutexGuard<'_, BTreeSet<NetnsId
     listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Opens both listeners in `ns` and starts their accept loops.
+/// Opens both listeners in `ns` and starts their accept loops; with the
+/// same-node fast path, indexes the pod by its `addresses`.
 fn enroll(
     shard: &Rc<ShardCtx>,
     ns: &Arc<Netns>,
+    addresses: &[Ipv4Addr],
     listeners: &mut Listeners,
     listening: &Listening,
 ) -> Result<(), String> {
@@ -295,13 +298,7 @@ fn enroll(
     listeners.insert(ns.id(), loops);
     lock(listening).insert(ns.id());
     if shard.same_node_fast_path {
-        match ns.ipv4_addresses() {
-            Ok(addrs) => shard.serve_locally(ns, &addrs),
-            // Its connections go through the tunnel, as without the fast path.
-            Err(e) => {
-                warn!(cpu = shard.cpu, netns = %ns.name(), error = %e, "reading the pod's addresses for the same-node fast path")
-            }
-        }
+        shard.serve_locally(ns, addresses);
     }
     Ok(())
 }
