@@ -235,6 +235,32 @@ impl ShardCtx {
         held(v4).then(|| (src, dst_ns.clone()))
     }
 
+    /// A socket to the application at `dst`, made in its pod's namespace
+    /// `ns`: from `client` where the pod's return path is in place; from the
+    /// pod's own address otherwise, or if the kernel refuses the transparent
+    /// socket (counted). The inbound side and the same-node fast path both
+    /// deliver this way.
+    pub fn connect_app(
+        &self,
+        ns: &Netns,
+        dst: std::net::SocketAddr,
+        client: std::net::SocketAddr,
+    ) -> std::io::Result<std::os::fd::OwnedFd> {
+        let connect = || {
+            if ns.client_address() {
+                match crate::socket::upstream_from(dst, client, self.bypass_mark) {
+                    Ok(fd) => return Ok(fd),
+                    Err(e) => {
+                        self.with_stats(|s| s.client_address_fallbacks += 1);
+                        tracing::debug!(%client, error = %e, "transparent socket refused: connecting from the pod's address");
+                    }
+                }
+            }
+            crate::socket::upstream(dst, self.bypass_mark)
+        };
+        ns.run(connect)?
+    }
+
     /// New certificates, for new handshakes.
     pub fn set_identity(&self, identity: Arc<Identity>) {
         *self.identity.borrow_mut() = identity;

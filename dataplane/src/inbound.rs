@@ -135,23 +135,10 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream, mut 
         }
     };
     rec.dst(dst.0);
-    // From the client's own address where the return path is in place (the
-    // certificate proved it); from ours otherwise, or if the kernel refuses.
-    let connect = || {
-        if netns.client_address() {
-            match socket::upstream_from(dst.0, client.0, shard.bypass_mark) {
-                Ok(fd) => return Ok(fd),
-                Err(e) => {
-                    shard.with_stats(|s| s.client_address_fallbacks += 1);
-                    tracing::debug!(client = %client.0, error = %e, "transparent socket refused: connecting from the pod's address");
-                }
-            }
-        }
-        socket::upstream(dst.0, shard.bypass_mark)
-    };
-    let mut app = match netns.run(connect) {
-        Ok(Ok(fd)) => sys::glommio_stream(fd),
-        Ok(Err(e)) | Err(e) => {
+    // From the client's own address: the certificate proved it.
+    let mut app = match shard.connect_app(&netns, dst.0, client.0) {
+        Ok(fd) => sys::glommio_stream(fd),
+        Err(e) => {
             socket::reset_on_close(tls.get_ref().0);
             return rec.refuse(Blame::Ours, Reason::Socket, &format!("the socket to the application: {e}"));
         }

@@ -148,21 +148,9 @@ async fn same_node(
         return rec.refuse(Blame::Downstream, Reason::NotThisPod, &format!("{} is the data plane's own port", to.0));
     }
     shard.with_stats(|s| s.same_node += 1);
-    let connect = || {
-        if dst_ns.client_address() {
-            match socket::upstream_from(to.0, client, shard.bypass_mark) {
-                Ok(fd) => return Ok(fd),
-                Err(e) => {
-                    shard.with_stats(|s| s.client_address_fallbacks += 1);
-                    tracing::debug!(%client, error = %e, "transparent socket refused: connecting from the pod's address");
-                }
-            }
-        }
-        socket::upstream(to.0, shard.bypass_mark)
-    };
-    let mut app = match dst_ns.run(connect) {
-        Ok(Ok(fd)) => sys::glommio_stream(fd),
-        Ok(Err(e)) | Err(e) => {
+    let mut app = match shard.connect_app(dst_ns, to.0, client) {
+        Ok(fd) => sys::glommio_stream(fd),
+        Err(e) => {
             socket::reset_on_close(&downstream);
             return rec.refuse(Blame::Ours, Reason::Socket, &format!("connecting to {} in its pod: {e}", to.0));
         }
