@@ -100,8 +100,26 @@ def drain_hash(f):
         n += len(d)
 
 
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def hostport(addr):
+    """ "h:p", or "[h]:p" for IPv6, as the data plane writes addresses. """
+    h, p = addr[0], addr[1]
+    return ("[%s]:%d" if ":" in h else "%s:%d") % (h, p)
+
+
+def pre_addr(ip):
+    """The preamble's family byte and address bytes for ip."""
+    if ":" in ip:
+        return bytes([6]), socket.inet_pton(socket.AF_INET6, ip)
+    return bytes([4]), socket.inet_aton(ip)
+
+
 def listen(host, port):
-    s = socket.socket()
+    # "::" listens on both families (a dual-stack server).
+    s = socket.socket(family(host))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((host, int(port)))
     s.listen(4096)
@@ -112,14 +130,14 @@ def listen(host, port):
 def accept_forever(s, handle):
     while True:
         c, addr = s.accept()
-        print("accepted %s:%d" % addr, flush=True)
+        print("accepted %s" % hostport(addr), flush=True)
         threading.Thread(target=handle, args=(c, addr), daemon=True).start()
 
 
 def serve(host, port, name):
     def handle(c, addr):
         with c:
-            c.sendall((json.dumps({"server": name, "peer": "%s:%d" % addr}) + "\n").encode())
+            c.sendall((json.dumps({"server": name, "peer": hostport(addr)}) + "\n").encode())
             while True:
                 d = c.recv(65536)
                 if not d:
@@ -160,19 +178,19 @@ def read_line(f):
 
 def connect(host, port, bind_port=None, count=1, payload="ping"):
     for i in range(count):
-        c = socket.socket()
+        c = socket.socket(family(host))
         c.settimeout(10)
         if bind_port:
             c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            c.bind(("0.0.0.0", int(bind_port) + i))
+            c.bind(("::" if ":" in host else "0.0.0.0", int(bind_port) + i))
         c.connect((host, int(port)))
         f = c.makefile("rb")
         hello = json.loads(read_line(f))
         c.sendall(payload.encode() + b"\n")
         echo = read_line(f).decode().strip()
         out = {
-            "local": "%s:%d" % c.getsockname(),
-            "peer": "%s:%d" % c.getpeername(),
+            "local": hostport(c.getsockname()),
+            "peer": hostport(c.getpeername()),
             "server": hello["server"],
             "server_saw": hello["peer"],
             "echo": echo,
@@ -279,7 +297,7 @@ def aserve(host, port, name):
     async def handle(r, w):
         peer = w.get_extra_info("peername")
         print("accepted %s:%d" % peer[:2], flush=True)
-        w.write((json.dumps({"server": name, "peer": "%s:%d" % peer[:2]}) + "\n").encode())
+        w.write((json.dumps({"server": name, "peer": hostport(peer)}) + "\n").encode())
         try:
             while True:
                 d = await r.read(65536)
@@ -405,7 +423,8 @@ def tls(host, port, ca, cert, key, dst, version="tls13"):
         return
     elif dst.startswith("drip:"):  # a valid preamble, one byte every 0.3 s
         ip, p = dst[5:].rsplit(":", 1)
-        pre = bytes([1, 4]) + struct.pack(">H", int(p)) + socket.inet_aton(ip) + b"\0\0"
+        fam, a = pre_addr(ip.strip("[]"))
+        pre = bytes([1]) + fam + struct.pack(">H", int(p)) + a + b"\0\0"
         t = time.time()
         c.settimeout(0.3)
         sent, closed = 0, False
@@ -432,12 +451,15 @@ def tls(host, port, ca, cert, key, dst, version="tls13"):
         print(json.dumps(out), flush=True)
         return
     elif dst == "oversized":
-        pre = bytes([1, 4, 0, 80]) + socket.inet_aton(host) + b"\xff\xff" + b"\0" * 300
+        fam, a = pre_addr(host)
+        pre = bytes([1]) + fam + bytes([0, 80]) + a + b"\xff\xff" + b"\0" * 300
     elif dst == "version2":
-        pre = bytes([2, 4, 0, 80]) + socket.inet_aton(host) + b"\0\0"
+        fam, a = pre_addr(host)
+        pre = bytes([2]) + fam + bytes([0, 80]) + a + b"\0\0"
     else:
         ip, p = dst.rsplit(":", 1)
-        pre = bytes([1, 4]) + struct.pack(">H", int(p)) + socket.inet_aton(ip) + b"\0\0"
+        fam, a = pre_addr(ip.strip("[]"))
+        pre = bytes([1]) + fam + struct.pack(">H", int(p)) + a + b"\0\0"
     try:
         if pre is None:  # truncated: part of a preamble, then close_notify
             c = c.unwrap()

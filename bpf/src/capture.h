@@ -2,49 +2,61 @@
  * (common/src/maps.rs). Every struct has explicit padding and a size assert
  * here; the Rust side asserts the same sizes and a test compares both against
  * the BTF of the compiled object. Addresses and ports are in network byte
- * order, exactly as the kernel hands them to the programs. */
+ * order, exactly as the kernel hands them to the programs. Every address is
+ * 16 bytes, as IPv6: an IPv4 address is stored IPv4-mapped (::ffff:a.b.c.d),
+ * so one map serves both families and a dual-stack socket's connect to a
+ * mapped address is the IPv4 connect it is. */
 #ifndef KMESH_CAPTURE_H
 #define KMESH_CAPTURE_H
 
 #include <linux/types.h>
 
+/* An address of either family (IPv4 mapped), network order. */
+struct addr6 {
+	__u32 w[4];
+};
+_Static_assert(sizeof(struct addr6) == 16, "addr6 layout");
+
 /* Where a captured connect() was going. */
 struct orig_dst {
-	__u32 ip4;   /* network order */
-	__u16 port;  /* network order */
+	struct addr6 ip; /* network order */
+	__u16 port;      /* network order */
 	__u16 _pad;
 };
-_Static_assert(sizeof(struct orig_dst) == 8, "orig_dst layout");
+_Static_assert(sizeof(struct orig_dst) == 20, "orig_dst layout");
 
 /* The key the proxy can name from an accepted socket: the client's network
  * namespace plus its address and port. Ports alone collide between pods. */
 struct client_key {
 	__u64 netns_cookie;
-	__u32 ip4;   /* client address, network order */
-	__u16 port;  /* client port, network order */
+	struct addr6 ip; /* client address, network order */
+	__u16 port;      /* client port, network order */
 	__u16 _pad;
+	__u32 _pad2;
 };
-_Static_assert(sizeof(struct client_key) == 16, "client_key layout");
+_Static_assert(sizeof(struct client_key) == 32, "client_key layout");
 
-/* Key of the capture CIDR trie (BPF_MAP_TYPE_LPM_TRIE). */
+/* Key of the capture CIDR trie (BPF_MAP_TYPE_LPM_TRIE); an IPv4 prefix /n
+ * is the mapped prefix /(96 + n). */
 struct cidr_key {
 	__u32 prefixlen;
-	__u32 ip4;   /* network order */
+	struct addr6 ip; /* network order */
 };
-_Static_assert(sizeof(struct cidr_key) == 8, "cidr_key layout");
+_Static_assert(sizeof(struct cidr_key) == 20, "cidr_key layout");
 
 #define EXCLUDED_PORT_BYTES 8192 /* one bit per port, 65536 ports */
 
 /* The one entry of the config array, written by userspace at start. */
 struct capture_config {
 	__u32 proxy_ip4;    /* network order, 127.0.0.1 */
-	__u16 proxy_port;   /* network order, 18000 */
+	__u16 proxy_port;   /* network order, 18000 (both families) */
 	__u16 flags;        /* CONFIG_F_* */
 	__u32 bypass_mark;  /* SO_MARK of the data plane's own sockets */
 	__u32 _pad;
+	struct addr6 proxy_ip6; /* network order, ::1 */
 	__u8 excluded_ports[EXCLUDED_PORT_BYTES]; /* bit (port & 7) of byte port >> 3, host order port */
 };
-_Static_assert(sizeof(struct capture_config) == 16 + EXCLUDED_PORT_BYTES, "capture_config layout");
+_Static_assert(sizeof(struct capture_config) == 32 + EXCLUDED_PORT_BYTES, "capture_config layout");
 
 #define CONFIG_F_ENABLED 1 /* capture nothing until userspace has written the config */
 #define CONFIG_F_TRACE   2 /* log every decision to the trace pipe */
@@ -63,8 +75,7 @@ struct netns_entry {
 };
 _Static_assert(sizeof(struct netns_entry) == 20, "netns_entry layout");
 
-/* A meshed pod's address (meshed_dsts value; key: IPv4 address, network
- * order): connects to it are tunnelled unless the port is one it leaves alone. */
+/* A meshed pod's address (meshed_dsts value; key: struct addr6): connects to it are tunnelled unless the port is one it leaves alone. */
 struct meshed_dst {
 	__u16 excluded_ports[POD_PORTS]; /* inbound ports left alone, host order; 0 = none */
 };
@@ -73,16 +84,16 @@ _Static_assert(sizeof(struct meshed_dst) == 16, "meshed_dst layout");
 /* A Service's ClusterIP and port (service_vips key): connects to it from a
  * served namespace are captured; the data plane picks the endpoint. */
 struct vip_key {
-	__u32 ip4;  /* network order */
-	__u16 port; /* network order */
+	struct addr6 ip; /* network order */
+	__u16 port;      /* network order */
 	__u16 _pad;
 };
-_Static_assert(sizeof(struct vip_key) == 8, "vip_key layout");
+_Static_assert(sizeof(struct vip_key) == 20, "vip_key layout");
 
 /* Indices of the per-CPU decision counters. */
 enum stat_index {
 	STAT_CAPTURED = 0,
-	STAT_SKIP_FAMILY,
+	STAT_SKIP_FAMILY, /* connect4 asked for another family; IPv6 connects of an IPv4-only socket */
 	STAT_SKIP_PROTO,
 	STAT_SKIP_CIDR,
 	STAT_SKIP_PORT,

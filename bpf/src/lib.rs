@@ -17,9 +17,11 @@ pub fn object() -> &'static [u8] {
 pub mod program {
     /// `cgroup/connect4`: rewrites captured connects to the proxy.
     pub const CONNECT4: &str = "capture_connect4";
+    /// `cgroup/connect6`: the same for IPv6 (and IPv4-mapped) connects.
+    pub const CONNECT6: &str = "capture_connect6";
     /// `sockops`: re-keys the original destination by client address.
     pub const SOCKOPS: &str = "capture_sockops";
-    /// `cgroup/getsockopt`: answers `SO_ORIGINAL_DST`.
+    /// `cgroup/getsockopt`: answers `SO_ORIGINAL_DST` and `IP6T_SO_ORIGINAL_DST`.
     pub const GETSOCKOPT: &str = "capture_getsockopt";
 }
 

@@ -4,27 +4,50 @@
 //! compile time here and by `_Static_assert` in C; `tests` compares the sizes
 //! with the map definitions of the compiled object. Addresses and ports are
 //! stored in network byte order, as the kernel gives them to the programs;
-//! the constructors and accessors take and return host types.
-use std::net::{Ipv4Addr, SocketAddrV4};
+//! the constructors and accessors take and return host types. Every address
+//! is 16 bytes ([`Addr`]): IPv6 as it is, IPv4 mapped (`::ffff:a.b.c.d`), so
+//! one map holds both families.
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4};
+
+/// An address of either family as the programs store it (`struct addr6`):
+/// an IPv4 address is IPv4-mapped, and comes back as IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Addr([u8; 16]);
+
+impl Addr {
+    /// The stored form of `ip`.
+    pub fn new(ip: IpAddr) -> Self {
+        Self(match ip {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        })
+    }
+
+    /// The address, IPv4 again if it was mapped.
+    pub fn ip(&self) -> IpAddr {
+        Ipv6Addr::from(self.0).to_canonical()
+    }
+}
 
 /// Where a captured `connect()` was going (`struct orig_dst`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
-    ip4: u32,
+    ip: Addr,
     port: u16,
     _pad: u16,
 }
 
 impl OrigDst {
     /// The entry for `addr`.
-    pub fn new(addr: SocketAddrV4) -> Self {
-        Self { ip4: u32::from_ne_bytes(addr.ip().octets()), port: addr.port().to_be(), _pad: 0 }
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { ip: Addr::new(addr.ip()), port: addr.port().to_be(), _pad: 0 }
     }
 
-    /// The original destination.
-    pub fn addr(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::from(self.ip4.to_ne_bytes()), u16::from_be(self.port))
+    /// The original destination (IPv4 for a mapped address).
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.ip(), u16::from_be(self.port))
     }
 }
 
@@ -38,20 +61,16 @@ pub struct NetnsCookie(pub u64);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClientKey {
     netns_cookie: u64,
-    ip4: u32,
+    ip: Addr,
     port: u16,
     _pad: u16,
+    _pad2: u32,
 }
 
 impl ClientKey {
     /// The key for a client at `client` in namespace `netns`.
-    pub fn new(netns: NetnsCookie, client: SocketAddrV4) -> Self {
-        Self {
-            netns_cookie: netns.0,
-            ip4: u32::from_ne_bytes(client.ip().octets()),
-            port: client.port().to_be(),
-            _pad: 0,
-        }
+    pub fn new(netns: NetnsCookie, client: SocketAddr) -> Self {
+        Self { netns_cookie: netns.0, ip: Addr::new(client.ip()), port: client.port().to_be(), _pad: 0, _pad2: 0 }
     }
 
     /// The namespace part of the key.
@@ -60,8 +79,8 @@ impl ClientKey {
     }
 
     /// The client address part of the key.
-    pub fn client(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::from(self.ip4.to_ne_bytes()), u16::from_be(self.port))
+    pub fn client(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.ip(), u16::from_be(self.port))
     }
 }
 
@@ -82,19 +101,22 @@ pub struct CaptureConfig {
     flags: u16,
     bypass_mark: u32,
     _pad: u32,
+    proxy_ip6: Addr,
     excluded_ports: [u8; EXCLUDED_PORT_BYTES],
 }
 
 impl CaptureConfig {
-    /// A configuration that sends captured connects to `proxy`, leaves sockets
-    /// marked `bypass_mark` alone and never captures `excluded` ports.
-    pub fn new(proxy: SocketAddrV4, bypass_mark: u32, excluded: &[u16], flags: u16) -> Self {
+    /// A configuration that sends captured connects to `proxy` (IPv4) or
+    /// `proxy6` (IPv6, the same port), leaves sockets marked `bypass_mark`
+    /// alone and never captures `excluded` ports.
+    pub fn new(proxy: SocketAddrV4, proxy6: Ipv6Addr, bypass_mark: u32, excluded: &[u16], flags: u16) -> Self {
         let mut cfg = Self {
             proxy_ip4: u32::from_ne_bytes(proxy.ip().octets()),
             proxy_port: proxy.port().to_be(),
             flags,
             bypass_mark,
             _pad: 0,
+            proxy_ip6: Addr::new(IpAddr::V6(proxy6)),
             excluded_ports: [0; EXCLUDED_PORT_BYTES],
         };
         for &p in excluded {
@@ -176,20 +198,20 @@ impl MeshedDst {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipKey {
-    ip4: u32,
+    ip: Addr,
     port: u16,
     _pad: u16,
 }
 
 impl VipKey {
     /// The key for `vip`.
-    pub fn new(vip: SocketAddrV4) -> Self {
-        Self { ip4: u32::from_ne_bytes(vip.ip().octets()), port: vip.port().to_be(), _pad: 0 }
+    pub fn new(vip: SocketAddr) -> Self {
+        Self { ip: Addr::new(vip.ip()), port: vip.port().to_be(), _pad: 0 }
     }
 
     /// The ClusterIP and port.
-    pub fn addr(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::from(self.ip4.to_ne_bytes()), u16::from_be(self.port))
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip.ip(), u16::from_be(self.port))
     }
 }
 
@@ -207,7 +229,7 @@ fn ports(given: &[u16]) -> [u16; POD_PORTS] {
 pub enum StatIndex {
     /// Connect rewritten to the proxy.
     Captured = 0,
-    /// Not IPv4.
+    /// A connect program saw another family than its own.
     SkipFamily,
     /// Not a TCP stream socket.
     SkipProto,
@@ -275,16 +297,19 @@ impl StatIndex {
 }
 
 const _: () = {
-    assert!(size_of::<OrigDst>() == 8);
-    assert!(size_of::<ClientKey>() == 16);
-    assert!(std::mem::offset_of!(ClientKey, ip4) == 8);
-    assert!(std::mem::offset_of!(ClientKey, port) == 12);
-    assert!(size_of::<CaptureConfig>() == 16 + EXCLUDED_PORT_BYTES);
+    assert!(size_of::<Addr>() == 16);
+    assert!(size_of::<OrigDst>() == 20);
+    assert!(std::mem::offset_of!(OrigDst, port) == 16);
+    assert!(size_of::<ClientKey>() == 32);
+    assert!(std::mem::offset_of!(ClientKey, ip) == 8);
+    assert!(std::mem::offset_of!(ClientKey, port) == 24);
+    assert!(size_of::<CaptureConfig>() == 32 + EXCLUDED_PORT_BYTES);
     assert!(std::mem::offset_of!(CaptureConfig, bypass_mark) == 8);
-    assert!(std::mem::offset_of!(CaptureConfig, excluded_ports) == 16);
+    assert!(std::mem::offset_of!(CaptureConfig, proxy_ip6) == 16);
+    assert!(std::mem::offset_of!(CaptureConfig, excluded_ports) == 32);
     assert!(size_of::<NetnsEntry>() == 20);
     assert!(size_of::<MeshedDst>() == 16);
-    assert!(size_of::<VipKey>() == 8);
+    assert!(size_of::<VipKey>() == 20);
 };
 
 #[cfg(feature = "aya")]
@@ -293,6 +318,8 @@ mod pod {
     // SAFETY: each type is #[repr(C)], Copy, has explicit padding fields so
     // every byte is initialised, and contains only integers: any bit pattern
     // the kernel writes back is a valid value.
+    unsafe impl aya::Pod for super::Addr {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ClientKey {}
@@ -325,12 +352,12 @@ mod tests {
         use dataplane_bpf::map;
         assert_eq!(sizes(map::ORIG_BY_COOKIE), (8, size_of::<OrigDst>()));
         assert_eq!(sizes(map::ORIG_BY_CLIENT), (size_of::<ClientKey>(), size_of::<OrigDst>()));
-        // struct cidr_key is aya's lpm_trie::Key<u32>: prefix length, then the address.
-        assert_eq!(sizes(map::CAPTURE_CIDRS), (2 * size_of::<u32>(), 1));
+        // struct cidr_key is aya's lpm_trie::Key<Addr>: prefix length, then the address.
+        assert_eq!(sizes(map::CAPTURE_CIDRS), (size_of::<u32>() + size_of::<Addr>(), 1));
         assert_eq!(sizes(map::CONFIG), (4, size_of::<CaptureConfig>()));
         assert_eq!(sizes(map::STATS), (4, 8));
         assert_eq!(sizes(map::NETNS_VERDICT), (size_of::<NetnsCookie>(), size_of::<NetnsEntry>()));
-        assert_eq!(sizes(map::MESHED_DSTS), (size_of::<u32>(), size_of::<MeshedDst>()));
+        assert_eq!(sizes(map::MESHED_DSTS), (size_of::<Addr>(), size_of::<MeshedDst>()));
         assert_eq!(sizes(map::SERVICE_VIPS), (size_of::<VipKey>(), 1));
         let stats = maps.get(map::STATS).expect("stats map");
         assert_eq!(stats.max_entries(), StatIndex::COUNT, "one counter per StatIndex");
@@ -338,20 +365,26 @@ mod tests {
 
     #[test]
     fn network_order_round_trips() {
-        let a: SocketAddrV4 = "10.1.2.3:8080".parse().expect("addr");
-        assert_eq!(OrigDst::new(a).addr(), a);
-        let k = ClientKey::new(NetnsCookie(42), a);
-        assert_eq!((k.netns(), k.client()), (NetnsCookie(42), a));
-        // The kernel's view: bytes in wire order.
-        let od = OrigDst::new(a);
-        assert_eq!(od.ip4.to_ne_bytes(), [10, 1, 2, 3]);
+        for a in ["10.1.2.3:8080", "[fd00::1:2]:8080"] {
+            let a: SocketAddr = a.parse().expect("addr");
+            assert_eq!(OrigDst::new(a).addr(), a);
+            let k = ClientKey::new(NetnsCookie(42), a);
+            assert_eq!((k.netns(), k.client()), (NetnsCookie(42), a));
+            assert_eq!(VipKey::new(a).addr(), a);
+        }
+        // The kernel's view: bytes in wire order, IPv4 mapped.
+        let od = OrigDst::new("10.1.2.3:8080".parse().expect("addr"));
+        assert_eq!(od.ip.0, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]);
         assert_eq!(od.port.to_ne_bytes(), 8080u16.to_be_bytes());
+        // A mapped address from a dual-stack socket is the IPv4 one.
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().expect("ip");
+        assert_eq!(Addr::new(mapped), Addr::new("10.1.2.3".parse().expect("ip")));
     }
 
     proptest::proptest! {
         #[test]
         fn excluded_ports_are_exactly_those_given(ports in proptest::collection::vec(proptest::num::u16::ANY, 0..64), probe: u16) {
-            let cfg = CaptureConfig::new("127.0.0.1:18000".parse().expect("addr"), 0, &ports, CONFIG_F_ENABLED);
+            let cfg = CaptureConfig::new("127.0.0.1:18000".parse().expect("addr"), Ipv6Addr::LOCALHOST, 0, &ports, CONFIG_F_ENABLED);
             proptest::prop_assert_eq!(cfg.is_excluded(probe), ports.contains(&probe));
             for p in &ports { proptest::prop_assert!(cfg.is_excluded(*p)); }
         }

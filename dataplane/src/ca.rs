@@ -129,7 +129,9 @@ pub fn leaf(ip: IpAddr, issuer: &Issuer<'_, KeyPair>, validity: Validity) -> Res
     let key = KeyPair::generate().map_err(cert_err(format!("generating the key for {ip}")))?;
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("leaf parameters"))?;
     p.distinguished_name.push(DnType::CommonName, ip.to_string());
-    let spiffe = format!("spiffe://{TRUST_DOMAIN}/ip/{ip}");
+    // SPIFFE path segments allow no ':': an IPv6 address is written with
+    // '-' instead (fd00::1 is ip/fd00--1).
+    let spiffe = format!("spiffe://{TRUST_DOMAIN}/ip/{}", ip.to_string().replace(':', "-"));
     p.subject_alt_names =
         vec![SanType::IpAddress(ip), SanType::URI(spiffe.try_into().map_err(cert_err(format!("SPIFFE ID for {ip}")))?)];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -11,7 +11,7 @@ use std::{
 };
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::{cgroup, conn::Timeouts, cores, ebpf, identity::Identity, netns::Netns};
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
@@ -166,7 +166,7 @@ pub struct RunArgs {
     /// or comma-separated in the env var); required without a model.
     #[arg(long = "capture-cidr", env = "DATAPLANE_CAPTURE_CIDRS", value_name = "CIDR",
           value_delimiter = ',', value_parser = parse_cidr)]
-    pub capture_cidrs: Vec<Ipv4Net>,
+    pub capture_cidrs: Vec<IpNet>,
     /// Learn the pods from the Kubernetes API with the pod's in-cluster
     /// configuration (the DaemonSet); needs --node-name and --netns-dir.
     #[arg(long, env = "DATAPLANE_KUBE")]
@@ -298,8 +298,8 @@ pub enum LogFormat {
     Json,
 }
 
-fn parse_cidr(s: &str) -> Result<Ipv4Net, String> {
-    let net: Ipv4Net = s.parse().map_err(|_| format!("not an IPv4 CIDR such as 10.0.0.0/8: {s:?}"))?;
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = s.parse().map_err(|_| format!("not a CIDR such as 10.0.0.0/8 or fd00::/8: {s:?}"))?;
     if net.trunc() != net {
         return Err(format!("host bits set; did you mean {}?", net.trunc()));
     }
@@ -592,6 +592,7 @@ impl RunArgs {
             cores,
             capture: ebpf::Settings {
                 proxy: SocketAddrV4::new([127, 0, 0, 1].into(), OUTBOUND_PORT),
+                proxy6: std::net::Ipv6Addr::LOCALHOST,
                 cidrs,
                 excluded_ports,
                 bypass_mark: self.bypass_mark,

@@ -93,7 +93,7 @@ pub struct ShardCtx {
     /// Whether connections between two pods served here skip the tunnel.
     pub same_node_fast_path: bool,
     /// The pods this executor serves, by address (with the fast path on).
-    local: RefCell<std::collections::HashMap<std::net::Ipv4Addr, Arc<Netns>>>,
+    local: RefCell<std::collections::HashMap<IpAddr, Arc<Netns>>>,
 }
 
 /// One open connection to a Service endpoint, counted in the executor's
@@ -203,7 +203,7 @@ impl ShardCtx {
     }
 
     /// `ns`, at `addrs`, is served by this executor.
-    pub fn serve_locally(&self, ns: &Arc<Netns>, addrs: &[std::net::Ipv4Addr]) {
+    pub fn serve_locally(&self, ns: &Arc<Netns>, addrs: &[IpAddr]) {
         let mut local = self.local.borrow_mut();
         for ip in addrs {
             local.insert(*ip, ns.clone());
@@ -224,15 +224,18 @@ impl ShardCtx {
     /// to `dst`: the client pod's address and the destination pod's
     /// namespace, if this executor serves both and holds certificates for
     /// both (the data plane vouches for both ends, as the tunnel's
-    /// handshake would have).
-    pub fn same_node(&self, client: &Netns, dst: IpAddr) -> Option<(std::net::Ipv4Addr, Arc<Netns>)> {
-        let IpAddr::V4(v4) = dst else { return None };
+    /// handshake would have). The client's address is one of the
+    /// destination's family.
+    pub fn same_node(&self, client: &Netns, dst: IpAddr) -> Option<(IpAddr, Arc<Netns>)> {
         let local = self.local.borrow();
-        let dst_ns = local.get(&v4)?;
+        let dst_ns = local.get(&dst)?;
         let identity = self.identity.borrow();
-        let held = |ip: std::net::Ipv4Addr| identity.holds(IpAddr::V4(ip));
-        let src = local.iter().find(|(ip, ns)| ns.id() == client.id() && held(**ip)).map(|(ip, _)| *ip)?;
-        held(v4).then(|| (src, dst_ns.clone()))
+        let held = |ip: IpAddr| identity.holds(ip);
+        let src = local
+            .iter()
+            .find(|(ip, ns)| ns.id() == client.id() && ip.is_ipv6() == dst.is_ipv6() && held(**ip))
+            .map(|(ip, _)| *ip)?;
+        held(dst).then(|| (src, dst_ns.clone()))
     }
 
     /// A socket to the application at `dst`, made in its pod's namespace

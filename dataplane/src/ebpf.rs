@@ -7,15 +7,18 @@
 //! process dying in any way (SIGKILL included), closes the link fds and the
 //! kernel detaches the programs, so traffic flows directly again (fail open).
 //!
-//! Strict mode (fail closed): the maps and the connect4 and sockops links are
-//! pinned under `--pin-dir` (a BPF file system), so they outlive the process
-//! and captured connects keep going to 127.0.0.1:18000, where nothing
-//! listens: they are refused until a data plane returns. The next instance,
+//! Strict mode (fail closed): the maps and the connect4, connect6 and sockops
+//! links are pinned under `--pin-dir` (a BPF file system), so they outlive
+//! the process and captured connects keep going to 127.0.0.1:18000 (or
+//! [::1]:18000), where nothing listens: they are refused until a data plane
+//! returns. The next instance,
 //! strict or not, adopts what it finds pinned: it reuses the pinned maps,
 //! attaches its own programs, then unpins and drops the old links (both run
 //! for a moment; the second connect4 sees 127.0.0.1:18000, an excluded port,
 //! and leaves it alone), and pins its own only if it is strict itself.
 //! getsockopt is never pinned: it only matters while a data plane runs.
+//! Pinned maps of another layout (an older version's) are never adopted:
+//! loading stops with an error that says which map and what to remove.
 //!
 //! One catch, and [`OrigLookup`] for it: an accepted socket belongs to the
 //! cgroup of the listener that took its SYN, and getsockopt programs run by
@@ -26,7 +29,7 @@
 //! the executor looks it up there itself, under the same key.
 use std::{
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -40,7 +43,7 @@ use aya::{
 };
 use dataplane_bpf::{map, program};
 use dataplane_common::maps::{
-    CaptureConfig, ClientKey, MeshedDst, NetnsCookie, NetnsEntry, OrigDst, StatIndex, VipKey, CONFIG_F_ENABLED,
+    Addr, CaptureConfig, ClientKey, MeshedDst, NetnsCookie, NetnsEntry, OrigDst, StatIndex, VipKey, CONFIG_F_ENABLED,
     CONFIG_F_TRACE,
 };
 
@@ -89,20 +92,33 @@ pub enum Error {
     },
 }
 
-/// A capture CIDR.
+/// A capture CIDR, of either family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
     /// Network address, host bits zero.
-    pub addr: Ipv4Addr,
-    /// Prefix length, 0..=32.
+    pub addr: IpAddr,
+    /// Prefix length, 0..=32 (IPv4) or 0..=128 (IPv6).
     pub prefix: u8,
+}
+
+impl Cidr {
+    /// The trie's key: an IPv4 prefix /n is the IPv4-mapped prefix /(96 + n).
+    fn key(&self) -> Key<Addr> {
+        let prefix = match self.addr {
+            IpAddr::V4(_) => 96 + u32::from(self.prefix),
+            IpAddr::V6(_) => u32::from(self.prefix),
+        };
+        Key::new(prefix, Addr::new(self.addr))
+    }
 }
 
 /// What the programs are told at start-up.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Where captured connects go (127.0.0.1:18000).
+    /// Where captured IPv4 connects go (127.0.0.1:18000).
     pub proxy: SocketAddrV4,
+    /// Where captured IPv6 connects go (::1, the same port).
+    pub proxy6: std::net::Ipv6Addr,
     /// Destinations to capture.
     pub cidrs: Vec<Cidr>,
     /// Destination ports never captured (18000 and 18001 included by the caller).
@@ -115,12 +131,12 @@ pub struct Settings {
     pub map_entries: u32,
     /// Where pinned maps and links live (a BPF file system).
     pub pin_dir: PathBuf,
-    /// Fail closed: leave connect4 and sockops pinned when we exit.
+    /// Fail closed: leave connect4, connect6 and sockops pinned when we exit.
     pub strict: bool,
 }
 
 /// The programs whose links strict mode pins.
-const PINNED_PROGRAMS: [&str; 2] = [program::CONNECT4, program::SOCKOPS];
+const PINNED_PROGRAMS: [&str; 3] = [program::CONNECT4, program::CONNECT6, program::SOCKOPS];
 /// The maps a strict instance shares with the next one.
 const SHARED_MAPS: [&str; 8] = [
     map::ORIG_BY_COOKIE,
@@ -148,7 +164,7 @@ impl OrigLookup {
     }
 
     /// Where the client at `client` in the namespace `netns` was going.
-    pub fn get(&self, netns: NetnsCookie, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    pub fn get(&self, netns: NetnsCookie, client: SocketAddr) -> Option<SocketAddr> {
         self.0.get(&ClientKey::new(netns, client), 0).ok().map(|o| o.addr())
     }
 }
@@ -207,6 +223,36 @@ fn open_cgroup(path: &Path) -> Result<File, Error> {
     File::open(path).map_err(|source| Error::Cgroup { path: path.to_path_buf(), source })
 }
 
+/// Refuses pinned maps whose key or value size differs from the object's
+/// (a previous version's layout, e.g. before IPv6): adopting them would have
+/// the new programs read the old entries wrongly.
+fn check_pinned_layouts(maps: &[(&'static str, PathBuf)]) -> Result<(), Error> {
+    let object = aya_obj::Object::parse(dataplane_bpf::object())
+        .map_err(|e| pin_err(Path::new("-"), "parsing the object", e))?;
+    for (name, path) in maps {
+        if !path.exists() {
+            continue;
+        }
+        let Some(ours) = object.maps.get(*name) else { continue };
+        let pinned = MapData::from_pin(path).and_then(|m| m.info()).map_err(map_err(name))?;
+        let (key, value) = (pinned.key_size(), pinned.value_size());
+        if (key, value) != (ours.key_size(), ours.value_size()) {
+            return Err(pin_err(
+                path,
+                "adopting a pinned map",
+                format!(
+                    "its layout is another version's (key {key} and value {value} bytes, this version's {} and {}): \
+                     connections cannot be carried across this upgrade; remove the pins (rm -r {}) and start again",
+                    ours.key_size(),
+                    ours.value_size(),
+                    path.parent().and_then(Path::parent).unwrap_or(path).display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Capture {
     /// Loads the programs and writes `settings` into their maps. Nothing is
     /// attached yet.
@@ -220,7 +266,8 @@ impl Capture {
         let map_paths: Vec<(&str, PathBuf)> = SHARED_MAPS.iter().map(|m| (*m, maps.join(m))).collect();
         if settings.strict || adopting {
             // Reuse the maps the pinned programs use (or pin new ones for
-            // the next instance).
+            // the next instance), if they have our layout.
+            check_pinned_layouts(&map_paths)?;
             std::fs::create_dir_all(&maps).map_err(|e| pin_err(&maps, "creating the maps directory", e))?;
             for (name, path) in &map_paths {
                 loader.map_pin_path(name, path.as_path());
@@ -228,18 +275,18 @@ impl Capture {
         }
         let mut ebpf = loader.load(dataplane_bpf::object()).map_err(|e| Error::Load(Box::new(e)))?;
 
-        let mut cidrs: LpmTrie<_, u32, u8> = typed_map_mut(&mut ebpf, map::CAPTURE_CIDRS)?;
+        let mut cidrs: LpmTrie<_, Addr, u8> = typed_map_mut(&mut ebpf, map::CAPTURE_CIDRS)?;
         for c in &settings.cidrs {
-            let key = Key::new(u32::from(c.prefix), u32::from_ne_bytes(c.addr.octets()));
-            cidrs.insert(&key, 1, 0).map_err(map_err(map::CAPTURE_CIDRS))?;
+            cidrs.insert(&c.key(), 1, 0).map_err(map_err(map::CAPTURE_CIDRS))?;
         }
 
         let flags = CONFIG_F_ENABLED | if settings.trace { CONFIG_F_TRACE } else { 0 };
-        let cfg = CaptureConfig::new(settings.proxy, settings.bypass_mark, &settings.excluded_ports, flags);
+        let cfg =
+            CaptureConfig::new(settings.proxy, settings.proxy6, settings.bypass_mark, &settings.excluded_ports, flags);
         let mut config: Array<_, CaptureConfig> = typed_map_mut(&mut ebpf, map::CONFIG)?;
         config.set(0, cfg, 0).map_err(map_err(map::CONFIG))?;
 
-        for name in [program::CONNECT4, program::SOCKOPS, program::GETSOCKOPT] {
+        for name in [program::CONNECT4, program::CONNECT6, program::SOCKOPS, program::GETSOCKOPT] {
             let p = ebpf
                 .program_mut(name)
                 .ok_or(Error::Program { name, source: ProgramError::InvalidName { name: name.into() } })?;
@@ -254,8 +301,8 @@ impl Capture {
         Ok(Self { ebpf, pin_dir: settings.pin_dir.clone(), strict: settings.strict, adopting })
     }
 
-    /// Attaches connect4 and sockops to the workloads' cgroup and getsockopt to
-    /// the data plane's own cgroup.
+    /// Attaches connect4, connect6 and sockops to the workloads' cgroup and
+    /// getsockopt to the data plane's own cgroup.
     pub fn attach(&mut self, workload_cgroup: &Path, own_cgroup: &Path) -> Result<(), Error> {
         let workload = open_cgroup(workload_cgroup)?;
         let own = open_cgroup(own_cgroup)?;
@@ -272,6 +319,8 @@ impl Capture {
 
         let connect4: &mut CgroupSockAddr = self.program(program::CONNECT4)?;
         let c4 = connect4.attach(&workload, mode).map_err(program_err(program::CONNECT4))?;
+        let connect6: &mut CgroupSockAddr = self.program(program::CONNECT6)?;
+        let c6 = connect6.attach(&workload, mode).map_err(program_err(program::CONNECT6))?;
         let sockops: &mut SockOps = self.program(program::SOCKOPS)?;
         let so = sockops.attach(&workload, mode).map_err(program_err(program::SOCKOPS))?;
         let getsockopt: &mut CgroupSockopt = self.program(program::GETSOCKOPT)?;
@@ -293,6 +342,10 @@ impl Capture {
             let link = FdLink::try_from(connect4.take_link(c4).map_err(program_err(program::CONNECT4))?)
                 .map_err(|e| pin_err(&links, "converting the connect4 link", e))?;
             link.pin(links.join(program::CONNECT4)).map_err(|e| pin_err(&links, "pinning connect4", e))?;
+            let connect6: &mut CgroupSockAddr = self.program(program::CONNECT6)?;
+            let link = FdLink::try_from(connect6.take_link(c6).map_err(program_err(program::CONNECT6))?)
+                .map_err(|e| pin_err(&links, "converting the connect6 link", e))?;
+            link.pin(links.join(program::CONNECT6)).map_err(|e| pin_err(&links, "pinning connect6", e))?;
             let sockops: &mut SockOps = self.program(program::SOCKOPS)?;
             let link = FdLink::try_from(sockops.take_link(so).map_err(program_err(program::SOCKOPS))?)
                 .map_err(|e| pin_err(&links, "converting the sockops link", e))?;
@@ -349,20 +402,20 @@ impl Capture {
 
     /// The meshed destination addresses written now (a strict
     /// predecessor's included, when adopting its maps).
-    pub fn meshed_addresses(&self) -> Result<Vec<Ipv4Addr>, Error> {
-        let m: HashMap<_, u32, MeshedDst> = typed_map(&self.ebpf, map::MESHED_DSTS)?;
-        Ok(m.keys().filter_map(Result::ok).map(|k| Ipv4Addr::from(k.to_ne_bytes())).collect())
+    pub fn meshed_addresses(&self) -> Result<Vec<IpAddr>, Error> {
+        let m: HashMap<_, Addr, MeshedDst> = typed_map(&self.ebpf, map::MESHED_DSTS)?;
+        Ok(m.keys().filter_map(Result::ok).map(|k| k.ip()).collect())
     }
 
     /// The Service ClusterIP:port pairs written now (a strict
     /// predecessor's included, when adopting its maps).
-    pub fn service_vips(&self) -> Result<Vec<SocketAddrV4>, Error> {
+    pub fn service_vips(&self) -> Result<Vec<SocketAddr>, Error> {
         let m: HashMap<_, VipKey, u8> = typed_map(&self.ebpf, map::SERVICE_VIPS)?;
         Ok(m.keys().filter_map(Result::ok).map(|k| k.addr()).collect())
     }
 
     /// Marks a Service ClusterIP:port captured (`true`) or not.
-    pub fn set_service_vip(&mut self, vip: SocketAddrV4, on: bool) -> Result<(), Error> {
+    pub fn set_service_vip(&mut self, vip: SocketAddr, on: bool) -> Result<(), Error> {
         let mut m: HashMap<_, VipKey, u8> = typed_map_mut(&mut self.ebpf, map::SERVICE_VIPS)?;
         let done = if on {
             m.insert(VipKey::new(vip), 1, 0)
@@ -377,9 +430,9 @@ impl Capture {
 
     /// Writes a meshed destination address; `None` removes it (connects to
     /// it go direct again, unless a capture CIDR holds it).
-    pub fn set_meshed(&mut self, addr: Ipv4Addr, entry: Option<MeshedDst>) -> Result<(), Error> {
-        let mut m: HashMap<_, u32, MeshedDst> = typed_map_mut(&mut self.ebpf, map::MESHED_DSTS)?;
-        let key = u32::from_ne_bytes(addr.octets());
+    pub fn set_meshed(&mut self, addr: IpAddr, entry: Option<MeshedDst>) -> Result<(), Error> {
+        let mut m: HashMap<_, Addr, MeshedDst> = typed_map_mut(&mut self.ebpf, map::MESHED_DSTS)?;
+        let key = Addr::new(addr);
         let done = match entry {
             Some(e) => m.insert(key, e, 0),
             None => match m.remove(&key) {

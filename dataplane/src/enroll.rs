@@ -27,7 +27,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -46,16 +46,16 @@ use dataplane_common::maps::NetnsCookie;
 /// Where an enrolled namespace stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
-    /// No IPv4 address yet.
+    /// No address yet (or not all the addresses its workload has).
     WaitingForAddress,
     /// No local workload holds this address (yet).
-    Unclaimed(Ipv4Addr),
+    Unclaimed(IpAddr),
     /// Two workloads claim the address: neither is trusted.
     Conflict(String),
     /// Its workload is outside the mesh (the reason's label): never captured.
     Passed(&'static str),
     /// An address without a certificate.
-    WaitingForCertificate(Ipv4Addr),
+    WaitingForCertificate(IpAddr),
     /// Listeners open (or opening) on every executor.
     Served,
     /// Not a namespace we can enter (reported once, ignored until it changes).
@@ -82,8 +82,8 @@ struct Entry {
     ino: u64,
     netns: Option<Arc<Netns>>,
     cookie: Option<NetnsCookie>,
-    /// Its addresses, once it has some (a pod's never change).
-    addresses: Vec<Ipv4Addr>,
+    /// Its addresses, once it has all it will have (a pod's never change).
+    addresses: Vec<IpAddr>,
     /// When the file was first seen, and its address.
     seen: Instant,
     addressed: Option<Instant>,
@@ -108,7 +108,7 @@ pub enum Change {
         /// When its address appeared (for the enrolment latency).
         since: Instant,
         /// Its addresses.
-        addresses: Vec<Ipv4Addr>,
+        addresses: Vec<IpAddr>,
         /// Whether its application should see clients' addresses.
         client_address: bool,
     },
@@ -191,11 +191,14 @@ impl Registry {
         for (path, ino) in present {
             let entry = self.entries.entry(path.clone()).or_insert_with(|| open(&path, ino));
             let Some(ns) = entry.netns.clone() else { continue };
-            if entry.addresses.is_empty() {
-                match ns.ipv4_addresses() {
+            // Read until served: the CNI may add a dual-stack pod's two
+            // addresses one after the other, and the model says how many
+            // to wait for.
+            if matches!(entry.state, State::WaitingForAddress | State::Unclaimed(_) | State::WaitingForCertificate(_)) {
+                match ns.addresses() {
                     Ok(a) if !a.is_empty() => {
+                        entry.addressed = entry.addressed.or(Some(Instant::now()));
                         entry.addresses = a;
-                        entry.addressed = Some(Instant::now());
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -207,7 +210,7 @@ impl Registry {
                     }
                 }
             }
-            let (next, skip) = decide(&entry.addresses, model, |a| identity.holds(IpAddr::V4(a)));
+            let (next, skip) = decide(&entry.addresses, model, |a| identity.holds(a));
             let (Some(cookie), before) = (entry.cookie, entry.state.clone()) else { continue };
             if next == before {
                 if next == State::Served && skip != entry.skip_outbound {
@@ -327,7 +330,7 @@ fn stale(entries: &BTreeMap<PathBuf, Entry>, present: &BTreeMap<PathBuf, u64>) -
 /// Where a namespace stands, from its addresses (as read inside it), the
 /// model, and whether a certificate exists for an address; with the
 /// destination ports its connects go direct to.
-fn decide(addresses: &[Ipv4Addr], model: Option<&Model>, has_cert: impl Fn(Ipv4Addr) -> bool) -> (State, Vec<u16>) {
+fn decide(addresses: &[IpAddr], model: Option<&Model>, has_cert: impl Fn(IpAddr) -> bool) -> (State, Vec<u16>) {
     let Some(first) = addresses.first() else { return (State::WaitingForAddress, Vec::new()) };
     let mut skip = Vec::new();
     if let Some(model) = model {
@@ -340,6 +343,11 @@ fn decide(addresses: &[Ipv4Addr], model: Option<&Model>, has_cert: impl Fn(Ipv4A
             }
         }
         let Some(w) = owner else { return (State::Unclaimed(*first), skip) };
+        // A dual-stack pod whose second address the CNI has not added yet:
+        // serving it now would leave that family without listeners.
+        if !w.addresses.iter().all(|a| addresses.contains(a)) {
+            return (State::WaitingForAddress, skip);
+        }
         match &w.mode {
             Mode::Outside(why) => return (State::Passed(why.label()), skip),
             Mode::Meshed { skip_outbound, .. } => skip.clone_from(skip_outbound),
@@ -355,14 +363,14 @@ fn decide(addresses: &[Ipv4Addr], model: Option<&Model>, has_cert: impl Fn(Ipv4A
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
     }
 
     #[test]
     fn without_a_model_a_pod_moves_from_no_address_to_no_certificate_to_served() {
         let certs = [ip("10.0.0.1")];
-        let has = |a: Ipv4Addr| certs.contains(&a);
+        let has = |a: IpAddr| certs.contains(&a);
         // Looks as the CNI and the certificate issuer catch up.
         assert_eq!(decide(&[], None, has).0, State::WaitingForAddress);
         assert_eq!(decide(&[ip("10.0.0.2")], None, has).0, State::WaitingForCertificate(ip("10.0.0.2")));

@@ -9,7 +9,12 @@
 //! name ports to leave alone: [`SKIP_OUTBOUND`] (destination ports the pod's
 //! own connects keep going direct to) and [`SKIP_INBOUND`] (ports of the pod
 //! that clients reach directly).
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::Arc,
+};
 
 use dataplane_common::{maps::POD_PORTS, INBOUND_PORT, OUTBOUND_PORT};
 
@@ -36,7 +41,7 @@ pub struct Workload {
     /// Its service account (the identity its certificate will carry).
     pub service_account: String,
     /// Its IPv4 addresses (none until the CNI has given it one).
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
     /// Whether it runs on this node (and so is ours to enrol).
     pub local: bool,
     /// Its network namespace file, when the source names it (a file may);
@@ -131,8 +136,8 @@ impl Model {
     /// The service table: every ClusterIP:port and its ready endpoints,
     /// marked meshed when `meshed` (see [`Model::meshed_destinations`])
     /// holds the address.
-    pub fn service_table(&self, meshed: &BTreeMap<Ipv4Addr, Vec<u16>>) -> crate::services::Table {
-        crate::services::table(&self.services, |ip| meshed.contains_key(&ip))
+    pub fn service_table(&self, meshed: &BTreeMap<IpAddr, Vec<u16>>) -> crate::services::Table {
+        crate::services::table(&self.services, |ip: Ipv4Addr| meshed.contains_key(&IpAddr::V4(ip)))
     }
 
     /// Every workload.
@@ -148,7 +153,7 @@ impl Model {
     /// The local workload holding `addr`, if one does. Two local workloads
     /// claiming one address (a stale object beside its successor) give
     /// `Err` with both names: neither is trusted until it clears.
-    pub fn local_with(&self, addr: Ipv4Addr) -> Result<Option<&Workload>, String> {
+    pub fn local_with(&self, addr: IpAddr) -> Result<Option<&Workload>, String> {
         let mut found = self.local().filter(|w| w.addresses.contains(&addr));
         match (found.next(), found.next()) {
             (Some(a), Some(b)) => Err(format!("{addr} is claimed by both {} and {}", a.key(), b.key())),
@@ -163,7 +168,7 @@ impl Model {
 
     /// Every meshed address, anywhere, with the inbound ports its pod leaves
     /// alone: what `connect4` tunnels to.
-    pub fn meshed_destinations(&self) -> BTreeMap<Ipv4Addr, Vec<u16>> {
+    pub fn meshed_destinations(&self) -> BTreeMap<IpAddr, Vec<u16>> {
         let mut out = BTreeMap::new();
         for w in &self.workloads {
             if let Mode::Meshed { skip_inbound, .. } = &w.mode {
@@ -314,7 +319,7 @@ mod tests {
         ]);
         let dsts = m.meshed_destinations();
         assert_eq!(dsts.keys().map(ToString::to_string).collect::<Vec<_>>(), ["10.0.0.1", "10.0.0.3", "10.0.1.1"]);
-        assert_eq!(dsts[&"10.0.0.1".parse::<Ipv4Addr>().expect("ip")], vec![9090]);
+        assert_eq!(dsts[&"10.0.0.1".parse::<IpAddr>().expect("ip")], vec![9090]);
         let name = |ip: &str| m.local_with(ip.parse().expect("ip")).map(|w| w.map(|w| w.name.clone()));
         assert_eq!(name("10.0.0.1"), Ok(Some("a".into())));
         assert_eq!(name("10.0.1.1"), Ok(None), "not local");

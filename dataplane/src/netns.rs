@@ -68,13 +68,22 @@ impl Netns {
         NetnsId(self.inode)
     }
 
-    /// Its IPv4 addresses other than loopback (what its certificate must
-    /// name), read inside it.
-    pub fn ipv4_addresses(&self) -> io::Result<Vec<std::net::Ipv4Addr>> {
+    /// Its addresses, IPv4 and IPv6, other than loopback and IPv6
+    /// link-local ones (what its certificate must name), read inside it.
+    pub fn addresses(&self) -> io::Result<Vec<std::net::IpAddr>> {
+        use std::net::IpAddr;
         let addrs = self.run(nix::ifaddrs::getifaddrs)?.map_err(io::Error::from)?;
-        let mut v: Vec<std::net::Ipv4Addr> = addrs
-            .filter_map(|a| a.address?.as_sockaddr_in().map(|s| *std::net::SocketAddrV4::from(*s).ip()))
-            .filter(|ip| !ip.is_loopback())
+        let mut v: Vec<IpAddr> = addrs
+            .filter_map(|a| {
+                let a = a.address?;
+                let v4 = a.as_sockaddr_in().map(|s| IpAddr::V4(std::net::SocketAddrV4::from(*s).ip().to_owned()));
+                v4.or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .filter(|ip| match ip {
+                IpAddr::V4(a) => !a.is_loopback(),
+                // fe80::/10 names an interface, not the pod.
+                IpAddr::V6(a) => !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80,
+            })
             .collect();
         v.sort();
         v.dedup();
@@ -167,6 +176,6 @@ mod tests {
         assert_eq!(Netns::current().expect("current netns").inode, before);
         assert!(ns.name().starts_with("netns:["), "{}", ns.name());
         assert!(ns.cookie().expect("netns cookie").0 != 0);
-        assert!(ns.ipv4_addresses().is_ok());
+        assert!(ns.addresses().is_ok());
     }
 }

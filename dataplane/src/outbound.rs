@@ -1,4 +1,5 @@
-//! The outbound side (127.0.0.1:18000 in every enrolled namespace).
+//! The outbound side (127.0.0.1:18000, and [::1]:18000 for IPv6, in every
+//! enrolled namespace).
 //!
 //! A captured connection arrives; we ask the kernel where it was going
 //! (`SO_ORIGINAL_DST`, answered by our `cgroup/getsockopt` program), connect at
@@ -50,17 +51,12 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     // SO_ORIGINAL_DST for a connection that was never redirected with the
     // address it was made to: this very listener. That is no destination.
     let own = downstream.local_addr().ok();
-    let orig = match socket::original_dst(&downstream)
-        .and_then(|o| {
-            if Some(SocketAddr::V4(o)) == own {
-                Err(std::io::Error::from_raw_os_error(libc::ENOENT))
-            } else {
-                Ok(o)
-            }
-        })
+    let ipv6 = own.is_some_and(|a| a.is_ipv6());
+    let orig = match socket::original_dst(&downstream, ipv6)
+        .and_then(|o| if Some(o) == own { Err(std::io::Error::from_raw_os_error(libc::ENOENT)) } else { Ok(o) })
         .or_else(|e| from_pinned_map(&shard, &netns, &downstream).ok_or(e))
     {
-        Ok(orig) => OrigDstAddr(SocketAddr::V4(orig)),
+        Ok(orig) => OrigDstAddr(orig),
         Err(e) => {
             socket::reset_on_close(&downstream);
             let why = format!("no original destination (not captured by us): {e}");
@@ -98,7 +94,7 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     if shard.same_node_fast_path {
         if let Some((src, dst_ns)) = shard.same_node(&netns, orig.ip()) {
             // The pod's address, and the client's own port.
-            let from = SocketAddr::new(src.into(), peer.map_or(0, |p| p.port()));
+            let from = SocketAddr::new(src, peer.map_or(0, |p| p.port()));
             return same_node(&shard, &dst_ns, downstream, rec, orig, from).await;
         }
     }
@@ -162,9 +158,9 @@ async fn same_node(
 
 /// The original destination from the pinned map, for a socket whose
 /// `SO_ORIGINAL_DST` found no program (see [`crate::ebpf::OrigLookup`]).
-fn from_pinned_map(shard: &ShardCtx, netns: &Netns, downstream: &TcpStream) -> Option<std::net::SocketAddrV4> {
+fn from_pinned_map(shard: &ShardCtx, netns: &Netns, downstream: &TcpStream) -> Option<SocketAddr> {
     let orig = shard.orig.as_ref()?;
-    let SocketAddr::V4(client) = downstream.peer_addr().ok()? else { return None };
+    let client = downstream.peer_addr().ok()?;
     let found = orig.get(netns.cookie().ok()?, client);
     if found.is_some() {
         tracing::debug!(%client, netns = %netns.name(), "original destination read from the pinned map");

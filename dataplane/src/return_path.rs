@@ -6,12 +6,13 @@
 //! not own: without help they would leave the pod. So each served pod's
 //! namespace gets, while the data plane serves it:
 //!
-//! - an nftables table `ip dataplane` with one route-type output chain:
+//! - an nftables table `ip dataplane` (and `ip6 dataplane` where the pod has
+//!   an IPv6 address) with one route-type output chain:
 //!   packets of our sockets (the bypass mark) whose source is not one of the
 //!   pod's addresses, i.e. our transparent connections, get a conntrack mark;
 //!   every packet of a connection with that conntrack mark (the
 //!   application's replies among them) gets the packet mark [`MARK`];
-//! - a policy routing rule: packets marked [`MARK`] use table [`TABLE`],
+//! - a policy routing rule per family: packets marked [`MARK`] use table [`TABLE`],
 //!   whose one route says every address is local, so the replies loop back to
 //!   our socket and never leave the pod.
 //!
@@ -29,7 +30,7 @@
 //! reason is logged and counted.
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::IpAddr,
     process::{Command, Stdio},
 };
 
@@ -66,25 +67,32 @@ fn run(ns: &Netns, program: &str, args: &[&str], stdin: Option<&str>) -> Result<
 }
 
 /// The nftables ruleset for a pod with `addresses`, our sockets carrying
-/// `bypass_mark`.
-pub fn ruleset(addresses: &[Ipv4Addr], bypass_mark: u32) -> String {
-    let own: Vec<String> = addresses.iter().map(ToString::to_string).collect();
-    format!(
-        "table ip dataplane\n\
-         delete table ip dataplane\n\
-         table ip dataplane {{\n\
-         \tchain output {{\n\
-         \t\ttype route hook output priority mangle; policy accept;\n\
-         \t\tmeta mark {bypass_mark:#x} ip saddr != {{ {own} }} ct mark set {MARK:#x}\n\
-         \t\tct mark {MARK:#x} meta mark set {MARK:#x}\n\
-         \t}}\n\
-         }}\n",
-        own = own.join(", ")
-    )
+/// `bypass_mark`: one table per family the pod has an address of.
+pub fn ruleset(addresses: &[IpAddr], bypass_mark: u32) -> String {
+    let mut out = String::new();
+    for (family, v6) in [("ip", false), ("ip6", true)] {
+        let own: Vec<String> = addresses.iter().filter(|a| a.is_ipv6() == v6).map(ToString::to_string).collect();
+        if own.is_empty() {
+            continue;
+        }
+        out += &format!(
+            "table {family} dataplane\n\
+             delete table {family} dataplane\n\
+             table {family} dataplane {{\n\
+             \tchain output {{\n\
+             \t\ttype route hook output priority mangle; policy accept;\n\
+             \t\tmeta mark {bypass_mark:#x} {family} saddr != {{ {own} }} ct mark set {MARK:#x}\n\
+             \t\tct mark {MARK:#x} meta mark set {MARK:#x}\n\
+             \t}}\n\
+             }}\n",
+            own = own.join(", ")
+        );
+    }
+    out
 }
 
 /// Installs (or replaces) the return path in `ns`.
-pub fn install(ns: &Netns, addresses: &[Ipv4Addr], bypass_mark: u32) -> Result<(), String> {
+pub fn install(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) -> Result<(), String> {
     if addresses.is_empty() {
         return Err("the namespace has no address".into());
     }
@@ -100,15 +108,20 @@ pub fn install(ns: &Netns, addresses: &[Ipv4Addr], bypass_mark: u32) -> Result<(
     // re-added: a previous instance (a rolling update) may be relaying
     // transparent connections right now, whose replies need both.
     let (mark, table, pref) = (format!("{MARK:#x}"), TABLE.to_string(), PREF.to_string());
-    run(ns, "ip", &["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table], None)?;
-    let ours = format!("fwmark {mark} lookup {table}");
-    let present = run(ns, "ip", &["-4", "rule", "show"], None)?.lines().filter(|l| l.contains(&ours)).count();
-    if present == 0 {
-        run(ns, "ip", &["-4", "rule", "add", "fwmark", &mark, "lookup", &table, "pref", &pref], None)?;
-    }
-    // Duplicates left by instances that crashed mid-way: one is enough.
-    for _ in 1..present {
-        let _ = run(ns, "ip", &["-4", "rule", "del", "fwmark", &mark, "lookup", &table], None);
+    for (family, any, v6) in [("-4", "0.0.0.0/0", false), ("-6", "::/0", true)] {
+        if !addresses.iter().any(|a| a.is_ipv6() == v6) {
+            continue;
+        }
+        run(ns, "ip", &[family, "route", "replace", "local", any, "dev", "lo", "table", &table], None)?;
+        let ours = format!("fwmark {mark} lookup {table}");
+        let present = run(ns, "ip", &[family, "rule", "show"], None)?.lines().filter(|l| l.contains(&ours)).count();
+        if present == 0 {
+            run(ns, "ip", &[family, "rule", "add", "fwmark", &mark, "lookup", &table, "pref", &pref], None)?;
+        }
+        // Duplicates left by instances that crashed mid-way: one is enough.
+        for _ in 1..present {
+            let _ = run(ns, "ip", &[family, "rule", "del", "fwmark", &mark, "lookup", &table], None);
+        }
     }
     Ok(())
 }
@@ -124,5 +137,10 @@ mod tests {
         assert!(r.contains("meta mark 0x647000 ip saddr != { 10.1.0.5, 10.1.0.6 } ct mark set 0x647001"), "{r}");
         assert!(r.contains("ct mark 0x647001 meta mark set 0x647001"), "{r}");
         assert_ne!(MARK, crate::config::DEFAULT_BYPASS_MARK, "our other sockets never match the rule");
+        assert!(!r.contains("ip6"), "no IPv6 table for an IPv4-only pod: {r}");
+        let dual = ruleset(&["10.1.0.5".parse().expect("ip"), "fd00::5".parse().expect("ip")], 0x647000);
+        assert!(dual.contains("meta mark 0x647000 ip saddr != { 10.1.0.5 } ct mark"), "{dual}");
+        assert!(dual.contains("table ip6 dataplane\ndelete table ip6 dataplane\n"), "{dual}");
+        assert!(dual.contains("meta mark 0x647000 ip6 saddr != { fd00::5 } ct mark set 0x647001"), "{dual}");
     }
 }

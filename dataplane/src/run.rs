@@ -13,7 +13,7 @@
 //! whatever is still open is closed with the process.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     thread,
     time::{Duration, Instant, SystemTime},
@@ -154,7 +154,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     // Read once: the executors index the pods by them (the same-node fast
     // path) and the return path is made for them.
     let namespaces: Vec<_> =
-        ctl.cfg.namespaces.iter().map(|ns| (ns.clone(), ns.ipv4_addresses().unwrap_or_default())).collect();
+        ctl.cfg.namespaces.iter().map(|ns| (ns.clone(), ns.addresses().unwrap_or_default())).collect();
     let spec = Arc::new(shard::ShardSpec {
         namespaces: namespaces.clone(),
         bypass_mark: ctl.cfg.capture.bypass_mark,
@@ -348,7 +348,7 @@ struct Control {
     /// The workloads, once a source has reported them.
     model: Option<Arc<Model>>,
     /// The meshed destinations written to `connect4`'s map.
-    meshed: BTreeMap<Ipv4Addr, Vec<u16>>,
+    meshed: BTreeMap<IpAddr, Vec<u16>>,
     /// Namespaces being enrolled: what `connect4` is told once every
     /// executor listens in them.
     pending: HashMap<NetnsId, Pending>,
@@ -361,7 +361,7 @@ struct Control {
     /// The Services the executors route with, and the ClusterIP:port pairs
     /// written to `connect4`'s map.
     services: Arc<crate::services::Table>,
-    vips: BTreeSet<std::net::SocketAddrV4>,
+    vips: BTreeSet<SocketAddr>,
     /// Namespaces where the return path could not be set up.
     return_path_failures: u64,
 }
@@ -375,7 +375,7 @@ struct Pending {
     since: Instant,
     ns: Arc<crate::netns::Netns>,
     /// The pod's addresses, when its application should see clients'.
-    return_path: Option<Vec<std::net::Ipv4Addr>>,
+    return_path: Option<Vec<IpAddr>>,
 }
 
 impl Control {
@@ -461,7 +461,7 @@ impl Control {
 
     /// Sets up (or not) the return path that lets the application in `ns`
     /// see clients' addresses; on failure the pod is served as before.
-    fn return_path(&mut self, ns: &crate::netns::Netns, addresses: &[std::net::Ipv4Addr], wanted: bool) {
+    fn return_path(&mut self, ns: &crate::netns::Netns, addresses: &[IpAddr], wanted: bool) {
         // A namespace with no address of its own (loopback only) has no
         // client from elsewhere.
         if !(wanted && self.cfg.client_address) || addresses.is_empty() {
@@ -566,7 +566,7 @@ impl Control {
     /// New Services: executors learn a ClusterIP before `connect4` starts
     /// capturing it, and `connect4` stops before they forget one.
     fn set_services(&mut self, table: Arc<crate::services::Table>, first: bool) {
-        let want: BTreeSet<std::net::SocketAddrV4> = table.vips().collect();
+        let want: BTreeSet<SocketAddr> = table.vips().map(SocketAddr::V4).collect();
         if *table != *self.services {
             for s in &self.shards {
                 let _ = s.tx.send(shard::ToShard::Services(table.clone()));

@@ -1,6 +1,7 @@
 //! The executors: one glommio `LocalExecutor` per chosen CPU, pinned. Each
 //! builds its own state inside its own thread (listeners in every enrolled
-//! namespace, TLS configurations, per-connection tasks) and handles every
+//! namespace: 127.0.0.1:18000 and 0.0.0.0:18001, and [::1]:18000 and
+//! [::]:18001 where the pod has an IPv6 address, TLS configurations, per-connection tasks) and handles every
 //! connection it accepts start to finish: no locks and no cross-core hand-off
 //! on the data path.
 //!
@@ -9,7 +10,7 @@
 use std::{
     cell::Cell,
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     rc::Rc,
     sync::{Arc, Mutex},
     time::Duration,
@@ -35,7 +36,7 @@ use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
 #[derive(Debug)]
 pub struct ShardSpec {
     /// Namespaces to open listeners in, with their pods' addresses.
-    pub namespaces: Vec<(Arc<Netns>, Vec<Ipv4Addr>)>,
+    pub namespaces: Vec<(Arc<Netns>, Vec<IpAddr>)>,
     /// SO_MARK of our own sockets.
     pub bypass_mark: u32,
     /// Certificates and TLS configurations.
@@ -62,9 +63,9 @@ pub enum ToShard {
     Snapshot(Sender<ShardReport>),
     /// New certificates: use them for new handshakes.
     Identity(Arc<Identity>),
-    /// Serve this namespace too, whose pod has these addresses: open both
+    /// Serve this namespace too, whose pod has these addresses: open its
     /// listeners in it.
-    Enroll(Arc<Netns>, Vec<Ipv4Addr>),
+    Enroll(Arc<Netns>, Vec<IpAddr>),
     /// Stop serving this namespace: close its listeners (open connections
     /// finish on their own).
     Withdraw(NetnsId),
@@ -162,8 +163,10 @@ impl Drop for DieTogether {
     }
 }
 
-const OUTBOUND_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT);
-const INBOUND_ADDR: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT);
+const OUTBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT);
+const INBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT);
+const OUTBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT);
+const INBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT);
 
 /// A listener on `addr` inside `ns`, and its fd (glommio does not expose it).
 fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<(TcpListener, std::os::fd::RawFd), String> {
@@ -181,7 +184,7 @@ fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<(TcpListener, std::os::fd::Ra
 /// executor busy.
 const CONTROL_LATENCY: Duration = Duration::from_millis(1);
 
-type Listeners = BTreeMap<NetnsId, [AcceptLoop; 2]>;
+type Listeners = BTreeMap<NetnsId, Vec<AcceptLoop>>;
 
 async fn run(
     cpu: usize,
@@ -277,24 +280,26 @@ pub fn lock(listening: &Listening) -> std::sync::MutexGuard<'_, BTreeSet<NetnsId
     listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Opens both listeners in `ns` and starts their accept loops; with the
-/// same-node fast path, indexes the pod by its `addresses`.
+/// Opens the listeners of `ns` (both families' where the pod has an IPv6
+/// address) and starts their accept loops; with the same-node fast path,
+/// indexes the pod by its `addresses`.
 fn enroll(
     shard: &Rc<ShardCtx>,
     ns: &Arc<Netns>,
-    addresses: &[Ipv4Addr],
+    addresses: &[IpAddr],
     listeners: &mut Listeners,
     listening: &Listening,
 ) -> Result<(), String> {
     if listeners.contains_key(&ns.id()) {
         return Ok(());
     }
-    let out_listener = bind_in(ns, OUTBOUND_ADDR)?;
-    let in_listener = bind_in(ns, INBOUND_ADDR)?;
-    let loops = [
-        AcceptLoop::start(out_listener, shard, ns, Direction::Outbound),
-        AcceptLoop::start(in_listener, shard, ns, Direction::Inbound),
-    ];
+    let mut addrs = vec![(OUTBOUND_ADDR, Direction::Outbound), (INBOUND_ADDR, Direction::Inbound)];
+    if addresses.iter().any(IpAddr::is_ipv6) {
+        addrs.extend([(OUTBOUND_ADDR6, Direction::Outbound), (INBOUND_ADDR6, Direction::Inbound)]);
+    }
+    // All or none: the sockets bound so far close if one fails.
+    let bound = addrs.iter().map(|(a, d)| Ok((bind_in(ns, *a)?, *d))).collect::<Result<Vec<_>, String>>()?;
+    let loops = bound.into_iter().map(|(l, d)| AcceptLoop::start(l, shard, ns, d)).collect();
     listeners.insert(ns.id(), loops);
     lock(listening).insert(ns.id());
     if shard.same_node_fast_path {

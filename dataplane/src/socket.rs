@@ -3,7 +3,8 @@
 //!
 //! - listeners: `SO_REUSEADDR` + `SO_REUSEPORT` (one listener per executor,
 //!   the kernel spreads connections across them), `TCP_NODELAY` (inherited by
-//!   accepted sockets), non-blocking;
+//!   accepted sockets), non-blocking; IPv6 ones `IPV6_V6ONLY`, beside the
+//!   IPv4 ones on the same port;
 //! - upstream sockets: `SO_MARK` with the bypass mark, so our own connects are
 //!   never captured by `cgroup/connect4`, `TCP_NODELAY`, non-blocking connect.
 //!
@@ -11,7 +12,7 @@
 //! socket2 0.4) as owned fds.
 use std::{
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     os::fd::{AsRawFd, OwnedFd},
     time::Duration,
 };
@@ -27,6 +28,9 @@ const BACKLOG: i32 = 4096;
 /// thread's network namespace.
 pub fn listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_tcp_nodelay(true)?;
@@ -67,7 +71,11 @@ pub fn upstream(dst: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
 /// is tried first; if it is taken here, any port.
 pub fn upstream_from(dst: SocketAddr, from: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
     let s = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-    s.set_ip_transparent_v4(true)?;
+    if dst.is_ipv6() {
+        s.set_ip_transparent_v6(true)?;
+    } else {
+        s.set_ip_transparent_v4(true)?;
+    }
     if mark != 0 {
         s.set_mark(mark)?;
     }
@@ -86,15 +94,19 @@ pub fn upstream_from(dst: SocketAddr, from: SocketAddr, mark: u32) -> io::Result
     Ok(s.into())
 }
 
-/// Where a redirected connection was going: `getsockopt(SOL_IP,
-/// SO_ORIGINAL_DST)`, answered by our `cgroup/getsockopt` program (or by
-/// conntrack behind an iptables REDIRECT).
-pub fn original_dst<T: AsRawFd>(owner: &T) -> io::Result<SocketAddrV4> {
+/// Where a redirected connection was going, asked in the accepted socket's
+/// family (`ipv6`): `getsockopt(SOL_IP, SO_ORIGINAL_DST)` or
+/// `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)`, answered by our
+/// `cgroup/getsockopt` program (or by conntrack behind an iptables or
+/// ip6tables REDIRECT).
+pub fn original_dst<T: AsRawFd>(owner: &T, ipv6: bool) -> io::Result<SocketAddr> {
     let fd = sys::borrow_fd(owner);
-    SockRef::from(&fd)
-        .original_dst_v4()?
-        .as_socket_ipv4()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST returned no IPv4 address"))
+    let sock = SockRef::from(&fd);
+    let addr = if ipv6 { sock.original_dst_v6()? } else { sock.original_dst_v4()? };
+    // An IPv4 destination told to an IPv6 socket comes IPv4-mapped.
+    addr.as_socket()
+        .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "the original destination is not an IP address"))
 }
 
 /// Makes the socket's close send a reset (SO_LINGER 0) instead of a FIN, so a

@@ -26,7 +26,12 @@
 //! not silently leave a pod out of the mesh. The file is re-read when it
 //! changes; a file that does not parse is refused and the previous model
 //! stays in service.
-use std::{net::Ipv4Addr, path::Path, path::PathBuf, sync::Arc};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use serde::Deserialize;
 
@@ -86,7 +91,7 @@ struct Entry {
     #[serde(default = "default_sa")]
     service_account: String,
     #[serde(default)]
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     #[serde(default)]
     node: Option<String>,
     #[serde(default)]

@@ -15,7 +15,7 @@
 //! enrol on half a picture.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -70,7 +70,7 @@ struct PodView {
     name: String,
     service_account: String,
     node: Option<String>,
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     host_network: bool,
     labels: BTreeMap<String, String>,
     annotations: BTreeMap<String, String>,
@@ -83,10 +83,11 @@ fn view(pod: &Pod) -> Option<PodView> {
     if matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
         return None;
     }
-    let mut addresses: Vec<Ipv4Addr> =
+    // Every family: a dual-stack pod has one address of each.
+    let mut addresses: Vec<IpAddr> =
         status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten().filter_map(|ip| ip.ip.parse().ok()).collect();
     if addresses.is_empty() {
-        addresses.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<Ipv4Addr>().ok()));
+        addresses.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<IpAddr>().ok()));
     }
     Some(PodView {
         namespace: pod.namespace()?,

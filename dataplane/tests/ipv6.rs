@@ -1,0 +1,171 @@
+//! IPv6 and dual-stack pods against the real kernel: `connect6`, the IPv6
+//! listeners, `IP6T_SO_ORIGINAL_DST`, the preamble's IPv6 form, certificates
+//! for IPv6 addresses and the return path of both families. Pods A and B
+//! each hold an IPv4 and an IPv6 address (ULA, only inside the namespaces
+//! the test makes).
+
+use std::{fs, process::Command, thread, time::Duration};
+
+use testworld::{client, metric, peer, run_args, server, server_with, Certs, Cgroup, Dataplane, Netns, Proc};
+
+const A4: &str = "10.77.0.1";
+const B4: &str = "10.77.0.2";
+const A6: &str = "fd00:77::1";
+const B6: &str = "fd00:77::2";
+
+/// Pods A and B, dual-stack, joined by veth, and one data plane serving
+/// both with certificates for all four addresses. Dropped in field order
+/// (the data plane first).
+struct Dual {
+    dp: Dataplane,
+    a: Netns,
+    b: Netns,
+    b_if: String,
+    workload: Cgroup,
+    _own: Cgroup,
+    certs: Certs,
+}
+
+fn dual(t: &str, extra: &[&str]) -> Dual {
+    let certs = Certs::new(t, &[A4, B4, A6, B6]);
+    let workload = Cgroup::new(t, "w");
+    let own = Cgroup::new(t, "d");
+    let (a, b, b_if) = testworld::two_pods(t);
+    let a_if = format!("v{}", &b.name[..b.name.len().min(14)]);
+    // nodad: usable at once, as CNIs configure pods.
+    a.ip(&["-6", "addr", "add", &format!("{A6}/64"), "dev", &a_if, "nodad"]);
+    b.ip(&["-6", "addr", "add", &format!("{B6}/64"), "dev", &b_if, "nodad"]);
+    let cidrs = "10.77.0.0/16,fd00:77::/64";
+    let dp = Dataplane::start(&own, &run_args(&workload, cidrs, &certs, &[&a, &b], extra));
+    Dual { dp, a, b, b_if, workload, _own: own, certs }
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Captures TCP on `dev` in `ns` while `f` runs; the raw bytes and the text.
+fn capture(ns: &Netns, dev: &str, f: impl FnOnce()) -> (Vec<u8>, String) {
+    let file = std::env::temp_dir().join(format!("{}.pcap", ns.name));
+    let file_s = file.display().to_string();
+    let mut dump = Proc::spawn(
+        ns.command(None, "tcpdump", &["--immediate-mode", "-i", dev, "-n", "-s", "0", "-w", &file_s, "tcp"]),
+        "tcpdump",
+    );
+    dump.wait_for("listening on", Duration::from_secs(10));
+    f();
+    thread::sleep(Duration::from_millis(200));
+    dump.signal("INT");
+    dump.wait(Duration::from_secs(10));
+    let raw = fs::read(&file).expect("pcap written");
+    let text = Command::new("tcpdump").args(["-n", "-r", &file_s]).output().expect("tcpdump -r");
+    let _ = fs::remove_file(&file);
+    (raw, String::from_utf8_lossy(&text.stdout).into_owned())
+}
+
+#[test]
+fn a_dual_stack_pod_reaches_a_dual_stack_pod_over_both_families_through_the_tunnel() {
+    let t = testworld::kernel_test!();
+    let w = dual(t, &[]);
+    // One server on both families, as most applications listen.
+    let _srv = server(&w.b, "::", 8080, "b");
+    let secret = "SECRET-V6-MARKER-2d41";
+    let control = "PLAINTEXT-V6-CONTROL-9e07";
+    let (raw, text) = capture(&w.b, &w.b_if, || {
+        // IPv6: captured by connect6, sent to [::1]:18000, tunnelled to
+        // [B6]:18001; the server sees A's IPv6 address (client address on).
+        let s = client(&w.a, Some(&w.workload), B6, 8080, &["--payload", secret]);
+        assert_eq!(s[0].peer, "[::1]:18000", "captured to the IPv6 listener: {s:?}");
+        assert_eq!(s[0].echo, secret);
+        assert!(s[0].server_saw.starts_with(&format!("[{A6}]:")), "the server sees A's IPv6 address: {s:?}");
+        // IPv4 from the same pod, unchanged.
+        let s = client(&w.a, Some(&w.workload), B4, 8080, &["--payload", secret]);
+        assert_eq!(s[0].peer, "127.0.0.1:18000", "{s:?}");
+        assert!(s[0].server_saw.contains(A4), "the server sees A's IPv4 address: {s:?}");
+        // A dual-stack socket connecting to an IPv4-mapped address is an
+        // IPv4 connect: captured by connect6 as IPv4, to the IPv4 proxy.
+        let s = client(&w.a, Some(&w.workload), &format!("::ffff:{B4}"), 8080, &["--payload", secret]);
+        assert_eq!(s[0].peer, "[::ffff:127.0.0.1]:18000", "to the IPv4 listener, mapped: {s:?}");
+        assert!(s[0].server_saw.contains(A4), "{s:?}");
+        // Control: outside the workload cgroup the same IPv6 connect goes
+        // direct, in plaintext, and the capture sees it.
+        let s = client(&w.a, None, B6, 8080, &["--payload", control]);
+        assert_eq!(s[0].peer, format!("[{B6}]:8080"));
+    });
+    assert!(contains(&raw, control), "the capture sees plaintext when there is some:\n{text}");
+    assert!(!contains(&raw, secret), "the tunnelled marker never crossed the wire in clear");
+    assert!(text.contains(&format!("{B6}.18001")), "IPv6 tunnel traffic on 18001:\n{text}");
+    assert!(text.contains(&format!("{B4}.18001")), "IPv4 tunnel traffic on 18001:\n{text}");
+
+    let (_, m) = testworld::http_get(&w.dp.admin(), "/metrics").expect("metrics");
+    assert_eq!(metric(&m, "dataplane_bpf_decisions_total{decision=\"captured\"}"), Some(3.0), "{m}");
+    assert_eq!(metric(&m, "dataplane_bpf_decisions_total{decision=\"orig_dst_found\"}"), Some(3.0), "{m}");
+}
+
+#[test]
+fn exact_bytes_both_ways_over_ipv6() {
+    let t = testworld::kernel_test!();
+    let w = dual(t, &[]);
+    let _sink = server_with(&w.b, &["sink", "::", "9000"], "sink");
+    for n in [1u64, 64 * 1024 * 1024] {
+        let n = n.to_string();
+        let r = &peer(&w.a, Some(&w.workload), &["transfer", B6, "9000", &n, &n])[0];
+        assert_eq!(r["server_got"].as_u64(), r["sent"].as_u64(), "{n} bytes to the server: {r}");
+        assert_eq!(r["sent_ok"], true, "server's checksum of {n} bytes: {r}");
+        assert_eq!(r["received"].to_string(), n, "{n} bytes back: {r}");
+        assert_eq!(r["received_ok"], true, "client's checksum of {n} bytes: {r}");
+    }
+}
+
+#[test]
+fn refusals_at_the_ipv6_tunnel_port() {
+    let t = testworld::kernel_test!();
+    let w = dual(t, &[]);
+    let app = server(&w.b, "::", 8080, "app");
+    let ca = format!("{}/ca.crt", w.certs.path());
+    let mine = |ip: &str| (format!("{}/{ip}.crt", w.certs.path()), format!("{}/{ip}.key", w.certs.path()));
+    let (a_crt, a_key) = mine(A6);
+    let (a4_crt, a4_key) = mine(A4);
+    // Straight to [B6]:18001 from pod A, outside the workload cgroup.
+    let probe =
+        |crt: &str, key: &str, dst: &str| peer(&w.a, None, &["tls", B6, "18001", &ca, crt, key, dst])[0].clone();
+
+    let ok = probe(&a_crt, &a_key, &format!("[{B6}]:8080"));
+    assert!(ok["reply"].as_str().is_some_and(|r| r.contains("\"server\": \"app\"")), "the probe itself works: {ok}");
+    assert_eq!(app.accepted(), 1);
+    let refused = [
+        ("A's IPv4 certificate from its IPv6 address", probe(&a4_crt, &a4_key, &format!("[{B6}]:8080"))),
+        ("a preamble naming B's IPv4 address", probe(&a_crt, &a_key, &format!("{B4}:8080"))),
+        ("a preamble naming another IPv6 pod", probe(&a_crt, &a_key, "[fd00:77::9]:8080")),
+        ("a preamble naming the pod's loopback", probe(&a_crt, &a_key, "[::1]:8080")),
+        ("a garbage preamble", probe(&a_crt, &a_key, "garbage")),
+    ];
+    for (what, r) in &refused {
+        let reply = r["reply"].as_str().unwrap_or("");
+        assert!(!reply.contains("server"), "{what}: must get nothing from the app: {r}");
+    }
+    let garbage = &peer(&w.a, None, &["raw", B6, "18001", "garbage"])[0];
+    // At most a TLS alert (7 bytes), then the close.
+    let n = garbage["reply_bytes"].as_u64().expect("reply_bytes");
+    assert!(n <= 7, "plain HTTP at the IPv6 tunnel port gets nothing back: {garbage}");
+    assert!(garbage["seconds"].as_f64().expect("seconds") < 2.5, "closed promptly: {garbage}");
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(app.accepted(), 1, "nothing forwarded for any refusal");
+    let logs = w.dp.proc.output().join("\n");
+    for reason in ["client_ip_mismatch", "not_this_pod", "preamble_version", "not_tls"] {
+        assert!(logs.contains(reason), "refusal {reason} logged:\n{logs}");
+    }
+}
+
+#[test]
+fn an_unenrolled_namespace_cannot_reach_a_meshed_ipv6_pod_in_plaintext() {
+    let t = testworld::kernel_test!();
+    let w = dual(t, &[]);
+    // A third namespace in the workloads' cgroup that no data plane serves:
+    // connect6 refuses its connect before any route is looked up.
+    let c = Netns::new(t, "c");
+    let r = &peer(&c, Some(&w.workload), &["try-connect", B6, "8080"])[0];
+    assert!(r["result"].as_str().is_some_and(|e| e.contains("Operation not permitted")), "refused with EPERM: {r}");
+    let (_, m) = testworld::http_get(&w.dp.admin(), "/metrics").expect("metrics");
+    assert_eq!(metric(&m, "dataplane_bpf_decisions_total{decision=\"refused_unenrolled\"}"), Some(1.0), "{m}");
+}
