@@ -468,6 +468,45 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_node_ca_mints_both_families_in_its_cidrs_only() {
+        let (root, root_der) = root();
+        let (key, pem) = node_request("node-a").expect("request");
+        let node = Node { name: "node-a".into(), pod_cidrs: vec!["10.1.0.0/24".into(), "fd00:1::/64".into()] };
+        let grant = decide(&request("node-a", Some("node-a")), Some(&node), &policy()).expect("granted");
+        assert_eq!(grant.cidrs.len(), 2, "both families' CIDRs: {grant:?}");
+        let signed = sign_node_ca(&pem, &grant, &root).expect("signed");
+        let ca = NodeCa::new(key, &signed, KeyType::P256).expect("node CA");
+        let spiffe = spiffe_id("cluster.local", "shop", "web");
+        let verify = |ips: &[&str]| {
+            let ips: Vec<IpAddr> = ips.iter().map(|ip| ip.parse().expect("ip")).collect();
+            let (chain, _, _) = ca.mint(&ips, &spiffe, std::time::Duration::from_secs(600)).expect("minted");
+            let anchors = [webpki::anchor_from_trusted_cert(&root_der).expect("anchor")];
+            let ee = webpki::EndEntityCert::try_from(&chain[0]).expect("leaf");
+            let now = rustls_pki_types::UnixTime::now();
+            ee.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &chain[1..],
+                now,
+                webpki::KeyUsage::server_auth(),
+                None,
+                None,
+            )
+            .map_err(|e| format!("{e:?}"))?;
+            // One certificate speaks for every address of the pod.
+            for ip in ips {
+                ee.verify_is_valid_for_subject_name(&rustls_pki_types::ServerName::IpAddress(ip.into()))
+                    .map_err(|e| format!("{ip}: {e:?}"))?;
+            }
+            Ok::<(), String>(())
+        };
+        assert_eq!(verify(&["10.1.0.7", "fd00:1::7"]), Ok(()));
+        assert_eq!(verify(&["fd00:1::7"]), Ok(()));
+        let outside = verify(&["10.1.0.7", "fd00:2::7"]).expect_err("an IPv6 address outside the node's CIDR");
+        assert!(outside.contains("NameConstraint"), "{outside}");
+    }
+
+    #[test]
     fn spiffe_ids_are_checked_for_form() {
         assert!(well_formed_spiffe("spiffe://cluster.local/ns/shop/sa/web"));
         for bad in [

@@ -118,7 +118,7 @@ fn nothing_stays_attached_after_exit_or_sigkill() {
     let expect_attached = || {
         let mut w = attached(&workload.path);
         w.sort();
-        assert_eq!(w, ["capture_connect4", "capture_sockops"], "attached to the workload cgroup");
+        assert_eq!(w, ["capture_connect4", "capture_connect6", "capture_sockops"], "attached to the workload cgroup");
         assert_eq!(attached(&own.path), ["capture_getsockopt"], "attached to the data plane's cgroup");
     };
 

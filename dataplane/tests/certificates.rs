@@ -142,6 +142,64 @@ fn pods_on_two_nodes_talk_with_certificates_minted_on_their_nodes() {
     assert_eq!(again["data"], bundle_map["data"], "the bundle unchanged");
 }
 
+/// The trust bundle the issuer published, written to a file as the
+/// kubelet would mount it.
+fn bundle_file(t: &str, api: &ApiServer) -> (testworld::TempDir, String) {
+    let bundle_map = api.get("configmaps", AGENT_NS, "dataplane-trust-bundle").expect("the trust bundle");
+    let files = testworld::TempDir::new(&format!("dptest-bundle-{}", testworld::unique(t, "b"))).expect("dir");
+    let bundle = files.0.join("ca.crt");
+    fs::write(&bundle, bundle_map["data"]["ca.crt"].as_str().expect("ca.crt")).expect("bundle");
+    let bundle = bundle.display().to_string();
+    (files, bundle)
+}
+
+#[test]
+fn dual_stack_pods_get_one_certificate_for_both_addresses_and_talk_over_both_families() {
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+    // Each node holds an IPv4 and an IPv6 pod CIDR: its node CA is
+    // constrained to both.
+    api.put("nodes", node("node-a", &["10.77.0.0/31", "fd00:77::/127"]));
+    api.put("nodes", node("node-b", &["10.77.0.2/31", "fd00:77::2/127"]));
+    for (name, on, v4, v6) in [("a", "node-a", "10.77.0.1", "fd00:77::1"), ("b", "node-b", "10.77.0.2", "fd00:77::2")] {
+        let mut p = pod("shop", name, on, Some(v4), json!({}), json!({}));
+        p["status"]["podIPs"] = json!([{"ip": v4}, {"ip": v6}]);
+        api.put("pods", p);
+    }
+    let _issuer = issuer(&api, None, "1h");
+    let (_files, bundle) = bundle_file(t, &api);
+    let (a, b, b_if) = two_pods(t);
+    let a_if = format!("v{}", &b.name[..b.name.len().min(14)]);
+    a.ip(&["-6", "addr", "add", "fd00:77::1/64", "dev", &a_if, "nodad"]);
+    let _sa = server(&a, "::", 8080, "a");
+    let _sb = server(&b, "::", 8080, "b");
+    let node_a = agent(t, &api, &bundle, "node-a", &[&a], &[]);
+    let node_b = agent(t, &api, &bundle, "node-b", &[&b], &[]);
+    let in_state = |n: &NodeAgent, state: &str| {
+        metric(&metrics(&n.dp), &format!("dataplane_namespaces{{state=\"{state}\"}}")) == Some(1.0)
+    };
+    assert!(eventually(Duration::from_secs(5), || in_state(&node_a, "served")), "{}", metrics(&node_a.dp));
+    // The CNI has given b its IPv4 address only: b is not served until its
+    // IPv6 one, which the API already shows, is there too (served now, it
+    // would have no IPv6 listeners).
+    assert!(eventually(Duration::from_secs(5), || in_state(&node_b, "waiting_for_address")), "{}", metrics(&node_b.dp));
+    b.ip(&["-6", "addr", "add", "fd00:77::2/64", "dev", &b_if, "nodad"]);
+    assert!(eventually(Duration::from_secs(5), || in_state(&node_b, "served")), "{}", metrics(&node_b.dp));
+
+    for (host, family) in [("fd00:77::2", "IPv6"), ("10.77.0.2", "IPv4")] {
+        let s = client(&a, Some(&node_a.workload), host, 8080, &[]);
+        assert_eq!(s[0].server, "b", "node-a to node-b over {family}: {s:?}");
+    }
+    let s = client(&b, Some(&node_b.workload), "fd00:77::1", 8080, &[]);
+    assert_eq!((s[0].peer.as_str(), s[0].server.as_str()), ("[::1]:18000", "a"), "node-b to node-a over IPv6");
+    assert!(s[0].server_saw.starts_with("[fd00:77::2]:"), "a sees b's IPv6 address: {s:?}");
+    // One minted certificate per pod, for both its addresses.
+    for n in [&node_a, &node_b] {
+        assert_eq!(counter(&n.dp, "dataplane_pod_certificates_minted_total"), 1.0, "{}", metrics(&n.dp));
+    }
+}
+
 #[test]
 fn the_issuer_denies_every_request_it_cannot_prove() {
     let t = testworld::kernel_test!();

@@ -34,17 +34,25 @@ fn strict_mode_fails_closed_and_the_next_instance_adopts() {
     assert_eq!(client(&a, Some(&workload), "10.77.0.2", 8080, &[])[0].server, "b");
     dp.proc.signal("KILL");
     dp.proc.wait(Duration::from_secs(5));
-    assert_eq!(programs(), ["capture_connect4", "capture_sockops"], "still attached after SIGKILL");
+    assert_eq!(programs(), ["capture_connect4", "capture_connect6", "capture_sockops"], "still attached after SIGKILL");
     assert!(refused(), "fail closed: a captured connect is refused, never sent in plaintext");
 
     // A new strict instance adopts: one set of programs, traffic flows.
     let dp = Dataplane::start(&own, &strict);
     assert!(dp.proc.output().iter().any(|l| l.contains("adopted the pinned capture programs")));
-    assert_eq!(programs(), ["capture_connect4", "capture_sockops"], "the old links were replaced, not added to");
+    assert_eq!(
+        programs(),
+        ["capture_connect4", "capture_connect6", "capture_sockops"],
+        "the old links were replaced, not added to"
+    );
     let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
     assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("127.0.0.1:18000", "b"));
     assert!(dp.stop().success(), "a strict instance drains and exits 0");
-    assert_eq!(programs(), ["capture_connect4", "capture_sockops"], "and leaves the capture pinned");
+    assert_eq!(
+        programs(),
+        ["capture_connect4", "capture_connect6", "capture_sockops"],
+        "and leaves the capture pinned"
+    );
     assert!(refused());
 
     // A default (fail-open) instance adopts too, and takes the pins away.
@@ -56,6 +64,36 @@ fn strict_mode_fails_closed_and_the_next_instance_adopts() {
     assert!(eventually(Duration::from_secs(3), || programs().is_empty()), "fail open again after exit");
     let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
     assert_eq!(seen[0].peer, "10.77.0.2:8080", "direct once no data plane runs");
+}
+
+#[test]
+fn pinned_maps_of_an_older_layout_are_refused_not_misread() {
+    let t = testworld::kernel_test!();
+    let certs = Certs::new(t, &["10.77.0.1"]);
+    let workload = Cgroup::new(t, "w");
+    let own = Cgroup::new(t, "d");
+    let a = testworld::Netns::new(t, "a");
+    let bpffs = BpfFs::new(t);
+    let pins = bpffs.0.join("dataplane");
+    let maps = pins.join("maps");
+    fs::create_dir_all(&maps).expect("maps dir");
+    // What an instance from before IPv6 left pinned: 16-byte client keys,
+    // 8-byte destinations.
+    let old = maps.join("orig_by_client");
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args(["type", "lru_hash", "key", "16", "value", "8", "entries", "64", "name", "orig_by_client"])
+        .status()
+        .expect("bpftool");
+    assert!(made.success(), "bpftool map create");
+    let pins = pins.display().to_string();
+    let args = run_args(&workload, "10.77.0.0/16", &certs, &[&a], &["--strict", "--pin-dir", &pins]);
+    let err = Dataplane::launch(&testworld::dataplane_binary(), &own, &args, "info").expect_err("refused to start");
+    let err = format!("{err:#}");
+    assert!(err.contains("orig_by_client") && err.contains("another version's") && err.contains("rm -r"), "{err}");
+    assert!(old.exists(), "the old pins are left for the operator: {err}");
+    assert!(attached(&workload.path).is_empty(), "nothing attached");
 }
 
 #[test]
