@@ -33,6 +33,9 @@ const SERVICE_VIP: &str = "10.96.0.10:9001";
 /// In the two-node shape the servers live in the server pod.
 const NODES_ECHO: &str = "10.98.0.2:9001";
 const NODES_DISCARD: &str = "10.98.0.2:9002";
+/// The same servers over IPv6 (the pods are dual-stack).
+const NODES_ECHO6: &str = "[fd00:98::2]:9001";
+const NODES_DISCARD6: &str = "[fd00:98::2]:9002";
 
 /// The haproxy pair's routes to the echo and discard servers at `echo` and
 /// `discard`, the TLS hop on the server's side.
@@ -58,6 +61,9 @@ struct Paths<'a> {
     dataplanes: Vec<u32>,
     pair: &'a haproxy::Pair,
     routes: [haproxy::Route; 2],
+    /// Whether the pair can carry this shape's traffic (not IPv6): without
+    /// it the third run is empty (`Value::Null`) and its columns print `-`.
+    haproxy: bool,
 }
 
 impl Paths<'_> {
@@ -90,11 +96,12 @@ impl Paths<'_> {
 
     /// Direct, through the data plane(s) (captured), through the pair.
     fn three(&self, args: &[String]) -> anyhow::Result<[Run; 3]> {
-        Ok([
-            self.measure(false, args, &[])?,
-            self.measure(true, args, &self.dataplanes)?,
-            self.measure(false, &self.via_haproxy(args), &self.pair.pids())?,
-        ])
+        let third = if self.haproxy {
+            self.measure(false, &self.via_haproxy(args), &self.pair.pids())?
+        } else {
+            Run { out: Value::Null, cpu: Duration::ZERO }
+        };
+        Ok([self.measure(false, args, &[])?, self.measure(true, args, &self.dataplanes)?, third])
     }
 }
 
@@ -103,6 +110,7 @@ fn tag(prefix: &str) -> &'static str {
     match prefix {
         "" => "",
         p if p.starts_with("same node") => "same-node-",
+        p if p.contains("IPv6") => "nodes-ipv6-",
         _ => "nodes-",
     }
 }
@@ -200,7 +208,7 @@ impl Table {
     fn latency(&mut self, name: &str, runs: &[Run; 3]) -> anyhow::Result<Vec<f64>> {
         let mut doc = serde_json::Map::new();
         let mut p99 = Vec::new();
-        for (run, label) in runs.iter().zip(["direct", "data_plane", "haproxy"]) {
+        for (run, label) in runs.iter().zip(["direct", "data_plane", "haproxy"]).filter(|(r, _)| !r.out.is_null()) {
             let h = report::decode(run.out["hist"].as_str().context("hist")?)?;
             report::write_hgrm(&self.out_dir, &format!("{name}-{label}"), &h)?;
             doc.insert(label.into(), report::percentiles(&h));
@@ -221,7 +229,7 @@ impl Table {
             workload: format!("{prefix}bulk, {streams} stream(s)"),
             direct: gbps(&runs[0]),
             proxied: gbps(&runs[1]),
-            haproxy: gbps(&runs[2]),
+            haproxy: if runs[2].out.is_null() { f64::NAN } else { gbps(&runs[2]) },
             unit: "Gb/s",
             higher_is_better: true,
             cpu: Some(cpu("%·s/Gbit", &per, &runs)),
@@ -237,13 +245,15 @@ impl Table {
         self.latency(&format!("{tag}rr-{size}B"), &runs)?;
         let hists = runs
             .iter()
+            .filter(|r| !r.out.is_null())
             .map(|r| report::decode(r.out["hist"].as_str().context("hist")?))
             .collect::<anyhow::Result<Vec<_>>>()?;
         // CPU µs per round trip, for the data plane(s) and the pair.
-        let per_rt = |i: usize| runs[i].cpu.as_secs_f64() * 1e6 / hists[i].len().max(1) as f64;
+        let per_rt =
+            |i: usize| hists.get(i).map_or(f64::NAN, |h| runs[i].cpu.as_secs_f64() * 1e6 / h.len().max(1) as f64);
         let rt_cpu = Cpu { unit: "µs/rt", dataplane: per_rt(1), haproxy: per_rt(2) };
         for (label, q) in [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)] {
-            let at = |i: usize| hists[i].value_at_percentile(q) as f64 / 1000.0;
+            let at = |i: usize| hists.get(i).map_or(f64::NAN, |h| h.value_at_percentile(q) as f64 / 1000.0);
             self.rows.push(Row {
                 workload: format!("{prefix}request/response {size} B, {label}"),
                 direct: at(0),
@@ -315,7 +325,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         quick: opts.quick,
     };
 
-    let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
+    let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
     if want("bulk") {
         for streams in [1, 4] {
             t.bulk(&paths, "", streams, DISCARD)?;
@@ -329,13 +339,13 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     drop(paths);
     if want("connrate") {
         let args = [s("connrate"), s(ECHO), s(2), s(secs)];
-        let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
+        let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
         let resumed = paths.three(&args)?;
         // Every handshake a full mutual one, on both.
         dp = world.start_dataplane(&binary, &["--no-tls-resumption"])?;
         drop(pair);
         pair = haproxy::Pair::start(&local, &local, &certs, &loopback_routes, false)?;
-        let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
+        let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
         let full = paths.proxied(&args, &resumed[0])?;
         t.connrate("", &resumed, &full)?;
         dp = world.start_dataplane(&binary, &[])?;
@@ -417,7 +427,8 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         for &n in counts {
             let n = n.min(max_conns);
             let span = secs.max(2.0);
-            let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes };
+            let paths =
+                Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
             let runs = paths.three(&[s("fanout"), s(ECHO), s(n), s(rate), s(span)])?;
             let p99 = t.latency(&format!("fanout-{n}"), &runs)?;
             let per = |r: &Run| r.cpu.as_secs_f64() * 1e6 / (rate as f64 * span);
@@ -469,18 +480,27 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let mut pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
         let prefix = "2 nodes: ";
         let streams: &[usize] = if opts.quick { &[1] } else { &[1, 4] };
-        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes };
+        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
         for &n in streams {
             t.bulk(&paths, prefix, n, NODES_DISCARD)?;
         }
         t.rr(&paths, prefix, 1024, NODES_ECHO)?;
+        // The same over IPv6 (both pods are dual-stack), beside the IPv4
+        // rows above. The haproxy pair is set up for IPv4 only: no column.
+        server::start(&nodes.server.path(), NODES_ECHO6.parse()?, server::Kind::Echo)?;
+        server::start(&nodes.server.path(), NODES_DISCARD6.parse()?, server::Kind::Discard)?;
+        let v6 = Paths { haproxy: false, ..paths };
+        let prefix6 = "2 nodes, IPv6: ";
+        t.bulk(&v6, prefix6, 1, NODES_DISCARD6)?;
+        t.rr(&v6, prefix6, 1024, NODES_ECHO6)?;
+        let paths = Paths { haproxy: true, ..v6 };
         let args = [s("connrate"), s(NODES_ECHO), s(2), s(secs)];
         let resumed = paths.three(&args)?;
         drop(paths);
         let dps = nodes.start(&binary, &["--no-tls-resumption"])?;
         drop(pair);
         pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, false)?;
-        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes };
+        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
         let full = paths.proxied(&args, &resumed[0])?;
         t.connrate(prefix, &resumed, &full)?;
         drop(paths);
@@ -512,7 +532,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let dps = nodes.start_one(&binary, &["--same-node-fast-path"])?;
         drop(pair);
         let pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
-        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes };
+        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
         let prefix = "same node (fast path): ";
         t.bulk(&paths, prefix, 1, NODES_DISCARD)?;
         t.rr(&paths, prefix, 1024, NODES_ECHO)?;

@@ -130,7 +130,8 @@ pub fn table(rows: &[Row]) -> String {
     let num = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.2}") };
     for r in rows {
         let fmt = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.1} {}", r.unit) };
-        let cpu = r.cpu.map_or(String::new(), |c| format!("{:.1} | {:.1} {}", c.dataplane, c.haproxy, c.unit));
+        let one = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.1}") };
+        let cpu = r.cpu.map_or(String::new(), |c| format!("{} | {} {}", one(c.dataplane), one(c.haproxy), c.unit));
         let _ = writeln!(
             out,
             "{:<42} {:>13} {:>13} {:>13} {:>7} {:>7}  {cpu}",

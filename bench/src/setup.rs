@@ -4,8 +4,8 @@
 //!   workload cgroup, certificates for 127.0.0.1, and one data plane serving
 //!   the namespace, so it holds both ends of every tunnel;
 //! - [`Nodes`], the two-node shape: a client pod and a server pod joined by
-//!   veth, each served by a data plane of its own, so each holds one end of
-//!   every tunnel, as on two nodes.
+//!   veth, both dual-stack, each served by a data plane of its own, so each
+//!   holds one end of every tunnel, as on two nodes.
 //!
 //! Everything is removed on drop.
 use std::{
@@ -112,6 +112,12 @@ impl Shape for World {
 pub const CLIENT_IP: &str = "10.98.0.1";
 /// The server pod's address in the two-node shape.
 pub const SERVER_IP: &str = "10.98.0.2";
+/// The client pod's IPv6 address (both pods are dual-stack).
+pub const CLIENT_IP6: &str = "fd00:98::1";
+/// The server pod's IPv6 address.
+pub const SERVER_IP6: &str = "fd00:98::2";
+/// What the data planes capture in the two-node shape.
+const NODES_CIDRS: &str = "10.98.0.0/24,fd00:98::/64";
 
 /// The two-node shape. Dropped in field order: the data planes first.
 #[derive(Debug)]
@@ -134,11 +140,14 @@ impl Nodes {
         let id = std::process::id();
         let client = Netns::named(&format!("dpbench-c-{id}"))?;
         let server = Netns::named(&format!("dpbench-s-{id}"))?;
-        testworld::veth(&client, &format!("{CLIENT_IP}/24"), &server, &format!("{SERVER_IP}/24"));
+        let (c_if, s_if) = testworld::veth(&client, &format!("{CLIENT_IP}/24"), &server, &format!("{SERVER_IP}/24"));
+        // nodad: usable at once, as CNIs configure pods.
+        client.ip(&["-6", "addr", "add", &format!("{CLIENT_IP6}/64"), "dev", &c_if, "nodad"]);
+        server.ip(&["-6", "addr", "add", &format!("{SERVER_IP6}/64"), "dev", &s_if, "nodad"]);
         let dir = std::env::temp_dir().join(format!("dpbench-nodes-certs-{id}"));
         Ok(Self {
             dataplanes: Vec::new(),
-            certs: Certs::create(binary, dir, &[CLIENT_IP, SERVER_IP])?,
+            certs: Certs::create(binary, dir, &[CLIENT_IP, SERVER_IP, CLIENT_IP6, SERVER_IP6])?,
             workload: Cgroup::named(&format!("dpbench-n-clients-{id}"))?,
             server_workload: Cgroup::named(&format!("dpbench-n-servers-{id}"))?,
             owns: [Cgroup::named(&format!("dpbench-n-dp1-{id}"))?, Cgroup::named(&format!("dpbench-n-dp2-{id}"))?],
@@ -151,10 +160,9 @@ impl Nodes {
     /// (Re)starts both data planes with `extra` flags; their PIDs.
     pub fn start(&mut self, binary: &Path, extra: &[&str]) -> anyhow::Result<Vec<u32>> {
         self.stop();
-        let cidr = "10.98.0.0/24";
-        let args = testworld::run_args(&self.workload, cidr, &self.certs, &[&self.client], extra);
+        let args = testworld::run_args(&self.workload, NODES_CIDRS, &self.certs, &[&self.client], extra);
         self.dataplanes.push(Dataplane::launch(binary, &self.owns[0], &args, "warn")?);
-        let args = testworld::run_args(&self.server_workload, cidr, &self.certs, &[&self.server], extra);
+        let args = testworld::run_args(&self.server_workload, NODES_CIDRS, &self.certs, &[&self.server], extra);
         self.dataplanes.push(Dataplane::launch(binary, &self.owns[1], &args, "warn")?);
         Ok(self.dataplanes.iter().map(Dataplane::pid).collect())
     }
@@ -163,8 +171,7 @@ impl Nodes {
     /// `extra` flags; its PID.
     pub fn start_one(&mut self, binary: &Path, extra: &[&str]) -> anyhow::Result<Vec<u32>> {
         self.stop();
-        let args =
-            testworld::run_args(&self.workload, "10.98.0.0/24", &self.certs, &[&self.client, &self.server], extra);
+        let args = testworld::run_args(&self.workload, NODES_CIDRS, &self.certs, &[&self.client, &self.server], extra);
         self.dataplanes.push(Dataplane::launch(binary, &self.owns[0], &args, "warn")?);
         Ok(self.dataplanes.iter().map(Dataplane::pid).collect())
     }

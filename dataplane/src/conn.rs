@@ -88,7 +88,7 @@ pub struct ShardCtx {
     services: RefCell<Arc<crate::services::Table>>,
     /// Open connections per Service endpoint on this executor (for the two
     /// choices), and the state of the random numbers they draw.
-    endpoint_load: RefCell<std::collections::HashMap<std::net::SocketAddrV4, u32>>,
+    endpoint_load: RefCell<std::collections::HashMap<std::net::SocketAddr, u32>>,
     random: std::cell::Cell<u64>,
     /// Whether connections between two pods served here skip the tunnel.
     pub same_node_fast_path: bool,
@@ -101,7 +101,7 @@ pub struct ShardCtx {
 #[derive(Debug)]
 pub struct EndpointLoad<'a> {
     shard: &'a ShardCtx,
-    addr: std::net::SocketAddrV4,
+    addr: std::net::SocketAddr,
 }
 
 impl Drop for EndpointLoad<'_> {
@@ -155,7 +155,7 @@ impl ShardCtx {
     }
 
     /// The Service behind `vip`, if it is one.
-    pub fn service(&self, vip: std::net::SocketAddrV4) -> Option<Arc<crate::services::Frontend>> {
+    pub fn service(&self, vip: std::net::SocketAddr) -> Option<Arc<crate::services::Frontend>> {
         self.services.borrow().get(vip).cloned()
     }
 
@@ -164,7 +164,7 @@ impl ShardCtx {
     pub fn choose_endpoint(
         &self,
         fe: &crate::services::Frontend,
-        client: std::net::Ipv4Addr,
+        client: IpAddr,
     ) -> Option<(crate::services::Backend, EndpointLoad<'_>)> {
         let draw = || {
             // splitmix64: cheap, and good enough to pick two of a few.

@@ -9,12 +9,7 @@
 //! name ports to leave alone: [`SKIP_OUTBOUND`] (destination ports the pod's
 //! own connects keep going direct to) and [`SKIP_INBOUND`] (ports of the pod
 //! that clients reach directly).
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, sync::Arc};
 
 use dataplane_common::{maps::POD_PORTS, INBOUND_PORT, OUTBOUND_PORT};
 
@@ -137,7 +132,7 @@ impl Model {
     /// marked meshed when `meshed` (see [`Model::meshed_destinations`])
     /// holds the address.
     pub fn service_table(&self, meshed: &BTreeMap<IpAddr, Vec<u16>>) -> crate::services::Table {
-        crate::services::table(&self.services, |ip: Ipv4Addr| meshed.contains_key(&IpAddr::V4(ip)))
+        crate::services::table(&self.services, |ip| meshed.contains_key(&ip))
     }
 
     /// Every workload.

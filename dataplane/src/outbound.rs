@@ -68,14 +68,8 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     // this connection against the endpoint until it ends.
     let mut orig = orig;
     let mut _load = None;
-    if let Some((vip, fe)) = match orig.0 {
-        SocketAddr::V4(vip) => shard.service(vip).map(|fe| (vip, fe)),
-        SocketAddr::V6(_) => None,
-    } {
-        let client_ip = match peer {
-            Some(SocketAddr::V4(a)) => *a.ip(),
-            _ => std::net::Ipv4Addr::UNSPECIFIED,
-        };
+    if let Some((vip, fe)) = shard.service(orig.0).map(|fe| (orig.0, fe)) {
+        let client_ip = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.ip());
         let Some((endpoint, load)) = shard.choose_endpoint(&fe, client_ip) else {
             shard.count_service(&fe.service, ServiceRoute::NoEndpoint);
             socket::reset_on_close(&downstream);
@@ -84,7 +78,7 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
         };
         _load = Some(load);
         rec.service(&fe.service, endpoint.addr);
-        orig = OrigDstAddr(SocketAddr::V4(endpoint.addr));
+        orig = OrigDstAddr(endpoint.addr);
         if !endpoint.meshed {
             shard.count_service(&fe.service, ServiceRoute::Passthrough);
             return passthrough(&shard, &netns, downstream, rec, orig).await;

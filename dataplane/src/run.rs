@@ -566,7 +566,7 @@ impl Control {
     /// New Services: executors learn a ClusterIP before `connect4` starts
     /// capturing it, and `connect4` stops before they forget one.
     fn set_services(&mut self, table: Arc<crate::services::Table>, first: bool) {
-        let want: BTreeSet<SocketAddr> = table.vips().map(SocketAddr::V4).collect();
+        let want: BTreeSet<SocketAddr> = table.vips().collect();
         if *table != *self.services {
             for s in &self.shards {
                 let _ = s.tx.send(shard::ToShard::Services(table.clone()));

@@ -1,6 +1,6 @@
 //! Services: traffic to a ClusterIP goes through the mesh too.
 //!
-//! `connect4` sees the ClusterIP before kube-proxy (or Cilium's socket load
+//! `connect4` (or `connect6`) sees the ClusterIP before kube-proxy (or Cilium's socket load
 //! balancer on the root cgroup) translates it, so the data plane picks the
 //! endpoint itself: the model's Services and EndpointSlices become a
 //! [`Table`] (ClusterIP:port → the ready endpoints, their target ports
@@ -15,7 +15,7 @@
 use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -24,7 +24,7 @@ use std::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
     /// Endpoint address and resolved target port.
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Its pod is meshed.
     pub meshed: bool,
 }
@@ -44,22 +44,22 @@ pub struct Frontend {
 /// sends a new one when the model changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Table {
-    by_vip: HashMap<SocketAddrV4, Arc<Frontend>>,
+    by_vip: HashMap<SocketAddr, Arc<Frontend>>,
 }
 
 impl Table {
     /// A table of these frontends.
-    pub fn new(entries: impl IntoIterator<Item = (SocketAddrV4, Frontend)>) -> Self {
+    pub fn new(entries: impl IntoIterator<Item = (SocketAddr, Frontend)>) -> Self {
         Self { by_vip: entries.into_iter().map(|(k, v)| (k, Arc::new(v))).collect() }
     }
 
     /// The service behind `vip`, if it is one.
-    pub fn get(&self, vip: SocketAddrV4) -> Option<&Arc<Frontend>> {
+    pub fn get(&self, vip: SocketAddr) -> Option<&Arc<Frontend>> {
         self.by_vip.get(&vip)
     }
 
     /// Every ClusterIP:port (what `connect4` must capture).
-    pub fn vips(&self) -> impl Iterator<Item = SocketAddrV4> + '_ {
+    pub fn vips(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.by_vip.keys().copied()
     }
 
@@ -81,8 +81,8 @@ pub struct Service {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// `spec.clusterIPs` (IPv4 ones).
-    pub cluster_ips: Vec<Ipv4Addr>,
+    /// `spec.clusterIPs`, of either family (a dual-stack Service has two).
+    pub cluster_ips: Vec<IpAddr>,
     /// TCP ports.
     pub ports: Vec<ServicePort>,
     /// `sessionAffinity: ClientIP`.
@@ -108,11 +108,11 @@ pub struct Slice {
     /// (port name, target port).
     pub ports: Vec<(String, u16)>,
     /// (address, ready).
-    pub endpoints: Vec<(Ipv4Addr, bool)>,
+    pub endpoints: Vec<(IpAddr, bool)>,
 }
 
 /// The table for `services`, marking endpoints whose address is meshed.
-pub fn table(services: &[Service], meshed: impl Fn(Ipv4Addr) -> bool) -> Table {
+pub fn table(services: &[Service], meshed: impl Fn(IpAddr) -> bool) -> Table {
     let mut entries = Vec::new();
     for svc in services {
         for sp in &svc.ports {
@@ -121,19 +121,21 @@ pub fn table(services: &[Service], meshed: impl Fn(Ipv4Addr) -> bool) -> Table {
                 .iter()
                 .filter_map(|sl| sl.ports.iter().find(|(n, _)| *n == sp.name).map(|(_, p)| (sl, *p)))
                 .flat_map(|(sl, target)| {
-                    sl.endpoints.iter().filter(|(_, ready)| *ready).map(move |(ip, _)| SocketAddrV4::new(*ip, target))
+                    sl.endpoints.iter().filter(|(_, ready)| *ready).map(move |(ip, _)| SocketAddr::new(*ip, target))
                 })
-                .map(|addr| Backend { addr, meshed: meshed(*addr.ip()) })
+                .map(|addr| Backend { addr, meshed: meshed(addr.ip()) })
                 .collect();
             backends.sort();
             backends.dedup();
             for vip in &svc.cluster_ips {
+                // Each ClusterIP leads to the endpoints of its own family,
+                // as kube-proxy does.
                 let fe = Frontend {
                     service: format!("{}/{}", svc.namespace, svc.name),
-                    backends: backends.clone(),
+                    backends: backends.iter().filter(|b| b.addr.is_ipv6() == vip.is_ipv6()).copied().collect(),
                     client_ip_affinity: svc.client_ip_affinity,
                 };
-                entries.push((SocketAddrV4::new(*vip, sp.port), fe));
+                entries.push((SocketAddr::new(*vip, sp.port), fe));
             }
         }
     }
@@ -143,12 +145,7 @@ pub fn table(services: &[Service], meshed: impl Fn(Ipv4Addr) -> bool) -> Table {
 /// Picks a backend for a client at `client`: see the module comment.
 /// `load` is this executor's open connections to a backend; `random` two
 /// random numbers. `None`: no ready endpoint.
-pub fn choose(
-    fe: &Frontend,
-    client: Ipv4Addr,
-    load: impl Fn(SocketAddrV4) -> u32,
-    random: (u64, u64),
-) -> Option<Backend> {
+pub fn choose(fe: &Frontend, client: IpAddr, load: impl Fn(SocketAddr) -> u32, random: (u64, u64)) -> Option<Backend> {
     let b = &fe.backends;
     match b.len() {
         0 => None,
@@ -168,7 +165,7 @@ pub fn choose(
 
 /// The rendezvous weight of `backend` for `client`: stable across
 /// processes (a fixed hash, not the per-process random one).
-fn rendezvous(client: Ipv4Addr, backend: SocketAddrV4) -> u64 {
+fn rendezvous(client: IpAddr, backend: SocketAddr) -> u64 {
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     client.hash(&mut h);
     backend.hash(&mut h);
@@ -199,7 +196,7 @@ impl Hasher for Fnv {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> Ipv4Addr {
+    fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
     }
 
@@ -245,15 +242,31 @@ mod tests {
     }
 
     #[test]
+    fn each_cluster_ip_of_a_dual_stack_service_leads_to_its_own_family() {
+        let mut svc = web();
+        svc.cluster_ips.push(ip("fd00:96::10"));
+        // One slice per family, as the EndpointSlice controller makes them.
+        svc.slices = vec![
+            Slice { ports: vec![("http".into(), 8080)], endpoints: vec![(ip("10.1.0.5"), true)] },
+            Slice { ports: vec![("http".into(), 8080)], endpoints: vec![(ip("fd00:1::5"), true)] },
+        ];
+        let t = table(&[svc], |_| true);
+        let v4 = t.get("10.96.0.10:80".parse().expect("vip")).expect("IPv4 ClusterIP");
+        assert_eq!(v4.backends, [Backend { addr: "10.1.0.5:8080".parse().expect("a"), meshed: true }]);
+        let v6 = t.get("[fd00:96::10]:80".parse().expect("vip")).expect("IPv6 ClusterIP");
+        assert_eq!(v6.backends, [Backend { addr: "[fd00:1::5]:8080".parse().expect("a"), meshed: true }]);
+    }
+
+    #[test]
     fn two_choices_prefer_the_less_loaded_and_spread_evenly_when_idle() {
         let fe = Frontend {
             service: "s".into(),
             backends: (1..=4)
-                .map(|i| Backend { addr: SocketAddrV4::new(ip(&format!("10.0.0.{i}")), 80), meshed: true })
+                .map(|i| Backend { addr: SocketAddr::new(ip(&format!("10.0.0.{i}")), 80), meshed: true })
                 .collect(),
             client_ip_affinity: false,
         };
-        let busy: SocketAddrV4 = "10.0.0.1:80".parse().expect("addr");
+        let busy: SocketAddr = "10.0.0.1:80".parse().expect("addr");
         let mut seen = HashMap::new();
         let mut x: u64 = 7;
         for _ in 0..4000 {
@@ -272,11 +285,11 @@ mod tests {
 
     #[test]
     fn client_ip_affinity_is_the_same_everywhere_and_moves_only_the_clients_of_a_gone_endpoint() {
-        let backends: Vec<Backend> = (1..=5)
-            .map(|i| Backend { addr: SocketAddrV4::new(ip(&format!("10.0.0.{i}")), 80), meshed: true })
-            .collect();
+        let backends: Vec<Backend> =
+            (1..=5).map(|i| Backend { addr: SocketAddr::new(ip(&format!("10.0.0.{i}")), 80), meshed: true }).collect();
         let fe = Frontend { service: "s".into(), backends: backends.clone(), client_ip_affinity: true };
-        let clients: Vec<Ipv4Addr> = (0..200).map(|i| Ipv4Addr::new(10, 8, (i / 250) as u8, (i % 250) as u8)).collect();
+        let clients: Vec<IpAddr> =
+            (0..200).map(|i| IpAddr::V4(std::net::Ipv4Addr::new(10, 8, (i / 250) as u8, (i % 250) as u8))).collect();
         let before: Vec<Backend> = clients.iter().map(|c| choose(&fe, *c, |_| 0, (1, 2)).expect("b")).collect();
         // Load and randomness change nothing.
         for (c, b) in clients.iter().zip(&before) {

@@ -92,10 +92,10 @@ impl Record {
     }
 
     /// The destination was a ClusterIP of `service`; `endpoint` was chosen.
-    pub fn service(&mut self, service: &str, endpoint: std::net::SocketAddrV4) {
+    pub fn service(&mut self, service: &str, endpoint: std::net::SocketAddr) {
         debug!(client = ?self.client, vip = ?self.dst, service, %endpoint, "service endpoint chosen");
         self.service = Some(service.to_string());
-        self.dst = Some(SocketAddr::V4(endpoint));
+        self.dst = Some(endpoint);
     }
 
     /// The TLS handshake finished after `took`, resuming an earlier

@@ -26,12 +26,7 @@
 //! not silently leave a pod out of the mesh. The file is re-read when it
 //! changes; a file that does not parse is refused and the previous model
 //! stays in service.
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    path::Path,
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{net::IpAddr, path::Path, path::PathBuf, sync::Arc};
 
 use serde::Deserialize;
 
@@ -54,7 +49,7 @@ struct ServiceEntry {
     namespace: String,
     name: String,
     #[serde(rename = "clusterIPs")]
-    cluster_ips: Vec<Ipv4Addr>,
+    cluster_ips: Vec<IpAddr>,
     ports: Vec<PortEntry>,
     #[serde(default)]
     session_affinity: Option<String>,
@@ -73,7 +68,7 @@ struct PortEntry {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EndpointEntry {
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     #[serde(default = "yes")]
     ready: bool,
     ports: Vec<PortEntry>,

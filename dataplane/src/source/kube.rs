@@ -15,7 +15,7 @@
 //! enrol on half a picture.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -169,7 +169,7 @@ enum Change {
 /// TCP ports and affinity.
 #[derive(Debug, Clone)]
 struct ServiceView {
-    cluster_ips: Vec<Ipv4Addr>,
+    cluster_ips: Vec<IpAddr>,
     ports: Vec<ServicePort>,
     client_ip_affinity: bool,
 }
@@ -180,7 +180,7 @@ fn service_view(s: &K8sService) -> Option<ServiceView> {
     if ips.is_empty() {
         ips.extend(spec.cluster_ip.clone());
     }
-    let cluster_ips: Vec<Ipv4Addr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+    let cluster_ips: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
     let ports = spec
         .ports
         .iter()
@@ -194,7 +194,8 @@ fn service_view(s: &K8sService) -> Option<ServiceView> {
 }
 
 /// What an EndpointSlice contributes: the service it belongs to, its
-/// resolved ports and its endpoints (IPv4 slices only).
+/// resolved ports and its endpoints (IPv4 and IPv6 slices; FQDN ones are
+/// not routed).
 #[derive(Debug, Clone)]
 struct SliceView {
     service: String,
@@ -202,7 +203,7 @@ struct SliceView {
 }
 
 fn slice_view(s: &EndpointSlice) -> Option<SliceView> {
-    if s.address_type != "IPv4" {
+    if s.address_type != "IPv4" && s.address_type != "IPv6" {
         return None;
     }
     let service = s.labels().get("kubernetes.io/service-name")?.clone();
@@ -219,7 +220,7 @@ fn slice_view(s: &EndpointSlice) -> Option<SliceView> {
         .flat_map(|e| {
             // "ready: nil should be interpreted as true" (discovery/v1).
             let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            e.addresses.iter().filter_map(move |a| Some((a.parse::<Ipv4Addr>().ok()?, ready)))
+            e.addresses.iter().filter_map(move |a| Some((a.parse::<IpAddr>().ok()?, ready)))
         })
         .collect();
     Some(SliceView { service, slice: Slice { ports, endpoints } })
