@@ -199,7 +199,8 @@ struct Table {
 }
 
 fn cpu(unit: &'static str, per: &dyn Fn(&Run) -> f64, runs: &[Run; 3]) -> Cpu {
-    Cpu { unit, dataplane: per(&runs[1]), haproxy: per(&runs[2]) }
+    let haproxy = if runs[2].out.is_null() { f64::NAN } else { per(&runs[2]) };
+    Cpu { unit, dataplane: per(&runs[1]), haproxy }
 }
 
 impl Table {

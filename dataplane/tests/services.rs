@@ -71,11 +71,22 @@ struct World {
 }
 
 fn world(t: &str) -> World {
+    world_with(t, false)
+}
+
+/// The world; `dual`: every pod also holds fd00:77::<n> (the same last
+/// digit as its IPv4 address), and the certificates name those too.
+fn world_with(t: &str, dual: bool) -> World {
     let api = ApiServer::start(t);
     api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+    let v6 = |ip: &str| format!("fd00:77::{}", ip.rsplit('.').next().unwrap_or_default());
     for (name, ip, node) in [("c", "10.77.0.1", "node-a"), ("e1", "10.77.0.2", "node-a"), ("e2", "10.77.0.3", "node-b")]
     {
-        api.put("pods", pod("shop", name, node, Some(ip), json!({"app": "web"}), json!({})));
+        let mut p = pod("shop", name, node, Some(ip), json!({"app": "web"}), json!({}));
+        if dual {
+            p["status"]["podIPs"] = json!([{"ip": ip}, {"ip": v6(ip)}]);
+        }
+        api.put("pods", p);
     }
     api.put(
         "services",
@@ -95,17 +106,21 @@ fn world(t: &str) -> World {
         "endpointslices",
         endpoint_slice("shop", "web-2", "web", &[("admin", 9090)], &[("10.77.0.2", true, "node-a")]),
     );
-    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.3"]);
+    let mut ips = vec!["10.77.0.1".to_string(), "10.77.0.2".into(), "10.77.0.3".into()];
+    if dual {
+        ips.extend(["10.77.0.1", "10.77.0.2", "10.77.0.3"].map(v6));
+    }
+    let certs = Certs::new(t, &ips.iter().map(String::as_str).collect::<Vec<_>>());
     let net = testworld::bridge(t, "net");
     let (c, e1, e2) = (Netns::new(t, "c"), Netns::new(t, "e1"), Netns::new(t, "e2"));
-    testworld::plug(&net, &c, "10.77.0.1");
-    testworld::plug(&net, &e1, "10.77.0.2");
-    testworld::plug(&net, &e2, "10.77.0.3");
-    let servers = vec![
-        server(&e1, "0.0.0.0", 8080, "e1"),
-        server(&e2, "0.0.0.0", 8080, "e2"),
-        server(&e1, "0.0.0.0", 9090, "e1-admin"),
-    ];
+    for (pod, ip) in [(&c, "10.77.0.1"), (&e1, "10.77.0.2"), (&e2, "10.77.0.3")] {
+        testworld::plug(&net, pod, ip);
+        if dual {
+            pod.ip(&["-6", "addr", "add", &format!("{}/64", v6(ip)), "dev", "eth0", "nodad"]);
+        }
+    }
+    let any = if dual { "::" } else { "0.0.0.0" };
+    let servers = vec![server(&e1, any, 8080, "e1"), server(&e2, any, 8080, "e2"), server(&e1, any, 9090, "e1-admin")];
     let a = node(t, &api, &certs, "node-a");
     let b = node(t, &api, &certs, "node-b");
     a.dir.add(&c);
@@ -113,6 +128,58 @@ fn world(t: &str) -> World {
     b.dir.add(&e2);
     assert!(served(&a, 2.0) && served(&b, 1.0), "{}", metrics(&a));
     World { api, a, b, c, e1, e2, net, _servers: servers, _certs: certs }
+}
+
+#[test]
+fn a_dual_stack_service_is_tunnelled_on_its_ipv6_cluster_ip_to_ipv6_endpoints() {
+    let t = testworld::kernel_test!();
+    let w = world_with(t, true);
+    let vip6 = "fd00:96::10";
+    let mut svc = service("shop", "web", VIP, &[("http", 80, json!("http"))], false);
+    svc["spec"]["clusterIPs"] = json!([VIP, vip6]);
+    svc["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    svc["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    w.api.put("services", svc);
+    let mut slice6 = endpoint_slice(
+        "shop",
+        "web-v6",
+        "web",
+        &[("http", 8080)],
+        &[("fd00:77::2", true, "node-a"), ("fd00:77::3", true, "node-b")],
+    );
+    slice6["addressType"] = json!("IPv6");
+    w.api.put("endpointslices", slice6);
+    let marker = "SERVICE-V6-MARKER-41d9";
+    let pcap_file = testworld::TempFile(std::env::temp_dir().join(format!("{}.pcap", w.net.name)));
+    let pcap_s = pcap_file.0.display().to_string();
+    let mut dump = Proc::spawn(
+        w.net.command(None, "tcpdump", &["--immediate-mode", "-i", "br0", "-n", "-w", &pcap_s, "tcp"]),
+        "tcpdump",
+    );
+    dump.wait_for("listening on", Duration::from_secs(10));
+    // The model reaches the agents shortly after the objects change.
+    let mut seen = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            seen = client(&w.c, Some(&w.a.workload), vip6, 80, &["--count", "40", "--payload", marker]);
+            seen.iter().all(|s| s.peer == "[::1]:18000")
+        }),
+        "connects to the IPv6 ClusterIP captured: {seen:?}"
+    );
+    for s in &seen {
+        assert_eq!(s.echo, marker, "every byte back: {s:?}");
+        assert!(s.server_saw.starts_with("[fd00:77::1]:"), "to an IPv6 endpoint, from c's IPv6 address: {s:?}");
+    }
+    let by = spread(&seen);
+    assert!(by.contains_key("e1") && by.contains_key("e2"), "both endpoints: {by:?}");
+    thread::sleep(Duration::from_millis(200));
+    dump.signal("INT");
+    dump.wait(Duration::from_secs(10));
+    let raw = fs::read(&pcap_file.0).expect("pcap");
+    assert!(!raw.windows(marker.len()).any(|x| x == marker.as_bytes()), "no plaintext on the bridge");
+    let text = Command::new("tcpdump").args(["-n", "-r", &pcap_s]).output().expect("tcpdump -r");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("fd00:77::3.18001"), "tunnelled over IPv6 to node-b's endpoint:\n{text}");
 }
 
 #[test]
