@@ -4,9 +4,9 @@
 //! each hold an IPv4 and an IPv6 address (ULA, only inside the namespaces
 //! the test makes).
 
-use std::{fs, process::Command, thread, time::Duration};
+use std::{thread, time::Duration};
 
-use testworld::{client, metric, peer, run_args, server, server_with, Certs, Cgroup, Dataplane, Netns, Proc};
+use testworld::{capture, client, metric, peer, run_args, server, server_with, Certs, Cgroup, Dataplane, Netns};
 
 const A4: &str = "10.77.0.1";
 const B4: &str = "10.77.0.2";
@@ -42,25 +42,6 @@ fn dual(t: &str, extra: &[&str]) -> Dual {
 
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
-}
-
-/// Captures TCP on `dev` in `ns` while `f` runs; the raw bytes and the text.
-fn capture(ns: &Netns, dev: &str, f: impl FnOnce()) -> (Vec<u8>, String) {
-    let file = std::env::temp_dir().join(format!("{}.pcap", ns.name));
-    let file_s = file.display().to_string();
-    let mut dump = Proc::spawn(
-        ns.command(None, "tcpdump", &["--immediate-mode", "-i", dev, "-n", "-s", "0", "-w", &file_s, "tcp"]),
-        "tcpdump",
-    );
-    dump.wait_for("listening on", Duration::from_secs(10));
-    f();
-    thread::sleep(Duration::from_millis(200));
-    dump.signal("INT");
-    dump.wait(Duration::from_secs(10));
-    let raw = fs::read(&file).expect("pcap written");
-    let text = Command::new("tcpdump").args(["-n", "-r", &file_s]).output().expect("tcpdump -r");
-    let _ = fs::remove_file(&file);
-    (raw, String::from_utf8_lossy(&text.stdout).into_owned())
 }
 
 #[test]

@@ -2,9 +2,11 @@
 //! clients in pod A, servers in pod B, the data plane between them, and
 //! checks of what arrived and of what crossed the wire.
 
-use std::{fs, process::Command, thread, time::Duration};
+use std::{fs, thread, time::Duration};
 
-use testworld::{client, peer, run_args, server, server_with, veth, world, Certs, Cgroup, Dataplane, Netns, Proc};
+use testworld::{
+    capture, client, peer, run_args, server, server_with, veth, world, Certs, Cgroup, Dataplane, Netns, Proc,
+};
 
 const IPS: &[&str] = &["10.77.0.1", "10.77.0.2"];
 
@@ -54,28 +56,6 @@ fn a_closed_port_is_a_quick_reset() {
     // arrives as a reset.
     assert_eq!(r["result"], "reset", "{r}");
     assert!(r["seconds"].as_f64().expect("seconds") < 2.0, "quickly: {r}");
-}
-
-/// Captures on `dev` in `ns` with tcpdump while `f` runs (immediate mode:
-/// with the default TPACKET_V3 buffering this kernel and libpcap 1.10 capture
-/// nothing); returns the raw
-/// capture and tcpdump's text rendering of it.
-fn capture(ns: &Netns, dev: &str, f: impl FnOnce()) -> (Vec<u8>, String) {
-    let file = std::env::temp_dir().join(format!("{}.pcap", ns.name));
-    let file_s = file.display().to_string();
-    let mut dump = Proc::spawn(
-        ns.command(None, "tcpdump", &["--immediate-mode", "-i", dev, "-n", "-s", "0", "-w", &file_s, "tcp"]),
-        "tcpdump",
-    );
-    dump.wait_for("listening on", Duration::from_secs(10));
-    f();
-    thread::sleep(Duration::from_millis(200));
-    dump.signal("INT");
-    dump.wait(Duration::from_secs(10));
-    let raw = fs::read(&file).expect("pcap written");
-    let text = Command::new("tcpdump").args(["-n", "-r", &file_s]).output().expect("tcpdump -r");
-    let _ = fs::remove_file(&file);
-    (raw, String::from_utf8_lossy(&text.stdout).into_owned())
 }
 
 fn contains(hay: &[u8], needle: &str) -> bool {

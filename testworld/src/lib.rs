@@ -42,7 +42,7 @@ pub use apiserver::ApiServer;
 pub use certs::Certs;
 pub use cgroup::{cgroup2_mount, Cgroup};
 pub use dataplane::{attached, dataplane_binary, node_args, run_args, Dataplane};
-pub use netns::{bridge, bridge_port, plug, two_pods, veth, Netns, NetnsDir};
+pub use netns::{bridge, bridge_port, capture, plug, two_pods, veth, Netns, NetnsDir};
 pub use peers::{client, peer, peers_py, server, server_with, Seen};
 pub use proc::Proc;
 pub use world::{world, World};

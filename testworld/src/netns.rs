@@ -5,7 +5,7 @@ use std::{
     process::Command,
 };
 
-use crate::{run, sh, unique, Cgroup};
+use crate::{run, sh, unique, Cgroup, Proc};
 
 /// A network namespace made with `ip netns add`, loopback up; deleted on drop.
 #[derive(Debug)]
@@ -155,4 +155,25 @@ impl Drop for NetnsDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// Captures TCP on `dev` in `ns` with tcpdump while `f` runs (immediate mode:
+/// with the default TPACKET_V3 buffering this kernel and libpcap 1.10 capture
+/// nothing); returns the raw capture and tcpdump's text rendering of it.
+pub fn capture(ns: &Netns, dev: &str, f: impl FnOnce()) -> (Vec<u8>, String) {
+    use std::{thread, time::Duration};
+    let file = crate::TempFile(std::env::temp_dir().join(format!("{}.pcap", ns.name)));
+    let file_s = file.0.display().to_string();
+    let mut dump = Proc::spawn(
+        ns.command(None, "tcpdump", &["--immediate-mode", "-i", dev, "-n", "-s", "0", "-w", &file_s, "tcp"]),
+        "tcpdump",
+    );
+    dump.wait_for("listening on", Duration::from_secs(10));
+    f();
+    thread::sleep(Duration::from_millis(200));
+    dump.signal("INT");
+    dump.wait(Duration::from_secs(10));
+    let raw = fs::read(&file.0).expect("pcap written");
+    let text = Command::new("tcpdump").args(["-n", "-r", &file_s]).output().expect("tcpdump -r");
+    (raw, String::from_utf8_lossy(&text.stdout).into_owned())
 }
