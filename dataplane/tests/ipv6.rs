@@ -1,8 +1,9 @@
 //! IPv6 and dual-stack pods against the real kernel: `connect6`, the IPv6
 //! listeners, `IP6T_SO_ORIGINAL_DST`, the preamble's IPv6 form, certificates
-//! for IPv6 addresses and the return path of both families. Pods A and B
-//! each hold an IPv4 and an IPv6 address (ULA, only inside the namespaces
-//! the test makes).
+//! for IPv6 addresses and the return path of both families; the hostile-input,
+//! fault, strict-mode and same-node tests of the IPv4 files, over IPv6. Pods
+//! A and B each hold an IPv4 and an IPv6 address (ULA, only inside the
+//! namespaces the test makes).
 
 use std::{thread, time::Duration};
 
@@ -22,7 +23,7 @@ struct Dual {
     b: Netns,
     b_if: String,
     workload: Cgroup,
-    _own: Cgroup,
+    own: Cgroup,
     certs: Certs,
 }
 
@@ -37,7 +38,7 @@ fn dual(t: &str, extra: &[&str]) -> Dual {
     b.ip(&["-6", "addr", "add", &format!("{B6}/64"), "dev", &b_if, "nodad"]);
     let cidrs = "10.77.0.0/16,fd00:77::/64";
     let dp = Dataplane::start(&own, &run_args(&workload, cidrs, &certs, &[&a, &b], extra));
-    Dual { dp, a, b, b_if, workload, _own: own, certs }
+    Dual { dp, a, b, b_if, workload, own, certs }
 }
 
 fn contains(hay: &[u8], needle: &str) -> bool {
@@ -149,4 +150,86 @@ fn an_unenrolled_namespace_cannot_reach_a_meshed_ipv6_pod_in_plaintext() {
     assert!(r["result"].as_str().is_some_and(|e| e.contains("Operation not permitted")), "refused with EPERM: {r}");
     let (_, m) = testworld::http_get(&w.dp.admin(), "/metrics").expect("metrics");
     assert_eq!(metric(&m, "dataplane_bpf_decisions_total{decision=\"refused_unenrolled\"}"), Some(1.0), "{m}");
+}
+
+#[test]
+fn stalled_peers_at_the_ipv6_tunnel_port_are_closed_and_traffic_flows() {
+    let t = testworld::kernel_test!();
+    let w = dual(t, &["--handshake-timeout", "1s"]);
+    let _srv = server(&w.b, "::", 8080, "b");
+    thread::scope(|s| {
+        // 100 connections to [B6]:18001 that never say a word...
+        let stalled = s.spawn(|| peer(&w.a, None, &["stall", B6, "18001", "100"]));
+        // ...while real traffic flows as usual.
+        thread::sleep(Duration::from_millis(300));
+        let seen = client(&w.a, Some(&w.workload), B6, 8080, &["--count", "20"]);
+        assert!(seen.iter().all(|s| s.server == "b"), "{seen:?}");
+        let st = &stalled.join().expect("stall")[0];
+        assert_eq!(st["closed"], 100, "{st}");
+        assert!(st["max_seconds"].as_f64().expect("s") < 3.0, "closed at the 1 s handshake timeout: {st}");
+    });
+    let (_, text) = testworld::http_get(&w.dp.admin(), "/metrics").expect("metrics");
+    assert!(text.contains("reason=\"first_bytes_timeout\"} 100"), "100 first-bytes timeouts counted:\n{text}");
+}
+
+#[test]
+fn by_default_ipv6_capture_stops_when_the_data_plane_dies() {
+    let t = testworld::kernel_test!();
+    let mut w = dual(t, &[]);
+    let _srv = server(&w.b, "::", 8080, "b");
+    assert_eq!(client(&w.a, Some(&w.workload), B6, 8080, &[])[0].peer, "[::1]:18000");
+    w.dp.proc.signal("KILL");
+    w.dp.proc.wait(Duration::from_secs(5));
+    assert!(
+        testworld::eventually(Duration::from_secs(3), || testworld::attached(&w.workload.path).is_empty()),
+        "the programs went with the process"
+    );
+    let seen = client(&w.a, Some(&w.workload), B6, 8080, &[]);
+    assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), (format!("[{B6}]:8080").as_str(), "b"), "fail open");
+}
+
+#[test]
+fn strict_mode_refuses_ipv6_connects_while_no_data_plane_runs() {
+    let t = testworld::kernel_test!();
+    let bpffs = testworld::BpfFs::new(t);
+    let pins = bpffs.0.join("dataplane").display().to_string();
+    let mut w = dual(t, &["--strict", "--pin-dir", &pins]);
+    let _srv = server(&w.b, "::", 8080, "b");
+    assert_eq!(client(&w.a, Some(&w.workload), B6, 8080, &[])[0].server, "b");
+    w.dp.proc.signal("KILL");
+    w.dp.proc.wait(Duration::from_secs(5));
+    // connect6 stays pinned: the captured connect goes to [::1]:18000, where
+    // nothing listens now. Never in plaintext.
+    for dst in [B6, B4, &format!("::ffff:{B4}")] {
+        let r = &peer(&w.a, Some(&w.workload), &["try-connect", dst, "8080"])[0];
+        assert_eq!(r["result"], "refused", "{dst}: fail closed: {r}");
+    }
+    let outside = &peer(&w.a, None, &["try-connect", B6, "8080"])[0];
+    assert_eq!(outside["result"], "connected", "a process outside the workloads is not touched: {outside}");
+    // The next instance adopts the pins; traffic flows again. Fail open on
+    // the way out, so nothing stays pinned after the test.
+    let open = run_args(&w.workload, "10.77.0.0/16,fd00:77::/64", &w.certs, &[&w.a, &w.b], &["--pin-dir", &pins]);
+    w.dp = Dataplane::start(&w.own, &open);
+    assert_eq!(client(&w.a, Some(&w.workload), B6, 8080, &[])[0].peer, "[::1]:18000");
+}
+
+#[test]
+fn pods_of_one_node_skip_the_tunnel_over_ipv6_when_asked() {
+    let t = testworld::kernel_test!();
+    let w = dual(t, &["--same-node-fast-path"]);
+    let _srv = server(&w.b, "::", 8080, "b");
+    const N: usize = 10;
+    let (_, text) = capture(&w.b, &w.b_if, || {
+        for dst in [B6, B4] {
+            let seen = client(&w.a, Some(&w.workload), dst, 8080, &["--count", &N.to_string()]);
+            for s in &seen {
+                assert_eq!((s.server.as_str(), s.echo.as_str()), ("b", "ping"), "{s:?}");
+            }
+            let from = if dst == B6 { format!("[{A6}]:") } else { format!("[::ffff:{A4}]:") };
+            assert!(seen.iter().all(|s| s.server_saw.starts_with(&from)), "the server saw {from}: {seen:?}");
+        }
+    });
+    assert_eq!(text.trim(), "", "nothing crossed the link");
+    let (_, m) = testworld::http_get(&w.dp.admin(), "/metrics").expect("metrics");
+    assert_eq!(metric(&m, "dataplane_same_node_connections_total"), Some((2 * N) as f64), "{m}");
 }
