@@ -94,6 +94,8 @@ pub struct ShardCtx {
     pub same_node_fast_path: bool,
     /// The pods this executor serves, by address (with the fast path on).
     local: RefCell<std::collections::HashMap<IpAddr, Arc<Netns>>>,
+    /// The addresses of every pod this executor serves.
+    pods: RefCell<std::collections::HashMap<NetnsId, Vec<IpAddr>>>,
 }
 
 /// One open connection to a Service endpoint, counted in the executor's
@@ -141,6 +143,7 @@ impl ShardCtx {
             random: std::cell::Cell::new(0x9e37_79b9_7f4a_7c15 ^ (cpu as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)),
             same_node_fast_path: false,
             local: RefCell::new(std::collections::HashMap::new()),
+            pods: RefCell::new(std::collections::HashMap::new()),
         }
     }
 
@@ -202,22 +205,34 @@ impl ShardCtx {
         allowed
     }
 
-    /// `ns`, at `addrs`, is served by this executor.
-    pub fn serve_locally(&self, ns: &Arc<Netns>, addrs: &[IpAddr]) {
-        let mut local = self.local.borrow_mut();
-        for ip in addrs {
-            local.insert(*ip, ns.clone());
+    /// `ns`, whose pod has `addrs`, is served by this executor (indexed by
+    /// address too with the fast path on).
+    pub fn serve(&self, ns: &Arc<Netns>, addrs: &[IpAddr]) {
+        self.pods.borrow_mut().insert(ns.id(), addrs.to_vec());
+        if self.same_node_fast_path {
+            let mut local = self.local.borrow_mut();
+            for ip in addrs {
+                local.insert(*ip, ns.clone());
+            }
         }
     }
 
     /// `id` is no longer served here.
-    pub fn forget_local(&self, id: NetnsId) {
+    pub fn forget(&self, id: NetnsId) {
+        self.pods.borrow_mut().remove(&id);
         self.local.borrow_mut().retain(|_, ns| ns.id() != id);
     }
 
     /// No pod is served here any more (draining).
-    pub fn forget_all_local(&self) {
+    pub fn forget_all(&self) {
+        self.pods.borrow_mut().clear();
         self.local.borrow_mut().clear();
+    }
+
+    /// The address of the pod in `ns` of the family of `like` (a captured
+    /// client's own address is loopback: this is who it is).
+    pub fn pod_address(&self, ns: NetnsId, like: IpAddr) -> Option<IpAddr> {
+        self.pods.borrow().get(&ns)?.iter().find(|a| a.is_ipv6() == like.is_ipv6()).copied()
     }
 
     /// With the fast path on, for a connection from the pod in `client`

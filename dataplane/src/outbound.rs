@@ -69,7 +69,12 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     let mut orig = orig;
     let mut _load = None;
     if let Some((vip, fe)) = shard.service(orig.0).map(|fe| (orig.0, fe)) {
-        let client_ip = peer.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.ip());
+        // The client's own address is loopback (it connected to our
+        // listener): affinity goes by its pod's address.
+        let client_ip = shard
+            .pod_address(netns.id(), vip.ip())
+            .or(peer.map(|p| p.ip()))
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
         let Some((endpoint, load)) = shard.choose_endpoint(&fe, client_ip) else {
             shard.count_service(&fe.service, ServiceRoute::NoEndpoint);
             socket::reset_on_close(&downstream);

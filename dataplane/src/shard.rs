@@ -238,7 +238,7 @@ async fn run(
                     }
                     ToShard::Enroll(..) => {}
                     ToShard::Withdraw(id) => {
-                        shard.forget_local(id);
+                        shard.forget(id);
                         if let Some(loops) = listeners.remove(&id) {
                             lock(&listening).remove(&id);
                             for l in loops {
@@ -254,7 +254,7 @@ async fn run(
                         // accept loop is left: the control thread waits for
                         // that before it counts open connections.
                         draining = true;
-                        shard.forget_all_local();
+                        shard.forget_all();
                         for (_, loops) in std::mem::take(&mut listeners) {
                             for l in loops {
                                 l.stop(cpu).await;
@@ -281,8 +281,7 @@ pub fn lock(listening: &Listening) -> std::sync::MutexGuard<'_, BTreeSet<NetnsId
 }
 
 /// Opens the listeners of `ns` (both families' where the pod has an IPv6
-/// address) and starts their accept loops; with the same-node fast path,
-/// indexes the pod by its `addresses`.
+/// address) and starts their accept loops; records the pod's `addresses`.
 fn enroll(
     shard: &Rc<ShardCtx>,
     ns: &Arc<Netns>,
@@ -302,9 +301,7 @@ fn enroll(
     let loops = bound.into_iter().map(|(l, d)| AcceptLoop::start(l, shard, ns, d)).collect();
     listeners.insert(ns.id(), loops);
     lock(listening).insert(ns.id());
-    if shard.same_node_fast_path {
-        shard.serve_locally(ns, addresses);
-    }
+    shard.serve(ns, addresses);
     Ok(())
 }
 

@@ -314,6 +314,26 @@ fn session_affinity_and_endpoints_outside_the_mesh() {
 
     let sticky = client(&w.c, Some(&w.a.workload), "10.96.0.11", 80, &["--count", "30"]);
     assert_eq!(spread(&sticky).len(), 1, "one client, one endpoint: {:?}", spread(&sticky));
+    // Affinity is by the client pod's address (a captured client's own is
+    // loopback, the same for every pod): five more pods on node-a, each
+    // sticking to one endpoint, between them reaching both.
+    let more: Vec<(Netns, String)> =
+        (11..16).map(|i| (Netns::new(t, &format!("k{i}")), format!("10.77.0.{i}"))).collect();
+    for (i, (ns, ip)) in more.iter().enumerate() {
+        w._certs.issue(ip, &[]);
+        testworld::plug(&w.net, ns, ip);
+        w.api.put("pods", pod("shop", &format!("k{i}"), "node-a", Some(ip), json!({}), json!({})));
+        w.a.dir.add(ns);
+    }
+    assert!(served(&w.a, 7.0), "{}", metrics(&w.a));
+    let mut reached = BTreeMap::new();
+    for (ns, ip) in &more {
+        let seen = client(ns, Some(&w.a.workload), "10.96.0.11", 80, &["--count", "5"]);
+        let by = spread(&seen);
+        assert_eq!(by.len(), 1, "{ip} sticks to one endpoint: {by:?}");
+        reached.extend(by);
+    }
+    assert_eq!(reached.len(), 2, "different pods, different endpoints: {reached:?}");
 
     let passthrough = || {
         metric(&metrics(&w.a), "dataplane_service_connections_total{service=\"legacy/plain\",route=\"passthrough\"}")
