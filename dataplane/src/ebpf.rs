@@ -10,7 +10,7 @@
 //! Strict mode (fail closed): the maps and the connect4, connect6 and sockops
 //! links are pinned under `--pin-dir` (a BPF file system), so they outlive
 //! the process and captured connects keep going to 127.0.0.1:18000 (or
-//! [::1]:18000), where nothing listens: they are refused until a data plane
+//! `[::1]:18000`), where nothing listens: they are refused until a data plane
 //! returns. The next instance,
 //! strict or not, adopts what it finds pinned: it reuses the pinned maps,
 //! attaches its own programs, then unpins and drops the old links (both run

@@ -1,4 +1,4 @@
-//! The outbound side (127.0.0.1:18000, and [::1]:18000 for IPv6, in every
+//! The outbound side (`127.0.0.1:18000`, and `[::1]:18000` for IPv6, in every
 //! enrolled namespace).
 //!
 //! A captured connection arrives; we ask the kernel where it was going

@@ -1,9 +1,9 @@
 //! The executors: one glommio `LocalExecutor` per chosen CPU, pinned. Each
 //! builds its own state inside its own thread (listeners in every enrolled
-//! namespace: 127.0.0.1:18000 and 0.0.0.0:18001, and [::1]:18000 and
-//! [::]:18001 where the pod has an IPv6 address, TLS configurations, per-connection tasks) and handles every
-//! connection it accepts start to finish: no locks and no cross-core hand-off
-//! on the data path.
+//! namespace: `127.0.0.1:18000` and `0.0.0.0:18001`, and `[::1]:18000` and
+//! `[::]:18001` where the pod has an IPv6 address; TLS configurations;
+//! per-connection tasks) and handles every connection it accepts start to
+//! finish: no locks and no cross-core hand-off on the data path.
 //!
 //! Executors report to the control thread over a crossbeam channel and never
 //! wait on it.
