@@ -412,6 +412,32 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_pod_waits_for_every_address_its_workload_has() {
+        use crate::model::Workload;
+        let web = Workload {
+            namespace: "ns".into(),
+            name: "web".into(),
+            service_account: "sa".into(),
+            addresses: vec![ip("10.0.0.1"), ip("fd00::1")],
+            local: true,
+            netns: None,
+            client_address: true,
+            mode: Mode::Meshed { skip_outbound: vec![], skip_inbound: vec![] },
+        };
+        let model = Model::new(vec![web]);
+        let all = |_| true;
+        // The CNI has added the IPv4 address only (so far).
+        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), all).0, State::WaitingForAddress);
+        assert_eq!(decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), all).0, State::Served);
+        // Both need a certificate.
+        let v4_only = |a: IpAddr| a.is_ipv4();
+        assert_eq!(
+            decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), v4_only).0,
+            State::WaitingForCertificate(ip("fd00::1"))
+        );
+    }
+
+    #[test]
     fn a_file_that_is_gone_or_names_a_new_namespace_is_stale() {
         let entry = |ino| Entry {
             ino,

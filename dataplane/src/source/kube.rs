@@ -473,4 +473,26 @@ mod tests {
         let v = view(&pending).expect("a pod with no address yet");
         assert!(v.addresses.is_empty() && v.node.is_none());
     }
+
+    #[test]
+    fn a_dual_stack_pod_has_both_addresses_and_an_ipv6_slice_its_endpoints() {
+        let mut dual = shop_pod("web", "10.0.0.5", "a");
+        dual.status.as_mut().expect("status").pod_ips =
+            Some(["10.0.0.5", "fd00::5"].map(|ip| k8s_openapi::api::core::v1::PodIP { ip: ip.into() }).to_vec());
+        let v = view(&dual).expect("view");
+        let want: Vec<IpAddr> = vec!["10.0.0.5".parse().expect("ip"), "fd00::5".parse().expect("ip")];
+        assert_eq!(v.addresses, want);
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-v6", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv6",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["fd00::5"], "conditions": {"ready": true}}]
+        }))
+        .expect("a slice");
+        let v = slice_view(&slice).expect("an IPv6 slice is routed");
+        assert_eq!(v.slice.endpoints, [("fd00::5".parse().expect("ip"), true)]);
+        let mut fqdn = slice;
+        fqdn.address_type = "FQDN".into();
+        assert!(slice_view(&fqdn).is_none(), "FQDN slices are not");
+    }
 }
