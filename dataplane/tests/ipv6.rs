@@ -233,3 +233,27 @@ fn pods_of_one_node_skip_the_tunnel_over_ipv6_when_asked() {
     let (_, m) = testworld::http_get(&w.dp.admin(), "/metrics").expect("metrics");
     assert_eq!(metric(&m, "dataplane_same_node_connections_total"), Some((2 * N) as f64), "{m}");
 }
+
+#[test]
+fn ipv6_only_pods_are_served_without_any_ipv4_address() {
+    let t = testworld::kernel_test!();
+    let certs = Certs::new(t, &[A6, B6]);
+    let workload = Cgroup::new(t, "w");
+    let own = Cgroup::new(t, "d");
+    let (a, b, b_if) = testworld::two_pods(t);
+    let a_if = format!("v{}", &b.name[..b.name.len().min(14)]);
+    for (pod, dev, v4, v6) in [(&a, &a_if, A4, A6), (&b, &b_if, B4, B6)] {
+        pod.ip(&["addr", "del", &format!("{v4}/24"), "dev", dev]);
+        pod.ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+    }
+    let _srv = server(&b, "::", 8080, "b");
+    let dp = Dataplane::start(&own, &run_args(&workload, "fd00:77::/64", &certs, &[&a, &b], &[]));
+    let seen = client(&a, Some(&workload), B6, 8080, &[]);
+    assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("[::1]:18000", "b"), "{seen:?}");
+    assert!(seen[0].server_saw.starts_with(&format!("[{A6}]:")), "the server sees A's address: {seen:?}");
+    let (_, m) = testworld::http_get(&dp.admin(), "/metrics").expect("metrics");
+    for why in ["return_path", "socket"] {
+        let name = format!("dataplane_client_address_unavailable_total{{why=\"{why}\"}}");
+        assert_eq!(metric(&m, &name), Some(0.0), "the IPv6 return path is in place: {m}");
+    }
+}
