@@ -8,7 +8,8 @@
 //! through:
 //!
 //! - waiting for an address: the CNI adds the pod's address after it creates
-//!   the namespace;
+//!   the namespace (a meshed dual-stack pod waits for every address the model
+//!   shows for it, so that both families get listeners);
 //! - with a model (the Kubernetes API or `--workloads`), its address is
 //!   matched to a local workload: none yet is *unclaimed* (the API has not
 //!   shown the pod's address yet: its connects to meshed destinations are
@@ -343,14 +344,14 @@ fn decide(addresses: &[IpAddr], model: Option<&Model>, has_cert: impl Fn(IpAddr)
             }
         }
         let Some(w) = owner else { return (State::Unclaimed(*first), skip) };
+        match &w.mode {
+            Mode::Outside(why) => return (State::Passed(why.label()), skip),
+            Mode::Meshed { skip_outbound, .. } => skip.clone_from(skip_outbound),
+        }
         // A dual-stack pod whose second address the CNI has not added yet:
         // serving it now would leave that family without listeners.
         if !w.addresses.iter().all(|a| addresses.contains(a)) {
             return (State::WaitingForAddress, skip);
-        }
-        match &w.mode {
-            Mode::Outside(why) => return (State::Passed(why.label()), skip),
-            Mode::Meshed { skip_outbound, .. } => skip.clone_from(skip_outbound),
         }
     }
     match addresses.iter().find(|a| !has_cert(**a)) {
@@ -429,6 +430,12 @@ mod tests {
         // The CNI has added the IPv4 address only (so far).
         assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), all).0, State::WaitingForAddress);
         assert_eq!(decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), all).0, State::Served);
+        // Outside the mesh, it is passed at once: its connects must not be
+        // refused while the second address comes.
+        let mut outside = model.workloads()[0].clone();
+        outside.mode = Mode::Outside(crate::model::Outside::NotOptedIn);
+        let model_outside = Model::new(vec![outside]);
+        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model_outside), all).0, State::Passed("namespace_not_opted_in"));
         // Both need a certificate.
         let v4_only = |a: IpAddr| a.is_ipv4();
         assert_eq!(
