@@ -242,15 +242,10 @@ impl ShardCtx {
     /// handshake would have). The client's address is one of the
     /// destination's family.
     pub fn same_node(&self, client: &Netns, dst: IpAddr) -> Option<(IpAddr, Arc<Netns>)> {
-        let local = self.local.borrow();
-        let dst_ns = local.get(&dst)?;
+        let dst_ns = self.local.borrow().get(&dst)?.clone();
+        let src = self.pod_address(client.id(), dst)?;
         let identity = self.identity.borrow();
-        let held = |ip: IpAddr| identity.holds(ip);
-        let src = local
-            .iter()
-            .find(|(ip, ns)| ns.id() == client.id() && ip.is_ipv6() == dst.is_ipv6() && held(**ip))
-            .map(|(ip, _)| *ip)?;
-        held(dst).then(|| (src, dst_ns.clone()))
+        (identity.holds(src) && identity.holds(dst)).then_some((src, dst_ns))
     }
 
     /// A socket to the application at `dst`, made in its pod's namespace
