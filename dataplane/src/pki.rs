@@ -430,6 +430,32 @@ mod tests {
         assert!(deny(&garbage, Some(&node_a())).contains("does not parse"));
     }
 
+    /// Mints a certificate for `ips` with `ca` and checks it as a peer
+    /// would: the chain up to `root_der` (name constraints included), and
+    /// every address named.
+    fn mint_and_verify(ca: &NodeCa, root_der: &CertificateDer<'_>, spiffe: &str, ips: &[&str]) -> Result<(), String> {
+        let ips: Vec<IpAddr> = ips.iter().map(|ip| ip.parse().expect("ip")).collect();
+        let (chain, _, _) = ca.mint(&ips, spiffe, std::time::Duration::from_secs(600)).expect("minted");
+        let anchors = [webpki::anchor_from_trusted_cert(root_der).expect("anchor")];
+        let ee = webpki::EndEntityCert::try_from(&chain[0]).expect("leaf");
+        let now = rustls_pki_types::UnixTime::now();
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &chain[1..],
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| format!("{e:?}"))?;
+        for ip in ips {
+            ee.verify_is_valid_for_subject_name(&rustls_pki_types::ServerName::IpAddress(ip.into()))
+                .map_err(|e| format!("{ip}: {e:?}"))?;
+        }
+        Ok(())
+    }
+
     #[test]
     fn a_node_ca_mints_pods_in_its_cidr_and_webpki_refuses_others() {
         let (root, root_der) = root();
@@ -438,24 +464,7 @@ mod tests {
         let signed = sign_node_ca(&pem, &grant, &root).expect("signed");
         let ca = NodeCa::new(key, &signed, KeyType::P256).expect("node CA");
         let spiffe = spiffe_id("cluster.local", "shop", "web");
-        let verify = |ip: &str| {
-            let ip: IpAddr = ip.parse().expect("ip");
-            let (chain, _, _) = ca.mint(&[ip], &spiffe, std::time::Duration::from_secs(600)).expect("minted");
-            let anchors = [webpki::anchor_from_trusted_cert(&root_der).expect("anchor")];
-            let ee = webpki::EndEntityCert::try_from(&chain[0]).expect("leaf");
-            let now = rustls_pki_types::UnixTime::now();
-            ee.verify_for_usage(
-                webpki::ALL_VERIFICATION_ALGS,
-                &anchors,
-                &chain[1..],
-                now,
-                webpki::KeyUsage::server_auth(),
-                None,
-                None,
-            )
-            .map(|_| ())
-            .map_err(|e| format!("{e:?}"))
-        };
+        let verify = |ip: &str| mint_and_verify(&ca, &root_der, &spiffe, &[ip]);
         assert_eq!(verify("10.1.0.7"), Ok(()));
         let outside = verify("10.2.0.7").expect_err("outside the node's CIDR");
         assert!(outside.contains("NameConstraint"), "{outside}");
@@ -477,29 +486,7 @@ mod tests {
         let signed = sign_node_ca(&pem, &grant, &root).expect("signed");
         let ca = NodeCa::new(key, &signed, KeyType::P256).expect("node CA");
         let spiffe = spiffe_id("cluster.local", "shop", "web");
-        let verify = |ips: &[&str]| {
-            let ips: Vec<IpAddr> = ips.iter().map(|ip| ip.parse().expect("ip")).collect();
-            let (chain, _, _) = ca.mint(&ips, &spiffe, std::time::Duration::from_secs(600)).expect("minted");
-            let anchors = [webpki::anchor_from_trusted_cert(&root_der).expect("anchor")];
-            let ee = webpki::EndEntityCert::try_from(&chain[0]).expect("leaf");
-            let now = rustls_pki_types::UnixTime::now();
-            ee.verify_for_usage(
-                webpki::ALL_VERIFICATION_ALGS,
-                &anchors,
-                &chain[1..],
-                now,
-                webpki::KeyUsage::server_auth(),
-                None,
-                None,
-            )
-            .map_err(|e| format!("{e:?}"))?;
-            // One certificate speaks for every address of the pod.
-            for ip in ips {
-                ee.verify_is_valid_for_subject_name(&rustls_pki_types::ServerName::IpAddress(ip.into()))
-                    .map_err(|e| format!("{ip}: {e:?}"))?;
-            }
-            Ok::<(), String>(())
-        };
+        let verify = |ips: &[&str]| mint_and_verify(&ca, &root_der, &spiffe, ips);
         assert_eq!(verify(&["10.1.0.7", "fd00:1::7"]), Ok(()));
         assert_eq!(verify(&["fd00:1::7"]), Ok(()));
         let outside = verify(&["10.1.0.7", "fd00:2::7"]).expect_err("an IPv6 address outside the node's CIDR");
