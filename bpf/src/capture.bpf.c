@@ -171,7 +171,8 @@ enum verdict { LEAVE, CAPTURE, REFUSE };
 
 /* The rules of both connect programs, for a TCP connect to dst:port (network
  * order) from the socket of ctx. On CAPTURE the original destination is
- * remembered under the socket cookie. */
+ * remembered under the socket cookie and the port rewritten to the proxy's;
+ * the caller rewrites the address, in its family's field. */
 static __always_inline enum verdict judge(struct bpf_sock_addr *ctx, const struct capture_config *cfg,
 					  const struct addr6 *dst, __u16 dst_port)
 {
@@ -220,6 +221,7 @@ static __always_inline enum verdict judge(struct bpf_sock_addr *ctx, const struc
 		count(STAT_REFUSED_UNENROLLED);
 		return REFUSE;
 	}
+	ctx->user_port = cfg->proxy_port;
 	count(STAT_CAPTURED);
 	if (tracing(cfg))
 		bpf_printk("dataplane connect: captured cookie %llu to %pI6:%d", cookie, dst, port_host);
@@ -248,16 +250,10 @@ int capture_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	}
 	struct addr6 dst = mapped(ctx->user_ip4);
-	switch (judge(ctx, cfg, &dst, (__u16)ctx->user_port)) {
-	case CAPTURE:
+	enum verdict v = judge(ctx, cfg, &dst, (__u16)ctx->user_port);
+	if (v == CAPTURE)
 		ctx->user_ip4 = cfg->proxy_ip4;
-		ctx->user_port = cfg->proxy_port;
-		return 1;
-	case REFUSE:
-		return 0;
-	default:
-		return 1;
-	}
+	return v != REFUSE; /* 0: EPERM */
 }
 
 SEC("cgroup/connect6")
@@ -272,25 +268,18 @@ int capture_connect6(struct bpf_sock_addr *ctx)
 	}
 	/* 32-bit context loads: the only width the verifier allows here. */
 	struct addr6 dst = { .w = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] } };
-	switch (judge(ctx, cfg, &dst, (__u16)ctx->user_port)) {
-	case CAPTURE:
-		if (is_mapped(&dst)) {
-			/* An IPv4 connect on a dual-stack socket: to the IPv4
-			 * proxy, as ::ffff:127.0.0.1. */
-			ctx->user_ip6[3] = cfg->proxy_ip4;
-		} else {
-			ctx->user_ip6[0] = cfg->proxy_ip6.w[0];
-			ctx->user_ip6[1] = cfg->proxy_ip6.w[1];
-			ctx->user_ip6[2] = cfg->proxy_ip6.w[2];
-			ctx->user_ip6[3] = cfg->proxy_ip6.w[3];
-		}
-		ctx->user_port = cfg->proxy_port;
-		return 1;
-	case REFUSE:
-		return 0;
-	default:
-		return 1;
+	enum verdict v = judge(ctx, cfg, &dst, (__u16)ctx->user_port);
+	if (v == CAPTURE && is_mapped(&dst)) {
+		/* An IPv4 connect on a dual-stack socket: to the IPv4 proxy,
+		 * as ::ffff:127.0.0.1. */
+		ctx->user_ip6[3] = cfg->proxy_ip4;
+	} else if (v == CAPTURE) {
+		ctx->user_ip6[0] = cfg->proxy_ip6.w[0];
+		ctx->user_ip6[1] = cfg->proxy_ip6.w[1];
+		ctx->user_ip6[2] = cfg->proxy_ip6.w[2];
+		ctx->user_ip6[3] = cfg->proxy_ip6.w[3];
 	}
+	return v != REFUSE; /* 0: EPERM */
 }
 
 SEC("sockops")

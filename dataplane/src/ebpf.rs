@@ -219,6 +219,18 @@ where
     ebpf.map(name).ok_or_else(|| missing_map(name))?.try_into().map_err(map_err(name))
 }
 
+/// Pins `link`, of the program `name`, under `links` for the next instance.
+fn pin_link<L>(links: &Path, name: &'static str, link: L) -> Result<(), Error>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    let path = links.join(name);
+    let link = FdLink::try_from(link).map_err(|e| pin_err(&path, "converting the link", e))?;
+    link.pin(&path).map_err(|e| pin_err(&path, "pinning the link", e))?;
+    Ok(())
+}
+
 fn open_cgroup(path: &Path) -> Result<File, Error> {
     File::open(path).map_err(|source| Error::Cgroup { path: path.to_path_buf(), source })
 }
@@ -338,18 +350,13 @@ impl Capture {
 
         if self.strict {
             std::fs::create_dir_all(&links).map_err(|e| pin_err(&links, "creating the links directory", e))?;
-            let connect4: &mut CgroupSockAddr = self.program(program::CONNECT4)?;
-            let link = FdLink::try_from(connect4.take_link(c4).map_err(program_err(program::CONNECT4))?)
-                .map_err(|e| pin_err(&links, "converting the connect4 link", e))?;
-            link.pin(links.join(program::CONNECT4)).map_err(|e| pin_err(&links, "pinning connect4", e))?;
-            let connect6: &mut CgroupSockAddr = self.program(program::CONNECT6)?;
-            let link = FdLink::try_from(connect6.take_link(c6).map_err(program_err(program::CONNECT6))?)
-                .map_err(|e| pin_err(&links, "converting the connect6 link", e))?;
-            link.pin(links.join(program::CONNECT6)).map_err(|e| pin_err(&links, "pinning connect6", e))?;
-            let sockops: &mut SockOps = self.program(program::SOCKOPS)?;
-            let link = FdLink::try_from(sockops.take_link(so).map_err(program_err(program::SOCKOPS))?)
-                .map_err(|e| pin_err(&links, "converting the sockops link", e))?;
-            link.pin(links.join(program::SOCKOPS)).map_err(|e| pin_err(&links, "pinning sockops", e))?;
+            for (name, id) in [(program::CONNECT4, c4), (program::CONNECT6, c6)] {
+                let link = self.program::<CgroupSockAddr>(name)?.take_link(id).map_err(program_err(name))?;
+                pin_link(&links, name, link)?;
+            }
+            let link =
+                self.program::<SockOps>(program::SOCKOPS)?.take_link(so).map_err(program_err(program::SOCKOPS))?;
+            pin_link(&links, program::SOCKOPS, link)?;
         } else if self.adopting {
             // Back to fail-open: nothing of ours outlives us.
             for m in SHARED_MAPS {

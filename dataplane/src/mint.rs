@@ -95,9 +95,8 @@ impl Minter {
         let mut want = BTreeMap::new();
         for w in model.into_iter().flat_map(Model::local) {
             if w.meshed() && !w.addresses.is_empty() {
-                let ips: Vec<IpAddr> = w.addresses.clone();
                 let spiffe = pki::spiffe_id(&self.spec.trust_domain, &w.namespace, &w.service_account);
-                want.insert((w.namespace.clone(), w.name.clone()), (ips, spiffe));
+                want.insert((w.namespace.clone(), w.name.clone()), (w.addresses.clone(), spiffe));
             }
         }
         let before = self.pods.len();

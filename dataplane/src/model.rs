@@ -35,7 +35,7 @@ pub struct Workload {
     pub name: String,
     /// Its service account (the identity its certificate will carry).
     pub service_account: String,
-    /// Its IPv4 addresses (none until the CNI has given it one).
+    /// Its addresses, IPv4 and IPv6 (none until the CNI has given it one).
     pub addresses: Vec<IpAddr>,
     /// Whether it runs on this node (and so is ours to enrol).
     pub local: bool,

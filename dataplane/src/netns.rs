@@ -76,7 +76,7 @@ impl Netns {
         let mut v: Vec<IpAddr> = addrs
             .filter_map(|a| {
                 let a = a.address?;
-                let v4 = a.as_sockaddr_in().map(|s| IpAddr::V4(std::net::SocketAddrV4::from(*s).ip().to_owned()));
+                let v4 = a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip().into()));
                 v4.or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
             })
             .filter(|ip| match ip {

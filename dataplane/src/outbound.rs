@@ -68,7 +68,8 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     // this connection against the endpoint until it ends.
     let mut orig = orig;
     let mut _load = None;
-    if let Some((vip, fe)) = shard.service(orig.0).map(|fe| (orig.0, fe)) {
+    if let Some(fe) = shard.service(orig.0) {
+        let vip = orig.0;
         // The client's own address is loopback (it connected to our
         // listener): affinity goes by its pod's address.
         let client_ip = shard

@@ -108,12 +108,12 @@ pub fn install(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) -> Result<(),
     // re-added: a previous instance (a rolling update) may be relaying
     // transparent connections right now, whose replies need both.
     let (mark, table, pref) = (format!("{MARK:#x}"), TABLE.to_string(), PREF.to_string());
+    let ours = format!("fwmark {mark} lookup {table}");
     for (family, any, v6) in [("-4", "0.0.0.0/0", false), ("-6", "::/0", true)] {
         if !addresses.iter().any(|a| a.is_ipv6() == v6) {
             continue;
         }
         run(ns, "ip", &[family, "route", "replace", "local", any, "dev", "lo", "table", &table], None)?;
-        let ours = format!("fwmark {mark} lookup {table}");
         let present = run(ns, "ip", &[family, "rule", "show"], None)?.lines().filter(|l| l.contains(&ours)).count();
         if present == 0 {
             run(ns, "ip", &[family, "rule", "add", "fwmark", &mark, "lookup", &table, "pref", &pref], None)?;

@@ -7,7 +7,9 @@
 
 use std::{thread, time::Duration};
 
-use testworld::{capture, client, metric, peer, run_args, server, server_with, Certs, Cgroup, Dataplane, Netns};
+use testworld::{
+    capture, client, metric, peer, run_args, server, server_with, transfer_exact, Certs, Cgroup, Dataplane, Netns,
+};
 
 const A4: &str = "10.77.0.1";
 const B4: &str = "10.77.0.2";
@@ -90,12 +92,7 @@ fn exact_bytes_both_ways_over_ipv6() {
     let w = dual(t, &[]);
     let _sink = server_with(&w.b, &["sink", "::", "9000"], "sink");
     for n in [1u64, 64 * 1024 * 1024] {
-        let n = n.to_string();
-        let r = &peer(&w.a, Some(&w.workload), &["transfer", B6, "9000", &n, &n])[0];
-        assert_eq!(r["server_got"].as_u64(), r["sent"].as_u64(), "{n} bytes to the server: {r}");
-        assert_eq!(r["sent_ok"], true, "server's checksum of {n} bytes: {r}");
-        assert_eq!(r["received"].to_string(), n, "{n} bytes back: {r}");
-        assert_eq!(r["received_ok"], true, "client's checksum of {n} bytes: {r}");
+        transfer_exact(&w.a, Some(&w.workload), B6, 9000, n);
     }
 }
 

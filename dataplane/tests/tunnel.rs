@@ -5,7 +5,8 @@
 use std::{fs, thread, time::Duration};
 
 use testworld::{
-    capture, client, peer, run_args, server, server_with, veth, world, Certs, Cgroup, Dataplane, Netns, Proc,
+    capture, client, peer, run_args, server, server_with, transfer_exact, veth, world, Certs, Cgroup, Dataplane, Netns,
+    Proc,
 };
 
 const IPS: &[&str] = &["10.77.0.1", "10.77.0.2"];
@@ -16,13 +17,8 @@ fn exact_bytes_both_ways_with_half_close() {
     let w = world(t, IPS, &[]);
     let _sink = server_with(&w.b, &["sink", "0.0.0.0", "9000"], "sink");
     for n in [1u64, 64 * 1024, 256 * 1024 * 1024] {
-        let n = n.to_string();
         // The client shuts its write side after sending, then reads the reply.
-        let r = &peer(&w.a, Some(&w.workload), &["transfer", "10.77.0.2", "9000", &n, &n])[0];
-        assert_eq!(r["server_got"].as_u64(), r["sent"].as_u64(), "{n} bytes to the server: {r}");
-        assert_eq!(r["sent_ok"], true, "server's checksum of {n} bytes: {r}");
-        assert_eq!(r["received"].to_string(), n, "{n} bytes back: {r}");
-        assert_eq!(r["received_ok"], true, "client's checksum of {n} bytes: {r}");
+        transfer_exact(&w.a, Some(&w.workload), "10.77.0.2", 9000, n);
     }
 }
 

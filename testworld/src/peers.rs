@@ -58,6 +58,18 @@ pub fn peer(ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Vec<serde_jso
         .collect()
 }
 
+/// Sends `n` bytes to the `sink` server at `host:port` from `ns` (and
+/// `cgroup`), half-closes, and reads `n` bytes back; fails the test unless
+/// every byte arrived intact both ways (counts and checksums).
+pub fn transfer_exact(ns: &Netns, cgroup: Option<&Cgroup>, host: &str, port: u16, n: u64) {
+    let (n, port) = (n.to_string(), port.to_string());
+    let r = &peer(ns, cgroup, &["transfer", host, &port, &n, &n])[0];
+    assert_eq!(r["server_got"].as_u64(), r["sent"].as_u64(), "{n} bytes to the server: {r}");
+    assert_eq!(r["sent_ok"], true, "server's checksum of {n} bytes: {r}");
+    assert_eq!(r["received"].to_string(), n, "{n} bytes back: {r}");
+    assert_eq!(r["received_ok"], true, "client's checksum of {n} bytes: {r}");
+}
+
 /// Runs the Python client to completion in `ns` (and `cgroup`) and returns
 /// one `Seen` per connection.
 pub fn client(ns: &Netns, cgroup: Option<&Cgroup>, host: &str, port: u16, extra: &[&str]) -> Vec<Seen> {
