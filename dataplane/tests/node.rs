@@ -187,31 +187,21 @@ fn pods_of_one_node_skip_the_tunnel_when_asked() {
         pods.iter().enumerate().map(|(i, p)| server(p, "0.0.0.0", 8080, &format!("p{}", i + 1))).collect();
     assert!(eventually(Duration::from_secs(3), || namespaces_in(&dp.admin(), "served") == Some(2.0)));
 
-    let pcap_file = testworld::TempFile(std::env::temp_dir().join(format!("{}.pcap", node.name)));
-    let pcap_s = pcap_file.0.display().to_string();
-    let mut dump = Proc::spawn(
-        node.command(None, "tcpdump", &["--immediate-mode", "-i", "br0", "-n", "-w", &pcap_s, "tcp"]),
-        "tcpdump",
-    );
-    dump.wait_for("listening on", Duration::from_secs(10));
     const N: usize = 20;
-    for (from, to) in [(0, 1), (1, 0)] {
-        let dst = format!("10.77.0.{}", to + 1);
-        let seen = client(&pods[from], Some(&workload), &dst, 8080, &["--count", &N.to_string()]);
-        assert_eq!(seen.len(), N);
-        for s in &seen {
-            assert_eq!(s.peer, "127.0.0.1:18000", "p{} -> p{} captured", from + 1, to + 1);
-            assert_eq!((s.server.as_str(), s.echo.as_str()), (format!("p{}", to + 1).as_str(), "ping"));
-            let saw = s.server_saw.rsplit_once(':').map(|(ip, _)| ip);
-            assert_eq!(saw, Some(format!("10.77.0.{}", from + 1).as_str()), "the server saw the client's address");
+    let (_, crossed) = testworld::capture(&node, "br0", || {
+        for (from, to) in [(0, 1), (1, 0)] {
+            let dst = format!("10.77.0.{}", to + 1);
+            let seen = client(&pods[from], Some(&workload), &dst, 8080, &["--count", &N.to_string()]);
+            assert_eq!(seen.len(), N);
+            for s in &seen {
+                assert_eq!(s.peer, "127.0.0.1:18000", "p{} -> p{} captured", from + 1, to + 1);
+                assert_eq!((s.server.as_str(), s.echo.as_str()), (format!("p{}", to + 1).as_str(), "ping"));
+                let saw = s.server_saw.rsplit_once(':').map(|(ip, _)| ip);
+                assert_eq!(saw, Some(format!("10.77.0.{}", from + 1).as_str()), "the server saw the client's address");
+            }
         }
-    }
-    thread::sleep(Duration::from_millis(200));
-    dump.signal("INT");
-    dump.wait(Duration::from_secs(10));
-    let read = Command::new("tcpdump").args(["-n", "-r", &pcap_s, "tcp"]).output().expect("tcpdump -r");
-    assert!(read.status.success());
-    assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), "", "nothing crossed the bridge");
+    });
+    assert_eq!(crossed.trim(), "", "nothing crossed the bridge");
 
     let (_, text) = http_get(&dp.admin(), "/metrics").expect("metrics");
     let m = |name: &str| metric(&text, name).unwrap_or(0.0);

@@ -150,35 +150,24 @@ fn a_dual_stack_service_is_tunnelled_on_its_ipv6_cluster_ip_to_ipv6_endpoints() 
     slice6["addressType"] = json!("IPv6");
     w.api.put("endpointslices", slice6);
     let marker = "SERVICE-V6-MARKER-41d9";
-    let pcap_file = testworld::TempFile(std::env::temp_dir().join(format!("{}.pcap", w.net.name)));
-    let pcap_s = pcap_file.0.display().to_string();
-    let mut dump = Proc::spawn(
-        w.net.command(None, "tcpdump", &["--immediate-mode", "-i", "br0", "-n", "-w", &pcap_s, "tcp"]),
-        "tcpdump",
-    );
-    dump.wait_for("listening on", Duration::from_secs(10));
-    // The model reaches the agents shortly after the objects change.
-    let mut seen = Vec::new();
-    assert!(
-        eventually(Duration::from_secs(5), || {
-            seen = client(&w.c, Some(&w.a.workload), vip6, 80, &["--count", "40", "--payload", marker]);
-            seen.iter().all(|s| s.peer == "[::1]:18000")
-        }),
-        "connects to the IPv6 ClusterIP captured: {seen:?}"
-    );
-    for s in &seen {
-        assert_eq!(s.echo, marker, "every byte back: {s:?}");
-        assert!(s.server_saw.starts_with("[fd00:77::1]:"), "to an IPv6 endpoint, from c's IPv6 address: {s:?}");
-    }
-    let by = spread(&seen);
-    assert!(by.contains_key("e1") && by.contains_key("e2"), "both endpoints: {by:?}");
-    thread::sleep(Duration::from_millis(200));
-    dump.signal("INT");
-    dump.wait(Duration::from_secs(10));
-    let raw = fs::read(&pcap_file.0).expect("pcap");
+    let (raw, text) = testworld::capture(&w.net, "br0", || {
+        // The model reaches the agents shortly after the objects change.
+        let mut seen = Vec::new();
+        assert!(
+            eventually(Duration::from_secs(5), || {
+                seen = client(&w.c, Some(&w.a.workload), vip6, 80, &["--count", "40", "--payload", marker]);
+                seen.iter().all(|s| s.peer == "[::1]:18000")
+            }),
+            "connects to the IPv6 ClusterIP captured: {seen:?}"
+        );
+        for s in &seen {
+            assert_eq!(s.echo, marker, "every byte back: {s:?}");
+            assert!(s.server_saw.starts_with("[fd00:77::1]:"), "to an IPv6 endpoint, from c's IPv6 address: {s:?}");
+        }
+        let by = spread(&seen);
+        assert!(by.contains_key("e1") && by.contains_key("e2"), "both endpoints: {by:?}");
+    });
     assert!(!raw.windows(marker.len()).any(|x| x == marker.as_bytes()), "no plaintext on the bridge");
-    let text = Command::new("tcpdump").args(["-n", "-r", &pcap_s]).output().expect("tcpdump -r");
-    let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("fd00:77::3.18001"), "tunnelled over IPv6 to node-b's endpoint:\n{text}");
 }
 

@@ -175,5 +175,6 @@ pub fn capture(ns: &Netns, dev: &str, f: impl FnOnce()) -> (Vec<u8>, String) {
     dump.wait(Duration::from_secs(10));
     let raw = fs::read(&file.0).expect("pcap written");
     let text = Command::new("tcpdump").args(["-n", "-r", &file_s]).output().expect("tcpdump -r");
+    assert!(text.status.success(), "tcpdump -r {file_s}: {}", String::from_utf8_lossy(&text.stderr));
     (raw, String::from_utf8_lossy(&text.stdout).into_owned())
 }
