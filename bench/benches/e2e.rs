@@ -54,6 +54,22 @@ struct Run {
     cpu: Duration,
 }
 
+impl Run {
+    /// A run not made (no haproxy pair for this traffic).
+    fn missing() -> Self {
+        Self { out: Value::Null, cpu: Duration::ZERO }
+    }
+
+    /// `f` of this run, or NaN (printed `-`) for one not made.
+    fn or_nan(&self, f: impl Fn(&Run) -> f64) -> f64 {
+        if self.out.is_null() {
+            f64::NAN
+        } else {
+            f(self)
+        }
+    }
+}
+
 /// The three paths of one shape: direct, through the data plane(s), through
 /// the haproxy pair.
 struct Paths<'a> {
@@ -99,7 +115,7 @@ impl Paths<'_> {
         let third = if self.haproxy {
             self.measure(false, &self.via_haproxy(args), &self.pair.pids())?
         } else {
-            Run { out: Value::Null, cpu: Duration::ZERO }
+            Run::missing()
         };
         Ok([self.measure(false, args, &[])?, self.measure(true, args, &self.dataplanes)?, third])
     }
@@ -199,8 +215,7 @@ struct Table {
 }
 
 fn cpu(unit: &'static str, per: &dyn Fn(&Run) -> f64, runs: &[Run; 3]) -> Cpu {
-    let haproxy = if runs[2].out.is_null() { f64::NAN } else { per(&runs[2]) };
-    Cpu { unit, dataplane: per(&runs[1]), haproxy }
+    Cpu { unit, dataplane: per(&runs[1]), haproxy: runs[2].or_nan(per) }
 }
 
 impl Table {
@@ -230,7 +245,7 @@ impl Table {
             workload: format!("{prefix}bulk, {streams} stream(s)"),
             direct: gbps(&runs[0]),
             proxied: gbps(&runs[1]),
-            haproxy: if runs[2].out.is_null() { f64::NAN } else { gbps(&runs[2]) },
+            haproxy: runs[2].or_nan(gbps),
             unit: "Gb/s",
             higher_is_better: true,
             cpu: Some(cpu("%·s/Gbit", &per, &runs)),
@@ -244,17 +259,17 @@ impl Table {
         let runs = paths.three(&[s("rr"), s(echo), s(size), s(self.secs), s(count)])?;
         let tag = tag(prefix);
         self.latency(&format!("{tag}rr-{size}B"), &runs)?;
+        // One per run, `None` for a run not made.
         let hists = runs
             .iter()
-            .filter(|r| !r.out.is_null())
-            .map(|r| report::decode(r.out["hist"].as_str().context("hist")?))
+            .map(|r| (!r.out.is_null()).then(|| report::decode(r.out["hist"].as_str().context("hist")?)).transpose())
             .collect::<anyhow::Result<Vec<_>>>()?;
         // CPU µs per round trip, for the data plane(s) and the pair.
         let per_rt =
-            |i: usize| hists.get(i).map_or(f64::NAN, |h| runs[i].cpu.as_secs_f64() * 1e6 / h.len().max(1) as f64);
+            |i: usize| hists[i].as_ref().map_or(f64::NAN, |h| runs[i].cpu.as_secs_f64() * 1e6 / h.len().max(1) as f64);
         let rt_cpu = Cpu { unit: "µs/rt", dataplane: per_rt(1), haproxy: per_rt(2) };
         for (label, q) in [("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9)] {
-            let at = |i: usize| hists.get(i).map_or(f64::NAN, |h| h.value_at_percentile(q) as f64 / 1000.0);
+            let at = |i: usize| hists[i].as_ref().map_or(f64::NAN, |h| h.value_at_percentile(q) as f64 / 1000.0);
             self.rows.push(Row {
                 workload: format!("{prefix}request/response {size} B, {label}"),
                 direct: at(0),
