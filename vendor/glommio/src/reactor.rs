@@ -433,6 +433,16 @@ impl Reactor {
         source
     }
 
+    /// A poll that completes when the socket is readable, including when
+    /// the peer has shut down its side (`POLLRDHUP`).
+    pub(crate) fn poll_readable(&self, fd: RawFd) -> Source {
+        let source = self.new_source(fd, SourceType::PollAdd, None);
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        self.sys
+            .poll_ready(&source, common_flags() | read_flags() | rdhup);
+        source
+    }
+
     pub(crate) fn poll_write_ready(&self, fd: RawFd) -> Source {
         let source = self.new_source(fd, SourceType::PollAdd, None);
         self.sys

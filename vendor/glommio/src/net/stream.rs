@@ -236,6 +236,15 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         super::yolo_peek(self.stream.as_raw_fd(), buf)
     }
 
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        let source = self
+            .reactor
+            .upgrade()
+            .unwrap()
+            .poll_readable(self.stream.as_raw_fd());
+        source.collect_rw().await.map(drop)
+    }
+
     pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         let source = self.reactor.upgrade().unwrap().recv(
             self.stream.as_raw_fd(),
@@ -405,6 +414,12 @@ impl<S> GlommioStream<S, NonBuffered> {
 }
 
 impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
+    /// Waits until the socket is readable (data, the peer's shutdown, an
+    /// error), without reading.
+    pub(crate) async fn readable(&self) -> io::Result<()> {
+        self.stream.readable().await
+    }
+
     /// Receives data on the socket from the remote address to which it is
     /// connected, without removing that data from the queue.
     ///

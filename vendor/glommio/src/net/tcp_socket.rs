@@ -552,6 +552,14 @@ impl<B: RxBuf> TcpStream<B> {
         self.stream.write_timeout()
     }
 
+    /// Waits until the socket is readable: data, the peer's shutdown of its
+    /// side (`POLLRDHUP`), an error or a hang-up. Reads nothing: for sockets
+    /// whose data usually does not come up to user space (spliced by a
+    /// sockmap), where the caller decides what a wake-up means.
+    pub async fn readable(&self) -> Result<()> {
+        self.stream.readable().await.map_err(Into::into)
+    }
+
     /// Shuts down the read, write, or both halves of this connection.
     pub async fn shutdown(&self, how: Shutdown) -> Result<()> {
         poll_fn(|cx| self.stream.poll_shutdown(cx, how))
