@@ -1,6 +1,6 @@
-//! Compiles `src/capture.bpf.c` into a BPF ELF object with clang and leaves it
-//! in `OUT_DIR` for `include_bytes!`. This is the one place C becomes bytes:
-//! the object carries BTF (`-g`) so aya can load BTF-defined maps and the
+//! Compiles `src/capture.bpf.c` and `src/splice.bpf.c` into BPF ELF objects
+//! with clang and leaves them in `OUT_DIR` for `include_bytes!`. This is the one place C becomes bytes:
+//! each object carries BTF (`-g`) so aya can load BTF-defined maps and the
 //! layout test in `common` can check the shared structs against it.
 //!
 //! clang is found as `$CLANG`, else `clang-19`, else `clang`. Its absence is a
@@ -8,9 +8,9 @@
 use std::{env, path::PathBuf, process::Command};
 
 fn main() {
-    let src = PathBuf::from("src/capture.bpf.c");
-    println!("cargo:rerun-if-changed=src/capture.bpf.c");
-    println!("cargo:rerun-if-changed=src/capture.h");
+    for f in ["src/capture.bpf.c", "src/capture.h", "src/splice.bpf.c", "src/splice.h"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
     println!("cargo:rerun-if-env-changed=CLANG");
 
     let clang = find_clang().unwrap_or_else(|| {
@@ -21,12 +21,21 @@ fn main() {
         std::process::exit(1);
     });
 
-    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("capture.bpf.o");
+    for name in ["capture", "splice"] {
+        compile(&clang, name);
+    }
+}
+
+/// Compiles `src/{name}.bpf.c` into `$OUT_DIR/{name}.bpf.o`, or exits with
+/// what to install.
+fn compile(clang: &str, name: &str) {
+    let src = PathBuf::from(format!("src/{name}.bpf.c"));
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join(format!("{name}.bpf.o"));
     // Debian keeps <asm/types.h> under the multiarch directory; the BPF target
     // does not search it by itself.
     let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets the target arch");
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
-    let status = Command::new(&clang)
+    let status = Command::new(clang)
         .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
         .arg(format!("-I{multiarch}"))
         .arg("-c")
@@ -49,7 +58,7 @@ fn main() {
             std::process::exit(1);
         }
     }
-    println!("cargo:object={}", out.display());
+    println!("cargo:{name}_object={}", out.display());
 }
 
 fn find_clang() -> Option<String> {

@@ -215,6 +215,30 @@ impl VipKey {
     }
 }
 
+/// One socket of a spliced pair (`struct splice_peer`, the `splice_peers`
+/// value; key: the socket's cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplicePeer {
+    /// The other socket's cookie.
+    pub peer: u64,
+    /// Bytes this socket received and the kernel handed to the peer.
+    pub bytes: u64,
+    /// The peer's `tcpi_bytes_acked` when the pair was made.
+    pub acked_base: u64,
+    /// Set by the kernel, once: this socket's bytes are left for user space.
+    pub paused: u32,
+    _pad: u32,
+}
+
+impl SplicePeer {
+    /// The entry of a socket whose peer is `peer`, which had `acked_base`
+    /// bytes acknowledged when the pair was made.
+    pub fn new(peer: u64, acked_base: u64) -> Self {
+        Self { peer, bytes: 0, acked_base, paused: 0, _pad: 0 }
+    }
+}
+
 fn ports(given: &[u16]) -> [u16; POD_PORTS] {
     let mut out = [0; POD_PORTS];
     for (slot, p) in out.iter_mut().zip(given) {
@@ -310,6 +334,7 @@ const _: () = {
     assert!(size_of::<NetnsEntry>() == 20);
     assert!(size_of::<MeshedDst>() == 16);
     assert!(size_of::<VipKey>() == 20);
+    assert!(size_of::<SplicePeer>() == 32);
 };
 
 #[cfg(feature = "aya")]
@@ -331,6 +356,8 @@ mod pod {
     unsafe impl aya::Pod for super::MeshedDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::VipKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SplicePeer {}
 }
 
 #[cfg(test)]
@@ -361,6 +388,16 @@ mod tests {
         assert_eq!(sizes(map::SERVICE_VIPS), (size_of::<VipKey>(), 1));
         let stats = maps.get(map::STATS).expect("stats map");
         assert_eq!(stats.max_entries(), StatIndex::COUNT, "one counter per StatIndex");
+
+        let splice = aya_obj::Object::parse(dataplane_bpf::splice_object()).expect("splice object parses").maps;
+        let sizes = |name: &str| {
+            let m = splice.get(name).unwrap_or_else(|| panic!("map {name} in the splice object"));
+            (m.key_size() as usize, m.value_size() as usize)
+        };
+        assert_eq!(sizes(map::SPLICE_PEERS), (8, size_of::<SplicePeer>()));
+        // Sockhashes: a cookie, and the fd userspace passes (aya's RawFd).
+        assert_eq!(sizes(map::SPLICE_SOURCES), (8, 4));
+        assert_eq!(sizes(map::SPLICE_TARGETS), (8, 4));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The one door to `unsafe`: what no dependency offers as a safe call
-//! (`SO_NETNS_COOKIE`, `malloc_trim`, borrowing glommio's raw fds, adopting
+//! (`SO_NETNS_COOKIE`, `SO_COOKIE`, how much a TCP socket has taken to send, `malloc_trim`, borrowing glommio's raw fds, adopting
 //! raw fds into glommio). Every block says why it is sound; nothing else in
 //! the crate may use `unsafe`. (`setns`, `SO_ORIGINAL_DST`, CPU affinity and
 //! rlimits come safe from nix and socket2.)
@@ -35,6 +35,51 @@ pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+/// `SO_COOKIE` from `<asm-generic/socket.h>` (Linux 4.13+).
+const SO_COOKIE: libc::c_int = 57;
+
+/// The cookie of a socket: the value `bpf_get_socket_cookie` gives the
+/// programs for it (the splice maps' key).
+pub(crate) fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: as in `netns_cookie`: a live u64 of `len` bytes and its length.
+    let rc =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_COOKIE, (&raw mut cookie).cast(), &mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// What a TCP socket has sent: bytes acknowledged by its peer
+/// (`tcpi_bytes_acked`), then bytes still queued (`SIOCOUTQ`). Read in that
+/// order, so their sum, what the socket has taken to send, is under-, never
+/// over-stated when they move between the two reads.
+pub(crate) fn tcp_sent(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    // SAFETY: tcp_info is plain integers; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: optval points at a live tcp_info of `len` bytes; the kernel
+    // writes at most `len` bytes and says how many in `len`.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) {
+        return Err(io::Error::other("the kernel's tcp_info has no tcpi_bytes_acked"));
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which is live.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info.tcpi_bytes_acked, queued.max(0) as u64))
 }
 
 /// Gives freed heap memory back to the kernel ([malloc_trim(3)], every
