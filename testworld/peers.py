@@ -7,22 +7,28 @@ connection (so a test can tell that nothing was forwarded).
 serve HOST PORT NAME     to each client send one JSON line
                          {"server": NAME, "peer": "ip:port"} (the server speaks
                          first), then echo until EOF, then close.
-sink HOST PORT           read a header line "M SEED\\n", then everything until
+sink HOST PORT [DELAY]   read a header line "M SEED\\n", (wait DELAY seconds,)
+                         then everything until
                          the client's EOF (half-close); reply with a JSON line
                          {"got": n, "sha": hex} and M bytes of the stream
                          seeded SEED, then close.
 reset HOST PORT          read one byte, then close with a reset (SO_LINGER 0).
+greet HOST PORT N        to each client send N bytes of the stream seeded 3,
+                         then close at once, reading nothing.
 
 connect HOST PORT [--bind-port P] [--count N] [--payload TEXT]
                          N times (the i-th from source port P+i if given):
                          connect, read the server's line, send TEXT (ping), read
                          the echo, close; one JSON line per connection
                          {"local", "peer", "server", "server_saw", "echo"}.
-transfer HOST PORT N M   send N bytes of the stream seeded 1, shut down the
-                         write side, read the reply; print JSON with both
-                         checksums checked.
+transfer HOST PORT N M [WAIT]
+                         (after WAIT seconds connected, if given) send N bytes
+                         of the stream seeded 1, shut down the write side, read
+                         the reply; print JSON with both checksums checked.
 expect-reset HOST PORT   send a byte, then read: prints "reset", "eof" or
                          "data" and how long it took.
+read HOST PORT N         read until EOF; prints {"got": k, "ok": bool}, ok if
+                         the bytes are the N of a greet server's stream.
 many HOST PORT N         N concurrent connections to a `serve` server, each
                          sending its own 1 KiB and checking its echo; prints
                          {"ok": n}.
@@ -147,17 +153,36 @@ def serve(host, port, name):
     accept_forever(listen(host, port), handle)
 
 
-def sink(host, port):
+def sink(host, port, delay=0):
     def handle(c, addr):
         with c:
             f = c.makefile("rb")
             m, seed = f.readline().split()
+            time.sleep(float(delay))
             n, sha = drain_hash(f)
             c.sendall((json.dumps({"got": n, "sha": sha}) + "\n").encode())
             for chunk in stream(int(seed), int(m)):
                 c.sendall(chunk)
 
     accept_forever(listen(host, port), handle)
+
+
+def greet(host, port, n):
+    def handle(c, addr):
+        with c:
+            for chunk in stream(3, int(n)):
+                c.sendall(chunk)
+
+    accept_forever(listen(host, port), handle)
+
+
+def read_all(host, port, n):
+    c = socket.create_connection((host, int(port)), timeout=30)
+    k, got = drain_hash(c.makefile("rb"))
+    want = hashlib.sha256()
+    for chunk in stream(3, int(n)):
+        want.update(chunk)
+    print(json.dumps({"got": k, "ok": got == want.hexdigest()}), flush=True)
 
 
 def reset(host, port):
@@ -200,9 +225,10 @@ def connect(host, port, bind_port=None, count=1, payload="ping"):
         print(json.dumps(out), flush=True)
 
 
-def transfer(host, port, n, m):
+def transfer(host, port, n, m, wait=0):
     n, m = int(n), int(m)
     c = socket.create_connection((host, int(port)), timeout=60)
+    time.sleep(float(wait))
     c.sendall(b"%d 2\n" % m)
     sent = hashlib.sha256()
     for chunk in stream(1, n):
@@ -576,14 +602,18 @@ if __name__ == "__main__":
     if cmd == "serve":
         serve(a[1], a[2], a[3])
     elif cmd == "sink":
-        sink(a[1], a[2])
+        sink(*a[1:4])
     elif cmd == "reset":
         reset(a[1], a[2])
     elif cmd == "connect":
         opts = dict(zip(a[3::2], a[4::2]))
         connect(a[1], a[2], opts.get("--bind-port"), int(opts.get("--count", 1)), opts.get("--payload", "ping"))
     elif cmd == "transfer":
-        transfer(a[1], a[2], a[3], a[4])
+        transfer(*a[1:6])
+    elif cmd == "greet":
+        greet(a[1], a[2], a[3])
+    elif cmd == "read":
+        read_all(a[1], a[2], a[3])
     elif cmd == "expect-reset":
         expect_reset(a[1], a[2])
     elif cmd == "many":

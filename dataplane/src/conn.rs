@@ -1,8 +1,9 @@
 //! The connection layer: what the outbound and inbound sides share, below
 //! the executors and above the relay and the sockets.
 //!
-//! Imports go one way: `shard` → `outbound`/`inbound` → `conn` → `relay`,
-//! `socket`, `stats`, `reason`, `identity`, `netns`, `ebpf`, `sys`. This module holds
+//! Imports go one way: `shard` → `outbound`/`inbound` (→ `splice`, the
+//! same-node fast path in the kernel) → `conn` → `relay`, `socket`, `stats`,
+//! `reason`, `identity`, `netns`, `ebpf`, `sys`. This module holds
 //!
 //! - [`ShardCtx`]: one executor's own state, shared by its tasks (never
 //!   across threads), and the [`Timeouts`];
@@ -96,6 +97,8 @@ pub struct ShardCtx {
     local: RefCell<std::collections::HashMap<IpAddr, Arc<Netns>>>,
     /// The addresses of every pod this executor serves.
     pods: RefCell<std::collections::HashMap<NetnsId, Vec<IpAddr>>>,
+    /// The splice maps, when the fast path runs in the kernel.
+    pub splicer: Option<RefCell<crate::ebpf::Splicer>>,
 }
 
 /// One open connection to a Service endpoint, counted in the executor's
@@ -144,6 +147,7 @@ impl ShardCtx {
             same_node_fast_path: false,
             local: RefCell::new(std::collections::HashMap::new()),
             pods: RefCell::new(std::collections::HashMap::new()),
+            splicer: None,
         }
     }
 

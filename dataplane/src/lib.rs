@@ -42,6 +42,7 @@ pub mod services;
 pub mod shard;
 pub mod socket;
 pub mod source;
+pub mod splice;
 pub mod stats;
 mod sys;
 

@@ -33,6 +33,7 @@ use crate::{
     netns::Netns,
     reason::Reason,
     relay, socket,
+    splice::Start,
     stats::{Blame, ServiceRoute},
     sys,
 };
@@ -126,11 +127,12 @@ async fn passthrough(shard: &ShardCtx, netns: &Netns, mut downstream: TcpStream,
 }
 
 /// Both pods are served here (`--same-node-fast-path`): no tunnel. The
-/// application's bytes go from the client pod's loopback through this
-/// process into a socket made in the destination pod, the one the inbound
-/// side would have delivered the tunnel on (from the client's own address
-/// where the pod's return path is in place), so they never leave the two
-/// pods and this process, and no TLS is needed to keep them there.
+/// application's bytes go from the client pod's loopback into a socket made
+/// in the destination pod, the one the inbound side would have delivered the
+/// tunnel on (from the client's own address where the pod's return path is
+/// in place), so they never leave the two pods and this node, and no TLS is
+/// needed to keep them there. The kernel carries them socket to socket
+/// ([`crate::splice`]); where it cannot, this process relays them.
 async fn same_node(
     shard: &ShardCtx,
     dst_ns: &Netns,
@@ -152,8 +154,18 @@ async fn same_node(
         }
     };
     tracing::debug!(%client, dst = %to.0, netns = %dst_ns.name(), "same-node fast path");
-    let result = relay::relay(&mut downstream, &mut app, shard.timeouts.idle).await;
-    rec.relayed(0, result, &downstream, &app);
+    let idle = shard.timeouts.idle;
+    match crate::splice::start(shard, &downstream, &mut app, idle).await {
+        Start::Spliced(spliced) => {
+            let result = spliced.relay(&mut downstream, &mut app, idle).await;
+            rec.relayed(0, result, &downstream, &app);
+        }
+        Start::UserSpace { early } => {
+            let result = relay::relay(&mut downstream, &mut app, idle).await;
+            rec.relayed(early, result, &downstream, &app);
+        }
+        Start::Failed(e) => rec.relayed(0, Err(e), &downstream, &app),
+    }
 }
 
 /// The original destination from the pinned map, for a socket whose

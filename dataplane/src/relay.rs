@@ -84,14 +84,15 @@ pub struct Bytes {
     pub first_received: Option<Instant>,
 }
 
-struct Progress {
-    bytes: Cell<u64>,
+/// What one direction has carried, and when.
+pub(crate) struct Progress {
+    pub(crate) bytes: Cell<u64>,
     last: Cell<Instant>,
-    first: Cell<Option<Instant>>,
+    pub(crate) first: Cell<Option<Instant>>,
 }
 
 impl Progress {
-    fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         Self { bytes: Cell::new(0), last: Cell::new(now), first: Cell::new(None) }
     }
 }
@@ -118,7 +119,7 @@ enum Step {
 /// a spill buffer owned by this connection, which is freed once written.
 /// TLS destinations are flushed after every write, so no record is left in
 /// rustls's buffer while we wait on the other side.
-async fn copy_half<R, W>(mut from: R, mut to: W, sides: (Side, Side), progress: &Progress) -> Result<(), End>
+pub(crate) async fn copy_half<R, W>(mut from: R, mut to: W, sides: (Side, Side), progress: &Progress) -> Result<(), End>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -206,9 +207,10 @@ async fn idle_watch(idle: Duration, a: &Progress, b: &Progress) -> End {
     }
 }
 
-/// Bounds of the re-poll interval of [`idle_watch`].
-const REPOLL_MIN: Duration = Duration::from_millis(500);
-const REPOLL_MAX: Duration = Duration::from_secs(5);
+/// Bounds of the re-poll interval of [`idle_watch`] (and of the spliced
+/// connections' idle watch, which looks at the kernel's counts as often).
+pub(crate) const REPOLL_MIN: Duration = Duration::from_millis(500);
+pub(crate) const REPOLL_MAX: Duration = Duration::from_secs(5);
 
 /// Relays between `downstream` and `upstream` until both directions have
 /// seen EOF, either fails, or both are idle for `idle`.
@@ -222,25 +224,26 @@ where
     let now = Instant::now();
     let sent = Progress::new(now);
     let received = Progress::new(now);
-    let mut up = pin!(copy_half(dr, uw, (Side::Downstream, Side::Upstream), &sent));
-    let mut down = pin!(copy_half(ur, dw, (Side::Upstream, Side::Downstream), &received));
-
-    let result = future::or(
-        async {
-            // Whichever direction finishes first: on success keep waiting for
-            // the other, on error stop both.
-            let first = future::or(async { (true, up.as_mut().await) }, async { (false, down.as_mut().await) }).await;
-            match first {
-                (_, Err(e)) => Err(e),
-                (true, Ok(())) => down.as_mut().await,
-                (false, Ok(())) => up.as_mut().await,
-            }
-        },
-        async { Err(idle_watch(idle, &sent, &received).await) },
-    )
-    .await;
+    let up = copy_half(dr, uw, (Side::Downstream, Side::Upstream), &sent);
+    let down = copy_half(ur, dw, (Side::Upstream, Side::Downstream), &received);
+    let result = future::or(both(up, down), async { Err(idle_watch(idle, &sent, &received).await) }).await;
     let bytes = Bytes { sent: sent.bytes.get(), received: received.bytes.get(), first_received: received.first.get() };
     result.map(|()| bytes).map_err(|end| RelayError { end, bytes })
+}
+
+/// Runs both directions: whichever finishes first, on success keep waiting
+/// for the other, on error stop both.
+pub(crate) async fn both(
+    up: impl std::future::Future<Output = Result<(), End>>,
+    down: impl std::future::Future<Output = Result<(), End>>,
+) -> Result<(), End> {
+    let (mut up, mut down) = (pin!(up), pin!(down));
+    let first = future::or(async { (true, up.as_mut().await) }, async { (false, down.as_mut().await) }).await;
+    match first {
+        (_, Err(e)) => Err(e),
+        (true, Ok(())) => down.as_mut().await,
+        (false, Ok(())) => up.as_mut().await,
+    }
 }
 
 /// Runs `fut` to the end, re-polling it every `every` while it waits: the

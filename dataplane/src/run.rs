@@ -127,6 +127,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut ctl = Control {
         cfg,
         capture: None,
+        splice: None,
         shards: Vec::new(),
         health,
         reloads: (0, 0),
@@ -144,6 +145,15 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         return_path_failures: 0,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
+    if ctl.cfg.same_node_fast_path {
+        ctl.splice = match crate::ebpf::SpliceProgram::load() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "same-node fast path: the kernel cannot splice (sockmap); relaying in user space");
+                None
+            }
+        };
+    }
     let home = crate::netns::Netns::current().context("opening our own network namespace")?;
     ctl.own_netns = Some((home.id(), home.cookie().context("reading our own namespace's cookie")?, None));
 
@@ -162,6 +172,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         timeouts: ctl.cfg.timeouts,
         orig_pin: ctl.capture.as_ref().and_then(Capture::pinned_orig),
         same_node_fast_path: ctl.cfg.same_node_fast_path,
+        splice: ctl.splice.as_ref().and_then(|s| match s.maps() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(error = %e, "same-node fast path: cannot share the splice maps; relaying in user space");
+                None
+            }
+        }),
     });
     ctl.shards = shard::spawn(&ctl.cfg.cores, spec, tx)?;
     ctl.health.set_shards(ctl.shards.iter().map(|s| s.listening.clone()).collect());
@@ -333,6 +350,8 @@ fn forward_signals() -> anyhow::Result<Receiver<i32>> {
 struct Control {
     cfg: Config,
     capture: Option<Capture>,
+    /// The same-node splice's verdict, attached while it lives.
+    splice: Option<crate::ebpf::SpliceProgram>,
     shards: Vec<shard::Shard>,
     /// What `/ready` is computed from, on the admin thread.
     health: Arc<admin::Health>,

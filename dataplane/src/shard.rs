@@ -48,6 +48,8 @@ pub struct ShardSpec {
     pub orig_pin: Option<std::path::PathBuf>,
     /// Connections between two pods served here skip the tunnel.
     pub same_node_fast_path: bool,
+    /// The splice maps, when those connections are spliced in the kernel.
+    pub splice: Option<crate::ebpf::SpliceMaps>,
 }
 
 /// The namespaces an executor has listeners in, written by the executor
@@ -202,6 +204,13 @@ async fn run(
     });
     let mut shard = ShardCtx::new(cpu, spec.bypass_mark, spec.timeouts, spec.identity.clone(), open, orig);
     shard.same_node_fast_path = spec.same_node_fast_path;
+    shard.splicer = spec.splice.as_ref().and_then(|m| match m.try_clone().and_then(crate::ebpf::Splicer::open) {
+        Ok(s) => Some(std::cell::RefCell::new(s)),
+        Err(e) => {
+            warn!(cpu, error = %e, "cannot open the splice maps: same-node connections relayed in user space");
+            None
+        }
+    });
     let shard = Rc::new(shard);
     let mut listeners = Listeners::new();
     if let Err(e) = Netns::pin_home() {

@@ -170,6 +170,14 @@ pub struct Snapshot {
     /// Outbound connections between two pods served here that skipped the
     /// tunnel (`--same-node-fast-path`).
     pub same_node: u64,
+    /// Of those, the ones the kernel carried (spliced socket to socket).
+    pub spliced: u64,
+    /// Of those, the ones relayed in user space because the kernel did not
+    /// take the pair.
+    pub splice_fallbacks: u64,
+    /// Directions of spliced connections the kernel handed back to user
+    /// space (bytes piled up: a receiver slower than its sender).
+    pub splice_paused: u64,
 }
 
 /// How a connection to a Service went.
@@ -212,6 +220,9 @@ impl Default for Snapshot {
             services: BTreeMap::new(),
             client_address_fallbacks: 0,
             same_node: 0,
+            spliced: 0,
+            splice_fallbacks: 0,
+            splice_paused: 0,
         }
     }
 }
@@ -251,6 +262,9 @@ impl Snapshot {
         self.logs_suppressed += other.logs_suppressed;
         self.client_address_fallbacks += other.client_address_fallbacks;
         self.same_node += other.same_node;
+        self.spliced += other.spliced;
+        self.splice_fallbacks += other.splice_fallbacks;
+        self.splice_paused += other.splice_paused;
         for (k, v) in &other.failures {
             *self.failures.entry(*k).or_default() += v;
         }

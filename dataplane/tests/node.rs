@@ -206,7 +206,8 @@ fn pods_of_one_node_skip_the_tunnel_when_asked() {
     let (_, text) = http_get(&dp.admin(), "/metrics").expect("metrics");
     let m = |name: &str| metric(&text, name).unwrap_or(0.0);
     assert_eq!(m("dataplane_same_node_connections_total"), (2 * N) as f64, "{text}");
-    assert_eq!(m("dataplane_connections_completed_total{direction=\"outbound\"}"), (2 * N) as f64);
+    assert_eq!(m("dataplane_same_node_spliced_connections_total{how=\"kernel\"}"), (2 * N) as f64, "{text}");
+    assert_eq!(m("dataplane_connections_completed_total{direction=\"outbound\"}"), (2 * N) as f64, "{text}");
     assert_eq!(m("dataplane_connections_accepted_total{direction=\"inbound\"}"), 0.0, "no tunnel was made");
 }
 

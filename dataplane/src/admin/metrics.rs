@@ -178,6 +178,21 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
         "Outbound connections between two pods this data plane serves that skipped the tunnel (--same-node-fast-path)",
         same_node,
     );
+    let spliced = Family::<Labels, Counter>::default();
+    spliced.get_or_create(&vec![("how", "kernel".into())]).inc_by(stats.spliced);
+    spliced.get_or_create(&vec![("how", "user_space".into())]).inc_by(stats.splice_fallbacks);
+    reg.register(
+        "same_node_spliced_connections",
+        "Same-node fast-path connections by who carried their bytes: the kernel (spliced socket to socket) or this process (the kernel did not take the pair: a full map, a client that had closed already)",
+        spliced,
+    );
+    let paused = Counter::<u64>::default();
+    paused.inc_by(stats.splice_paused);
+    reg.register(
+        "same_node_splice_paused",
+        "Directions of spliced connections the kernel handed back to this process because bytes piled up (a receiver slower than its sender, 4 MiB not yet acknowledged): relayed in user space from then on",
+        paused,
+    );
 
     let fallbacks = Family::<Labels, Counter>::default();
     fallbacks.get_or_create(&vec![("why", "return_path".into())]).inc_by(extra.return_path_failures);

@@ -1,0 +1,310 @@
+//! The same-node fast path in the kernel: a connection between two pods this
+//! data plane serves is spliced socket to socket (sockmap, `splice.bpf.c`),
+//! so its bytes do not come up to user space.
+//!
+//! The data plane still decides: it has accepted the client pod's captured
+//! connection, checked both pods (it holds both certificates) and opened the
+//! connection into the destination pod, exactly as the user-space fast path
+//! does; only then are the two sockets handed to the kernel, before either
+//! has been read from. It still sees every end: a FIN (it waits until the
+//! other socket has taken every byte, then shuts its write side), a reset,
+//! and silence (the idle timeout, from the kernel's byte counts, which are
+//! also the connection's).
+//!
+//! The kernel's redirect has no flow control of its own, so it stops a
+//! direction that piles bytes up (a fast sender, a slow receiver: see
+//! `SPLICE_BACKLOG`); the bytes then stay in the source socket, whose TCP
+//! window closes on them, and this process relays that direction from then
+//! on, once the destination has sent what the kernel handed it. Bulk
+//! transfers end up here; requests and responses stay in the kernel.
+//!
+//! When the kernel cannot take a pair (a full map, a socket that was closing
+//! already, no sockmap support) the connection is relayed in user space as
+//! before, and nothing is lost.
+use std::{
+    io,
+    mem::MaybeUninit,
+    net::Shutdown,
+    os::fd::{AsFd, BorrowedFd},
+    time::{Duration, Instant},
+};
+
+use futures_lite::{future, io::AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::{
+    conn::ShardCtx,
+    ebpf::{Pair, SpliceEnd},
+    relay::{self, Bytes, End, Progress, RelayError, Side},
+    sys,
+};
+
+/// What [`start`] did with a connection.
+#[derive(Debug)]
+pub enum Start<'a> {
+    /// The kernel carries both ways: run it with [`Spliced::relay`].
+    Spliced(Box<Spliced<'a>>),
+    /// Relay it in user space. `early`: client bytes the kernel carried
+    /// before it gave the pair back (they are at the destination already).
+    UserSpace {
+        /// Bytes already carried downstream to upstream.
+        early: u64,
+    },
+    /// The kernel took client bytes that the destination never took from
+    /// it: the connection cannot go on.
+    Failed(RelayError),
+}
+
+/// A pair of sockets in the splice maps; taken out when dropped.
+#[derive(Debug)]
+pub struct Spliced<'a> {
+    shard: &'a ShardCtx,
+    pair: Pair,
+    /// Both sockets again, on second fds: to wait until one is readable and
+    /// to ask what it has sent while the connection's own streams are split
+    /// between the two directions.
+    down: TcpStream,
+    up: TcpStream,
+    /// What each had taken to send before the splice.
+    down_base: u64,
+    up_base: u64,
+}
+
+impl Drop for Spliced<'_> {
+    fn drop(&mut self) {
+        if let Some(splicer) = &self.shard.splicer {
+            splicer.borrow_mut().unpair(&self.pair);
+        }
+    }
+}
+
+/// Hands `down` (the accepted client connection) and `up` (the connection
+/// into the destination pod, perhaps still connecting) to the kernel, if
+/// this executor splices and the kernel takes them. Neither has been read.
+pub async fn start<'a>(shard: &'a ShardCtx, down: &TcpStream, up: &mut TcpStream, idle: Duration) -> Start<'a> {
+    let Some(splicer) = shard.splicer.as_ref() else {
+        return Start::UserSpace { early: 0 };
+    };
+    // Only an established socket can be spliced: wait for the connect (an
+    // empty write completes when it has). A failure is the relay's to report.
+    match relay::within(shard.timeouts.handshake, up.write(&[])).await {
+        Some(Ok(_)) => {}
+        Some(Err(_)) | None => return Start::UserSpace { early: 0 },
+    }
+    let refused = |what: &str, e: &dyn std::fmt::Display| {
+        shard.with_stats(|s| s.splice_fallbacks += 1);
+        if let Some(left_out) = shard.may_log("splice") {
+            tracing::info!(error = %e, left_out, "same-node connection relayed in user space: {what}");
+        }
+    };
+    let prepared = (|| {
+        let (d, u) = (sys::borrow_fd(down), sys::borrow_fd(up));
+        let cookies = (sys::socket_cookie(d)?, sys::socket_cookie(u)?);
+        let fds = (d.try_clone_to_owned()?, u.try_clone_to_owned()?);
+        let sent = (sys::tcp_sent(d)?, sys::tcp_sent(u)?);
+        io::Result::Ok((cookies, fds, sent))
+    })();
+    let ((dc, uc), (down_fd, up_fd), (down_sent, up_sent)) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            refused("reading its sockets", &e);
+            return Start::UserSpace { early: 0 };
+        }
+    };
+    let ends = (
+        SpliceEnd { cookie: dc, fd: down_fd.as_fd(), acked: down_sent.0 },
+        SpliceEnd { cookie: uc, fd: up_fd.as_fd(), acked: up_sent.0 },
+    );
+    let pair = match splicer.borrow_mut().pair(ends.0, ends.1) {
+        Ok(pair) => pair,
+        Err(e) => {
+            refused("the kernel did not take it", &e);
+            return Start::UserSpace { early: 0 };
+        }
+    };
+    let (down_base, up_base) = (down_sent.0 + down_sent.1, up_sent.0 + up_sent.1);
+    let spliced =
+        Spliced { shard, pair, down: sys::glommio_stream(down_fd), up: sys::glommio_stream(up_fd), down_base, up_base };
+    if !pair.both_ways {
+        // The destination was closing already. The client's bytes may have
+        // started through the kernel: stop them, let the destination send
+        // what it was handed, then give both back to user space.
+        refused("the destination was closing", &"not established");
+        let stopped = splicer.borrow_mut().stop(pair.a);
+        let moved = splicer.borrow().moved(pair.a).0;
+        let bytes = Bytes { sent: moved, received: 0, first_received: None };
+        let drained = match stopped {
+            Ok(()) => drain(moved, &taken_since(sys::borrow_fd(&spliced.up), up_base), Side::Upstream, idle).await,
+            Err(e) => Err(End::Io { side: Side::Upstream, source: io::Error::other(e.to_string()) }),
+        };
+        drop(spliced); // unpaired
+        return match drained {
+            Ok(()) => Start::UserSpace { early: moved },
+            Err(end) => Start::Failed(RelayError { end, bytes }),
+        };
+    }
+    shard.with_stats(|s| s.spliced += 1);
+    // Bytes queued before the splice (a server that speaks first, a client
+    // that did not wait) are moved on at a socket's first read: peek, so
+    // that nothing could be taken from the stream here.
+    let _ = peek(sys::borrow_fd(&spliced.down));
+    let _ = peek(sys::borrow_fd(&spliced.up));
+    Start::Spliced(Box::new(spliced))
+}
+
+/// A read that takes nothing (`MSG_PEEK`) and does not wait: 0 at the end
+/// of the stream, 1 if bytes wait for user space.
+fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+    socket2::SockRef::from(&fd).recv_with_flags(&mut probe, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+}
+
+impl Spliced<'_> {
+    /// Runs the connection to its end: both directions have seen EOF (each
+    /// passed on once the other socket had taken every byte), either failed,
+    /// or neither moved a byte for `idle`. Ends as [`relay::relay`] does.
+    pub async fn relay(self, down: &mut TcpStream, up: &mut TcpStream, idle: Duration) -> Result<Bytes, RelayError> {
+        let splicer = self.shard.splicer.as_ref().expect("a pair exists only with a splicer");
+        let moved = |cookie| move || splicer.borrow().moved(cookie);
+        let (moved_up, moved_down) = (moved(self.pair.a), moved(self.pair.b));
+        let (to_up, to_down) = (
+            taken_since(sys::borrow_fd(&self.up), self.up_base),
+            taken_since(sys::borrow_fd(&self.down), self.down_base),
+        );
+        let now = Instant::now();
+        let (sent, received) = (Progress::new(now), Progress::new(now));
+        let (dr, dw) = futures_lite::io::split(down);
+        let (ur, uw) = futures_lite::io::split(up);
+        let upward = Direction {
+            shard: self.shard,
+            watch: &self.down,
+            to: sys::borrow_fd(&self.up),
+            sides: (Side::Downstream, Side::Upstream),
+            moved: &moved_up,
+            taken: &to_up,
+            progress: &sent,
+        };
+        let downward = Direction {
+            shard: self.shard,
+            watch: &self.up,
+            to: sys::borrow_fd(&self.down),
+            sides: (Side::Upstream, Side::Downstream),
+            moved: &moved_down,
+            taken: &to_down,
+            progress: &received,
+        };
+        let total = || moved_up().0 + moved_down().0 + sent.bytes.get() + received.bytes.get();
+        let both = relay::both(upward.run(dr, uw, idle), downward.run(ur, dw, idle));
+        let result = future::or(both, async { Err(count_watch(idle, &total).await) }).await;
+        let bytes = Bytes {
+            sent: moved_up().0 + sent.bytes.get(),
+            received: moved_down().0 + received.bytes.get(),
+            first_received: received.first.get(),
+        };
+        result.map(|()| bytes).map_err(|end| RelayError { end, bytes })
+    }
+}
+
+/// One direction of a spliced connection.
+struct Direction<'a> {
+    shard: &'a ShardCtx,
+    /// The source socket (a second stream on it), to wait on.
+    watch: &'a TcpStream,
+    /// The destination socket.
+    to: BorrowedFd<'a>,
+    sides: (Side, Side),
+    /// What the kernel handed from source to destination, and whether it
+    /// has paused.
+    moved: &'a dyn Fn() -> (u64, bool),
+    /// What the destination has taken to send since the splice.
+    taken: &'a dyn Fn() -> io::Result<u64>,
+    /// What this process relayed once the kernel paused.
+    progress: &'a Progress,
+}
+
+impl Direction<'_> {
+    /// Waits for the source's end while the kernel carries its bytes, then
+    /// shuts the destination's write side once it has taken them all (the
+    /// kernel sends them from a worker: a FIN sent before them would cut the
+    /// stream short). If the kernel pauses the direction instead, relays
+    /// the rest here, from `from` to `to` (the connection's own halves),
+    /// once the destination has taken what the kernel handed it.
+    async fn run<R, W>(self, from: R, to: W, idle: Duration) -> Result<(), End>
+    where
+        R: futures_lite::AsyncRead + Unpin,
+        W: futures_lite::AsyncWrite + Unpin,
+    {
+        let (from_side, to_side) = self.sides;
+        let from_err = |source| End::Io { side: from_side, source };
+        let ended = loop {
+            self.watch.readable().await.map_err(|e| from_err(e.into()))?;
+            match peek(sys::borrow_fd(self.watch)) {
+                Ok(0) => break true,
+                Ok(_) => break false,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(from_err(e)),
+            }
+        };
+        if !ended {
+            self.shard.with_stats(|s| s.splice_paused += 1);
+            tracing::debug!(side = %from_side, "the kernel paused a spliced direction: relaying it here");
+        }
+        drain((self.moved)().0, self.taken, to_side, idle).await?;
+        if !ended {
+            return relay::copy_half(from, to, self.sides, self.progress).await;
+        }
+        match socket2::SockRef::from(&self.to).shutdown(Shutdown::Write) {
+            // Closed already (reset): its own direction reports how.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other.map_err(|source| End::Io { side: to_side, source }),
+        }
+    }
+}
+
+/// Bounds of the pause between two looks at a destination still sending
+/// what the kernel handed it.
+const DRAIN_MIN: Duration = Duration::from_micros(50);
+const DRAIN_MAX: Duration = Duration::from_millis(20);
+
+/// Waits until a socket has taken `want` bytes to send (`taken`); one that
+/// takes none for `idle` ends it.
+async fn drain(want: u64, taken: &dyn Fn() -> io::Result<u64>, side: Side, idle: Duration) -> Result<(), End> {
+    let to_err = |source| End::Io { side, source };
+    let mut now = taken().map_err(to_err)?;
+    let (mut since, mut pause) = (Instant::now(), DRAIN_MIN);
+    while now < want {
+        if since.elapsed() >= idle {
+            return Err(End::Idle(idle));
+        }
+        glommio::timer::sleep(pause).await;
+        let t = taken().map_err(to_err)?;
+        if t == now {
+            pause = (pause * 2).min(DRAIN_MAX);
+        } else {
+            (now, since, pause) = (t, Instant::now(), DRAIN_MIN);
+        }
+    }
+    Ok(())
+}
+
+/// The relay's idle watch for counts only the kernel sees: ends once
+/// `moved` has not changed for `idle`, looking as often as the relay's.
+async fn count_watch(idle: Duration, moved: &dyn Fn() -> u64) -> End {
+    let (mut seen, mut last) = (moved(), Instant::now());
+    loop {
+        let quiet = last.elapsed();
+        if quiet >= idle {
+            return End::Idle(idle);
+        }
+        glommio::timer::sleep((idle - quiet).min(quiet.clamp(relay::REPOLL_MIN, relay::REPOLL_MAX))).await;
+        let now = moved();
+        if now != seen {
+            (seen, last) = (now, Instant::now());
+        }
+    }
+}
+
+/// What the socket `fd` has taken to send since it had taken `base`.
+fn taken_since(fd: BorrowedFd<'_>, base: u64) -> impl Fn() -> io::Result<u64> + '_ {
+    move || sys::tcp_sent(fd).map(|(acked, queued)| (acked + queued).saturating_sub(base))
+}
