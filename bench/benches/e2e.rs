@@ -482,71 +482,73 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         );
     }
 
-    if want("nodes") {
+    let two_nodes = want("nodes");
+    if two_nodes || want("same-node") {
         // The two-node shape: each data plane holds one end of every tunnel,
         // the haproxies sit one beside each pod.
         let mut nodes = setup::Nodes::new(&binary, &out_dir)?;
         server::start(&nodes.server.path(), NODES_ECHO.parse()?, server::Kind::Echo)?;
         server::start(&nodes.server.path(), NODES_DISCARD.parse()?, server::Kind::Discard)?;
-        let dps = nodes.start(&binary, &[])?;
         let client = haproxy::Side { netns: nodes.client.path(), ip: setup::CLIENT_IP.into() };
         let server_side = haproxy::Side { netns: nodes.server.path(), ip: setup::SERVER_IP.into() };
         let node_certs = nodes.certs_dir().to_path_buf();
         let node_routes = routes(NODES_ECHO, NODES_DISCARD)?;
-        let mut pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
-        let prefix = "2 nodes: ";
-        let streams: &[usize] = if opts.quick { &[1] } else { &[1, 4] };
-        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
-        for &n in streams {
-            t.bulk(&paths, prefix, n, NODES_DISCARD)?;
+        if two_nodes {
+            let dps = nodes.start(&binary, &[])?;
+            let mut pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
+            let prefix = "2 nodes: ";
+            let streams: &[usize] = if opts.quick { &[1] } else { &[1, 4] };
+            let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
+            for &n in streams {
+                t.bulk(&paths, prefix, n, NODES_DISCARD)?;
+            }
+            t.rr(&paths, prefix, 1024, NODES_ECHO)?;
+            // The same over IPv6 (both pods are dual-stack), beside the IPv4
+            // rows above. The haproxy pair is set up for IPv4 only: no column.
+            server::start(&nodes.server.path(), NODES_ECHO6.parse()?, server::Kind::Echo)?;
+            server::start(&nodes.server.path(), NODES_DISCARD6.parse()?, server::Kind::Discard)?;
+            let v6 = Paths { haproxy: false, ..paths };
+            let prefix6 = "2 nodes, IPv6: ";
+            t.bulk(&v6, prefix6, 1, NODES_DISCARD6)?;
+            t.rr(&v6, prefix6, 1024, NODES_ECHO6)?;
+            let paths = Paths { haproxy: true, ..v6 };
+            let args = [s("connrate"), s(NODES_ECHO), s(2), s(secs)];
+            let resumed = paths.three(&args)?;
+            drop(paths);
+            let dps = nodes.start(&binary, &["--no-tls-resumption"])?;
+            drop(pair);
+            pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, false)?;
+            let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
+            let full = paths.proxied(&args, &resumed[0])?;
+            t.connrate(prefix, &resumed, &full)?;
+            drop(paths);
+            // The cost of delivering from the client's address: the same
+            // connection rate (resumed handshakes) with it off.
+            let off = nodes.start(&binary, &["--no-client-address"])?;
+            let before = haproxy::cpu_of(&off);
+            let without = work(&nodes, true, &args)?;
+            let cpu_off = haproxy::cpu_of(&off).saturating_sub(before);
+            let with = &resumed[1];
+            let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
+            let per = |cpu: Duration, v: &Value| cpu.as_secs_f64() * 1e6 / v["count"].as_f64().unwrap_or(0.0).max(1.0);
+            t.rows.push(Row {
+                workload: "2 nodes: new conn/s, client address on (direct column: off)".into(),
+                direct: rate(&without),
+                proxied: rate(&with.out),
+                haproxy: f64::NAN,
+                unit: "/s",
+                higher_is_better: true,
+                cpu: None,
+            });
+            t.latencies.insert(
+                "client_address".into(),
+                json!({ "on_per_s": rate(&with.out), "off_per_s": rate(&without),
+                        "on_cpu_us_per_conn": per(with.cpu, &with.out), "off_cpu_us_per_conn": per(cpu_off, &without) }),
+            );
         }
-        t.rr(&paths, prefix, 1024, NODES_ECHO)?;
-        // The same over IPv6 (both pods are dual-stack), beside the IPv4
-        // rows above. The haproxy pair is set up for IPv4 only: no column.
-        server::start(&nodes.server.path(), NODES_ECHO6.parse()?, server::Kind::Echo)?;
-        server::start(&nodes.server.path(), NODES_DISCARD6.parse()?, server::Kind::Discard)?;
-        let v6 = Paths { haproxy: false, ..paths };
-        let prefix6 = "2 nodes, IPv6: ";
-        t.bulk(&v6, prefix6, 1, NODES_DISCARD6)?;
-        t.rr(&v6, prefix6, 1024, NODES_ECHO6)?;
-        let paths = Paths { haproxy: true, ..v6 };
-        let args = [s("connrate"), s(NODES_ECHO), s(2), s(secs)];
-        let resumed = paths.three(&args)?;
-        drop(paths);
-        let dps = nodes.start(&binary, &["--no-tls-resumption"])?;
-        drop(pair);
-        pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, false)?;
-        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
-        let full = paths.proxied(&args, &resumed[0])?;
-        t.connrate(prefix, &resumed, &full)?;
-        drop(paths);
-        // The cost of delivering from the client's address: the same
-        // connection rate (resumed handshakes) with it off.
-        let off = nodes.start(&binary, &["--no-client-address"])?;
-        let before = haproxy::cpu_of(&off);
-        let without = work(&nodes, true, &args)?;
-        let cpu_off = haproxy::cpu_of(&off).saturating_sub(before);
-        let with = &resumed[1];
-        let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
-        let per = |cpu: Duration, v: &Value| cpu.as_secs_f64() * 1e6 / v["count"].as_f64().unwrap_or(0.0).max(1.0);
-        t.rows.push(Row {
-            workload: "2 nodes: new conn/s, client address on (direct column: off)".into(),
-            direct: rate(&without),
-            proxied: rate(&with.out),
-            haproxy: f64::NAN,
-            unit: "/s",
-            higher_is_better: true,
-            cpu: None,
-        });
-        t.latencies.insert(
-            "client_address".into(),
-            json!({ "on_per_s": rate(&with.out), "off_per_s": rate(&without),
-                    "on_cpu_us_per_conn": per(with.cpu, &with.out), "off_cpu_us_per_conn": per(cpu_off, &without) }),
-        );
         // Both pods on one data plane, with the same-node fast path: no
         // tunnel, no TLS. The haproxy pair is the same as above.
         let dps = nodes.start_one(&binary, &["--same-node-fast-path"])?;
-        drop(pair);
         let pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
         let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
         let prefix = "same node (fast path): ";
