@@ -83,6 +83,8 @@ impl Drop for Spliced<'_> {
 /// this executor splices and the kernel takes them. Neither has been read.
 pub async fn start<'a>(shard: &'a ShardCtx, down: &TcpStream, up: &mut TcpStream, idle: Duration) -> Start<'a> {
     let Some(splicer) = shard.splicer.as_ref() else {
+        // No sockmap here (logged once at start).
+        shard.with_stats(|s| s.splice_fallbacks += 1);
         return Start::UserSpace { early: 0 };
     };
     // Only an established socket can be spliced: wait for the connect (an
