@@ -1,7 +1,9 @@
-//! The typed door to the eBPF side: loads the embedded object with aya,
-//! writes the capture configuration, attaches the three programs, reads the
-//! decision counters. No program or map is named by a string outside this
-//! module (the names live in `dataplane-bpf`).
+//! The typed door to the eBPF side: loads the embedded capture object with
+//! aya, writes the capture configuration, attaches its programs, reads the
+//! decision counters; and, with `--same-node-fast-path`, the splice object
+//! ([`SpliceProgram`], [`Splicer`]: not pinned, it lives and dies with the
+//! process). No program or map is named by a string outside this module (the
+//! names live in `dataplane-bpf`).
 //!
 //! Attachments are BPF links owned by [`Capture`]: dropping it, or the
 //! process dying in any way (SIGKILL included), closes the link fds and the
@@ -647,11 +649,10 @@ impl Splicer {
         ignore_missing(self.sources.remove(&cookie)).map_err(map_err(map::SPLICE_SOURCES))
     }
 
-    /// What the kernel did with the bytes the socket `cookie` received: how
-    /// many it handed to the peer, and whether it has stopped (paused: the
-    /// rest are for user space). `(0, false)` once unpaired.
-    pub fn moved(&self, cookie: u64) -> (u64, bool) {
-        self.peers.get(&cookie, 0).map(|p| (p.bytes, p.paused != 0)).unwrap_or((0, false))
+    /// How many of the bytes the socket `cookie` received the kernel handed
+    /// to its peer (0 once unpaired).
+    pub fn moved(&self, cookie: u64) -> u64 {
+        self.peers.get(&cookie, 0).map(|p| p.bytes).unwrap_or(0)
     }
 
     /// Takes a pair out of the maps (closing the sockets would take them

@@ -133,7 +133,7 @@ pub async fn start<'a>(shard: &'a ShardCtx, down: &TcpStream, up: &mut TcpStream
         // what it was handed, then give both back to user space.
         refused("the destination was closing", &"not established");
         let stopped = splicer.borrow_mut().stop(pair.a);
-        let moved = splicer.borrow().moved(pair.a).0;
+        let moved = splicer.borrow().moved(pair.a);
         let bytes = Bytes { sent: moved, received: 0, first_received: None };
         let drained = match stopped {
             Ok(()) => drain(moved, &taken_since(sys::borrow_fd(&spliced.up), up_base), Side::Upstream, idle).await,
@@ -195,12 +195,12 @@ impl Spliced<'_> {
             taken: &to_down,
             progress: &received,
         };
-        let total = || moved_up().0 + moved_down().0 + sent.bytes.get() + received.bytes.get();
+        let total = || moved_up() + moved_down() + sent.bytes.get() + received.bytes.get();
         let both = relay::both(upward.run(dr, uw, idle), downward.run(ur, dw, idle));
         let result = future::or(both, async { Err(count_watch(idle, &total).await) }).await;
         let bytes = Bytes {
-            sent: moved_up().0 + sent.bytes.get(),
-            received: moved_down().0 + received.bytes.get(),
+            sent: moved_up() + sent.bytes.get(),
+            received: moved_down() + received.bytes.get(),
             first_received: received.first.get(),
         };
         result.map(|()| bytes).map_err(|end| RelayError { end, bytes })
@@ -215,9 +215,8 @@ struct Direction<'a> {
     /// The destination socket.
     to: BorrowedFd<'a>,
     sides: (Side, Side),
-    /// What the kernel handed from source to destination, and whether it
-    /// has paused.
-    moved: &'a dyn Fn() -> (u64, bool),
+    /// What the kernel handed from source to destination.
+    moved: &'a dyn Fn() -> u64,
     /// What the destination has taken to send since the splice.
     taken: &'a dyn Fn() -> io::Result<u64>,
     /// What this process relayed once the kernel paused.
@@ -251,7 +250,7 @@ impl Direction<'_> {
             self.shard.with_stats(|s| s.splice_paused += 1);
             tracing::debug!(side = %from_side, "the kernel paused a spliced direction: relaying it here");
         }
-        drain((self.moved)().0, self.taken, to_side, idle).await?;
+        drain((self.moved)(), self.taken, to_side, idle).await?;
         if !ended {
             return relay::copy_half(from, to, self.sides, self.progress).await;
         }
