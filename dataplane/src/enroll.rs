@@ -211,7 +211,8 @@ impl Registry {
                     }
                 }
             }
-            let (next, skip) = decide(&entry.addresses, model, |a| identity.holds(a));
+            let Decision { state: next, skip_outbound: skip, client_address } =
+                decide(&entry.addresses, model, |a| identity.holds(a));
             let (Some(cookie), before) = (entry.cookie, entry.state.clone()) else { continue };
             if next == before {
                 if next == State::Served && skip != entry.skip_outbound {
@@ -246,9 +247,6 @@ impl Registry {
                 State::Served => {
                     info!(netns = %name, addresses = ?entry.addresses, "enrolling namespace");
                     let since = entry.addressed.unwrap_or_else(Instant::now);
-                    let client_address = model.is_none_or(|m| {
-                        entry.addresses.iter().filter_map(|a| m.local_with(*a).ok().flatten()).all(|w| w.client_address)
-                    });
                     changes.push(Change::Enroll {
                         ns,
                         cookie,
@@ -329,34 +327,51 @@ fn stale(entries: &BTreeMap<PathBuf, Entry>, present: &BTreeMap<PathBuf, u64>) -
 }
 
 /// Where a namespace stands, from its addresses (as read inside it), the
-/// model, and whether a certificate exists for an address; with the
-/// destination ports its connects go direct to.
-fn decide(addresses: &[IpAddr], model: Option<&Model>, has_cert: impl Fn(IpAddr) -> bool) -> (State, Vec<u16>) {
-    let Some(first) = addresses.first() else { return (State::WaitingForAddress, Vec::new()) };
-    let mut skip = Vec::new();
+/// model, and whether a certificate exists for an address; with what its
+/// workload asks of the data plane.
+fn decide(addresses: &[IpAddr], model: Option<&Model>, has_cert: impl Fn(IpAddr) -> bool) -> Decision {
+    let mut d = Decision { state: State::Served, skip_outbound: Vec::new(), client_address: true };
+    let Some(first) = addresses.first() else { return d.now(State::WaitingForAddress) };
     if let Some(model) = model {
         let mut owner = None;
         for a in addresses {
             match model.local_with(*a) {
-                Err(why) => return (State::Conflict(why), skip),
+                Err(why) => return d.now(State::Conflict(why)),
                 Ok(Some(w)) => owner = owner.or(Some(w)),
                 Ok(None) => {}
             }
         }
-        let Some(w) = owner else { return (State::Unclaimed(*first), skip) };
+        let Some(w) = owner else { return d.now(State::Unclaimed(*first)) };
         match &w.mode {
-            Mode::Outside(why) => return (State::Passed(why.label()), skip),
-            Mode::Meshed { skip_outbound, .. } => skip.clone_from(skip_outbound),
+            Mode::Outside(why) => return d.now(State::Passed(why.label())),
+            Mode::Meshed { skip_outbound, .. } => d.skip_outbound.clone_from(skip_outbound),
         }
+        d.client_address = w.client_address;
         // A dual-stack pod whose second address the CNI has not added yet:
         // serving it now would leave that family without listeners.
         if !w.addresses.iter().all(|a| addresses.contains(a)) {
-            return (State::WaitingForAddress, skip);
+            return d.now(State::WaitingForAddress);
         }
     }
     match addresses.iter().find(|a| !has_cert(**a)) {
-        Some(missing) => (State::WaitingForCertificate(*missing), skip),
-        None => (State::Served, skip),
+        Some(missing) => d.now(State::WaitingForCertificate(*missing)),
+        None => d,
+    }
+}
+
+/// What [`decide`] found: the namespace's state, the destination ports its
+/// connects go direct to, and whether its application sees clients'
+/// addresses (both from the workload that owns it; none without a model).
+#[derive(Debug, PartialEq, Eq)]
+struct Decision {
+    state: State,
+    skip_outbound: Vec<u16>,
+    client_address: bool,
+}
+
+impl Decision {
+    fn now(self, state: State) -> Self {
+        Self { state, ..self }
     }
 }
 
@@ -373,12 +388,12 @@ mod tests {
         let certs = [ip("10.0.0.1")];
         let has = |a: IpAddr| certs.contains(&a);
         // Looks as the CNI and the certificate issuer catch up.
-        assert_eq!(decide(&[], None, has).0, State::WaitingForAddress);
-        assert_eq!(decide(&[ip("10.0.0.2")], None, has).0, State::WaitingForCertificate(ip("10.0.0.2")));
-        assert_eq!(decide(&[ip("10.0.0.1")], None, has).0, State::Served);
+        assert_eq!(decide(&[], None, has).state, State::WaitingForAddress);
+        assert_eq!(decide(&[ip("10.0.0.2")], None, has).state, State::WaitingForCertificate(ip("10.0.0.2")));
+        assert_eq!(decide(&[ip("10.0.0.1")], None, has).state, State::Served);
         // Every address needs its certificate (dual-homed pods).
         assert_eq!(
-            decide(&[ip("10.0.0.1"), ip("10.0.0.3")], None, has).0,
+            decide(&[ip("10.0.0.1"), ip("10.0.0.3")], None, has).state,
             State::WaitingForCertificate(ip("10.0.0.3"))
         );
     }
@@ -403,12 +418,22 @@ mod tests {
             w("far", "10.0.0.3", false, meshed()),
         ]);
         let all = |_| true;
-        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), all), (State::Served, vec![5432]));
-        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), |_| false).0, State::WaitingForCertificate(ip("10.0.0.1")));
-        assert_eq!(decide(&[ip("10.0.0.2")], Some(&model), all).0, State::Passed("namespace_not_opted_in"));
+        let served = decide(&[ip("10.0.0.1")], Some(&model), all);
+        assert_eq!(served, Decision { state: State::Served, skip_outbound: vec![5432], client_address: true });
+        // The workload's own choice of client address comes with it.
+        let mut direct = w("web", "10.0.0.1", true, meshed());
+        direct.client_address = false;
+        let served = decide(&[ip("10.0.0.1")], Some(&Model::new(vec![direct])), all);
+        assert_eq!((served.state, served.client_address), (State::Served, false));
+        assert!(decide(&[ip("10.0.0.1")], None, all).client_address, "without a model: on");
+        assert_eq!(
+            decide(&[ip("10.0.0.1")], Some(&model), |_| false).state,
+            State::WaitingForCertificate(ip("10.0.0.1"))
+        );
+        assert_eq!(decide(&[ip("10.0.0.2")], Some(&model), all).state, State::Passed("namespace_not_opted_in"));
         // Another node's pod, or one the API has not shown yet: unclaimed.
-        assert_eq!(decide(&[ip("10.0.0.3")], Some(&model), all).0, State::Unclaimed(ip("10.0.0.3")));
-        assert_eq!(decide(&[ip("10.0.0.9")], Some(&model), all).0, State::Unclaimed(ip("10.0.0.9")));
+        assert_eq!(decide(&[ip("10.0.0.3")], Some(&model), all).state, State::Unclaimed(ip("10.0.0.3")));
+        assert_eq!(decide(&[ip("10.0.0.9")], Some(&model), all).state, State::Unclaimed(ip("10.0.0.9")));
         assert_eq!(State::Passed("x").label(), "passed");
     }
 
@@ -428,18 +453,18 @@ mod tests {
         let model = Model::new(vec![web]);
         let all = |_| true;
         // The CNI has added the IPv4 address only (so far).
-        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), all).0, State::WaitingForAddress);
-        assert_eq!(decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), all).0, State::Served);
+        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), all).state, State::WaitingForAddress);
+        assert_eq!(decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), all).state, State::Served);
         // Outside the mesh, it is passed at once: its connects must not be
         // refused while the second address comes.
         let mut outside = model.workloads()[0].clone();
         outside.mode = Mode::Outside(crate::model::Outside::NotOptedIn);
         let model_outside = Model::new(vec![outside]);
-        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model_outside), all).0, State::Passed("namespace_not_opted_in"));
+        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model_outside), all).state, State::Passed("namespace_not_opted_in"));
         // Both need a certificate.
         let v4_only = |a: IpAddr| a.is_ipv4();
         assert_eq!(
-            decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), v4_only).0,
+            decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), v4_only).state,
             State::WaitingForCertificate(ip("fd00::1"))
         );
     }
