@@ -247,6 +247,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         select! {
             recv(rx) -> ev => if let Ok(ev) = ev { ctl.shard_event(ev) },
             recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
+            recv(signals) -> sig => if matches!(sig, Ok(SIGTERM | SIGINT)) { bail!("stopped during start-up") },
             default(deadline.saturating_duration_since(Instant::now())) => {}
         }
     }
