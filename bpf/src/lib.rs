@@ -60,6 +60,9 @@ pub mod map {
     pub const SPLICE_TARGETS: &str = "splice_targets";
     /// Hash (splice object): socket cookie → its peer's cookie and byte count.
     pub const SPLICE_PEERS: &str = "splice_peers";
+    /// Ring buffer (splice object): cookies of sockets whose direction the
+    /// verdict paused.
+    pub const SPLICE_PAUSED: &str = "splice_paused";
 }
 
 #[cfg(test)]

@@ -21,7 +21,8 @@
  * is handed on, whatever B can send. So a direction whose bytes pile up
  * (SPLICE_BACKLOG handed on and not acknowledged at the far end) is paused
  * for good: its segments stay in A, whose window then closes, and the data
- * plane relays them itself once B has sent what it was handed. */
+ * plane, told through splice_paused, relays them itself once B has sent what
+ * it was handed. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
@@ -55,6 +56,14 @@ struct {
 	__type(value, struct splice_peer);
 } splice_peers SEC(".maps");
 
+/* The cookie of each socket whose direction the verdict pauses, for the data
+ * plane, which waits on the socket for its end alone (not for data: it would
+ * be woken for every segment handed on) and relays a paused direction itself. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} splice_paused SEC(".maps");
+
 SEC("sk_skb/stream_verdict")
 int splice_verdict(struct __sk_buff *skb)
 {
@@ -85,6 +94,9 @@ int splice_verdict(struct __sk_buff *skb)
 	bpf_sk_release(peer);
 	if (!tp || p->bytes - (acked - p->acked_base) > SPLICE_BACKLOG) {
 		p->paused = 1;
+		/* If the ring is full the data plane finds the flag at its next
+		 * look at the counts instead (at most a few seconds). */
+		bpf_ringbuf_output(&splice_paused, &cookie, sizeof(cookie), 0);
 		return SK_PASS;
 	}
 	__sync_fetch_and_add(&p->bytes, skb->len);

@@ -99,6 +99,9 @@ pub struct ShardCtx {
     pods: RefCell<std::collections::HashMap<NetnsId, Vec<IpAddr>>>,
     /// The splice maps, when the fast path runs in the kernel.
     pub splicer: Option<RefCell<crate::ebpf::Splicer>>,
+    /// Spliced directions waiting to hear that the kernel paused them, by
+    /// their source socket's cookie (see [`crate::splice`]).
+    pub splice_notices: RefCell<std::collections::HashMap<u64, Rc<glommio::channels::local_channel::LocalSender<()>>>>,
 }
 
 /// One open connection to a Service endpoint, counted in the executor's
@@ -148,6 +151,7 @@ impl ShardCtx {
             local: RefCell::new(std::collections::HashMap::new()),
             pods: RefCell::new(std::collections::HashMap::new()),
             splicer: None,
+            splice_notices: RefCell::new(std::collections::HashMap::new()),
         }
     }
 

@@ -37,7 +37,7 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkSkb, SockOps,
@@ -84,11 +84,14 @@ pub enum Error {
         /// Why it failed.
         reason: String,
     },
-    /// A map's file descriptor could not be duplicated for an executor.
-    #[error("eBPF map {name}: duplicating its fd: {source}")]
-    MapFd {
+    /// A map's file descriptor could not be duplicated for an executor, or
+    /// its reader thread started.
+    #[error("eBPF map {name}: {what}: {source}")]
+    MapIo {
         /// Map name.
         name: &'static str,
+        /// What was being done.
+        what: &'static str,
         /// Cause.
         #[source]
         source: std::io::Error,
@@ -510,7 +513,9 @@ pub struct SpliceMaps {
 impl SpliceMaps {
     /// Another set of fds for the same maps.
     pub fn try_clone(&self) -> Result<Self, Error> {
-        let dup = |fd: &OwnedFd, name| fd.try_clone().map_err(|source| Error::MapFd { name, source });
+        let dup = |fd: &OwnedFd, name| {
+            fd.try_clone().map_err(|source| Error::MapIo { name, what: "duplicating its fd", source })
+        };
         Ok(Self {
             sources: dup(&self.sources, map::SPLICE_SOURCES)?,
             targets: dup(&self.targets, map::SPLICE_TARGETS)?,
@@ -524,7 +529,7 @@ fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, Error> {
         Map::SockHash(d) | Map::HashMap(d) => d,
         _ => return Err(Error::Map { name, source: MapError::InvalidName { name: name.into() } }),
     };
-    data.fd().as_fd().try_clone_to_owned().map_err(|source| Error::MapFd { name, source })
+    data.fd().as_fd().try_clone_to_owned().map_err(|source| Error::MapIo { name, what: "duplicating its fd", source })
 }
 
 impl SpliceProgram {
@@ -532,7 +537,11 @@ impl SpliceProgram {
     pub fn load() -> Result<Self, Error> {
         let mut ebpf = Ebpf::load(dataplane_bpf::splice_object()).map_err(|e| Error::Load(Box::new(e)))?;
         let sources: SockHash<_, u64> = typed_map(&ebpf, map::SPLICE_SOURCES)?;
-        let sources = sources.fd().try_clone().map_err(|source| Error::MapFd { name: map::SPLICE_SOURCES, source })?;
+        let sources = sources.fd().try_clone().map_err(|source| Error::MapIo {
+            name: map::SPLICE_SOURCES,
+            what: "duplicating its fd",
+            source,
+        })?;
         let name = program::SPLICE_VERDICT;
         let verdict: &mut SkSkb = ebpf
             .program_mut(name)
@@ -542,6 +551,30 @@ impl SpliceProgram {
         verdict.load().map_err(program_err(name))?;
         verdict.attach(&sources).map_err(program_err(name))?;
         Ok(Self { ebpf })
+    }
+
+    /// Calls `paused` from a thread of its own with the cookie of each
+    /// socket whose direction the kernel pauses (see `splice.bpf.c`), as
+    /// soon as it does; the thread ends when `paused` returns false.
+    pub fn on_pause(&mut self, paused: impl Fn(u64) -> bool + Send + 'static) -> Result<(), Error> {
+        let name = map::SPLICE_PAUSED;
+        let map = self.ebpf.take_map(name).ok_or_else(|| missing_map(name))?;
+        let mut ring = RingBuf::try_from(map).map_err(map_err(name))?;
+        let spawned = std::thread::Builder::new().name("splice-paused".into()).spawn(move || loop {
+            use nix::poll::{poll, PollFd, PollFlags};
+            let ready = poll(&mut [PollFd::new(&ring, PollFlags::POLLIN)], 1000);
+            if matches!(ready, Err(e) if e != nix::errno::Errno::EINTR) {
+                tracing::warn!(error = ?ready, "waiting on the splice's pause ring: paused directions are found by the idle watch");
+                return;
+            }
+            while let Some(item) = ring.next() {
+                let Ok(cookie) = <[u8; 8]>::try_from(&item[..]) else { continue };
+                if !paused(u64::from_ne_bytes(cookie)) {
+                    return;
+                }
+            }
+        });
+        spawned.map(drop).map_err(|source| Error::MapIo { name, what: "starting its reader thread", source })
     }
 
     /// The maps' fds, for an executor.
@@ -650,9 +683,10 @@ impl Splicer {
     }
 
     /// How many of the bytes the socket `cookie` received the kernel handed
-    /// to its peer (0 once unpaired).
-    pub fn moved(&self, cookie: u64) -> u64 {
-        self.peers.get(&cookie, 0).map(|p| p.bytes).unwrap_or(0)
+    /// to its peer, and whether it has paused that direction (the rest are
+    /// for user space). `(0, false)` once unpaired.
+    pub fn moved(&self, cookie: u64) -> (u64, bool) {
+        self.peers.get(&cookie, 0).map(|p| (p.bytes, p.paused != 0)).unwrap_or((0, false))
     }
 
     /// Takes a pair out of the maps (closing the sockets would take them

@@ -181,6 +181,18 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }),
     });
     ctl.shards = shard::spawn(&ctl.cfg.cores, spec, tx)?;
+    if let Some(splice) = ctl.splice.as_mut() {
+        // Every executor hears of every pause; the one splicing it acts.
+        let executors: Vec<_> = ctl.shards.iter().map(|s| s.tx.clone()).collect();
+        let told = splice.on_pause(move |cookie| {
+            // Every one, not the first that takes it.
+            let told = executors.iter().filter(|tx| tx.send(shard::ToShard::SplicePaused(cookie)).is_ok()).count();
+            told > 0
+        });
+        if let Err(e) = told {
+            warn!(error = %e, "same-node fast path: paused directions are found by the idle watch only");
+        }
+    }
     ctl.health.set_shards(ctl.shards.iter().map(|s| s.listening.clone()).collect());
     ctl.health.set_enrolled(ctl.enrolled());
     let deadline = Instant::now() + STARTUP_TIMEOUT;

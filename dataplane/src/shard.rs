@@ -75,6 +75,9 @@ pub enum ToShard {
     Drain,
     /// New Services: route new connections to ClusterIPs with these.
     Services(Arc<crate::services::Table>),
+    /// The kernel paused the spliced direction whose source socket has this
+    /// cookie, if it is one of yours (every executor hears it).
+    SplicePaused(u64),
 }
 
 /// An executor's answer to [`ToShard::Snapshot`].
@@ -238,6 +241,7 @@ async fn run(
                     }
                     ToShard::Identity(id) => shard.set_identity(id),
                     ToShard::Services(table) => shard.set_services(table),
+                    ToShard::SplicePaused(cookie) => crate::splice::paused(&shard, cookie),
                     ToShard::Enroll(ns, addresses) if !draining => {
                         let event = match enroll(&shard, &ns, &addresses, &mut listeners, &listening) {
                             Ok(()) => ShardEvent::Listening { cpu, netns: ns.id() },

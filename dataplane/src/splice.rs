@@ -18,6 +18,13 @@
 //! on, once the destination has sent what the kernel handed it. Bulk
 //! transfers end up here; requests and responses stay in the kernel.
 //!
+//! Waiting: a spliced socket is never waited on for data (the kernel would
+//! wake the wait for about every segment it moves on), only for its end
+//! (glommio's `hangup`, part of the vendored patch) and for word that the
+//! kernel paused it: the verdict writes the socket's cookie to a ring, a
+//! thread reads it and tells every executor ([`paused`]); the idle watch
+//! also looks at the pause flags, in case the ring was full.
+//!
 //! When the kernel cannot take a pair (a full map, a socket that was closing
 //! already, no sockmap support) the connection is relayed in user space as
 //! before, and nothing is lost.
@@ -29,8 +36,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::rc::Rc;
+
 use futures_lite::{future, io::AsyncWriteExt};
-use glommio::net::TcpStream;
+use glommio::{
+    channels::local_channel::{self, LocalReceiver},
+    net::TcpStream,
+};
 
 use crate::{
     conn::ShardCtx,
@@ -72,10 +84,28 @@ pub struct Spliced<'a> {
 
 impl Drop for Spliced<'_> {
     fn drop(&mut self) {
+        let mut notices = self.shard.splice_notices.borrow_mut();
+        notices.remove(&self.pair.a);
+        notices.remove(&self.pair.b);
         if let Some(splicer) = &self.shard.splicer {
             splicer.borrow_mut().unpair(&self.pair);
         }
     }
+}
+
+/// The kernel paused the direction whose source socket is `cookie`: wakes
+/// it, if this executor splices it.
+pub fn paused(shard: &ShardCtx, cookie: u64) {
+    if let Some(tx) = shard.splice_notices.borrow().get(&cookie) {
+        let _ = tx.try_send(());
+    }
+}
+
+/// Where the word that the kernel paused `cookie`'s direction arrives.
+fn notice(shard: &ShardCtx, cookie: u64) -> LocalReceiver<()> {
+    let (tx, rx) = local_channel::new_bounded(1);
+    shard.splice_notices.borrow_mut().insert(cookie, Rc::new(tx));
+    rx
 }
 
 /// Hands `down` (the accepted client connection) and `up` (the connection
@@ -133,7 +163,7 @@ pub async fn start<'a>(shard: &'a ShardCtx, down: &TcpStream, up: &mut TcpStream
         // what it was handed, then give both back to user space.
         refused("the destination was closing", &"not established");
         let stopped = splicer.borrow_mut().stop(pair.a);
-        let moved = splicer.borrow().moved(pair.a);
+        let moved = splicer.borrow().moved(pair.a).0;
         let bytes = Bytes { sent: moved, received: 0, first_received: None };
         let drained = match stopped {
             Ok(()) => drain(moved, &taken_since(sys::borrow_fd(&spliced.up), up_base), Side::Upstream, idle).await,
@@ -167,8 +197,9 @@ impl Spliced<'_> {
     /// or neither moved a byte for `idle`. Ends as [`relay::relay`] does.
     pub async fn relay(self, down: &mut TcpStream, up: &mut TcpStream, idle: Duration) -> Result<Bytes, RelayError> {
         let splicer = self.shard.splicer.as_ref().expect("a pair exists only with a splicer");
-        let moved = |cookie| move || splicer.borrow().moved(cookie);
+        let moved = |cookie| move || splicer.borrow().moved(cookie).0;
         let (moved_up, moved_down) = (moved(self.pair.a), moved(self.pair.b));
+        let (notice_up, notice_down) = (notice(self.shard, self.pair.a), notice(self.shard, self.pair.b));
         let (to_up, to_down) = (
             taken_since(sys::borrow_fd(&self.up), self.up_base),
             taken_since(sys::borrow_fd(&self.down), self.down_base),
@@ -179,6 +210,8 @@ impl Spliced<'_> {
         let (ur, uw) = futures_lite::io::split(up);
         let upward = Direction {
             shard: self.shard,
+            cookie: self.pair.a,
+            notice: notice_up,
             watch: &self.down,
             to: sys::borrow_fd(&self.up),
             sides: (Side::Downstream, Side::Upstream),
@@ -188,6 +221,8 @@ impl Spliced<'_> {
         };
         let downward = Direction {
             shard: self.shard,
+            cookie: self.pair.b,
+            notice: notice_down,
             watch: &self.up,
             to: sys::borrow_fd(&self.down),
             sides: (Side::Upstream, Side::Downstream),
@@ -196,8 +231,17 @@ impl Spliced<'_> {
             progress: &received,
         };
         let total = || moved_up() + moved_down() + sent.bytes.get() + received.bytes.get();
+        // The ring's word of a pause may have been lost (a full ring): the
+        // idle watch looks at the flags too.
+        let pauses = || {
+            for cookie in [self.pair.a, self.pair.b] {
+                if splicer.borrow().moved(cookie).1 {
+                    paused(self.shard, cookie);
+                }
+            }
+        };
         let both = relay::both(upward.run(dr, uw, idle), downward.run(ur, dw, idle));
-        let result = future::or(both, async { Err(count_watch(idle, &total).await) }).await;
+        let result = future::or(both, async { Err(count_watch(idle, &total, &pauses).await) }).await;
         let bytes = Bytes {
             sent: moved_up() + sent.bytes.get(),
             received: moved_down() + received.bytes.get(),
@@ -210,6 +254,10 @@ impl Spliced<'_> {
 /// One direction of a spliced connection.
 struct Direction<'a> {
     shard: &'a ShardCtx,
+    /// The source socket's cookie.
+    cookie: u64,
+    /// Word that the kernel paused this direction.
+    notice: LocalReceiver<()>,
     /// The source socket (a second stream on it), to wait on.
     watch: &'a TcpStream,
     /// The destination socket.
@@ -224,6 +272,10 @@ struct Direction<'a> {
 }
 
 impl Direction<'_> {
+    fn paused(&self) -> bool {
+        self.shard.splicer.as_ref().is_some_and(|s| s.borrow().moved(self.cookie).1)
+    }
+
     /// Waits for the source's end while the kernel carries its bytes, then
     /// shuts the destination's write side once it has taken them all (the
     /// kernel sends them from a worker: a FIN sent before them would cut the
@@ -238,11 +290,24 @@ impl Direction<'_> {
         let (from_side, to_side) = self.sides;
         let from_err = |source| End::Io { side: from_side, source };
         let ended = loop {
-            self.watch.readable().await.map_err(|e| from_err(e.into()))?;
+            let woken = future::or(async { self.watch.hangup().await.map_err(|e| from_err(e.into())) }, async {
+                if self.notice.recv().await.is_none() {
+                    // No one left to tell us (cannot happen while the
+                    // pair is registered): the end is all we wait for.
+                    future::pending::<()>().await;
+                }
+                Ok(())
+            });
+            woken.await?;
             match peek(sys::borrow_fd(self.watch)) {
                 Ok(0) => break true,
                 Ok(_) => break false,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Paused, the segment that paused it not yet queued.
+                    if self.paused() {
+                        break false;
+                    }
+                }
                 Err(e) => return Err(from_err(e)),
             }
         };
@@ -289,10 +354,12 @@ async fn drain(want: u64, taken: &dyn Fn() -> io::Result<u64>, side: Side, idle:
 }
 
 /// The relay's idle watch for counts only the kernel sees: ends once
-/// `moved` has not changed for `idle`, looking as often as the relay's.
-async fn count_watch(idle: Duration, moved: &dyn Fn() -> u64) -> End {
+/// `moved` has not changed for `idle`, looking as often as the relay's, and
+/// calling `tick` at every look.
+async fn count_watch(idle: Duration, moved: &dyn Fn() -> u64, tick: &dyn Fn()) -> End {
     let (mut seen, mut last) = (moved(), Instant::now());
     loop {
+        tick();
         let quiet = last.elapsed();
         if quiet >= idle {
             return End::Idle(idle);

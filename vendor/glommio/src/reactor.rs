@@ -433,13 +433,13 @@ impl Reactor {
         source
     }
 
-    /// A poll that completes when the socket is readable, including when
-    /// the peer has shut down its side (`POLLRDHUP`).
-    pub(crate) fn poll_readable(&self, fd: RawFd) -> Source {
+    /// A poll that completes when the peer has shut down its side of a
+    /// socket (`POLLRDHUP`), or it failed or hung up, and not for data: the
+    /// wake-ups for incoming data do not even reach it.
+    pub(crate) fn poll_hangup(&self, fd: RawFd) -> Source {
         let source = self.new_source(fd, SourceType::PollAdd, None);
         let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
-        self.sys
-            .poll_ready(&source, common_flags() | read_flags() | rdhup);
+        self.sys.poll_ready(&source, common_flags() | rdhup);
         source
     }
 

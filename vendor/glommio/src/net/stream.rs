@@ -236,12 +236,12 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         super::yolo_peek(self.stream.as_raw_fd(), buf)
     }
 
-    pub(crate) async fn readable(&self) -> io::Result<()> {
+    pub(crate) async fn hangup(&self) -> io::Result<()> {
         let source = self
             .reactor
             .upgrade()
             .unwrap()
-            .poll_readable(self.stream.as_raw_fd());
+            .poll_hangup(self.stream.as_raw_fd());
         source.collect_rw().await.map(drop)
     }
 
@@ -414,10 +414,10 @@ impl<S> GlommioStream<S, NonBuffered> {
 }
 
 impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
-    /// Waits until the socket is readable (data, the peer's shutdown, an
-    /// error), without reading.
-    pub(crate) async fn readable(&self) -> io::Result<()> {
-        self.stream.readable().await
+    /// Waits until the peer has shut down its side (or the socket failed
+    /// or hung up), not for data, without reading.
+    pub(crate) async fn hangup(&self) -> io::Result<()> {
+        self.stream.hangup().await
     }
 
     /// Receives data on the socket from the remote address to which it is

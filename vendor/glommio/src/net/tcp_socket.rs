@@ -552,12 +552,14 @@ impl<B: RxBuf> TcpStream<B> {
         self.stream.write_timeout()
     }
 
-    /// Waits until the socket is readable: data, the peer's shutdown of its
-    /// side (`POLLRDHUP`), an error or a hang-up. Reads nothing: for sockets
-    /// whose data usually does not come up to user space (spliced by a
-    /// sockmap), where the caller decides what a wake-up means.
-    pub async fn readable(&self) -> Result<()> {
-        self.stream.readable().await.map_err(Into::into)
+    /// Waits until the peer has shut down its side of the connection
+    /// (`POLLRDHUP`), or the connection failed or hung up (`POLLERR`,
+    /// `POLLHUP`), and not for data: the kernel's wake-ups for incoming data
+    /// do not reach it. Reads nothing. For sockets whose data does not come
+    /// up to user space (spliced by a sockmap), where a wait for data would
+    /// be woken for every segment the kernel moves on and find nothing.
+    pub async fn hangup(&self) -> Result<()> {
+        self.stream.hangup().await.map_err(Into::into)
     }
 
     /// Shuts down the read, write, or both halves of this connection.
