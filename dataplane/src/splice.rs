@@ -72,8 +72,8 @@ pub enum Start<'a> {
 pub struct Spliced<'a> {
     shard: &'a ShardCtx,
     pair: Pair,
-    /// Both sockets again, on second fds: to wait until one is readable and
-    /// to ask what it has sent while the connection's own streams are split
+    /// Both sockets again, on second fds: to wait for a socket's end and to
+    /// ask what it has sent while the connection's own streams are split
     /// between the two directions.
     down: TcpStream,
     up: TcpStream,
