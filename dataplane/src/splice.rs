@@ -230,18 +230,22 @@ impl Spliced<'_> {
             taken: &to_down,
             progress: &received,
         };
-        let total = || moved_up() + moved_down() + sent.bytes.get() + received.bytes.get();
-        // The ring's word of a pause may have been lost (a full ring): the
-        // idle watch looks at the flags too.
-        let pauses = || {
+        // Each look of the idle watch reads both entries once: their counts,
+        // and their pause flags, in case the ring's word of a pause was lost
+        // (a full ring).
+        let look = || {
+            let mut total = sent.bytes.get() + received.bytes.get();
             for cookie in [self.pair.a, self.pair.b] {
-                if splicer.borrow().moved(cookie).1 {
+                let (moved, was_paused) = splicer.borrow().moved(cookie);
+                if was_paused {
                     paused(self.shard, cookie);
                 }
+                total += moved;
             }
+            total
         };
         let both = relay::both(upward.run(dr, uw, idle), downward.run(ur, dw, idle));
-        let result = future::or(both, async { Err(count_watch(idle, &total, &pauses).await) }).await;
+        let result = future::or(both, async { Err(count_watch(idle, &look).await) }).await;
         let bytes = Bytes {
             sent: moved_up() + sent.bytes.get(),
             received: moved_down() + received.bytes.get(),
@@ -354,12 +358,10 @@ async fn drain(want: u64, taken: &dyn Fn() -> io::Result<u64>, side: Side, idle:
 }
 
 /// The relay's idle watch for counts only the kernel sees: ends once
-/// `moved` has not changed for `idle`, looking as often as the relay's, and
-/// calling `tick` at every look.
-async fn count_watch(idle: Duration, moved: &dyn Fn() -> u64, tick: &dyn Fn()) -> End {
+/// `moved` has not changed for `idle`, looking as often as the relay's.
+async fn count_watch(idle: Duration, moved: &dyn Fn() -> u64) -> End {
     let (mut seen, mut last) = (moved(), Instant::now());
     loop {
-        tick();
         let quiet = last.elapsed();
         if quiet >= idle {
             return End::Idle(idle);
