@@ -37,6 +37,16 @@ fn yolo_send(fd: RawFd, buf: &[u8]) -> Option<io::Result<usize>> {
     }
 }
 
+/// `yolo_send` for several buffers: one `sendmsg`, so that records queued
+/// together (a TLS flight, a record and the next) leave in one segment.
+fn yolo_send_vectored(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> Option<io::Result<usize>> {
+    match nix::sys::socket::sendmsg::<()>(fd, bufs, &[], MsgFlags::MSG_DONTWAIT, None) {
+        Ok(x) => Some(Ok(x)),
+        Err(nix::errno::Errno::EAGAIN) => None,
+        Err(err) => Some(Err(err.into())),
+    }
+}
+
 fn yolo_peek(fd: RawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
     match sys::recv_syscall(
         fd,

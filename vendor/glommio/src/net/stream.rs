@@ -308,11 +308,25 @@ impl<S: AsRawFd> NonBufferedStream<S> {
     }
 
     pub(crate) fn poll_write(&mut self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let sent = super::yolo_send(self.stream.as_raw_fd(), buf);
+        self.poll_sent(cx, sent)
+    }
+
+    pub(crate) fn poll_write_vectored(
+        &mut self,
+        cx: &Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let sent = super::yolo_send_vectored(self.stream.as_raw_fd(), bufs);
+        self.poll_sent(cx, sent)
+    }
+
+    fn poll_sent(&mut self, cx: &Context<'_>, sent: Option<io::Result<usize>>) -> Poll<io::Result<usize>> {
         // On the write path, we always start with calling `yolo_send`, because
         // it is very likely to success. It could be a waste if it already timed
         // out since the last `poll_write`, but it would not cost much more to
         // give it one last chance in this case.
-        if let Some(result) = super::yolo_send(self.stream.as_raw_fd(), buf) {
+        if let Some(result) = sent {
             let reactor = self.reactor.upgrade().unwrap();
             self.write_timeout.cancel_timer(reactor.as_ref());
             self.source_tx.take();
@@ -474,6 +488,14 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
 
     pub(crate) fn poll_write(&mut self, cx: &Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.stream.poll_write(cx, buf)
+    }
+
+    pub(crate) fn poll_write_vectored(
+        &mut self,
+        cx: &Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream.poll_write_vectored(cx, bufs)
     }
 
     pub(crate) fn poll_flush(&self, _cx: &Context<'_>) -> Poll<io::Result<()>> {
