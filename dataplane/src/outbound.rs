@@ -18,10 +18,9 @@
 //! A connection whose original destination is unknown, or that cannot be
 //! tunnelled, is refused with a reset, never sent anywhere else. Every
 //! connection is counted and timed on this executor.
-use std::{net::SocketAddr, rc::Rc, sync::Arc, time::Instant};
+use std::{io::Write, net::SocketAddr, rc::Rc, sync::Arc, time::Instant};
 
 use dataplane_common::{preamble, INBOUND_PORT, OUTBOUND_PORT};
-use futures_lite::io::AsyncWriteExt;
 use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
 use rustls::HandshakeKind;
@@ -99,7 +98,10 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
             return same_node(&shard, &dst_ns, downstream, rec, orig, from).await;
         }
     }
-    let mut tls = match open_tunnel(&shard, &mut rec, &netns, orig).await {
+    // Freed once rustls has taken a copy, not held for the connection.
+    let early = relay::ready_bytes(&downstream);
+    let early_len = early.len() as u64;
+    let mut tls = match open_tunnel(&shard, &mut rec, &netns, orig, early).await {
         Ok(tls) => tls,
         Err((blame, reason, why)) => {
             socket::reset_on_close(&downstream);
@@ -108,7 +110,7 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
     };
     rec.tunnel_ready();
     let result = relay::relay(&mut downstream, &mut tls, shard.timeouts.idle).await;
-    rec.relayed(0, result, &downstream, tls.get_ref().0);
+    rec.relayed(early_len, result, &downstream, tls.get_ref().0);
 }
 
 /// A Service endpoint outside the mesh: connected to directly from the
@@ -183,8 +185,15 @@ fn from_pinned_map(shard: &ShardCtx, netns: &Netns, downstream: &TcpStream) -> O
 type Refused = (Blame, Reason, String);
 
 /// Connects to `<orig ip>:18001` from `netns`, runs the mutual-TLS handshake
-/// and sends the preamble, all within the handshake timeout.
-async fn open_tunnel(shard: &ShardCtx, rec: &mut Record, netns: &Netns, orig: OrigDstAddr) -> Result<Tls, Refused> {
+/// and sends the preamble, then `early` (the client's first bytes), all
+/// within the handshake timeout.
+async fn open_tunnel(
+    shard: &ShardCtx,
+    rec: &mut Record,
+    netns: &Netns,
+    orig: OrigDstAddr,
+    early: Vec<u8>,
+) -> Result<Tls, Refused> {
     let tunnel = SocketAddr::new(orig.ip(), INBOUND_PORT);
     let fd = match netns.run(|| socket::upstream(tunnel, shard.bypass_mark)) {
         Ok(Ok(fd)) => fd,
@@ -198,9 +207,27 @@ async fn open_tunnel(shard: &ShardCtx, rec: &mut Record, netns: &Netns, orig: Or
         .map(|a| a.ip())
         .ok_or_else(|| (Blame::Ours, Reason::Socket, "upstream socket has no local address".to_string()))?;
     let config = shard.client_config(src).map_err(|e| (Blame::Ours, Reason::NoCertificate, e.to_string()))?;
+    // The preamble and the client's first bytes are handed to rustls before
+    // the handshake: it holds them until the handshake is done (the server
+    // verified) and sends them with the client's last flight, one segment
+    // instead of three.
+    let mut preamble = Vec::with_capacity(preamble::MAX_LEN);
+    preamble::encode(&preamble::Preamble { dst: orig.0 }, &mut preamble);
+    let mut queued = Ok(());
     let handshake_started = Instant::now();
-    let connect = TlsConnector::from(config).connect(ServerName::IpAddress(orig.ip().into()), sys::glommio_stream(fd));
-    let mut tls = match relay::within(shard.timeouts.handshake, connect).await {
+    let connect = TlsConnector::from(config).connect_with(
+        ServerName::IpAddress(orig.ip().into()),
+        sys::glommio_stream(fd),
+        |conn| {
+            let mut w = conn.writer();
+            queued = w.write_all(&preamble).and_then(|()| w.write_all(&early));
+        },
+    );
+    drop(early); // rustls has its own copy
+    if let Err(e) = queued {
+        return Err((Blame::Ours, Reason::Socket, format!("queueing the preamble for {tunnel}: {e}")));
+    }
+    let tls = match relay::within(shard.timeouts.handshake, connect).await {
         Some(Ok(tls)) => tls,
         Some(Err(e)) => {
             return Err((Blame::Upstream, Reason::of(&e), format!("TLS handshake with {tunnel} (from {src}): {e}")))
@@ -213,15 +240,5 @@ async fn open_tunnel(shard: &ShardCtx, rec: &mut Record, netns: &Netns, orig: Or
     if let Ok(id) = crate::identity::peer_identity(tls.get_ref().1.peer_certificates()) {
         rec.peer(id);
     }
-
-    let mut buf = Vec::with_capacity(preamble::MAX_LEN);
-    preamble::encode(&preamble::Preamble { dst: orig.0 }, &mut buf);
-    let sent = async {
-        tls.write_all(&buf).await?;
-        tls.flush().await
-    };
-    match sent.await {
-        Ok(()) => Ok(tls),
-        Err(e) => Err((Blame::Upstream, Reason::of(&e), format!("sending the preamble to {tunnel}: {e}"))),
-    }
+    Ok(tls)
 }
