@@ -330,7 +330,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     server::start(&world.netns_path(), DISCARD.parse()?, server::Kind::Discard)?;
     let mut dp = world.start_dataplane(&binary, &[])?;
     let certs = world.certs_dir().context("certificates")?.to_path_buf();
-    let local = haproxy::Side { netns: world.netns_path(), ip: "127.0.0.1".into() };
+    let local = haproxy::Side { netns: world.netns_path(), ip: "127.0.0.1".into(), cpus: None };
     let loopback_routes = routes(ECHO, DISCARD)?;
     let mut pair = haproxy::Pair::start(&local, &local, &certs, &loopback_routes, true)?;
     let mut t = Table {
@@ -487,26 +487,38 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         // The two-node shape: each data plane holds one end of every tunnel,
         // the haproxies sit one beside each pod.
         let mut nodes = setup::Nodes::new(&binary, &out_dir)?;
-        server::start(&nodes.server.path(), NODES_ECHO.parse()?, server::Kind::Echo)?;
-        server::start(&nodes.server.path(), NODES_DISCARD.parse()?, server::Kind::Discard)?;
-        let client = haproxy::Side { netns: nodes.client.path(), ip: setup::CLIENT_IP.into() };
-        let server_side = haproxy::Side { netns: nodes.server.path(), ip: setup::SERVER_IP.into() };
+        nodes.serve(NODES_ECHO.parse()?, server::Kind::Echo)?;
+        nodes.serve(NODES_DISCARD.parse()?, server::Kind::Discard)?;
+        // Beside each pod, on its node's CPUs in the shape in effect (call
+        // after starting the data planes).
+        let sides = |nodes: &setup::Nodes| {
+            let side = |netns: &testworld::Netns, ip: &str, i| haproxy::Side {
+                netns: netns.path(),
+                ip: ip.into(),
+                cpus: nodes.haproxy_cpus(i),
+            };
+            (side(&nodes.client, setup::CLIENT_IP, 0), side(&nodes.server, setup::SERVER_IP, 1))
+        };
         let node_certs = nodes.certs_dir().to_path_buf();
         let node_routes = routes(NODES_ECHO, NODES_DISCARD)?;
         if two_nodes {
             let dps = nodes.start(&binary, &[])?;
+            let (client, server_side) = sides(&nodes);
             let mut pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
             let prefix = "2 nodes: ";
             let streams: &[usize] = if opts.quick { &[1] } else { &[1, 4] };
-            let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
+            let paths =
+                Paths { shape: &nodes, dataplanes: dps.clone(), pair: &pair, routes: node_routes, haproxy: true };
             for &n in streams {
                 t.bulk(&paths, prefix, n, NODES_DISCARD)?;
             }
             t.rr(&paths, prefix, 1024, NODES_ECHO)?;
             // The same over IPv6 (both pods are dual-stack), beside the IPv4
             // rows above. The haproxy pair is set up for IPv4 only: no column.
-            server::start(&nodes.server.path(), NODES_ECHO6.parse()?, server::Kind::Echo)?;
-            server::start(&nodes.server.path(), NODES_DISCARD6.parse()?, server::Kind::Discard)?;
+            drop(paths);
+            nodes.serve(NODES_ECHO6.parse()?, server::Kind::Echo)?;
+            nodes.serve(NODES_DISCARD6.parse()?, server::Kind::Discard)?;
+            let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
             let v6 = Paths { haproxy: false, ..paths };
             let prefix6 = "2 nodes, IPv6: ";
             t.bulk(&v6, prefix6, 1, NODES_DISCARD6)?;
@@ -549,6 +561,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         // Both pods on one data plane, with the same-node fast path: no
         // tunnel, no TLS. The haproxy pair is the same as above.
         let dps = nodes.start_one(&binary, &["--same-node-fast-path"])?;
+        let (client, server_side) = sides(&nodes);
         let pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
         let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
         let prefix = "same node (fast path): ";

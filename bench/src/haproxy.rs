@@ -38,6 +38,9 @@ pub struct Side {
     pub netns: PathBuf,
     /// Certificate to present.
     pub ip: String,
+    /// CPUs to run on (a `taskset` list), where the shape gives its sides
+    /// CPUs of their own.
+    pub cpus: Option<String>,
 }
 
 /// The two haproxy processes; stopped and cleaned up on drop.
@@ -98,11 +101,13 @@ impl Pair {
                 pem = server_pem.display(),
             ));
         }
-        let spawn = |name: &str, netns: &Path, cfg: &str| -> anyhow::Result<Child> {
+        let spawn = |name: &str, side: &Side, cfg: &str| -> anyhow::Result<Child> {
             let path = dir.join(format!("{name}.cfg"));
             fs::write(&path, cfg)?;
+            let pin = side.cpus.as_deref().map(|c| ["taskset", "-c", c]);
             Command::new("nsenter")
-                .arg(format!("--net={}", netns.display()))
+                .arg(format!("--net={}", side.netns.display()))
+                .args(pin.iter().flatten())
                 .args(["haproxy", "-db", "-q", "-f"])
                 .arg(&path)
                 .stdin(Stdio::null())
@@ -111,11 +116,8 @@ impl Pair {
                 .spawn()
                 .context("starting haproxy (apt-get install haproxy, or scripts/deps)")
         };
-        let pair = Self {
-            server: spawn("server", &server.netns, &server_cfg)?,
-            client: spawn("client", &client.netns, &client_cfg)?,
-            dir,
-        };
+        let pair =
+            Self { server: spawn("server", server, &server_cfg)?, client: spawn("client", client, &client_cfg)?, dir };
         // Ready once every front port accepts (from the client's namespace).
         let deadline = Instant::now() + Duration::from_secs(10);
         for r in routes {

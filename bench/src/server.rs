@@ -26,17 +26,27 @@ pub enum Kind {
 }
 
 /// Starts a server on `addr` inside the namespace at `netns`.
-pub fn start(netns: &Path, addr: SocketAddr, kind: Kind) -> anyhow::Result<()> {
+/// Returns the server thread's id (for [`crate::setup::pin`]).
+pub fn start(netns: &Path, addr: SocketAddr, kind: Kind) -> anyhow::Result<i32> {
     let ns = dataplane::netns::Netns::open(netns)?;
     let std_listener = ns.run(|| std::net::TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))?;
     std_listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(std_listener);
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     thread::Builder::new().name(format!("server-{kind:?}")).spawn(move || {
+        let _ = tid_tx.send(thread_id());
         if let Err(e) = run(listener, kind) {
             eprintln!("bench server {kind:?} stopped: {e}");
         }
     })?;
-    Ok(())
+    tid_rx.recv()?.context("the server thread's id")
+}
+
+/// This thread's id, from `/proc/thread-self` (`PID/task/TID`).
+fn thread_id() -> anyhow::Result<i32> {
+    let link = std::fs::read_link("/proc/thread-self")?;
+    let tid = link.file_name().and_then(|t| t.to_str()).and_then(|t| t.parse().ok());
+    tid.with_context(|| format!("no thread id in {}", link.display()))
 }
 
 struct Conn {

@@ -5,16 +5,76 @@
 //!   the namespace, so it holds both ends of every tunnel;
 //! - [`Nodes`], the two-node shape: a client pod and a server pod joined by
 //!   veth, both dual-stack, each served by a data plane of its own, so each
-//!   holds one end of every tunnel, as on two nodes.
+//!   holds one end of every tunnel, as on two nodes. Each node gets half of
+//!   the machine's CPUs ([`NodeCpus`]): its proxy, and the client or the
+//!   servers of its pod, run there, as on two machines.
 //!
 //! Everything is removed on drop.
 use std::{
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
 };
 
+use nix::{
+    sched::{sched_getaffinity, sched_setaffinity, CpuSet},
+    unistd::Pid,
+};
 use testworld::{Certs, Cgroup, Dataplane, Netns};
+
+use crate::server;
+
+/// Some of the bench's CPUs: a `taskset` list and the same as a set.
+#[derive(Clone, Debug)]
+pub struct Cpus {
+    /// For `taskset -c`, e.g. `0` or `2,3`.
+    pub list: String,
+    set: CpuSet,
+}
+
+/// The two nodes' CPUs in the two-node shape: the CPUs this process may run
+/// on, split into two halves. On one machine the two nodes would otherwise
+/// share every CPU, and where the scheduler put the two proxies relative to
+/// each other (one CPU or two) decided the result: round trips and bulk
+/// were bimodal from run to run. With a half each, crossing from one node to
+/// the other is always a crossing between CPUs, as it is a network hop
+/// between machines, and the direct runs cross in the same way.
+#[derive(Clone, Debug)]
+pub struct NodeCpus {
+    /// The client pod's node.
+    pub client: Cpus,
+    /// The server pod's node.
+    pub server: Cpus,
+    all: CpuSet,
+}
+
+impl NodeCpus {
+    /// None on a machine with one CPU (nothing to split).
+    pub fn of_this_process() -> anyhow::Result<Option<Self>> {
+        let all = sched_getaffinity(Pid::from_raw(0))?;
+        let cpus: Vec<usize> = (0..CpuSet::count()).filter(|&c| all.is_set(c).unwrap_or(false)).collect();
+        if cpus.len() < 2 {
+            return Ok(None);
+        }
+        let half = |cpus: &[usize]| -> anyhow::Result<Cpus> {
+            let mut set = CpuSet::new();
+            for &c in cpus {
+                set.set(c)?;
+            }
+            let list = cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+            Ok(Cpus { list, set })
+        };
+        let (a, b) = cpus.split_at(cpus.len() / 2);
+        Ok(Some(Self { client: half(a)?, server: half(b)?, all }))
+    }
+}
+
+/// Sets the CPUs thread `tid` (of this process) may run on.
+fn pin(tid: i32, set: &CpuSet) -> anyhow::Result<()> {
+    sched_setaffinity(Pid::from_raw(tid), set)?;
+    Ok(())
+}
 
 /// Where the load generator runs.
 pub trait Shape {
@@ -23,12 +83,22 @@ pub trait Shape {
     fn worker(&self, captured: bool, args: &[String]) -> anyhow::Result<Command>;
 }
 
-fn worker_in(netns: &Netns, workload: &Cgroup, captured: bool, args: &[String]) -> anyhow::Result<Command> {
+fn worker_in(
+    netns: &Netns,
+    workload: &Cgroup,
+    captured: bool,
+    args: &[String],
+    cpus: Option<&Cpus>,
+) -> anyhow::Result<Command> {
     let me = std::env::current_exe()?;
     let me = me.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path {}", me.display()))?;
     let mut all = vec!["--worker"];
     all.extend(args.iter().map(String::as_str));
-    Ok(netns.command(captured.then_some(workload), me, &all))
+    let cgroup = captured.then_some(workload);
+    Ok(match cpus {
+        Some(cpus) => netns.command(cgroup, "taskset", &[&["-c", cpus.list.as_str(), me], &all[..]].concat()),
+        None => netns.command(cgroup, me, &all),
+    })
 }
 
 /// What the bench made. Dropped in field order: the data plane first.
@@ -98,7 +168,7 @@ impl World {
     /// A command for this bench binary's worker `args`, in the namespace, and
     /// in the workload cgroup when `captured`.
     pub fn worker(&self, captured: bool, args: &[String]) -> anyhow::Result<Command> {
-        worker_in(&self.netns, &self.workload, captured, args)
+        worker_in(&self.netns, &self.workload, captured, args, None)
     }
 }
 
@@ -132,6 +202,13 @@ pub struct Nodes {
     owns: [Cgroup; 2],
     certs: Certs,
     logs: PathBuf,
+    /// Each node's CPUs, if the machine has two or more.
+    pub cpus: Option<NodeCpus>,
+    /// The server pod's servers (threads of this process).
+    servers: Vec<i32>,
+    /// Whether the two-node shape is in effect ([`Nodes::start`]), rather
+    /// than one node ([`Nodes::start_one`]).
+    two: bool,
 }
 
 impl Nodes {
@@ -154,26 +231,57 @@ impl Nodes {
             client,
             server,
             logs: logs.to_path_buf(),
+            cpus: NodeCpus::of_this_process()?,
+            servers: Vec::new(),
+            two: false,
         })
     }
 
-    /// (Re)starts both data planes with `extra` flags; their PIDs.
+    /// Starts a server in the server pod, on its node's CPUs while the
+    /// two-node shape is in effect.
+    pub fn serve(&mut self, addr: SocketAddr, kind: server::Kind) -> anyhow::Result<()> {
+        let tid = server::start(&self.server.path(), addr, kind)?;
+        self.servers.push(tid);
+        self.pin_servers()
+    }
+
+    fn pin_servers(&self) -> anyhow::Result<()> {
+        let Some(cpus) = &self.cpus else { return Ok(()) };
+        let set = if self.two { &cpus.server.set } else { &cpus.all };
+        self.servers.iter().try_for_each(|&tid| pin(tid, set))
+    }
+
+    /// (Re)starts both data planes with `extra` flags, each on its node's
+    /// CPUs; their PIDs.
     pub fn start(&mut self, binary: &Path, extra: &[&str]) -> anyhow::Result<Vec<u32>> {
         self.stop();
+        self.two = true;
+        self.pin_servers()?;
+        let list = |c: &Cpus| c.list.clone();
+        let (a, b) = (self.cpus.as_ref().map(|c| list(&c.client)), self.cpus.as_ref().map(|c| list(&c.server)));
         let args = testworld::run_args(&self.workload, NODES_CIDRS, &self.certs, &[&self.client], extra);
-        self.dataplanes.push(Dataplane::launch(binary, &self.owns[0], &args, "warn")?);
+        self.dataplanes.push(Dataplane::launch_on(binary, &self.owns[0], &args, "warn", a.as_deref())?);
         let args = testworld::run_args(&self.server_workload, NODES_CIDRS, &self.certs, &[&self.server], extra);
-        self.dataplanes.push(Dataplane::launch(binary, &self.owns[1], &args, "warn")?);
+        self.dataplanes.push(Dataplane::launch_on(binary, &self.owns[1], &args, "warn", b.as_deref())?);
         Ok(self.dataplanes.iter().map(Dataplane::pid).collect())
     }
 
     /// (Re)starts one data plane serving both pods, as on one node, with
-    /// `extra` flags; its PID.
+    /// `extra` flags; its PID. The node has every CPU.
     pub fn start_one(&mut self, binary: &Path, extra: &[&str]) -> anyhow::Result<Vec<u32>> {
         self.stop();
+        self.two = false;
+        self.pin_servers()?;
         let args = testworld::run_args(&self.workload, NODES_CIDRS, &self.certs, &[&self.client, &self.server], extra);
         self.dataplanes.push(Dataplane::launch(binary, &self.owns[0], &args, "warn")?);
         Ok(self.dataplanes.iter().map(Dataplane::pid).collect())
+    }
+
+    /// Where the haproxy beside the client pod (0) or the server pod (1)
+    /// runs, in the shape in effect.
+    pub fn haproxy_cpus(&self, side: usize) -> Option<String> {
+        let cpus = self.cpus.as_ref().filter(|_| self.two)?;
+        Some(if side == 0 { cpus.client.list.clone() } else { cpus.server.list.clone() })
     }
 
     /// Stops both data planes and keeps their logs.
@@ -193,7 +301,8 @@ impl Nodes {
 
 impl Shape for Nodes {
     fn worker(&self, captured: bool, args: &[String]) -> anyhow::Result<Command> {
-        worker_in(&self.client, &self.workload, captured, args)
+        let cpus = self.cpus.as_ref().filter(|_| self.two).map(|c| &c.client);
+        worker_in(&self.client, &self.workload, captured, args, cpus)
     }
 }
 

@@ -91,8 +91,25 @@ impl Dataplane {
     /// and waits until `/ready` answers 200. An admin endpoint is added on a
     /// free loopback port unless `args` name one.
     pub fn launch(binary: &Path, cgroup: &Cgroup, args: &[String], log: &str) -> anyhow::Result<Self> {
+        Self::launch_on(binary, cgroup, args, log, None)
+    }
+
+    /// [`Dataplane::launch`], with the process's CPU affinity set to `cpus`
+    /// (a `taskset` list such as `0` or `2-3`) when given: it runs one
+    /// executor per CPU of that list.
+    pub fn launch_on(
+        binary: &Path,
+        cgroup: &Cgroup,
+        args: &[String],
+        log: &str,
+        cpus: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(format!("{}exec \"$@\"", cgroup.join_prefix())).arg("sh").arg(binary).arg("run").args(args);
+        cmd.arg("-c").arg(format!("{}exec \"$@\"", cgroup.join_prefix())).arg("sh");
+        if let Some(cpus) = cpus {
+            cmd.args(["taskset", "-c", cpus]);
+        }
+        cmd.arg(binary).arg("run").args(args);
         if !args.iter().any(|a| a == "--admin" || a.starts_with("--admin=")) {
             cmd.args(["--admin", "127.0.0.1:0"]);
         }
