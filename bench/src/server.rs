@@ -26,7 +26,7 @@ pub enum Kind {
 }
 
 /// Starts a server on `addr` inside the namespace at `netns`.
-/// Returns the server thread's id (for [`crate::setup::pin`]).
+/// Returns the server thread's id, for pinning it ([`crate::setup::Nodes::serve`]).
 pub fn start(netns: &Path, addr: SocketAddr, kind: Kind) -> anyhow::Result<i32> {
     let ns = dataplane::netns::Netns::open(netns)?;
     let std_listener = ns.run(|| std::net::TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))?;
