@@ -179,8 +179,23 @@ pub async fn start<'a>(shard: &'a ShardCtx, down: &TcpStream, up: &mut TcpStream
     // Bytes queued before the splice (a server that speaks first, a client
     // that did not wait) are moved on at a socket's first read: peek, so
     // that nothing could be taken from the stream here.
-    let _ = peek(sys::borrow_fd(&spliced.down));
-    let _ = peek(sys::borrow_fd(&spliced.up));
+    // A reset that came before this look is seen here, and only here: the
+    // read that sees a socket's error takes it, and a later peek would read
+    // an orderly end.
+    let looks =
+        [(Side::Downstream, peek(sys::borrow_fd(&spliced.down))), (Side::Upstream, peek(sys::borrow_fd(&spliced.up)))];
+    if let Some((side, source)) = looks
+        .into_iter()
+        .find_map(|(side, r)| r.err().filter(|e| e.kind() != io::ErrorKind::WouldBlock).map(|e| (side, e)))
+    {
+        let (a, b) = (pair.a, pair.b);
+        let bytes = {
+            let s = splicer.borrow();
+            Bytes { sent: s.moved(a).0, received: s.moved(b).0, first_received: None }
+        };
+        drop(spliced); // unpaired
+        return Start::Failed(RelayError { end: End::Io { side, source }, bytes });
+    }
     Start::Spliced(Box::new(spliced))
 }
 
