@@ -24,17 +24,7 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 /// The cookie of the network namespace a socket lives in: the value
 /// `bpf_get_netns_cookie` gives the programs for that namespace.
 pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: optval points at a live u64 of `len` bytes, optlen at a live
-    // socklen_t; the kernel writes at most `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
+    socket_u64(fd, SO_NETNS_COOKIE)
 }
 
 /// `SO_COOKIE` from `<asm-generic/socket.h>` (Linux 4.13+).
@@ -43,15 +33,20 @@ const SO_COOKIE: libc::c_int = 57;
 /// The cookie of a socket: the value `bpf_get_socket_cookie` gives the
 /// programs for it (the splice maps' key).
 pub(crate) fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    socket_u64(fd, SO_COOKIE)
+}
+
+/// A `SOL_SOCKET` option whose value is a `u64` (the two cookies above).
+fn socket_u64(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: as in `netns_cookie`: a live u64 of `len` bytes and its length.
-    let rc =
-        unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_COOKIE, (&raw mut cookie).cast(), &mut len) };
+    // SAFETY: optval points at a live u64 of `len` bytes, optlen at a live
+    // socklen_t; the kernel writes at most `len` bytes.
+    let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, option, (&raw mut value).cast(), &mut len) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// What a TCP socket has sent: bytes acknowledged by its peer
