@@ -203,7 +203,7 @@ pub struct Nodes {
     certs: Certs,
     logs: PathBuf,
     /// Each node's CPUs, if the machine has two or more.
-    pub cpus: Option<NodeCpus>,
+    cpus: Option<NodeCpus>,
     /// The server pod's servers (threads of this process).
     servers: Vec<i32>,
     /// Whether the two-node shape is in effect ([`Nodes::start`]), rather
@@ -257,8 +257,8 @@ impl Nodes {
         self.stop();
         self.two = true;
         self.pin_servers()?;
-        let list = |c: &Cpus| c.list.clone();
-        let (a, b) = (self.cpus.as_ref().map(|c| list(&c.client)), self.cpus.as_ref().map(|c| list(&c.server)));
+        let list = |side| self.node_cpus(side).map(|c| c.list.clone());
+        let (a, b) = (list(0), list(1));
         let args = testworld::run_args(&self.workload, NODES_CIDRS, &self.certs, &[&self.client], extra);
         self.dataplanes.push(Dataplane::launch_on(binary, &self.owns[0], &args, "warn", a.as_deref())?);
         let args = testworld::run_args(&self.server_workload, NODES_CIDRS, &self.certs, &[&self.server], extra);
@@ -277,11 +277,17 @@ impl Nodes {
         Ok(self.dataplanes.iter().map(Dataplane::pid).collect())
     }
 
+    /// The CPUs of the client pod's node (0) or the server pod's (1) in the
+    /// shape in effect: none for one node, or on one CPU.
+    fn node_cpus(&self, side: usize) -> Option<&Cpus> {
+        let cpus = self.cpus.as_ref().filter(|_| self.two)?;
+        Some(if side == 0 { &cpus.client } else { &cpus.server })
+    }
+
     /// Where the haproxy beside the client pod (0) or the server pod (1)
     /// runs, in the shape in effect.
     pub fn haproxy_cpus(&self, side: usize) -> Option<String> {
-        let cpus = self.cpus.as_ref().filter(|_| self.two)?;
-        Some(if side == 0 { cpus.client.list.clone() } else { cpus.server.list.clone() })
+        self.node_cpus(side).map(|c| c.list.clone())
     }
 
     /// Stops both data planes and keeps their logs.
@@ -301,8 +307,7 @@ impl Nodes {
 
 impl Shape for Nodes {
     fn worker(&self, captured: bool, args: &[String]) -> anyhow::Result<Command> {
-        let cpus = self.cpus.as_ref().filter(|_| self.two).map(|c| &c.client);
-        worker_in(&self.client, &self.workload, captured, args, cpus)
+        worker_in(&self.client, &self.workload, captured, args, self.node_cpus(0))
     }
 }
 
