@@ -44,9 +44,11 @@ fn pods_with_the_same_source_port_each_get_their_own_destination() {
     let args = run_args(&workload, "10.77.0.0/16", &certs, &[&a1, &a2, &b], &[]);
     let _dp = Dataplane::start(&own, &args);
 
-    // Both pods use source ports 41000..41030 at the same time.
+    // Both pods use source ports 21000..21030 at the same time: below the
+    // ephemeral range, where the data plane's own tunnel sockets in the pods'
+    // namespaces cannot already hold them.
     const ROUNDS: usize = 30;
-    let extra = ["--bind-port", "41000", "--count", "30"];
+    let extra = ["--bind-port", "21000", "--count", "30"];
     let (s1, s2) = thread::scope(|scope| {
         let h1 = scope.spawn(|| client(&a1, Some(&workload), "10.77.1.2", 8081, &extra));
         let h2 = scope.spawn(|| client(&a2, Some(&workload), "10.77.2.2", 8082, &extra));

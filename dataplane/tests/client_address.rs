@@ -131,9 +131,14 @@ fn two_clients_with_the_same_source_port_at_once_each_keep_their_address() {
     let w = world(t, &[]);
     let _s = server(&w.b, "0.0.0.0", 8080, "b");
     let (a, c, w1) = (&w.a, &w.c, &w.w1);
+    // Below the ephemeral range (32768-60999), as applications that pick their
+    // source port do: the data plane's tunnels leave each pod's namespace from
+    // ephemeral ports, and one of those (or its TIME_WAIT) on 40100+i made the
+    // client's bind fail with EADDRINUSE in CI.
+    let extra = ["--bind-port", "20100", "--count", "20"];
     let (from_a, from_c) = thread::scope(|s| {
-        let x = s.spawn(|| client(a, Some(w1), "10.77.0.2", 8080, &["--bind-port", "40100", "--count", "20"]));
-        let y = s.spawn(|| client(c, Some(w1), "10.77.0.2", 8080, &["--bind-port", "40100", "--count", "20"]));
+        let x = s.spawn(|| client(a, Some(w1), "10.77.0.2", 8080, &extra));
+        let y = s.spawn(|| client(c, Some(w1), "10.77.0.2", 8080, &extra));
         (x.join().expect("a"), y.join().expect("c"))
     });
     for (seen, ip) in [(&from_a, "10.77.0.1:"), (&from_c, "10.77.0.3:")] {
