@@ -155,18 +155,7 @@ impl Drop for Pair {
     }
 }
 
-/// CPU time (user + system) of a process and all its threads so far.
-pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(") ")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let (utime, stime): (u64, u64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
-    // USER_HZ is 100 on Linux.
-    Some(Duration::from_millis((utime + stime) * 10))
-}
-
 /// CPU time of a set of processes.
 pub fn cpu_of(pids: &[u32]) -> Duration {
-    pids.iter().filter_map(|&p| cpu_time(p)).sum()
+    pids.iter().filter_map(|&p| testworld::cpu_time(p)).sum()
 }

@@ -231,6 +231,14 @@ pub struct RunArgs {
     /// Executors to run, one pinned per CPU (default: every CPU we may use).
     #[arg(long, env = "DATAPLANE_CORES", value_name = "N")]
     pub cores: Option<usize>,
+    /// After each burst of work, an executor keeps polling for I/O this long
+    /// (e.g. 50us, at most 10ms) before it sleeps, yielding its CPU to any
+    /// other runnable thread meanwhile: a reply that arrives within it costs
+    /// no wake-up, which lowers request/response latency, but the executor
+    /// shows as busy and a CPU limit is spent on it. For nodes with CPUs to
+    /// spare; off by default.
+    #[arg(long, env = "DATAPLANE_BUSY_POLL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub busy_poll: Option<Duration>,
     /// SO_MARK carried by the data plane's own sockets, which are never captured.
     #[arg(long, env = "DATAPLANE_BYPASS_MARK", value_name = "MARK", default_value_t = DEFAULT_BYPASS_MARK,
           value_parser = parse_mark)]
@@ -288,6 +296,10 @@ pub struct RunArgs {
     #[arg(long, env = "DATAPLANE_MAP_ENTRIES", value_name = "N", default_value_t = 65536)]
     pub map_entries: u32,
 }
+
+/// The longest `--busy-poll`: beyond it an executor between two bursts
+/// would hardly ever sleep.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -365,6 +377,9 @@ pub enum ConfigError {
     /// A zero timeout.
     #[error("--{0} 0s: must be longer than zero")]
     ZeroTimeout(&'static str),
+    /// `--busy-poll` zero or too long.
+    #[error("--busy-poll {0:?}: must be longer than zero and at most 10ms (leave it out to sleep at once)")]
+    BusyPoll(Duration),
     /// Our own cgroup could not be found.
     #[error("finding the data plane's own cgroup v2 directory: {0}")]
     OwnCgroup(#[source] std::io::Error),
@@ -391,6 +406,8 @@ pub struct Config {
     pub same_node_fast_path: bool,
     /// CPUs, one executor each.
     pub cores: Vec<usize>,
+    /// How long an executor polls before it sleeps, if at all.
+    pub busy_poll: Option<Duration>,
     /// What the eBPF programs are told.
     pub capture: ebpf::Settings,
     /// Certificates and TLS configurations (replaced on reload).
@@ -476,6 +493,9 @@ impl RunArgs {
         }
         if self.cores == Some(0) {
             return Err(ConfigError::Cores(cores::CoresError::Zero));
+        }
+        if let Some(d) = self.busy_poll.filter(|d| d.is_zero() || *d > MAX_BUSY_POLL) {
+            return Err(ConfigError::BusyPoll(d));
         }
         let model = if self.kube {
             Some("--kube")
@@ -590,6 +610,7 @@ impl RunArgs {
             client_address: !self.no_client_address,
             same_node_fast_path: self.same_node_fast_path,
             cores,
+            busy_poll: self.busy_poll,
             capture: ebpf::Settings {
                 proxy: SocketAddrV4::new([127, 0, 0, 1].into(), OUTBOUND_PORT),
                 proxy6: std::net::Ipv6Addr::LOCALHOST,
@@ -680,6 +701,23 @@ mod tests {
         assert_eq!(check(&["--workloads", "/w", "--netns-dir", "/d"]), Ok(()), "a file needs no node name");
         let both = ["dataplane", "run", "--certs", "/c", "--kube", "--workloads", "/w"];
         assert!(Cli::try_parse_from(both).is_err(), "one source of the model");
+    }
+
+    #[test]
+    fn busy_poll_is_bounded() {
+        let check = |value: &str| {
+            let argv = ["dataplane", "run", "--certs", "/c", "--capture-cidr", "10.0.0.0/8", "--busy-poll", value];
+            let Command::Run(args) = Cli::try_parse_from(argv).expect("parses").command else { panic!("run") };
+            (args.busy_poll, args.check_values().map_err(|e| e.to_string()))
+        };
+        assert_eq!(check("50us"), (Some(Duration::from_micros(50)), Ok(())));
+        assert_eq!(check("10ms"), (Some(Duration::from_millis(10)), Ok(())));
+        for (value, err) in [("0s", "--busy-poll 0ns: "), ("11ms", "--busy-poll 11ms: ")] {
+            let (_, got) = check(value);
+            assert!(got.as_ref().is_err_and(|e| e.starts_with(err) && e.contains("at most 10ms")), "{value}: {got:?}");
+        }
+        let bad = ["dataplane", "run", "--certs", "/c", "--busy-poll", "fast"];
+        assert!(Cli::try_parse_from(bad).is_err(), "not a duration");
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         namespaces = ?cfg.namespaces.iter().map(|n| n.name()).collect::<Vec<_>>(),
         netns_dir = ?cfg.netns_dir,
         cores = ?cfg.cores,
+        busy_poll = ?cfg.busy_poll,
         capture = ?cfg.capture.cidrs,
         excluded_ports = ?cfg.capture.excluded_ports,
         bypass_mark = format_args!("{:#x}", cfg.capture.bypass_mark),
@@ -170,6 +171,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         bypass_mark: ctl.cfg.capture.bypass_mark,
         identity: ctl.cfg.identity.clone(),
         timeouts: ctl.cfg.timeouts,
+        busy_poll: ctl.cfg.busy_poll,
         orig_pin: ctl.capture.as_ref().and_then(Capture::pinned_orig),
         same_node_fast_path: ctl.cfg.same_node_fast_path,
         splice: ctl.splice.as_ref().and_then(|s| match s.maps() {

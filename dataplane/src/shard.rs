@@ -43,6 +43,8 @@ pub struct ShardSpec {
     pub identity: Arc<Identity>,
     /// Limits.
     pub timeouts: Timeouts,
+    /// How long an executor polls for I/O before it sleeps (none: at once).
+    pub busy_poll: Option<std::time::Duration>,
     /// The pinned original-destination map, if any (strict mode): for the
     /// sockets `SO_ORIGINAL_DST` cannot answer for.
     pub orig_pin: Option<std::path::PathBuf>,
@@ -142,8 +144,14 @@ pub fn spawn(cpus: &[usize], spec: Arc<ShardSpec>, events: Sender<ShardEvent>) -
             let (tx, rx) = flume::unbounded();
             let (open, listening) = (Arc::new(Open::default()), Arc::new(Listening::default()));
             let ctx = (open.clone(), listening.clone());
-            let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
-                .name(&format!("shard-{cpu}"))
+            let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu)).name(&format!("shard-{cpu}"));
+            if let Some(spin) = spec.busy_poll {
+                // The vendored glommio yields the CPU on each turn of the
+                // spin (vendor/README.md), so a spinning executor never
+                // delays a thread that shares its CPU.
+                builder = builder.spin_before_park(spin);
+            }
+            let handle = builder
                 .spawn(move || async move {
                     let _fatal = DieTogether(cpu);
                     run(cpu, spec, events, rx, ctx).await

@@ -23,6 +23,24 @@ fn exact_bytes_both_ways_with_half_close() {
 }
 
 #[test]
+fn busy_polling_moves_the_same_bytes_and_sleeps_when_idle() {
+    let t = testworld::kernel_test!();
+    let w = world(t, IPS, &["--busy-poll", "50us"]);
+    let _sink = server_with(&w.b, &["sink", "0.0.0.0", "9000"], "sink");
+    for n in [1u64, 64 * 1024, 32 * 1024 * 1024] {
+        transfer_exact(&w.a, Some(&w.workload), "10.77.0.2", 9000, n);
+    }
+    // An executor polls for at most 50 µs after its last work, then sleeps:
+    // idle, the data plane costs (next to) no CPU, not one spinning core.
+    let cpu = || testworld::cpu_time(w.dp.pid()).expect("the data plane's /proc/PID/stat");
+    thread::sleep(Duration::from_millis(200));
+    let before = cpu();
+    thread::sleep(Duration::from_secs(2));
+    let idle = cpu() - before;
+    assert!(idle < Duration::from_millis(200), "{idle:?} of CPU in 2 s with no traffic");
+}
+
+#[test]
 fn a_server_that_speaks_first_is_heard() {
     let t = testworld::kernel_test!();
     let w = world(t, IPS, &[]);

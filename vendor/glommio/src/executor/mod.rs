@@ -1495,6 +1495,10 @@ impl LocalExecutor {
                         break t.unwrap();
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
+                            // Give the CPU to any other runnable thread on
+                            // it (an application pinned beside us) instead
+                            // of holding it until the spin ends.
+                            std::thread::yield_now();
                             if pre_time.elapsed() > spin_before_park {
                                 this.parker
                                     .park()
