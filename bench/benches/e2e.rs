@@ -37,6 +37,11 @@ const NODES_DISCARD: &str = "10.98.0.2:9002";
 const NODES_ECHO6: &str = "[fd00:98::2]:9001";
 const NODES_DISCARD6: &str = "[fd00:98::2]:9002";
 
+/// The data planes' `--busy-poll` in the two-node row that has it: long
+/// enough to span a round trip through the other node (about 50 µs here), so
+/// that the reply is polled for, not woken for.
+const BUSY_POLL: &str = "50us";
+
 /// The haproxy pair's routes to the echo and discard servers at `echo` and
 /// `discard`, the TLS hop on the server's side.
 fn routes(echo: &str, discard: &str) -> anyhow::Result<[haproxy::Route; 2]> {
@@ -127,6 +132,7 @@ fn tag(prefix: &str) -> &'static str {
         "" => "",
         p if p.starts_with("same node") => "same-node-",
         p if p.contains("IPv6") => "nodes-ipv6-",
+        p if p.contains("busy-poll") => "nodes-busy-poll-",
         _ => "nodes-",
     }
 }
@@ -557,6 +563,11 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
                 json!({ "on_per_s": rate(&with.out), "off_per_s": rate(&without),
                         "on_cpu_us_per_conn": per(with.cpu, &with.out), "off_cpu_us_per_conn": per(cpu_off, &without) }),
             );
+            // Round trips with the executors polling before they sleep
+            // (`--busy-poll`): latency bought with CPU.
+            let dps = nodes.start(&binary, &["--busy-poll", BUSY_POLL])?;
+            let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
+            t.rr(&paths, &format!("2 nodes, --busy-poll {BUSY_POLL}: "), 1024, NODES_ECHO)?;
         }
         // Both pods on one data plane, with the same-node fast path: no
         // tunnel, no TLS. The haproxy pair is the same as above.
