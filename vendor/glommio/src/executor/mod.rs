@@ -1495,16 +1495,16 @@ impl LocalExecutor {
                         break t.unwrap();
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
-                            // Give the CPU to any other runnable thread on
-                            // it (an application pinned beside us) instead
-                            // of holding it until the spin ends.
-                            std::thread::yield_now();
                             if pre_time.elapsed() > spin_before_park {
                                 this.parker
                                     .park()
                                     .expect("Failed to park! This is actually pretty bad!");
                                 break;
                             }
+                            // Spinning: give the CPU to any other runnable
+                            // thread on it (an application pinned beside us)
+                            // instead of holding it until the spin ends.
+                            std::thread::yield_now();
                         }
                         // reset the timer for deduct spin loop time
                         pre_time = Instant::now();
