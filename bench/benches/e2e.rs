@@ -292,25 +292,29 @@ impl Table {
     /// The connection-rate rows from runs with resumption and with full
     /// handshakes (the direct run is shared).
     fn connrate(&mut self, prefix: &str, resumed: &[Run; 3], full: &[Run; 3]) -> anyhow::Result<()> {
-        let tag = tag(prefix);
+        self.conn_row(prefix, "TLS resumption", "resumed", resumed)?;
+        self.conn_row(prefix, "full handshakes", "full", full)?;
+        Ok(())
+    }
+
+    /// One connection-rate row, `(what)` in its name, `name` in its
+    /// latency files.
+    fn conn_row(&mut self, prefix: &str, what: &str, name: &str, runs: &[Run; 3]) -> anyhow::Result<()> {
         let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
         let per = |r: &Run| r.cpu.as_secs_f64() * 1e6 / r.out["count"].as_f64().unwrap_or(0.0).max(1.0);
-        for (what, runs) in [("TLS resumption", resumed), ("full handshakes", full)] {
-            let name = if what == "full handshakes" { "full" } else { "resumed" };
-            self.latency(&format!("{tag}connrate-{name}"), runs)?;
-            self.rows.push(Row {
-                workload: format!("{prefix}new connections/s ({what})"),
-                direct: rate(&runs[0].out),
-                proxied: rate(&runs[1].out),
-                haproxy: rate(&runs[2].out),
-                unit: "/s",
-                higher_is_better: true,
-                cpu: Some(cpu("µs/conn", &per, runs)),
-            });
-        }
-        let e: u64 = resumed.iter().chain(&full[1..]).map(|r| r.out["errors"].as_u64().unwrap_or(0)).sum();
+        self.latency(&format!("{}connrate-{name}", tag(prefix)), runs)?;
+        self.rows.push(Row {
+            workload: format!("{prefix}new connections/s ({what})"),
+            direct: rate(&runs[0].out),
+            proxied: rate(&runs[1].out),
+            haproxy: rate(&runs[2].out),
+            unit: "/s",
+            higher_is_better: true,
+            cpu: Some(cpu("µs/conn", &per, runs)),
+        });
+        let e: u64 = runs.iter().map(|r| r.out["errors"].as_u64().unwrap_or(0)).sum();
         if e > 0 {
-            eprintln!("warning: {e} failed connections in the {prefix}connection-rate runs");
+            eprintln!("warning: {e} failed connections in the {prefix}connection-rate runs ({what})");
         }
         Ok(())
     }
@@ -578,6 +582,11 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let prefix = "same node (fast path): ";
         t.bulk(&paths, prefix, 1, NODES_DISCARD)?;
         t.rr(&paths, prefix, 1024, NODES_ECHO)?;
+        // No tunnel, so no handshake: what a connection costs the data plane
+        // on its own (accept, connect into the pod, relay), the ceiling for
+        // tunnels pooled between nodes. haproxy's column: its pair, as above.
+        let runs = paths.three(&[s("connrate"), s(NODES_ECHO), s(2), s(secs)])?;
+        t.conn_row(prefix, "no tunnel", "none", &runs)?;
         drop(paths);
         drop(pair);
         nodes.stop();
