@@ -32,7 +32,14 @@ use std::{
     io::Write,
     net::IpAddr,
     process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
+
+use crossbeam_channel::Sender;
+use tracing::warn;
 
 use crate::netns::Netns;
 
@@ -124,6 +131,73 @@ pub fn install(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Sets up return paths one after another on a thread of their own: each
+/// takes some milliseconds of `nft` and `ip` (fork, exec, netlink), and on
+/// the control thread pods enrolled together waited for each other's (a node
+/// booting with a hundred pods: a second or more for the last). A pod is
+/// served meanwhile, from its own address, and gets clients' addresses once
+/// its return path is in.
+#[derive(Debug)]
+pub struct Installer {
+    jobs: Sender<(Arc<Netns>, Vec<IpAddr>)>,
+    failures: Arc<AtomicU64>,
+}
+
+impl Installer {
+    /// Starts the thread; our sockets carry `bypass_mark`. Returns once the
+    /// thread holds its own namespace open (it comes back to it after each
+    /// pod's), so that it opens nothing later.
+    pub fn start(bypass_mark: u32) -> std::io::Result<Self> {
+        let (jobs, rx) = crossbeam_channel::unbounded::<(Arc<Netns>, Vec<IpAddr>)>();
+        let failures = Arc::new(AtomicU64::new(0));
+        let counted = failures.clone();
+        let (ready_tx, ready) = crossbeam_channel::bounded(1);
+        std::thread::Builder::new().name("return-path".into()).spawn(move || {
+            let home = Netns::pin_home();
+            let ok = home.is_ok();
+            let _ = ready_tx.send(home);
+            if ok {
+                for (ns, addresses) in rx {
+                    set_up(&ns, &addresses, bypass_mark, &counted);
+                }
+            }
+        })?;
+        ready.recv().map_err(|_| std::io::Error::other("the return-path thread ended at once"))??;
+        Ok(Self { jobs, failures })
+    }
+
+    /// Sets up the return path in `ns` soon.
+    pub fn request(&self, ns: Arc<Netns>, addresses: Vec<IpAddr>) {
+        // The thread ends only with the process (it holds the receiver
+        // until every sender is gone).
+        let _ = self.jobs.send((ns, addresses));
+    }
+
+    /// Sets up the return path in `ns` before returning (start-up: the
+    /// namespaces given on the command line have theirs before the data
+    /// plane says it is ready).
+    pub fn now(&self, ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) {
+        set_up(ns, addresses, bypass_mark, &self.failures);
+    }
+
+    /// Namespaces whose return path could not be set up, so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Installs, and turns clients' addresses on for `ns`; or counts and logs
+/// why not, and the pod is served from its own address.
+fn set_up(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32, failures: &AtomicU64) {
+    match install(ns, addresses, bypass_mark) {
+        Ok(()) => ns.set_client_address(true),
+        Err(e) => {
+            failures.fetch_add(1, Ordering::Relaxed);
+            warn!(netns = %ns.name(), error = %e, "cannot give the application the clients' addresses: it sees the pod's own");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -125,6 +125,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
         None => {}
     }
+    let bypass_mark = cfg.capture.bypass_mark;
     let mut ctl = Control {
         cfg,
         capture: None,
@@ -143,7 +144,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         minter,
         services: Arc::default(),
         vips: BTreeSet::new(),
-        return_path_failures: 0,
+        return_paths: crate::return_path::Installer::start(bypass_mark).context("starting the return-path thread")?,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
     if ctl.cfg.same_node_fast_path {
@@ -218,7 +219,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     for (ns, addresses) in namespaces {
         let cookie = ns.cookie().with_context(|| format!("reading the cookie of {}", ns.name()))?;
         ctl.set_netns(cookie, Some(NetnsEntry::new(Verdict::Served, &[])));
-        ctl.return_path(&ns, &addresses, true);
+        if ctl.wants_return_path(&addresses) {
+            ctl.return_paths.now(&ns, &addresses, ctl.cfg.capture.bypass_mark);
+        }
     }
     ctl.sync_own_netns()?;
     // With a model, nothing is captured before it is in: which pods are
@@ -396,8 +399,9 @@ struct Control {
     /// written to `connect4`'s map.
     services: Arc<crate::services::Table>,
     vips: BTreeSet<SocketAddr>,
-    /// Namespaces where the return path could not be set up.
-    return_path_failures: u64,
+    /// Sets up the return paths that let applications see clients'
+    /// addresses, off this thread.
+    return_paths: crate::return_path::Installer,
 }
 
 /// A namespace whose listeners are opening.
@@ -493,21 +497,11 @@ impl Control {
         }
     }
 
-    /// Sets up (or not) the return path that lets the application in `ns`
-    /// see clients' addresses; on failure the pod is served as before.
-    fn return_path(&mut self, ns: &crate::netns::Netns, addresses: &[IpAddr], wanted: bool) {
-        // A namespace with no address of its own (loopback only) has no
-        // client from elsewhere.
-        if !(wanted && self.cfg.client_address) || addresses.is_empty() {
-            return;
-        }
-        match crate::return_path::install(ns, addresses, self.cfg.capture.bypass_mark) {
-            Ok(()) => ns.set_client_address(true),
-            Err(e) => {
-                self.return_path_failures += 1;
-                warn!(netns = %ns.name(), error = %e, "cannot give the application the clients' addresses: it sees the pod's own");
-            }
-        }
+    /// Whether a pod with `addresses` that asks for it gets the return path
+    /// that lets its application see clients' addresses. A namespace with
+    /// no address of its own (loopback only) has no client from elsewhere.
+    fn wants_return_path(&self, addresses: &[IpAddr]) -> bool {
+        self.cfg.client_address && !addresses.is_empty()
     }
 
     /// An executor's news: once every executor listens in a namespace being
@@ -525,10 +519,11 @@ impl Control {
                     let took = p.since.elapsed();
                     let _ = self.enrolment.record(took.as_micros().max(1) as u64);
                     info!(?netns, ?took, "namespace served: its connects are captured");
-                    // Then the return path (a few milliseconds of nft and ip):
-                    // the pod is served meanwhile, from its own address.
-                    if let Some(addresses) = p.return_path {
-                        self.return_path(&p.ns, &addresses, true);
+                    // Then the return path (some milliseconds of nft and ip,
+                    // on its own thread): the pod is served meanwhile, from
+                    // its own address.
+                    if let Some(addresses) = p.return_path.filter(|a| self.wants_return_path(a)) {
+                        self.return_paths.request(p.ns, addresses);
                     }
                 }
             }
@@ -752,7 +747,7 @@ impl Control {
                         [ca.issued.load(Relaxed), ca.failed.load(Relaxed), minted, failed]
                     }),
                     enrolment: self.registry.as_ref().map(|_| self.enrolment.clone()),
-                    return_path_failures: self.return_path_failures,
+                    return_path_failures: self.return_paths.failures(),
                 };
                 (200, admin::render(&stats, &self.bpf_stats(), &extra))
             }

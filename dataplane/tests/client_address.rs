@@ -2,7 +2,7 @@
 //! the inbound side connects from the client pod's address with
 //! IP_TRANSPARENT, and the return path (an nftables table and a policy
 //! routing rule in the pod's namespace) keeps the replies inside the pod.
-use std::{fs, process::Command, thread, time::Duration};
+use std::{fs, os::unix::fs::PermissionsExt, process::Command, thread, time::Duration};
 
 use testworld::{
     client, eventually, http_get, metric, peer, run_args, server, Certs, Cgroup, Dataplane, Netns, NetnsDir, Proc,
@@ -190,6 +190,48 @@ fn a_killed_data_plane_leaves_the_pod_working_and_the_next_one_cleans_up() {
     assert!(r["ok"] == true && r["lines"].as_u64() >= Some(20), "the open connection outlived the withdrawal: {r}");
     let (nft, rules) = rules_in(&w.b);
     assert!(nft.contains("table ip dataplane") && rules.contains("lookup 18001"), "left, inert: {nft}\n{rules}");
+}
+
+#[test]
+fn pods_enrolled_together_do_not_wait_for_each_others_return_path() {
+    let t = testworld::kernel_test!();
+    // An nft that notes each run and takes 2 s, first on the data plane's
+    // PATH. The return paths are set up one after another; on the thread
+    // that enrols pods, the third pod would be served after 4 s.
+    let bin = testworld::TempDir::new(&format!("dptest-bin-{}", testworld::unique(t, "bin"))).expect("dir");
+    let (nft, runs) = (bin.0.join("nft"), bin.0.join("runs"));
+    let real = Command::new("sh").args(["-c", "command -v nft"]).output().expect("sh");
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+    assert!(!real.is_empty(), "nft is installed");
+    let script = format!("#!/bin/sh\necho run >> {}\nsleep 2\nexec {real} \"$@\"\n", runs.display());
+    fs::write(&nft, script).expect("the nft wrapper");
+    fs::set_permissions(&nft, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = format!("{}:{}", bin.0.display(), std::env::var("PATH").unwrap_or_default());
+
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.3"]);
+    let net = testworld::bridge(t, "net");
+    let pods = [Netns::new(t, "a"), Netns::new(t, "b"), Netns::new(t, "c")];
+    for (pod, ip) in pods.iter().zip(["10.77.0.1", "10.77.0.2", "10.77.0.3"]) {
+        testworld::plug(&net, pod, ip);
+    }
+    let (w, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
+    let dir_s = dir.path();
+    let args = run_args(&w, "10.77.0.0/16", &certs, &[], &["--netns-dir", dir_s.as_str()]);
+    let dp = Dataplane::start_env(&own, &args, &[("PATH", &path)]);
+    for pod in &pods {
+        dir.add(pod);
+    }
+    // Served: connect4 sends the pod's connects to the executors.
+    let all_served =
+        || dp.proc.output().iter().filter(|l| l.contains("namespace served: its connects are captured")).count() == 3;
+    assert!(eventually(Duration::from_secs(3), all_served), "all three served without waiting for return paths");
+    // Then each gets its return path, through the slow nft.
+    assert!(
+        eventually(Duration::from_secs(15), || pods.iter().all(|p| rules_in(p).1.contains("lookup 18001"))),
+        "every pod's return path, in the end"
+    );
+    let noted = fs::read_to_string(&runs).unwrap_or_default();
+    assert_eq!(noted.lines().count(), 3, "the slow nft set up all three: {noted:?}");
 }
 
 #[test]

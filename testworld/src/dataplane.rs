@@ -83,8 +83,13 @@ impl Dataplane {
     /// is ready, or fails the test. `RUST_LOG` defaults to debug for our
     /// crate.
     pub fn start(cgroup: &Cgroup, args: &[String]) -> Self {
+        Self::start_env(cgroup, args, &[])
+    }
+
+    /// [`Dataplane::start`] with `env` added to the process's environment.
+    pub fn start_env(cgroup: &Cgroup, args: &[String], env: &[(&str, &str)]) -> Self {
         let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,dataplane=debug".into());
-        Self::launch(&dataplane_binary(), cgroup, args, &log).unwrap_or_else(|e| panic!("{e}"))
+        Self::spawn(&dataplane_binary(), cgroup, args, &log, None, env).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Starts `binary run ARGS` as a member of `cgroup` with `RUST_LOG=log`
@@ -104,6 +109,17 @@ impl Dataplane {
         log: &str,
         cpus: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::spawn(binary, cgroup, args, log, cpus, &[])
+    }
+
+    fn spawn(
+        binary: &Path,
+        cgroup: &Cgroup,
+        args: &[String],
+        log: &str,
+        cpus: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(format!("{}exec \"$@\"", cgroup.join_prefix())).arg("sh");
         if let Some(cpus) = cpus {
@@ -116,7 +132,7 @@ impl Dataplane {
         // The admin endpoint's address is logged at info by `dataplane::run`
         // (which logs nothing finer), whatever the caller's filter.
         let log = if log.contains("dataplane::run") { log.to_string() } else { format!("{log},dataplane::run=info") };
-        cmd.env("RUST_LOG", log).env("NO_COLOR", "1");
+        cmd.env("RUST_LOG", log).env("NO_COLOR", "1").envs(env.iter().copied());
         let mut proc = Proc::try_spawn(cmd, "dataplane")?;
         // The one line read from the log: where the kernel put the admin
         // endpoint (port 0 lets parallel tests never collide).
