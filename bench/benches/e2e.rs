@@ -36,6 +36,10 @@ const NODES_DISCARD: &str = "10.98.0.2:9002";
 /// The same servers over IPv6 (the pods are dual-stack).
 const NODES_ECHO6: &str = "[fd00:98::2]:9001";
 const NODES_DISCARD6: &str = "[fd00:98::2]:9002";
+/// An echo server that only the same-node connection rate connects to: the
+/// client pod's ports towards the first one are still in TIME_WAIT from the
+/// two-node connection rates (its direct column read 370-506/s there).
+const NODES_ECHO_FRESH: &str = "10.98.0.2:9003";
 
 /// The data planes' `--busy-poll` in the two-node row that has it: long
 /// enough to span a round trip through the other node (about 50 µs here), so
@@ -499,6 +503,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let mut nodes = setup::Nodes::new(&binary, &out_dir)?;
         nodes.serve(NODES_ECHO.parse()?, server::Kind::Echo)?;
         nodes.serve(NODES_DISCARD.parse()?, server::Kind::Discard)?;
+        nodes.serve(NODES_ECHO_FRESH.parse()?, server::Kind::Echo)?;
         // Beside each pod, on its node's CPUs in the shape in effect (call
         // after starting the data planes).
         let sides = |nodes: &setup::Nodes| {
@@ -584,8 +589,12 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         t.rr(&paths, prefix, 1024, NODES_ECHO)?;
         // No tunnel, so no handshake: what a connection costs the data plane
         // on its own (accept, connect into the pod, relay), the ceiling for
-        // tunnels pooled between nodes. haproxy's column: its pair, as above.
-        let runs = paths.three(&[s("connrate"), s(NODES_ECHO), s(2), s(secs)])?;
+        // tunnels pooled between nodes. haproxy's column: its pair, as above
+        // (to the first echo server: it has no route to the fresh one).
+        let fresh = [s("connrate"), s(NODES_ECHO_FRESH), s(2), s(secs)];
+        let pair_args = paths.via_haproxy(&[s("connrate"), s(NODES_ECHO), s(2), s(secs)]);
+        let third = paths.measure(false, &pair_args, &pair.pids())?;
+        let runs = [paths.measure(false, &fresh, &[])?, paths.measure(true, &fresh, &paths.dataplanes)?, third];
         t.conn_row(prefix, "no tunnel", "none", &runs)?;
         drop(paths);
         drop(pair);
