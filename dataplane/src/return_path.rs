@@ -143,6 +143,7 @@ pub fn install(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) -> Result<(),
 pub struct Installer {
     jobs: Sender<(Arc<Netns>, Vec<IpAddr>)>,
     failures: Arc<AtomicU64>,
+    bypass_mark: u32,
 }
 
 impl Installer {
@@ -165,7 +166,7 @@ impl Installer {
             }
         })?;
         ready.recv().map_err(|_| std::io::Error::other("the return-path thread ended at once"))??;
-        Ok(Self { jobs, failures })
+        Ok(Self { jobs, failures, bypass_mark })
     }
 
     /// Sets up the return path in `ns` soon.
@@ -178,8 +179,8 @@ impl Installer {
     /// Sets up the return path in `ns` before returning (start-up: the
     /// namespaces given on the command line have theirs before the data
     /// plane says it is ready).
-    pub fn now(&self, ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) {
-        set_up(ns, addresses, bypass_mark, &self.failures);
+    pub fn now(&self, ns: &Netns, addresses: &[IpAddr]) {
+        set_up(ns, addresses, self.bypass_mark, &self.failures);
     }
 
     /// Namespaces whose return path could not be set up, so far.

@@ -125,7 +125,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
         None => {}
     }
-    let bypass_mark = cfg.capture.bypass_mark;
+    let return_paths =
+        crate::return_path::Installer::start(cfg.capture.bypass_mark).context("starting the return-path thread")?;
     let mut ctl = Control {
         cfg,
         capture: None,
@@ -144,7 +145,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         minter,
         services: Arc::default(),
         vips: BTreeSet::new(),
-        return_paths: crate::return_path::Installer::start(bypass_mark).context("starting the return-path thread")?,
+        return_paths,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
     if ctl.cfg.same_node_fast_path {
@@ -220,7 +221,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let cookie = ns.cookie().with_context(|| format!("reading the cookie of {}", ns.name()))?;
         ctl.set_netns(cookie, Some(NetnsEntry::new(Verdict::Served, &[])));
         if ctl.wants_return_path(&addresses) {
-            ctl.return_paths.now(&ns, &addresses, ctl.cfg.capture.bypass_mark);
+            ctl.return_paths.now(&ns, &addresses);
         }
     }
     ctl.sync_own_netns()?;

@@ -147,8 +147,8 @@ pub fn spawn(cpus: &[usize], spec: Arc<ShardSpec>, events: Sender<ShardEvent>) -
             let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu)).name(&format!("shard-{cpu}"));
             if let Some(spin) = spec.busy_poll {
                 // The vendored glommio yields the CPU on each turn of the
-                // spin (vendor/README.md), so a spinning executor never
-                // delays a thread that shares its CPU.
+                // spin (vendor/README.md): a thread that shares the CPU
+                // runs at once instead of after the spin.
                 builder = builder.spin_before_park(spin);
             }
             let handle = builder
