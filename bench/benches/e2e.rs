@@ -478,22 +478,29 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
 
     if want("enrol") {
         let n = if opts.quick { 10 } else { 40 };
-        let e = bench::enrol::measure(&binary, n, &bench::enrol::me()?)?;
-        for (q, label) in [(50.0, "p50"), (99.0, "p99")] {
-            t.rows.push(Row {
-                workload: format!("pod enrolment, address to first capture, {label} ({n} pods)"),
-                direct: f64::NAN,
-                proxied: e.end_to_end.value_at_quantile(q / 100.0) as f64 / 1000.0,
-                haproxy: f64::NAN,
-                unit: "ms",
-                higher_is_better: false,
-                cpu: None,
-            });
+        for (together, key) in [(false, "enrolment"), (true, "enrolment_together")] {
+            let e = bench::enrol::measure(&binary, n, &bench::enrol::me()?, together)?;
+            for (q, label) in [(50.0, "p50"), (99.0, "p99")] {
+                let workload = if together {
+                    format!("pod enrolment, {n} pods at once, {label}")
+                } else {
+                    format!("pod enrolment, address to first capture, {label} ({n} pods)")
+                };
+                t.rows.push(Row {
+                    workload,
+                    direct: f64::NAN,
+                    proxied: e.end_to_end.value_at_quantile(q / 100.0) as f64 / 1000.0,
+                    haproxy: f64::NAN,
+                    unit: "ms",
+                    higher_is_better: false,
+                    cpu: None,
+                });
+            }
+            t.latencies.insert(
+                key.into(),
+                json!({ "pods": n, "end_to_end_us": report::encode(&e.end_to_end)?, "dataplane_buckets": e.dataplane_buckets }),
+            );
         }
-        t.latencies.insert(
-            "enrolment".into(),
-            json!({ "pods": n, "end_to_end_us": report::encode(&e.end_to_end)?, "dataplane_buckets": e.dataplane_buckets }),
-        );
     }
 
     let two_nodes = want("nodes");

@@ -5,7 +5,8 @@
 //! appears empty, then gets its address from a probe inside it that then
 //! connects until the connect is captured (until then it is refused: the
 //! pod is not served yet). Pods come one after another, so the figure is
-//! the latency, not the throughput, of enrolment.
+//! the latency, not the throughput, of enrolment; or all at once (a node
+//! booting), where each pod's figure includes waiting for the others'.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -32,8 +33,9 @@ pub struct Enrolment {
     pub dataplane_buckets: String,
 }
 
-/// Runs `n` pods through enrolment under the data plane `binary`.
-pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Enrolment> {
+/// Runs `n` pods through enrolment under the data plane `binary`, one after
+/// another, or all at once if `together`.
+pub fn measure(binary: &Path, n: usize, me: &Path, together: bool) -> anyhow::Result<Enrolment> {
     let id = std::process::id();
     let workload = Cgroup::named(&format!("dpbench-enrol-w-{id}"))?;
     let own = Cgroup::named(&format!("dpbench-enrol-d-{id}"))?;
@@ -66,26 +68,49 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Enrolment> 
     ]);
     let dp = Dataplane::launch(binary, &own, &args, "warn")?;
     let mut end_to_end = Histogram::new_with_bounds(1, 60_000_000, 3)?;
-    let mut pods = Vec::new();
-    for (i, addr) in addrs.iter().enumerate() {
+    let me_s = me.to_str().context("bench path")?;
+    let make = |i: usize| -> anyhow::Result<Netns> {
         let pod = Netns::named(&format!("dpbench-enrol-{id}-{i}"))?;
         pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
         pod.ip(&["link", "set", "eth0", "up"]);
         std::os::unix::fs::symlink(pod.path(), netns_dir.join(&pod.name))?;
-        // Let the data plane see the empty namespace first, as it sees one
-        // the runtime has just made.
-        std::thread::sleep(Duration::from_millis(20));
-        let me_s = me.to_str().context("bench path")?;
-        let out = pod
-            .command(Some(&workload), me_s, &["--worker", "enrol-probe", PROBE_DST, &format!("{addr}/32"), "eth0"])
-            .output()?;
+        Ok(pod)
+    };
+    let probe = |pod: &Netns, addr: &str| {
+        pod.command(Some(&workload), me_s, &["--worker", "enrol-probe", PROBE_DST, &format!("{addr}/32"), "eth0"])
+    };
+    let mut pods = Vec::new();
+    let mut outputs = Vec::new();
+    if together {
+        // Every namespace first, seen empty; then every address at once.
+        for i in 0..n {
+            pods.push(make(i)?);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let children: Vec<_> = pods
+            .iter()
+            .zip(&addrs)
+            .map(|(pod, addr)| probe(pod, addr).stdout(std::process::Stdio::piped()).spawn())
+            .collect::<Result<_, _>>()?;
+        for child in children {
+            outputs.push(child.wait_with_output()?);
+        }
+    } else {
+        for (i, addr) in addrs.iter().enumerate() {
+            pods.push(make(i)?);
+            // Let the data plane see the empty namespace first, as it sees
+            // one the runtime has just made.
+            std::thread::sleep(Duration::from_millis(20));
+            outputs.push(probe(&pods[i], addr).output()?);
+        }
+    }
+    for (i, out) in outputs.iter().enumerate() {
         if !out.status.success() {
             bail!("probe in pod {i}: {}", String::from_utf8_lossy(&out.stderr));
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("probe output")?;
         let us = v["served_after_us"].as_u64().context("probe figure")?;
         end_to_end.record(us.max(1))?;
-        pods.push(pod);
     }
     let (_, text) = testworld::http_get(&dp.admin(), "/metrics")?;
     let buckets = text
