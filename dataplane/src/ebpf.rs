@@ -215,6 +215,11 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { name, source }
 }
 
+/// For a map fd that could not be duplicated.
+fn dup_err(name: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::MapIo { name, what: "duplicating its fd", source }
+}
+
 fn missing_map(name: &'static str) -> Error {
     Error::Map { name, source: MapError::InvalidName { name: name.into() } }
 }
@@ -513,9 +518,7 @@ pub struct SpliceMaps {
 impl SpliceMaps {
     /// Another set of fds for the same maps.
     pub fn try_clone(&self) -> Result<Self, Error> {
-        let dup = |fd: &OwnedFd, name| {
-            fd.try_clone().map_err(|source| Error::MapIo { name, what: "duplicating its fd", source })
-        };
+        let dup = |fd: &OwnedFd, name| fd.try_clone().map_err(dup_err(name));
         Ok(Self {
             sources: dup(&self.sources, map::SPLICE_SOURCES)?,
             targets: dup(&self.targets, map::SPLICE_TARGETS)?,
@@ -529,7 +532,7 @@ fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, Error> {
         Map::SockHash(d) | Map::HashMap(d) => d,
         _ => return Err(Error::Map { name, source: MapError::InvalidName { name: name.into() } }),
     };
-    data.fd().as_fd().try_clone_to_owned().map_err(|source| Error::MapIo { name, what: "duplicating its fd", source })
+    data.fd().as_fd().try_clone_to_owned().map_err(dup_err(name))
 }
 
 impl SpliceProgram {
@@ -537,11 +540,7 @@ impl SpliceProgram {
     pub fn load() -> Result<Self, Error> {
         let mut ebpf = Ebpf::load(dataplane_bpf::splice_object()).map_err(|e| Error::Load(Box::new(e)))?;
         let sources: SockHash<_, u64> = typed_map(&ebpf, map::SPLICE_SOURCES)?;
-        let sources = sources.fd().try_clone().map_err(|source| Error::MapIo {
-            name: map::SPLICE_SOURCES,
-            what: "duplicating its fd",
-            source,
-        })?;
+        let sources = sources.fd().try_clone().map_err(dup_err(map::SPLICE_SOURCES))?;
         let name = program::SPLICE_VERDICT;
         let verdict: &mut SkSkb = ebpf
             .program_mut(name)

@@ -33,10 +33,9 @@ use std::{
     mem::MaybeUninit,
     net::Shutdown,
     os::fd::{AsFd, BorrowedFd},
+    rc::Rc,
     time::{Duration, Instant},
 };
-
-use std::rc::Rc;
 
 use futures_lite::{future, io::AsyncWriteExt};
 use glommio::{
