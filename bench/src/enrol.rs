@@ -90,7 +90,11 @@ pub fn measure(binary: &Path, n: usize, me: &Path, together: bool) -> anyhow::Re
         let children: Vec<_> = pods
             .iter()
             .zip(&addrs)
-            .map(|(pod, addr)| probe(pod, addr).stdout(std::process::Stdio::piped()).spawn())
+            .map(|(pod, addr)| {
+                // Both piped, as `output()` does for the pods one after
+                // another: a failed probe's reason is in the error.
+                probe(pod, addr).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()
+            })
             .collect::<Result<_, _>>()?;
         for child in children {
             outputs.push(child.wait_with_output()?);
