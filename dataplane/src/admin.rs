@@ -143,7 +143,7 @@ pub fn serve(
     health: Arc<Health>,
     control: crossbeam_channel::Sender<Request>,
 ) -> std::io::Result<SocketAddr> {
-    let listener: std::net::TcpListener = crate::socket::listener(addr)?.into();
+    let listener: std::net::TcpListener = crate::socket::listener(addr, None)?.into();
     let bound = listener.local_addr()?;
     std::thread::Builder::new().name("admin".into()).spawn(move || {
         if let Err(e) = http::run(listener, health, control) {

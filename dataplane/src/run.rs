@@ -176,6 +176,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         busy_poll: ctl.cfg.busy_poll,
         orig_pin: ctl.capture.as_ref().and_then(Capture::pinned_orig),
         same_node_fast_path: ctl.cfg.same_node_fast_path,
+        // Loopback mode: what is captured on loopback is tunnelled to this
+        // process's own inbound listeners.
+        local_tunnels: ctl.cfg.capture.cidrs.iter().any(|c| c.addr.is_loopback()),
         splice: ctl.splice.as_ref().and_then(|s| match s.maps() {
             Ok(m) => Some(m),
             Err(e) => {

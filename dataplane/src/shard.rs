@@ -52,6 +52,10 @@ pub struct ShardSpec {
     pub same_node_fast_path: bool,
     /// The splice maps, when those connections are spliced in the kernel.
     pub splice: Option<crate::ebpf::SpliceMaps>,
+    /// Both ends of every tunnel are in this process (loopback mode): each
+    /// executor's inbound listeners take the tunnels the previous executor
+    /// opens ([`inbound_cpu`]).
+    pub local_tunnels: bool,
 }
 
 /// The namespaces an executor has listeners in, written by the executor
@@ -138,7 +142,9 @@ pub struct Shard {
 /// Starts one pinned executor per CPU in `cpus`.
 pub fn spawn(cpus: &[usize], spec: Arc<ShardSpec>, events: Sender<ShardEvent>) -> std::io::Result<Vec<Shard>> {
     cpus.iter()
-        .map(|&cpu| {
+        .enumerate()
+        .map(|(i, &cpu)| {
+            let inbound_cpu = inbound_cpu(cpus, i, spec.local_tunnels);
             let spec = spec.clone();
             let events = events.clone();
             let (tx, rx) = flume::unbounded();
@@ -154,12 +160,24 @@ pub fn spawn(cpus: &[usize], spec: Arc<ShardSpec>, events: Sender<ShardEvent>) -
             let handle = builder
                 .spawn(move || async move {
                     let _fatal = DieTogether(cpu);
-                    run(cpu, spec, events, rx, ctx).await
+                    run((cpu, inbound_cpu), spec, events, rx, ctx).await
                 })
                 .map_err(|e| std::io::Error::other(format!("starting the executor on CPU {cpu}: {e}")))?;
             Ok(Shard { cpu, tx, open, listening, handle })
         })
         .collect()
+}
+
+/// The CPU whose new connections the inbound listeners of executor `i`
+/// (of those on `cpus`) ask the kernel for, if any. In loopback mode a
+/// tunnel's connection is set up on the CPU of the executor that opens it
+/// (the outbound half): the next executor's inbound listener takes it, so
+/// the tunnel's two halves, each with its own TLS work, run on two
+/// executors instead of one in as many cases as the kernel's hash chose
+/// (one stream then used at most one core). Otherwise the hash decides: a
+/// tunnel from another node is set up on whatever CPU received it.
+fn inbound_cpu(cpus: &[usize], i: usize, local_tunnels: bool) -> Option<usize> {
+    (local_tunnels && cpus.len() > 1).then(|| cpus[(i + cpus.len() - 1) % cpus.len()])
 }
 
 /// Takes the process down when an executor thread unwinds: half a node
@@ -182,8 +200,12 @@ const OUTBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOS
 const INBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT);
 
 /// A listener on `addr` inside `ns`, and its fd (glommio does not expose it).
-fn bind_in(ns: &Netns, addr: SocketAddr) -> Result<(TcpListener, std::os::fd::RawFd), String> {
-    match ns.run(|| socket::listener(addr)) {
+fn bind_in(
+    ns: &Netns,
+    addr: SocketAddr,
+    incoming_cpu: Option<usize>,
+) -> Result<(TcpListener, std::os::fd::RawFd), String> {
+    match ns.run(|| socket::listener(addr, incoming_cpu)) {
         Ok(Ok(fd)) => {
             let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
             Ok((sys::glommio_listener(fd), raw))
@@ -200,7 +222,7 @@ const CONTROL_LATENCY: Duration = Duration::from_millis(1);
 type Listeners = BTreeMap<NetnsId, Vec<AcceptLoop>>;
 
 async fn run(
-    cpu: usize,
+    (cpu, inbound_cpu): (usize, Option<usize>),
     spec: Arc<ShardSpec>,
     events: Sender<ShardEvent>,
     control: flume::Receiver<ToShard>,
@@ -230,7 +252,7 @@ async fn run(
         return;
     }
     for (ns, addresses) in &spec.namespaces {
-        if let Err(error) = enroll(&shard, ns, addresses, &mut listeners, &listening) {
+        if let Err(error) = enroll(&shard, ns, addresses, inbound_cpu, &mut listeners, &listening) {
             let _ = events.send(ShardEvent::Failed { cpu, netns: ns.id(), error });
             return;
         }
@@ -251,7 +273,7 @@ async fn run(
                     ToShard::Services(table) => shard.set_services(table),
                     ToShard::SplicePaused(cookie) => crate::splice::paused(&shard, cookie),
                     ToShard::Enroll(ns, addresses) if !draining => {
-                        let event = match enroll(&shard, &ns, &addresses, &mut listeners, &listening) {
+                        let event = match enroll(&shard, &ns, &addresses, inbound_cpu, &mut listeners, &listening) {
                             Ok(()) => ShardEvent::Listening { cpu, netns: ns.id() },
                             Err(error) => ShardEvent::Failed { cpu, netns: ns.id(), error },
                         };
@@ -303,10 +325,12 @@ pub fn lock(listening: &Listening) -> std::sync::MutexGuard<'_, BTreeSet<NetnsId
 
 /// Opens the listeners of `ns` (both families' where the pod has an IPv6
 /// address) and starts their accept loops; records the pod's `addresses`.
+/// The inbound listeners prefer connections set up on `inbound_cpu`.
 fn enroll(
     shard: &Rc<ShardCtx>,
     ns: &Arc<Netns>,
     addresses: &[IpAddr],
+    inbound_cpu: Option<usize>,
     listeners: &mut Listeners,
     listening: &Listening,
 ) -> Result<(), String> {
@@ -318,7 +342,13 @@ fn enroll(
         addrs.extend([(OUTBOUND_ADDR6, Direction::Outbound), (INBOUND_ADDR6, Direction::Inbound)]);
     }
     // All or none: the sockets bound so far close if one fails.
-    let bound = addrs.iter().map(|(a, d)| Ok((bind_in(ns, *a)?, *d))).collect::<Result<Vec<_>, String>>()?;
+    let bound = addrs
+        .iter()
+        .map(|&(a, d)| {
+            let cpu = if d == Direction::Inbound { inbound_cpu } else { None };
+            Ok((bind_in(ns, a, cpu)?, d))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let loops = bound.into_iter().map(|(l, d)| AcceptLoop::start(l, shard, ns, d)).collect();
     listeners.insert(ns.id(), loops);
     lock(listening).insert(ns.id());
@@ -410,5 +440,21 @@ async fn accept_loop(
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inbound_cpu;
+
+    #[test]
+    fn each_inbound_listener_takes_the_previous_executors_tunnels() {
+        let cpus = [2, 5, 7];
+        let chosen: Vec<_> = (0..cpus.len()).map(|i| inbound_cpu(&cpus, i, true)).collect();
+        assert_eq!(chosen, [Some(7), Some(2), Some(5)]);
+        // Every CPU is asked for by exactly one other executor.
+        assert!(chosen.iter().zip(cpus).all(|(c, own)| *c != Some(own)));
+        assert_eq!(inbound_cpu(&cpus, 1, false), None, "tunnels from elsewhere: the kernel's hash");
+        assert_eq!(inbound_cpu(&[3], 0, true), None, "one executor: nothing to spread");
     }
 }

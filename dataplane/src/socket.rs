@@ -25,8 +25,11 @@ use crate::sys;
 const BACKLOG: i32 = 4096;
 
 /// A non-blocking SO_REUSEPORT listener bound to `addr` in the calling
-/// thread's network namespace.
-pub fn listener(addr: SocketAddr) -> io::Result<OwnedFd> {
+/// thread's network namespace. With `incoming_cpu`, the group's choice of
+/// listener for a new connection prefers this one when the kernel sets the
+/// connection up on that CPU (`SO_INCOMING_CPU`, honoured by SO_REUSEPORT
+/// groups since Linux 6.2; earlier kernels keep hashing).
+pub fn listener(addr: SocketAddr, incoming_cpu: Option<usize>) -> io::Result<OwnedFd> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
@@ -34,6 +37,9 @@ pub fn listener(addr: SocketAddr) -> io::Result<OwnedFd> {
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_tcp_nodelay(true)?;
+    if let Some(cpu) = incoming_cpu {
+        s.set_cpu_affinity(cpu)?;
+    }
     s.bind(&SockAddr::from(addr))?;
     s.listen(BACKLOG)?;
     Ok(s.into())
@@ -124,10 +130,10 @@ mod tests {
 
     #[test]
     fn two_listeners_share_a_port() {
-        let a = listener("127.0.0.1:0".parse().expect("addr")).expect("first listener");
+        let a = listener("127.0.0.1:0".parse().expect("addr"), None).expect("first listener");
         let port = socket2::SockRef::from(&a).local_addr().expect("local").as_socket().expect("inet").port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        listener(addr).expect("second SO_REUSEPORT listener on the same port");
+        listener(addr, None).expect("second SO_REUSEPORT listener on the same port");
     }
 
     #[test]
