@@ -105,7 +105,7 @@ impl Paths<'_> {
 
     fn measure(&self, captured: bool, args: &[String], pids: &[u32]) -> anyhow::Result<Run> {
         let before = haproxy::cpu_of(pids);
-        let out = work(self.shape, captured, args)?;
+        let out = work(self.shape, captured, args, pids)?;
         Ok(Run { out, cpu: haproxy::cpu_of(pids).saturating_sub(before) })
     }
 
@@ -201,8 +201,12 @@ fn build_dataplane() -> anyhow::Result<PathBuf> {
 
 /// Runs a worker to completion and returns its last JSON line (whether
 /// it runs in the workload cgroup, `captured`, picks the path).
-fn work(world: &dyn setup::Shape, captured: bool, args: &[String]) -> anyhow::Result<Value> {
-    let out = world.worker(captured, args)?.output().context("running a worker")?;
+/// Runs a worker; `pids` (the proxies of this run) are in its environment
+/// for a workload that reads their CPU itself ([`bench::worker::PROXY_PIDS`]).
+fn work(world: &dyn setup::Shape, captured: bool, args: &[String], pids: &[u32]) -> anyhow::Result<Value> {
+    let mut cmd = world.worker(captured, args)?;
+    let pids: Vec<_> = pids.iter().map(u32::to_string).collect();
+    let out = cmd.env(bench::worker::PROXY_PIDS, pids.join(",")).output().context("running a worker")?;
     if !out.status.success() {
         bail!("worker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -403,9 +407,9 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         )?;
         let (model_s, dir_s) = (model.display().to_string(), netns_dir.display().to_string());
         dp = world.start_dataplane(&binary, &["--workloads", &model_s, "--netns-dir", &dir_s])?;
-        let by_address = work(&world, true, &[s("connrate"), s(ECHO), s(2), s(secs)])?;
+        let by_address = work(&world, true, &[s("connrate"), s(ECHO), s(2), s(secs)], &[])?;
         let before = haproxy::cpu_of(&[dp]);
-        let via_service = work(&world, true, &[s("connrate"), s(SERVICE_VIP), s(2), s(secs)])?;
+        let via_service = work(&world, true, &[s("connrate"), s(SERVICE_VIP), s(2), s(secs)], &[])?;
         let cpu_service = haproxy::cpu_of(&[dp]).saturating_sub(before);
         let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
         t.rows.push(Row {
@@ -461,7 +465,9 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
                 Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
             let runs = paths.three(&[s("fanout"), s(ECHO), s(n), s(rate), s(span)])?;
             let p99 = t.latency(&format!("fanout-{n}"), &runs)?;
-            let per = |r: &Run| r.cpu.as_secs_f64() * 1e6 / (rate as f64 * span);
+            // The proxies' CPU while the requests ran, as the worker read it:
+            // not the N connections' set-up before (their handshakes).
+            let per = |r: &Run| r.out["proxy_cpu"].as_f64().unwrap_or(f64::NAN) * 1e6 / (rate as f64 * span);
             t.rows.push(Row {
                 workload: format!("p99 at {n} connections ({rate} req/s)"),
                 direct: p99[0],
@@ -560,7 +566,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             // connection rate (resumed handshakes) with it off.
             let off = nodes.start(&binary, &["--no-client-address"])?;
             let before = haproxy::cpu_of(&off);
-            let without = work(&nodes, true, &args)?;
+            let without = work(&nodes, true, &args, &[])?;
             let cpu_off = haproxy::cpu_of(&off).saturating_sub(before);
             let with = &resumed[1];
             let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);

@@ -162,8 +162,21 @@ fn hold(addr: SocketAddr, n: usize) -> anyhow::Result<serde_json::Value> {
     Ok(json!({ "released": conns.len() }))
 }
 
+/// The environment variable that names the proxies of a run (PIDs, comma
+/// separated; empty for a direct run), for workloads that read their CPU.
+pub const PROXY_PIDS: &str = "BENCH_PROXY_PIDS";
+
+/// The proxies' CPU so far ([`PROXY_PIDS`]).
+fn proxy_cpu() -> anyhow::Result<Duration> {
+    let pids = std::env::var(PROXY_PIDS).unwrap_or_default();
+    let pids = pids.split(',').filter(|p| !p.is_empty()).map(str::parse).collect::<Result<Vec<u32>, _>>()?;
+    Ok(crate::haproxy::cpu_of(&pids))
+}
+
 /// `n` connections share a fixed total request rate (64-byte echoes), so the
 /// latency reflects the number of connections, not a growing offered load.
+/// `proxy_cpu`: what the proxies spent while the requests ran, in seconds
+/// (not the connections' set-up).
 fn fanout(addr: SocketAddr, n: usize, rate: u64, secs: Duration) -> anyhow::Result<serde_json::Value> {
     let mut poll = Poll::new()?;
     let mut conns = Vec::with_capacity(n);
@@ -185,6 +198,7 @@ fn fanout(addr: SocketAddr, n: usize, rate: u64, secs: Duration) -> anyhow::Resu
     let mut events = Events::with_capacity(1024);
     let mut buf = [0u8; 64];
     let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+    let cpu_before = proxy_cpu()?;
     let start = Instant::now();
     let warmup = start + secs / 10;
     let mut next_send = start;
@@ -231,5 +245,6 @@ fn fanout(addr: SocketAddr, n: usize, rate: u64, secs: Duration) -> anyhow::Resu
             }
         }
     }
-    Ok(json!({ "count": h.len(), "skipped": skipped, "hist": encode(&h)? }))
+    let cpu = proxy_cpu()?.saturating_sub(cpu_before);
+    Ok(json!({ "count": h.len(), "skipped": skipped, "hist": encode(&h)?, "proxy_cpu": cpu.as_secs_f64() }))
 }
