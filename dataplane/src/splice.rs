@@ -380,7 +380,7 @@ async fn count_watch(idle: Duration, moved: &dyn Fn() -> u64) -> End {
         if quiet >= idle {
             return End::Idle(idle);
         }
-        glommio::timer::sleep((idle - quiet).min(quiet.clamp(relay::REPOLL_MIN, relay::REPOLL_MAX))).await;
+        relay::sleep_on_grid((idle - quiet).min(quiet.clamp(relay::REPOLL_MIN, relay::REPOLL_MAX))).await;
         let now = moved();
         if now != seen {
             (seen, last) = (now, Instant::now());
