@@ -284,11 +284,12 @@ pub(crate) async fn both(
 
 /// Runs `fut` to the end, re-polling it every `every` while it waits: the
 /// lost readiness wake-up of [`within`] guards also for waits with no
-/// deadline (an accept loop).
+/// deadline (an accept loop). The re-polls fall on [`sleep_on_grid`]'s grid: a node's hundreds of
+/// listeners per executor wake it together, not once each.
 pub async fn repolled<T>(every: Duration, fut: impl std::future::Future<Output = T>) -> T {
     future::or(fut, async {
         loop {
-            glommio::timer::sleep(every).await;
+            sleep_on_grid(every).await;
         }
     })
     .await
