@@ -459,8 +459,12 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let rate = 2_000;
         let counts: &[usize] = if opts.quick { &[1, 1000] } else { &[1, 100, 1000, 10_000] };
         for &n in counts {
+            let last = Some(&n) == counts.last();
             let n = n.min(max_conns);
-            let span = secs.max(2.0);
+            // The largest runs long enough for each connection's idle watch
+            // to re-poll it once (every 10 s at the most often): what a
+            // node's long-lived connections cost. The others: 3 s (2 quick).
+            let span = if last && !opts.quick { 12.0 } else { secs.max(2.0) };
             let paths =
                 Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
             let runs = paths.three(&[s("fanout"), s(ECHO), s(n), s(rate), s(span)])?;

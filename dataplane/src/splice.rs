@@ -371,8 +371,14 @@ async fn drain(want: u64, taken: &dyn Fn() -> io::Result<u64>, side: Side, idle:
     Ok(())
 }
 
+/// Bounds of the pause between two looks of [`count_watch`]: it follows the
+/// quiet time, so a busy connection is looked at twice a second and a quiet
+/// one every 5 s, and the idle timeout is seen at most that late.
+const LOOK_MIN: Duration = Duration::from_millis(500);
+const LOOK_MAX: Duration = Duration::from_secs(5);
+
 /// The relay's idle watch for counts only the kernel sees: ends once
-/// `moved` has not changed for `idle`, looking as often as the relay's.
+/// `moved` has not changed for `idle`.
 async fn count_watch(idle: Duration, moved: &dyn Fn() -> u64) -> End {
     let (mut seen, mut last) = (moved(), Instant::now());
     loop {
@@ -380,7 +386,7 @@ async fn count_watch(idle: Duration, moved: &dyn Fn() -> u64) -> End {
         if quiet >= idle {
             return End::Idle(idle);
         }
-        relay::sleep_on_grid((idle - quiet).min(quiet.clamp(relay::REPOLL_MIN, relay::REPOLL_MAX))).await;
+        glommio::timer::sleep((idle - quiet).min(quiet.clamp(LOOK_MIN, LOOK_MAX))).await;
         let now = moved();
         if now != seen {
             (seen, last) = (now, Instant::now());
