@@ -91,7 +91,17 @@ struct Paths<'a> {
     haproxy: bool,
 }
 
-impl Paths<'_> {
+impl<'a> Paths<'a> {
+    /// The three paths of a shape: direct, its data planes, the pair.
+    fn new(
+        shape: &'a dyn setup::Shape,
+        dataplanes: Vec<u32>,
+        pair: &'a haproxy::Pair,
+        routes: [haproxy::Route; 2],
+    ) -> Self {
+        Self { shape, dataplanes, pair, routes, haproxy: true }
+    }
+
     /// The same worker arguments aimed at the haproxy pair's front instead.
     fn via_haproxy(&self, args: &[String]) -> Vec<String> {
         let mut a = args.to_vec();
@@ -300,14 +310,22 @@ impl Table {
     /// The connection-rate rows from runs with resumption and with full
     /// handshakes (the direct run is shared).
     fn connrate(&mut self, prefix: &str, resumed: &[Run; 3], full: &[Run; 3]) -> anyhow::Result<()> {
-        self.conn_row(prefix, "TLS resumption", "resumed", resumed)?;
-        self.conn_row(prefix, "full handshakes", "full", full)?;
+        self.conn_row(prefix, "TLS resumption", "resumed", resumed, false)?;
+        self.conn_row(prefix, "full handshakes", "full", full, true)?;
         Ok(())
     }
 
     /// One connection-rate row, `(what)` in its name, `name` in its
-    /// latency files.
-    fn conn_row(&mut self, prefix: &str, what: &str, name: &str, runs: &[Run; 3]) -> anyhow::Result<()> {
+    /// latency files; `shared_direct`: its direct run is another row's too
+    /// (that row reports its failures).
+    fn conn_row(
+        &mut self,
+        prefix: &str,
+        what: &str,
+        name: &str,
+        runs: &[Run; 3],
+        shared_direct: bool,
+    ) -> anyhow::Result<()> {
         let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
         let per = |r: &Run| r.cpu.as_secs_f64() * 1e6 / r.out["count"].as_f64().unwrap_or(0.0).max(1.0);
         self.latency(&format!("{}connrate-{name}", tag(prefix)), runs)?;
@@ -320,9 +338,12 @@ impl Table {
             higher_is_better: true,
             cpu: Some(cpu("µs/conn", &per, runs)),
         });
-        let e: u64 = runs.iter().map(|r| r.out["errors"].as_u64().unwrap_or(0)).sum();
-        if e > 0 {
-            eprintln!("warning: {e} failed connections in the {prefix}connection-rate runs ({what})");
+        let labels = ["direct", "through the data plane", "through haproxy"];
+        for (run, label) in runs.iter().zip(labels).skip(usize::from(shared_direct)) {
+            let e = run.out["errors"].as_u64().unwrap_or(0);
+            if e > 0 {
+                eprintln!("warning: {e} failed connections in the {prefix}connection-rate run {label} ({what})");
+            }
         }
         Ok(())
     }
@@ -359,7 +380,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         quick: opts.quick,
     };
 
-    let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
+    let paths = Paths::new(&world, vec![dp], &pair, loopback_routes);
     if want("bulk") {
         for streams in [1, 4] {
             t.bulk(&paths, "", streams, DISCARD)?;
@@ -373,13 +394,13 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     drop(paths);
     if want("connrate") {
         let args = [s("connrate"), s(ECHO), s(2), s(secs)];
-        let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
+        let paths = Paths::new(&world, vec![dp], &pair, loopback_routes);
         let resumed = paths.three(&args)?;
         // Every handshake a full mutual one, on both.
         dp = world.start_dataplane(&binary, &["--no-tls-resumption"])?;
         drop(pair);
         pair = haproxy::Pair::start(&local, &local, &certs, &loopback_routes, false)?;
-        let paths = Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
+        let paths = Paths::new(&world, vec![dp], &pair, loopback_routes);
         let full = paths.proxied(&args, &resumed[0])?;
         t.connrate("", &resumed, &full)?;
         dp = world.start_dataplane(&binary, &[])?;
@@ -465,8 +486,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             // to re-poll it once (every 10 s at the most often): what a
             // node's long-lived connections cost. The others: 3 s (2 quick).
             let span = if last && !opts.quick { 12.0 } else { secs.max(2.0) };
-            let paths =
-                Paths { shape: &world, dataplanes: vec![dp], pair: &pair, routes: loopback_routes, haproxy: true };
+            let paths = Paths::new(&world, vec![dp], &pair, loopback_routes);
             let runs = paths.three(&[s("fanout"), s(ECHO), s(n), s(rate), s(span)])?;
             let p99 = t.latency(&format!("fanout-{n}"), &runs)?;
             // The proxies' CPU while the requests ran, as the worker read it:
@@ -539,8 +559,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             let mut pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
             let prefix = "2 nodes: ";
             let streams: &[usize] = if opts.quick { &[1] } else { &[1, 4] };
-            let paths =
-                Paths { shape: &nodes, dataplanes: dps.clone(), pair: &pair, routes: node_routes, haproxy: true };
+            let paths = Paths::new(&nodes, dps.clone(), &pair, node_routes);
             for &n in streams {
                 t.bulk(&paths, prefix, n, NODES_DISCARD)?;
             }
@@ -550,7 +569,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             drop(paths);
             nodes.serve(NODES_ECHO6.parse()?, server::Kind::Echo)?;
             nodes.serve(NODES_DISCARD6.parse()?, server::Kind::Discard)?;
-            let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
+            let paths = Paths::new(&nodes, dps, &pair, node_routes);
             let v6 = Paths { haproxy: false, ..paths };
             let prefix6 = "2 nodes, IPv6: ";
             t.bulk(&v6, prefix6, 1, NODES_DISCARD6)?;
@@ -562,7 +581,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             let dps = nodes.start(&binary, &["--no-tls-resumption"])?;
             drop(pair);
             pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, false)?;
-            let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
+            let paths = Paths::new(&nodes, dps, &pair, node_routes);
             let full = paths.proxied(&args, &resumed[0])?;
             t.connrate(prefix, &resumed, &full)?;
             drop(paths);
@@ -592,7 +611,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             // Round trips with the executors polling before they sleep
             // (`--busy-poll`): latency bought with CPU.
             let dps = nodes.start(&binary, &["--busy-poll", BUSY_POLL])?;
-            let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
+            let paths = Paths::new(&nodes, dps, &pair, node_routes);
             t.rr(&paths, &format!("2 nodes, --busy-poll {BUSY_POLL}: "), 1024, NODES_ECHO)?;
         }
         // Both pods on one data plane, with the same-node fast path: no
@@ -600,7 +619,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let dps = nodes.start_one(&binary, &["--same-node-fast-path"])?;
         let (client, server_side) = sides(&nodes);
         let pair = haproxy::Pair::start(&client, &server_side, &node_certs, &node_routes, true)?;
-        let paths = Paths { shape: &nodes, dataplanes: dps, pair: &pair, routes: node_routes, haproxy: true };
+        let paths = Paths::new(&nodes, dps, &pair, node_routes);
         let prefix = "same node (fast path): ";
         t.bulk(&paths, prefix, 1, NODES_DISCARD)?;
         t.rr(&paths, prefix, 1024, NODES_ECHO)?;
@@ -612,7 +631,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let pair_args = paths.via_haproxy(&[s("connrate"), s(NODES_ECHO), s(2), s(secs)]);
         let third = paths.measure(false, &pair_args, &pair.pids())?;
         let runs = [paths.measure(false, &fresh, &[])?, paths.measure(true, &fresh, &paths.dataplanes)?, third];
-        t.conn_row(prefix, "no tunnel", "none", &runs)?;
+        t.conn_row(prefix, "no tunnel", "none", &runs, false)?;
         drop(paths);
         drop(pair);
         nodes.stop();
