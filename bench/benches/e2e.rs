@@ -342,7 +342,8 @@ impl Table {
         for (run, label) in runs.iter().zip(labels).skip(usize::from(shared_direct)) {
             let e = run.out["errors"].as_u64().unwrap_or(0);
             if e > 0 {
-                eprintln!("warning: {e} failed connections in the {prefix}connection-rate run {label} ({what})");
+                let first = run.out["first_error"].as_str().unwrap_or("?");
+                eprintln!("warning: {e} failed connections in the {prefix}connection-rate run {label} ({what}); the first: {first}");
             }
         }
         Ok(())

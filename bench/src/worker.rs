@@ -113,9 +113,10 @@ fn connrate(addr: SocketAddr, threads: usize, secs: Duration) -> anyhow::Result<
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            thread::spawn(move || -> (Histogram<u64>, u64) {
+            thread::spawn(move || -> (Histogram<u64>, u64, Option<String>) {
                 let mut h = histogram();
                 let mut errors = 0;
+                let mut first = None;
                 while start.elapsed() < secs {
                     let t = Instant::now();
                     let ok = (|| -> anyhow::Result<()> {
@@ -127,21 +128,28 @@ fn connrate(addr: SocketAddr, threads: usize, secs: Duration) -> anyhow::Result<
                     })();
                     match ok {
                         Ok(()) => h.saturating_record(t.elapsed().as_nanos() as u64),
-                        Err(_) => errors += 1,
+                        Err(e) => {
+                            errors += 1;
+                            first.get_or_insert_with(|| format!("{e:#}"));
+                        }
                     }
                 }
-                (h, errors)
+                (h, errors, first)
             })
         })
         .collect();
     let mut all = histogram();
-    let mut errors = 0;
+    let (mut errors, mut first_error) = (0, None);
     for th in handles {
-        let (h, e) = th.join().map_err(|_| anyhow::anyhow!("connrate thread panicked"))?;
+        let (h, e, first) = th.join().map_err(|_| anyhow::anyhow!("connrate thread panicked"))?;
         all.add(&h)?;
         errors += e;
+        first_error = first_error.or(first);
     }
-    Ok(json!({ "count": all.len(), "errors": errors, "seconds": start.elapsed().as_secs_f64(), "hist": encode(&all)? }))
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(
+        json!({ "count": all.len(), "errors": errors, "first_error": first_error, "seconds": seconds, "hist": encode(&all)? }),
+    )
 }
 
 /// Opens `n` connections, each proven live by a 1-byte echo, then holds them
