@@ -73,9 +73,32 @@ pub fn upstream(dst: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
 }
 
 /// Like [`upstream`], but from `from` (an address this namespace does not
-/// own: the client's), with `IP_TRANSPARENT`. Binding the client's port too
-/// is tried first; if it is taken here, any port.
+/// own: the client's), with `IP_TRANSPARENT`. The client's port too, unless
+/// a connection between the same two addresses and ports is still in
+/// TIME_WAIT here (or a socket that did not allow sharing holds the port);
+/// then the client's address with another port.
+///
+/// The client's kernel chose its port free of its own connections, not of
+/// ours in this namespace: its socket is connected to our listener. So at
+/// thousands of connections a second to one server the client reuses ports
+/// whose last connection through us is in TIME_WAIT here. The port is
+/// therefore shared as the client's kernel would share it (`SO_REUSEADDR`,
+/// unique per destination at `connect`), and another port is found at
+/// `connect` too (`IP_BIND_ADDRESS_NO_PORT`): found at `bind`, it had to
+/// be free of every TIME_WAIT here, and a busy node ran out of them
+/// (`EADDRNOTAVAIL`, and the client was reset).
 pub fn upstream_from(dst: SocketAddr, from: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
+    match transparent_connect(dst, from, mark) {
+        Err(e) if from.port() != 0 && matches!(e.raw_os_error(), Some(libc::EADDRINUSE | libc::EADDRNOTAVAIL)) => {
+            transparent_connect(dst, SocketAddr::new(from.ip(), 0), mark)
+        }
+        other => other,
+    }
+}
+
+/// A transparent socket bound to `from` (port 0: chosen at `connect`),
+/// connecting to `dst`.
+fn transparent_connect(dst: SocketAddr, from: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
     let s = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if dst.is_ipv6() {
         s.set_ip_transparent_v6(true)?;
@@ -86,12 +109,11 @@ pub fn upstream_from(dst: SocketAddr, from: SocketAddr, mark: u32) -> io::Result
         s.set_mark(mark)?;
     }
     s.set_tcp_nodelay(true)?;
-    if let Err(e) = s.bind(&SockAddr::from(from)) {
-        if e.kind() != io::ErrorKind::AddrInUse {
-            return Err(e);
-        }
-        s.bind(&SockAddr::from(SocketAddr::new(from.ip(), 0)))?;
+    s.set_reuse_address(true)?;
+    if from.port() == 0 {
+        sys::bind_address_no_port(sys::borrow_fd(&s))?;
     }
+    s.bind(&SockAddr::from(from))?;
     match s.connect(&SockAddr::from(dst)) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

@@ -1,5 +1,5 @@
 //! The one door to `unsafe`: what no dependency offers as a safe call
-//! (`SO_NETNS_COOKIE`, `SO_COOKIE`, how much a TCP socket has taken to send, `malloc_trim`, borrowing glommio's raw fds, adopting
+//! (`SO_NETNS_COOKIE`, `SO_COOKIE`, `IP_BIND_ADDRESS_NO_PORT`, how much a TCP socket has taken to send, `malloc_trim`, borrowing glommio's raw fds, adopting
 //! raw fds into glommio). Every block says why it is sound; nothing else in
 //! the crate may use `unsafe`. (`setns`, `SO_ORIGINAL_DST`, CPU affinity and
 //! rlimits come safe from nix and socket2.)
@@ -34,6 +34,30 @@ const SO_COOKIE: libc::c_int = 57;
 /// programs for it (the splice maps' key).
 pub(crate) fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     socket_u64(fd, SO_COOKIE)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT`: a socket bound to an address with port 0 gets
+/// its port at `connect`, where the kernel needs it unique only for that
+/// destination (and may take one held by a TIME_WAIT to elsewhere), not at
+/// `bind`, where it must be free for any destination. Applies to IPv6
+/// sockets too.
+pub(crate) fn bind_address_no_port(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: optval points at a live c_int of the length given; the kernel
+    // only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A `SOL_SOCKET` option whose value is a `u64` (the two cookies above).

@@ -151,6 +151,40 @@ fn two_clients_with_the_same_source_port_at_once_each_keep_their_address() {
 }
 
 #[test]
+fn client_ports_reused_while_their_last_connections_are_in_time_wait_still_connect() {
+    let t = testworld::kernel_test!();
+    // A and C on one node, with the same-node fast path: C's application
+    // sees A's address and A's own port (through a tunnel it would see the
+    // tunnel's port). In C the data plane's sockets close first (they pass
+    // on the client's end), so their connections wait in TIME_WAIT there;
+    // the client's kernel does not see those. C's ephemeral range is three
+    // ports, as a busy node's is soon all in TIME_WAIT.
+    let w = world(t, &["--same-node-fast-path"]);
+    let range = w.c.command(None, "sysctl", &["-w", "net.ipv4.ip_local_port_range=40000 40002"]).output();
+    assert!(range.is_ok_and(|o| o.status.success()), "narrowing C's port range");
+    let (_s1, _s2) = (server(&w.c, "0.0.0.0", 8080, "c"), server(&w.c, "0.0.0.0", 8081, "c1"));
+    let from = |port: &str, to: u16| {
+        let seen = client(&w.a, Some(&w.w1), "10.77.0.3", to, &["--bind-port", port]);
+        assert_eq!(seen[0].echo, "ping", "from port {port} to {to}");
+        seen[0].server_saw.clone()
+    };
+    // Two of C's three ephemeral ports end in TIME_WAIT with C:8081.
+    assert_eq!(from("40000", 8081), "10.77.0.1:40000");
+    assert_eq!(from("40001", 8081), "10.77.0.1:40001");
+    // The client's own TIME_WAIT (on loopback) may be reused after a second.
+    thread::sleep(Duration::from_millis(1500));
+    // Port 40000 again, to another server: nothing in TIME_WAIT between
+    // these two, so the client's port is kept (it was refused, and a port
+    // looked for in C's range at bind found none free: the client was reset).
+    assert_eq!(from("40000", 8080), "10.77.0.1:40000");
+    // Port 40001 again, to the same server: that very connection is in
+    // TIME_WAIT (which the kernel lets a new one take over after a second
+    // when, as here, it runs over loopback; otherwise another port): either
+    // way, connected, and from the client's address.
+    assert!(from("40001", 8081).starts_with("10.77.0.1:"));
+}
+
+#[test]
 fn a_killed_data_plane_leaves_the_pod_working_and_the_next_one_cleans_up() {
     let t = testworld::kernel_test!();
     let mut w = world(t, &[]);
