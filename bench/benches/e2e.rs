@@ -210,9 +210,9 @@ fn build_dataplane() -> anyhow::Result<PathBuf> {
 }
 
 /// Runs a worker to completion and returns its last JSON line (whether
-/// it runs in the workload cgroup, `captured`, picks the path).
-/// Runs a worker; `pids` (the proxies of this run) are in its environment
-/// for a workload that reads their CPU itself ([`bench::worker::PROXY_PIDS`]).
+/// it runs in the workload cgroup, `captured`, picks the path). `pids` (the
+/// proxies of this run) are in its environment, for a workload that reads
+/// their CPU itself ([`bench::worker::PROXY_PIDS`]).
 fn work(world: &dyn setup::Shape, captured: bool, args: &[String], pids: &[u32]) -> anyhow::Result<Value> {
     let mut cmd = world.worker(captured, args)?;
     let pids: Vec<_> = pids.iter().map(u32::to_string).collect();

@@ -237,7 +237,7 @@ const GRID: Duration = Duration::from_millis(50);
 /// make no burst that a request would wait behind (4,950 connections
 /// re-polled every 10 s: about 25 per step per executor). A watch wakes at
 /// most one step late.
-pub(crate) async fn sleep_on_grid(d: Duration) {
+async fn sleep_on_grid(d: Duration) {
     thread_local! {
         static EPOCH: Instant = Instant::now();
     }
@@ -285,8 +285,9 @@ pub(crate) async fn both(
 
 /// Runs `fut` to the end, re-polling it every `every` while it waits: the
 /// lost readiness wake-up of [`within`] guards also for waits with no
-/// deadline (an accept loop). The re-polls fall on [`sleep_on_grid`]'s grid: a node's hundreds of
-/// listeners per executor wake it together, not once each.
+/// deadline (an accept loop). The re-polls fall on `sleep_on_grid`'s
+/// grid: a node's hundreds of listeners per executor wake it together, not
+/// once each.
 pub async fn repolled<T>(every: Duration, fut: impl std::future::Future<Output = T>) -> T {
     future::or(fut, async {
         loop {

@@ -54,7 +54,7 @@ pub struct ShardSpec {
     pub splice: Option<crate::ebpf::SpliceMaps>,
     /// Both ends of every tunnel are in this process (loopback mode): each
     /// executor's inbound listeners take the tunnels the previous executor
-    /// opens ([`inbound_cpu`]).
+    /// opens (`inbound_cpu`).
     pub local_tunnels: bool,
 }
 
@@ -172,10 +172,11 @@ pub fn spawn(cpus: &[usize], spec: Arc<ShardSpec>, events: Sender<ShardEvent>) -
 /// (of those on `cpus`) ask the kernel for, if any. In loopback mode a
 /// tunnel's connection is set up on the CPU of the executor that opens it
 /// (the outbound half): the next executor's inbound listener takes it, so
-/// the tunnel's two halves, each with its own TLS work, run on two
-/// executors instead of one in as many cases as the kernel's hash chose
-/// (one stream then used at most one core). Otherwise the hash decides: a
-/// tunnel from another node is set up on whatever CPU received it.
+/// the tunnel's two halves, each with its own TLS work, always run on two
+/// executors. Left to the kernel's hash they shared one whenever it chose
+/// the opener's (half the tunnels, with two executors), and such a stream
+/// used at most one core. Otherwise the hash decides: a tunnel from another
+/// node is set up on whatever CPU received it.
 fn inbound_cpu(cpus: &[usize], i: usize, local_tunnels: bool) -> Option<usize> {
     (local_tunnels && cpus.len() > 1).then(|| cpus[(i + cpus.len() - 1) % cpus.len()])
 }
