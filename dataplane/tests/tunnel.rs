@@ -149,17 +149,32 @@ fn a_thousand_concurrent_connections() {
     assert_eq!(srv.accepted(), 1000);
 }
 
-#[test]
-fn loopback_mode() {
-    let t = testworld::kernel_test!();
-    // One namespace, capture 127.0.0.0/8: what a laptop demo does.
+/// One namespace, capture 127.0.0.0/8: what a laptop demo does. Dropped in
+/// field order: the data plane first.
+struct Loopback {
+    dp: Dataplane,
+    _srv: Proc,
+    a: Netns,
+    workload: Cgroup,
+    _own: Cgroup,
+    _certs: Certs,
+}
+
+fn loopback(t: &str, extra: &[&str]) -> Loopback {
     let certs = Certs::new(t, &["127.0.0.1"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
     let a = Netns::new(t, "a");
-    let _srv = server(&a, "127.0.0.1", 8080, "local");
-    let _dp = Dataplane::start(&own, &run_args(&workload, "127.0.0.0/8", &certs, &[&a], &[]));
-    let seen = client(&a, Some(&workload), "127.0.0.1", 8080, &[]);
+    let srv = server(&a, "127.0.0.1", 8080, "local");
+    let dp = Dataplane::start(&own, &run_args(&workload, "127.0.0.0/8", &certs, &[&a], extra));
+    Loopback { dp, _srv: srv, a, workload, _own: own, _certs: certs }
+}
+
+#[test]
+fn loopback_mode() {
+    let t = testworld::kernel_test!();
+    let l = loopback(t, &[]);
+    let seen = client(&l.a, Some(&l.workload), "127.0.0.1", 8080, &[]);
     assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("127.0.0.1:18000", "local"));
     assert_eq!(seen[0].echo, "ping");
 }
@@ -167,26 +182,21 @@ fn loopback_mode() {
 #[test]
 fn a_loopback_tunnels_two_halves_run_on_two_executors() {
     let t = testworld::kernel_test!();
-    let certs = Certs::new(t, &["127.0.0.1"]);
-    let workload = Cgroup::new(t, "w");
-    let own = Cgroup::new(t, "d");
-    let a = Netns::new(t, "a");
-    let _srv = server(&a, "127.0.0.1", 8080, "local");
-    let dp = Dataplane::start(&own, &run_args(&workload, "127.0.0.0/8", &certs, &[&a], &["--cores", "2"]));
+    let l = loopback(t, &["--cores", "2"]);
     // The executor of each half, in the order the halves ended.
     let cpus = |half: &str| -> Vec<String> {
         let ended = format!("{half} closed");
-        dp.proc
+        l.dp.proc
             .output()
             .iter()
-            .filter(|l| l.contains(&ended))
-            .filter_map(|l| l.split(" cpu=").nth(1)?.split_whitespace().next().map(str::to_string))
+            .filter(|line| line.contains(&ended))
+            .filter_map(|line| line.split(" cpu=").nth(1)?.split_whitespace().next().map(str::to_string))
             .collect()
     };
     // One connection at a time, both halves logged before the next: the
     // n-th outbound and inbound lines are one tunnel's.
     for n in 1..=8 {
-        assert_eq!(client(&a, Some(&workload), "127.0.0.1", 8080, &[])[0].echo, "ping");
+        assert_eq!(client(&l.a, Some(&l.workload), "127.0.0.1", 8080, &[])[0].echo, "ping");
         let both =
             testworld::eventually(Duration::from_secs(5), || cpus("outbound").len() == n && cpus("inbound").len() == n);
         assert!(both, "connection {n}: both halves should have ended and been logged");
