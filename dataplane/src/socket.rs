@@ -59,11 +59,22 @@ pub fn blocking_listener(addr: SocketAddr) -> io::Result<OwnedFd> {
 /// been started in the calling thread's network namespace. A refused
 /// connect shows up on the first I/O.
 pub fn upstream(dst: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
+    start_connect(marked_stream(dst, mark)?, dst)
+}
+
+/// A non-blocking TCP socket for `dst`'s family, marked with `mark` (0:
+/// none), with Nagle off.
+fn marked_stream(dst: SocketAddr, mark: u32) -> io::Result<Socket> {
     let s = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if mark != 0 {
         s.set_mark(mark)?;
     }
     s.set_tcp_nodelay(true)?;
+    Ok(s)
+}
+
+/// Starts `s`'s connect to `dst`; the outcome shows on the first I/O.
+fn start_connect(s: Socket, dst: SocketAddr) -> io::Result<OwnedFd> {
     match s.connect(&SockAddr::from(dst)) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -99,27 +110,18 @@ pub fn upstream_from(dst: SocketAddr, from: SocketAddr, mark: u32) -> io::Result
 /// A transparent socket bound to `from` (port 0: chosen at `connect`),
 /// connecting to `dst`.
 fn transparent_connect(dst: SocketAddr, from: SocketAddr, mark: u32) -> io::Result<OwnedFd> {
-    let s = Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    let s = marked_stream(dst, mark)?;
     if dst.is_ipv6() {
         s.set_ip_transparent_v6(true)?;
     } else {
         s.set_ip_transparent_v4(true)?;
     }
-    if mark != 0 {
-        s.set_mark(mark)?;
-    }
-    s.set_tcp_nodelay(true)?;
     s.set_reuse_address(true)?;
     if from.port() == 0 {
         sys::bind_address_no_port(sys::borrow_fd(&s))?;
     }
     s.bind(&SockAddr::from(from))?;
-    match s.connect(&SockAddr::from(dst)) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(s.into())
+    start_connect(s, dst)
 }
 
 /// Where a redirected connection was going, asked in the accepted socket's
