@@ -225,6 +225,11 @@ fn work(world: &dyn setup::Shape, captured: bool, args: &[String], pids: &[u32])
     Ok(serde_json::from_str(last)?)
 }
 
+/// Connections per second of a connection-rate worker's result.
+fn per_second(v: &Value) -> f64 {
+    v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0)
+}
+
 fn s(v: impl ToString) -> String {
     v.to_string()
 }
@@ -326,14 +331,13 @@ impl Table {
         runs: &[Run; 3],
         shared_direct: bool,
     ) -> anyhow::Result<()> {
-        let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
         let per = |r: &Run| r.cpu.as_secs_f64() * 1e6 / r.out["count"].as_f64().unwrap_or(0.0).max(1.0);
         self.latency(&format!("{}connrate-{name}", tag(prefix)), runs)?;
         self.rows.push(Row {
             workload: format!("{prefix}new connections/s ({what})"),
-            direct: rate(&runs[0].out),
-            proxied: rate(&runs[1].out),
-            haproxy: rate(&runs[2].out),
+            direct: per_second(&runs[0].out),
+            proxied: per_second(&runs[1].out),
+            haproxy: per_second(&runs[2].out),
             unit: "/s",
             higher_is_better: true,
             cpu: Some(cpu("µs/conn", &per, runs)),
@@ -433,12 +437,11 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let before = haproxy::cpu_of(&[dp]);
         let via_service = work(&world, true, &[s("connrate"), s(SERVICE_VIP), s(2), s(secs)], &[])?;
         let cpu_service = haproxy::cpu_of(&[dp]).saturating_sub(before);
-        let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
         t.rows.push(Row {
             workload: "new connections/s via a ClusterIP (direct column: by pod address, also through the data plane)"
                 .into(),
-            direct: rate(&by_address),
-            proxied: rate(&via_service),
+            direct: per_second(&by_address),
+            proxied: per_second(&via_service),
             haproxy: f64::NAN,
             unit: "/s",
             higher_is_better: true,
@@ -593,12 +596,11 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             let without = work(&nodes, true, &args, &[])?;
             let cpu_off = haproxy::cpu_of(&off).saturating_sub(before);
             let with = &resumed[1];
-            let rate = |v: &Value| v["count"].as_f64().unwrap_or(0.0) / v["seconds"].as_f64().unwrap_or(1.0);
             let per = |cpu: Duration, v: &Value| cpu.as_secs_f64() * 1e6 / v["count"].as_f64().unwrap_or(0.0).max(1.0);
             t.rows.push(Row {
                 workload: "2 nodes: new conn/s, client address on (direct column: off)".into(),
-                direct: rate(&without),
-                proxied: rate(&with.out),
+                direct: per_second(&without),
+                proxied: per_second(&with.out),
                 haproxy: f64::NAN,
                 unit: "/s",
                 higher_is_better: true,
@@ -606,7 +608,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             });
             t.latencies.insert(
                 "client_address".into(),
-                json!({ "on_per_s": rate(&with.out), "off_per_s": rate(&without),
+                json!({ "on_per_s": per_second(&with.out), "off_per_s": per_second(&without),
                         "on_cpu_us_per_conn": per(with.cpu, &with.out), "off_cpu_us_per_conn": per(cpu_off, &without) }),
             );
             // Round trips with the executors polling before they sleep
