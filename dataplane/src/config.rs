@@ -13,7 +13,7 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
-use crate::{cgroup, conn::Timeouts, cores, ebpf, identity::Identity, netns::Netns};
+use crate::{cgroup, conn::Limits, cores, ebpf, identity::Identity, netns::Netns};
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
 
 /// Default SO_MARK of the data plane's own sockets ("dp" in ASCII, high bit
@@ -251,6 +251,11 @@ pub struct RunArgs {
     #[arg(long, env = "DATAPLANE_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s",
           value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// Handshakes in flight from one source address, per executor; the rest
+    /// wait for a slot within the handshake timeout, then are shed.
+    #[arg(long, env = "DATAPLANE_MAX_HANDSHAKES_PER_SOURCE", value_name = "N",
+          default_value_t = crate::conn::MAX_IN_FLIGHT_PER_SOURCE)]
+    pub max_handshakes_per_source: u64,
     /// Close connections on which no byte moved either way for this long.
     #[arg(long, env = "DATAPLANE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h",
           value_parser = humantime::parse_duration)]
@@ -377,6 +382,9 @@ pub enum ConfigError {
     /// A zero timeout.
     #[error("--{0} 0s: must be longer than zero")]
     ZeroTimeout(&'static str),
+    /// `--max-handshakes-per-source` outside 1 to the executor's bound.
+    #[error("--max-handshakes-per-source {0}: must be 1 to {max} (the handshakes one executor holds)", max = crate::conn::MAX_IN_FLIGHT)]
+    HandshakesPerSource(u64),
     /// `--busy-poll` zero or too long.
     #[error("--busy-poll {0:?}: must be longer than zero and at most 10ms (leave it out to sleep at once)")]
     BusyPoll(Duration),
@@ -413,7 +421,7 @@ pub struct Config {
     /// Certificates and TLS configurations (replaced on reload).
     pub identity: Arc<Identity>,
     /// Handshake and idle limits.
-    pub timeouts: Timeouts,
+    pub limits: Limits,
     /// The admin endpoint's address.
     pub admin: Option<SocketAddr>,
     /// Where SIGUSR1 dumps go.
@@ -490,6 +498,9 @@ impl RunArgs {
         }
         if self.idle_timeout.is_zero() {
             return Err(ConfigError::ZeroTimeout("idle-timeout"));
+        }
+        if !(1..=crate::conn::MAX_IN_FLIGHT).contains(&self.max_handshakes_per_source) {
+            return Err(ConfigError::HandshakesPerSource(self.max_handshakes_per_source));
         }
         if self.cores == Some(0) {
             return Err(ConfigError::Cores(cores::CoresError::Zero));
@@ -623,7 +634,11 @@ impl RunArgs {
                 strict: self.strict,
             },
             identity,
-            timeouts: Timeouts { handshake: self.handshake_timeout, idle: self.idle_timeout },
+            limits: Limits {
+                handshake: self.handshake_timeout,
+                idle: self.idle_timeout,
+                handshakes_per_source: self.max_handshakes_per_source,
+            },
             admin: self.admin,
             stats_dir: self.stats_dir,
             drain_timeout: self.drain_timeout,
@@ -718,6 +733,26 @@ mod tests {
         }
         let bad = ["dataplane", "run", "--certs", "/c", "--busy-poll", "fast"];
         assert!(Cli::try_parse_from(bad).is_err(), "not a duration");
+    }
+
+    #[test]
+    fn handshakes_per_source_are_bounded_by_the_executors_bound() {
+        let check = |value: &str| {
+            let argv = ["dataplane", "run", "--certs", "/c", "--capture-cidr", "10.0.0.0/8"];
+            let argv = argv.into_iter().chain(["--max-handshakes-per-source", value]);
+            let Command::Run(args) = Cli::try_parse_from(argv).expect("parses").command else { panic!("run") };
+            (args.max_handshakes_per_source, args.check_values().map_err(|e| e.to_string()))
+        };
+        assert_eq!(check("1"), (1, Ok(())));
+        assert_eq!(check("1024"), (1024, Ok(())));
+        for value in ["0", "1025"] {
+            let (_, got) = check(value);
+            let want = format!("--max-handshakes-per-source {value}: must be 1 to 1024");
+            assert!(got.as_ref().is_err_and(|e| e.starts_with(&want)), "{value}: {got:?}");
+        }
+        let argv = ["dataplane", "run", "--certs", "/c", "--capture-cidr", "10.0.0.0/8"];
+        let Command::Run(args) = Cli::try_parse_from(argv).expect("parses").command else { panic!("run") };
+        assert_eq!(args.max_handshakes_per_source, crate::conn::MAX_IN_FLIGHT_PER_SOURCE, "the default");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! `reason`, `identity`, `netns`, `ebpf`, `sys`. This module holds
 //!
 //! - [`ShardCtx`]: one executor's own state, shared by its tasks (never
-//!   across threads), and the [`Timeouts`];
+//!   across threads), and the [`Limits`];
 //! - [`Record`]: a connection's outcome, recorded exactly once, its log line
 //!   limited by [`Quiet`] so a flood cannot flood the log;
 //! - [`Admission`]: the bound on unauthenticated connections at 18001.
@@ -36,13 +36,17 @@ use crate::{
     stats::Snapshot,
 };
 
-/// Handshake and idle limits.
+/// Handshake and idle limits, and the bound on unauthenticated connections
+/// from one address.
 #[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
+pub struct Limits {
     /// For the TLS handshake and the preamble, together.
     pub handshake: Duration,
     /// For a connection on which no byte moves either way.
     pub idle: Duration,
+    /// Handshakes in flight from one source address, per executor (see
+    /// [`Admission`]).
+    pub handshakes_per_source: u64,
 }
 
 /// Connections open on one executor: raised and lowered by [`Record`] on its
@@ -74,7 +78,7 @@ pub struct ShardCtx {
     /// SO_MARK of our own sockets.
     pub bypass_mark: u32,
     /// Limits.
-    pub timeouts: Timeouts,
+    pub limits: Limits,
     /// The certificates, as the control thread last sent them.
     identity: RefCell<Arc<Identity>>,
     stats: RefCell<Snapshot>,
@@ -129,7 +133,7 @@ impl ShardCtx {
     pub fn new(
         cpu: usize,
         bypass_mark: u32,
-        timeouts: Timeouts,
+        limits: Limits,
         identity: Arc<Identity>,
         open: Arc<Open>,
         orig: Option<OrigLookup>,
@@ -137,11 +141,11 @@ impl ShardCtx {
         Self {
             cpu,
             bypass_mark,
-            timeouts,
+            limits,
             identity: RefCell::new(identity),
             stats: RefCell::new(Snapshot::default()),
             open,
-            admission: Rc::new(Admission::default()),
+            admission: Rc::new(Admission::with_bounds(MAX_IN_FLIGHT, limits.handshakes_per_source)),
             quiet: Quiet::default(),
             orig,
             services: RefCell::new(Arc::default()),

@@ -153,7 +153,7 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream, mut 
             return rec.relayed(0, Err(failed), tls.get_ref().0, &app);
         }
     }
-    let result = relay::relay(&mut tls, &mut app, shard.timeouts.idle).await;
+    let result = relay::relay(&mut tls, &mut app, shard.limits.idle).await;
     rec.relayed(early.len() as u64, result, tls.get_ref().0, &app);
 }
 
@@ -172,7 +172,7 @@ async fn accept(
     let config = shard.server_config(local.ip())?;
     let phase = Cell::new(Phase::FirstBytes);
     let steps = async {
-        match relay::within(FIRST_BYTES.min(shard.timeouts.handshake), conn.peek(&mut [0u8; 1])).await {
+        match relay::within(FIRST_BYTES.min(shard.limits.handshake), conn.peek(&mut [0u8; 1])).await {
             None => return Err(Refusal::Timeout(Phase::FirstBytes)),
             Some(Ok(0)) => return Err(Refusal::Handshake(std::io::ErrorKind::UnexpectedEof.into())),
             Some(Err(e)) => return Err(Refusal::Handshake(e.into())),
@@ -197,8 +197,7 @@ async fn accept(
         drop(ticket);
         Ok((tls, prefaced))
     };
-    let (tls, prefaced) =
-        relay::within(shard.timeouts.handshake, steps).await.ok_or(Refusal::Timeout(phase.get()))??;
+    let (tls, prefaced) = relay::within(shard.limits.handshake, steps).await.ok_or(Refusal::Timeout(phase.get()))??;
     let dst = OrigDstAddr(prefaced.preamble.dst);
     if dst.ip() != local.ip() || dst.port() == INBOUND_PORT || dst.port() == OUTBOUND_PORT {
         return Err(Refusal::Elsewhere { dst, local });

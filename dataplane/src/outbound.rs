@@ -109,7 +109,7 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, mut downstream: TcpSt
         }
     };
     rec.tunnel_ready();
-    let result = relay::relay(&mut downstream, &mut tls, shard.timeouts.idle).await;
+    let result = relay::relay(&mut downstream, &mut tls, shard.limits.idle).await;
     rec.relayed(early_len, result, &downstream, tls.get_ref().0);
 }
 
@@ -124,7 +124,7 @@ async fn passthrough(shard: &ShardCtx, netns: &Netns, mut downstream: TcpStream,
             return rec.refuse(Blame::Ours, Reason::Socket, &format!("connecting to {}: {e}", to.0));
         }
     };
-    let result = relay::relay(&mut downstream, &mut upstream, shard.timeouts.idle).await;
+    let result = relay::relay(&mut downstream, &mut upstream, shard.limits.idle).await;
     rec.relayed(0, result, &downstream, &upstream);
 }
 
@@ -156,7 +156,7 @@ async fn same_node(
         }
     };
     tracing::debug!(%client, dst = %to.0, netns = %dst_ns.name(), "same-node fast path");
-    let idle = shard.timeouts.idle;
+    let idle = shard.limits.idle;
     match crate::splice::start(shard, &downstream, &mut app, idle).await {
         Start::Spliced(spliced) => {
             let result = spliced.relay(&mut downstream, &mut app, idle).await;
@@ -227,7 +227,7 @@ async fn open_tunnel(
     if let Err(e) = queued {
         return Err((Blame::Ours, Reason::Socket, format!("queueing the preamble for {tunnel}: {e}")));
     }
-    let tls = match relay::within(shard.timeouts.handshake, connect).await {
+    let tls = match relay::within(shard.limits.handshake, connect).await {
         Some(Ok(tls)) => tls,
         Some(Err(e)) => {
             return Err((Blame::Upstream, Reason::of(&e), format!("TLS handshake with {tunnel} (from {src}): {e}")))

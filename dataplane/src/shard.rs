@@ -21,7 +21,7 @@ use glommio::{net::TcpListener, Latency, LocalExecutorBuilder, Placement, Shares
 use tracing::{error, info, warn};
 
 use crate::{
-    conn::{Open, Record, ShardCtx, Timeouts},
+    conn::{Limits, Open, Record, ShardCtx},
     ebpf::OrigLookup,
     identity::Identity,
     inbound,
@@ -42,7 +42,7 @@ pub struct ShardSpec {
     /// Certificates and TLS configurations.
     pub identity: Arc<Identity>,
     /// Limits.
-    pub timeouts: Timeouts,
+    pub limits: Limits,
     /// How long an executor polls for I/O before it sleeps (none: at once).
     pub busy_poll: Option<std::time::Duration>,
     /// The pinned original-destination map, if any (strict mode): for the
@@ -236,7 +236,7 @@ async fn run(
             None
         }
     });
-    let mut shard = ShardCtx::new(cpu, spec.bypass_mark, spec.timeouts, spec.identity.clone(), open, orig);
+    let mut shard = ShardCtx::new(cpu, spec.bypass_mark, spec.limits, spec.identity.clone(), open, orig);
     shard.same_node_fast_path = spec.same_node_fast_path;
     shard.splicer = spec.splice.as_ref().and_then(|m| match m.try_clone().and_then(crate::ebpf::Splicer::open) {
         Ok(s) => Some(std::cell::RefCell::new(s)),

@@ -118,7 +118,7 @@ pub async fn start<'a>(shard: &'a ShardCtx, down: &TcpStream, up: &mut TcpStream
     };
     // Only an established socket can be spliced: wait for the connect (an
     // empty write completes when it has). A failure is the relay's to report.
-    match relay::within(shard.timeouts.handshake, up.write(&[])).await {
+    match relay::within(shard.limits.handshake, up.write(&[])).await {
         Some(Ok(_)) => {}
         Some(Err(_)) | None => return Start::UserSpace { early: 0 },
     }
