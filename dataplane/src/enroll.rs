@@ -457,7 +457,7 @@ mod tests {
         assert_eq!(decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), all).state, State::Served);
         // Outside the mesh, it is passed at once: its connects must not be
         // refused while the second address comes.
-        let mut outside = model.workloads()[0].clone();
+        let mut outside = model.workloads().next().expect("web").clone();
         outside.mode = Mode::Outside(crate::model::Outside::NotOptedIn);
         let model_outside = Model::new(vec![outside]);
         assert_eq!(decide(&[ip("10.0.0.1")], Some(&model_outside), all).state, State::Passed("namespace_not_opted_in"));

@@ -12,8 +12,8 @@
 //! up to `--drain-timeout`, then the programs are detached and we exit 0;
 //! whatever is still open is closed with the process.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, SocketAddr},
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
     sync::Arc,
     thread,
     time::{Duration, Instant, SystemTime},
@@ -34,7 +34,7 @@ use crate::{
     ebpf::Capture,
     enroll::{self, Change},
     identity::Identity,
-    model::Model,
+    model::{self, Effects, Model},
     netns::NetnsId,
     reload, shard, source,
     stats::Snapshot,
@@ -103,12 +103,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         }
     }
     // The model's source. A file is read here (and again when it changes);
-    // the API's first model arrives on the channel once both lists are in.
+    // the API's changes arrive on the channel, the first once every list is
+    // in.
     let (model_tx, models) = crossbeam_channel::unbounded();
     let (ca_tx, node_cas) = crossbeam_channel::unbounded();
     let mut workloads_watch = None;
     let mut watch_counters = None;
-    let mut model = None;
+    let mut loaded = None;
     let minter = cfg.minting.clone().map(|m| crate::mint::Minter::new(m, cfg.identity.resumption())).transpose()?;
     match &cfg.source {
         Some(Source::Kube { access, node }) => {
@@ -120,7 +121,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             watch_counters = Some(source::kube::start(access.clone(), node.clone(), model_tx, node_ca)?);
         }
         Some(Source::File { path, node }) => {
-            model = Some(source::file::load(path, node.as_deref())?);
+            loaded = Some(source::file::load(path, node.as_deref())?);
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
             workloads_watch = Some(reload::Watch::new(dir));
         }
@@ -139,13 +140,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         registry,
         own_netns: None,
         model: None,
-        meshed: BTreeMap::new(),
         pending: HashMap::new(),
         enrolment: crate::stats::histogram(),
         watch_counters,
         minter,
-        services: Arc::default(),
-        vips: BTreeSet::new(),
         return_paths,
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
@@ -231,18 +229,18 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     ctl.sync_own_netns()?;
     // With a model, nothing is captured before it is in: which pods are
     // meshed decides both what we serve and what connect4 refuses.
-    if ctl.cfg.source.is_some() && model.is_none() {
+    if let Some(m) = loaded {
+        ctl.reload_model(m);
+    }
+    if ctl.cfg.source.is_some() && ctl.model.is_none() {
         info!("waiting for the first model of the workloads from the Kubernetes API");
     }
-    while ctl.cfg.source.is_some() && model.is_none() {
+    while ctl.cfg.source.is_some() && ctl.model.is_none() {
         select! {
-            recv(models) -> m => model = Some(m.context("the Kubernetes watch thread stopped")?),
+            recv(models) -> m => { ctl.update(m.context("the Kubernetes watch thread stopped")?); }
             recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
             recv(signals) -> sig => if matches!(sig, Ok(SIGTERM | SIGINT)) { bail!("stopped during start-up") },
         }
-    }
-    if let Some(m) = model {
-        ctl.set_model(m);
     }
     // Pods are served once their certificates are minted: after a restart,
     // give the issuer a moment before attaching (then go on regardless; a
@@ -253,7 +251,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         while ctl.minter.as_ref().is_some_and(|m| !m.has_ca()) && Instant::now() < deadline {
             select! {
                 recv(node_cas) -> ca => if let Ok(ca) = ca { ctl.set_node_ca(ca) },
-                recv(models) -> m => if let Ok(m) = m { ctl.set_model(m) },
+                recv(models) -> m => if let Ok(m) = m { ctl.update(m); },
                 recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
                 recv(signals) -> sig => if matches!(sig, Ok(SIGTERM | SIGINT)) { bail!("stopped during start-up") },
                 default(deadline.saturating_duration_since(Instant::now())) => {}
@@ -301,10 +299,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
             recv(rx) -> ev => if let Ok(ev) = ev { ctl.shard_event(ev) },
             recv(models) -> m => match m {
-                Ok(m) => {
-                    ctl.set_model(m);
-                    ctl.scan_namespaces();
-                }
+                // Enrolment looks again only when one of this node's pods
+                // changed: the rest of the cluster's churn never touches it.
+                Ok(m) => if ctl.update(m) { ctl.scan_namespaces() },
                 Err(_) => bail!("the Kubernetes watch thread stopped"),
             },
             recv(node_cas) -> ca => if let Ok(ca) = ca {
@@ -322,7 +319,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                         match source::file::load(path, node.as_deref()) {
                             Ok(m) => {
                                 info!(workloads = %path.display(), "workloads file reloaded");
-                                ctl.set_model(m);
+                                ctl.reload_model(m);
                             }
                             Err(e) => error!(error = %e, "workloads file refused: the previous model stays in service"),
                         }
@@ -388,9 +385,7 @@ struct Control {
     /// (never captured) now.
     own_netns: Option<(NetnsId, NetnsCookie, Option<bool>)>,
     /// The workloads, once a source has reported them.
-    model: Option<Arc<Model>>,
-    /// The meshed destinations written to `connect4`'s map.
-    meshed: BTreeMap<IpAddr, Vec<u16>>,
+    model: Option<Model>,
     /// Namespaces being enrolled: what `connect4` is told once every
     /// executor listens in them.
     pending: HashMap<NetnsId, Pending>,
@@ -400,10 +395,6 @@ struct Control {
     watch_counters: Option<(Arc<source::kube::Counters>, Arc<source::nodeca::Counters>)>,
     /// The pods' certificates, when minted on the node.
     minter: Option<crate::mint::Minter>,
-    /// The Services the executors route with, and the ClusterIP:port pairs
-    /// written to `connect4`'s map.
-    services: Arc<crate::services::Table>,
-    vips: BTreeSet<SocketAddr>,
     /// Sets up the return paths that let applications see clients'
     /// addresses, off this thread.
     return_paths: crate::return_path::Installer,
@@ -425,7 +416,7 @@ impl Control {
     /// Enrols and withdraws namespaces from the watched directory.
     fn scan_namespaces(&mut self) {
         let Some(registry) = self.registry.as_mut() else { return };
-        let changes = registry.scan(&self.cfg.identity, self.model.as_deref());
+        let changes = registry.scan(&self.cfg.identity, self.model.as_ref());
         for change in changes {
             match change {
                 Change::Enroll { ns, cookie, skip_outbound, since, addresses, client_address } => {
@@ -549,93 +540,91 @@ impl Control {
         }
     }
 
-    /// Takes a new model: the meshed destinations go to connect4 (added
-    /// before removed, so a pod moving between addresses is never missed).
-    fn set_model(&mut self, model: Arc<Model>) {
-        let want = model.meshed_destinations();
-        let mut failed = 0;
-        if let (None, Some(capture)) = (&self.model, self.capture.as_mut()) {
+    /// Takes the cluster's changes (the first: the whole model); returns
+    /// whether a local workload changed (enrolment must look again).
+    fn update(&mut self, changes: Vec<model::Change>) -> bool {
+        let first = self.model.is_none();
+        let fx = self.model.get_or_insert_with(Model::default).apply(changes);
+        self.take_effects(fx, first)
+    }
+
+    /// Takes a reloaded workloads file: what differs from the model in
+    /// service is applied. Returns whether a local workload changed.
+    fn reload_model(&mut self, loaded: Model) -> bool {
+        let first = self.model.is_none();
+        let (workloads, services) = loaded.into_parts();
+        let fx = self.model.get_or_insert_with(Model::default).replace(workloads, services);
+        self.take_effects(fx, first)
+    }
+
+    /// Carries what a model update changed to `connect4` and the executors,
+    /// and lets certificates look again when a local pod changed. Only what
+    /// changed is written: the cost of an update does not grow with the
+    /// cluster. Returns whether a local workload changed.
+    fn take_effects(&mut self, fx: Effects, first: bool) -> bool {
+        let Some(model) = self.model.as_ref() else { return false };
+        if let (true, Some(capture)) = (first, self.capture.as_mut()) {
             // Adopted maps (strict mode) hold what the previous instance
-            // wrote: pods deleted while no agent ran go now.
+            // wrote: pods and ClusterIPs deleted while no agent ran go now.
+            let want = model.meshed_destinations();
             for addr in capture.meshed_addresses().unwrap_or_default() {
                 if !want.contains_key(&addr) {
                     let _ = capture.set_meshed(addr, None);
                 }
             }
-        }
-        if let Some(capture) = self.capture.as_mut() {
-            for (addr, ports) in &want {
-                if self.meshed.get(addr) != Some(ports)
-                    && capture.set_meshed(*addr, Some(MeshedDst::new(ports))).is_err()
-                {
-                    failed += 1;
-                }
-            }
-            for addr in self.meshed.keys().filter(|a| !want.contains_key(a)) {
-                let _ = capture.set_meshed(*addr, None);
-            }
-        }
-        if failed > 0 {
-            error!(
-                failed,
-                total = want.len(),
-                "meshed destinations not written (map full?): connects to them go direct"
-            );
-        }
-        // The meshed destinations, computed once, also mark which Service
-        // endpoints are tunnelled to.
-        self.set_services(Arc::new(model.service_table(&want)), self.model.is_none());
-        // Every pod change in the cluster lands here: the first model is
-        // worth a line, the rest only at debug.
-        if self.model.is_none() {
-            info!(destinations = want.len(), local = ?model.local_counts(), "model of the workloads in");
-        } else {
-            tracing::debug!(destinations = want.len(), local = ?model.local_counts(), "model of the workloads updated");
-        }
-        self.meshed = want;
-        self.model = Some(model);
-        self.refresh_certificates();
-    }
-
-    /// New Services: executors learn a ClusterIP before `connect4` starts
-    /// capturing it, and `connect4` stops before they forget one.
-    fn set_services(&mut self, table: Arc<crate::services::Table>, first: bool) {
-        let want: BTreeSet<SocketAddr> = table.vips().collect();
-        if *table != *self.services {
-            for s in &self.shards {
-                let _ = s.tx.send(shard::ToShard::Services(table.clone()));
-            }
-        }
-        let Some(capture) = self.capture.as_mut() else { return };
-        if first {
-            // Adopted maps: ClusterIPs deleted while no agent ran go now.
+            let table = model.service_table();
             for vip in capture.service_vips().unwrap_or_default() {
-                if !want.contains(&vip) {
+                if table.get(vip).is_none() {
                     let _ = capture.set_service_vip(vip, false);
                 }
             }
         }
-        let mut failed = 0;
-        for vip in want.difference(&self.vips) {
-            if capture.set_service_vip(*vip, true).is_err() {
-                failed += 1;
+        if let Some(capture) = self.capture.as_mut() {
+            // Added before removed, so a pod moving between addresses is
+            // never missed.
+            let mut failed = 0;
+            for (addr, ports) in &fx.meshed {
+                if let Some(ports) = ports {
+                    failed += usize::from(capture.set_meshed(*addr, Some(MeshedDst::new(ports))).is_err());
+                }
+            }
+            for addr in fx.meshed.iter().filter(|(_, p)| p.is_none()).map(|(a, _)| a) {
+                let _ = capture.set_meshed(*addr, None);
+            }
+            if failed > 0 {
+                error!(failed, "meshed destinations not written (map full?): connects to them go direct");
             }
         }
-        for vip in self.vips.difference(&want) {
-            let _ = capture.set_service_vip(*vip, false);
-        }
-        if failed > 0 {
-            error!(
-                failed,
-                total = want.len(),
-                "Service ClusterIPs not written (map full?): connects to them go around the mesh"
-            );
-        }
-        if *table != *self.services {
+        if fx.services || first {
+            // Executors learn a ClusterIP before `connect4` starts capturing
+            // it.
+            let table = model.service_table().clone();
+            for s in &self.shards {
+                let _ = s.tx.send(shard::ToShard::Services(table.clone()));
+            }
             tracing::debug!(service_ports = table.len(), "services updated");
         }
-        self.vips = want;
-        self.services = table;
+        if let Some(capture) = self.capture.as_mut() {
+            let mut failed = 0;
+            for (vip, held) in &fx.vips {
+                failed += usize::from(capture.set_service_vip(*vip, *held).is_err() && *held);
+            }
+            if failed > 0 {
+                error!(failed, "Service ClusterIPs not written (map full?): connects to them go around the mesh");
+            }
+        }
+        // Every pod change in the cluster lands here: the first model is
+        // worth a line, the rest only at debug.
+        if first {
+            let (destinations, local) = (model.meshed_destinations().len(), model.local_counts());
+            info!(destinations, ?local, "model of the workloads in");
+        } else {
+            tracing::debug!(destinations = fx.meshed.len(), local = fx.local, "model of the workloads updated");
+        }
+        if first || fx.local {
+            self.refresh_certificates();
+        }
+        fx.local
     }
 
     /// A node CA from the cluster: every pod is re-minted with it.
@@ -650,7 +639,7 @@ impl Control {
     /// executors (new handshakes use it; those in flight finish with theirs).
     fn refresh_certificates(&mut self) {
         let Some(minter) = self.minter.as_mut() else { return };
-        let Some(id) = minter.refresh(self.model.as_deref(), &self.cfg.identity) else { return };
+        let Some(id) = minter.refresh(self.model.as_ref(), &self.cfg.identity) else { return };
         let id = Arc::new(id);
         tracing::debug!(identities = ?id.addresses().collect::<Vec<_>>(), "pod certificates minted");
         self.cfg.identity = id.clone();

@@ -63,6 +63,20 @@ impl Table {
         self.by_vip.keys().copied()
     }
 
+    /// Sets what `vip` leads to.
+    pub fn insert(&mut self, vip: SocketAddr, fe: Frontend) {
+        self.by_vip.insert(vip, Arc::new(fe));
+    }
+
+    /// Forgets `vip` if `service` (`namespace/name`) holds it: two Services
+    /// never share a ClusterIP:port, but a moment of a stale one beside its
+    /// successor must not take the successor's entry.
+    pub fn remove(&mut self, vip: SocketAddr, service: &str) {
+        if self.by_vip.get(&vip).is_some_and(|fe| fe.service == service) {
+            self.by_vip.remove(&vip);
+        }
+    }
+
     /// How many.
     pub fn len(&self) -> usize {
         self.by_vip.len()
@@ -112,34 +126,38 @@ pub struct Slice {
 }
 
 /// The table for `services`, marking endpoints whose address is meshed.
-pub fn table(services: &[Service], meshed: impl Fn(IpAddr) -> bool) -> Table {
+pub fn table<'a>(services: impl IntoIterator<Item = &'a Service>, meshed: impl Fn(IpAddr) -> bool) -> Table {
+    Table::new(services.into_iter().flat_map(|svc| frontends(svc, &meshed)))
+}
+
+/// One service's entries: a frontend for each ClusterIP and TCP port, with
+/// the ready endpoints, marked meshed when `meshed` holds their address.
+pub fn frontends(svc: &Service, meshed: impl Fn(IpAddr) -> bool) -> Vec<(SocketAddr, Frontend)> {
     let mut entries = Vec::new();
-    for svc in services {
-        for sp in &svc.ports {
-            let mut backends: Vec<Backend> = svc
-                .slices
-                .iter()
-                .filter_map(|sl| sl.ports.iter().find(|(n, _)| *n == sp.name).map(|(_, p)| (sl, *p)))
-                .flat_map(|(sl, target)| {
-                    sl.endpoints.iter().filter(|(_, ready)| *ready).map(move |(ip, _)| SocketAddr::new(*ip, target))
-                })
-                .map(|addr| Backend { addr, meshed: meshed(addr.ip()) })
-                .collect();
-            backends.sort();
-            backends.dedup();
-            for vip in &svc.cluster_ips {
-                // Each ClusterIP leads to the endpoints of its own family,
-                // as kube-proxy does.
-                let fe = Frontend {
-                    service: format!("{}/{}", svc.namespace, svc.name),
-                    backends: backends.iter().filter(|b| b.addr.is_ipv6() == vip.is_ipv6()).copied().collect(),
-                    client_ip_affinity: svc.client_ip_affinity,
-                };
-                entries.push((SocketAddr::new(*vip, sp.port), fe));
-            }
+    for sp in &svc.ports {
+        let mut backends: Vec<Backend> = svc
+            .slices
+            .iter()
+            .filter_map(|sl| sl.ports.iter().find(|(n, _)| *n == sp.name).map(|(_, p)| (sl, *p)))
+            .flat_map(|(sl, target)| {
+                sl.endpoints.iter().filter(|(_, ready)| *ready).map(move |(ip, _)| SocketAddr::new(*ip, target))
+            })
+            .map(|addr| Backend { addr, meshed: meshed(addr.ip()) })
+            .collect();
+        backends.sort();
+        backends.dedup();
+        for vip in &svc.cluster_ips {
+            // Each ClusterIP leads to the endpoints of its own family, as
+            // kube-proxy does.
+            let fe = Frontend {
+                service: format!("{}/{}", svc.namespace, svc.name),
+                backends: backends.iter().filter(|b| b.addr.is_ipv6() == vip.is_ipv6()).copied().collect(),
+                client_ip_affinity: svc.client_ip_affinity,
+            };
+            entries.push((SocketAddr::new(*vip, sp.port), fe));
         }
     }
-    Table::new(entries)
+    entries
 }
 
 /// Picks a backend for a client at `client`: see the module comment.

@@ -26,7 +26,7 @@
 //! not silently leave a pod out of the mesh. The file is re-read when it
 //! changes; a file that does not parse is refused and the previous model
 //! stays in service.
-use std::{net::IpAddr, path::Path, path::PathBuf, sync::Arc};
+use std::{net::IpAddr, path::Path, path::PathBuf};
 
 use serde::Deserialize;
 
@@ -132,13 +132,13 @@ pub enum Error {
 }
 
 /// Reads the model from `path`; `node` is our own node's name, if we know it.
-pub fn load(path: &Path, node: Option<&str>) -> Result<Arc<Model>, Error> {
+pub fn load(path: &Path, node: Option<&str>) -> Result<Model, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
     parse(&text, node).map_err(|reason| Error::Parse { path: path.into(), reason })
 }
 
 /// Parses a workloads file's text.
-pub fn parse(text: &str, node: Option<&str>) -> Result<Arc<Model>, String> {
+pub fn parse(text: &str, node: Option<&str>) -> Result<Model, String> {
     let file: File = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(file.workloads.len());
     for e in file.workloads {
@@ -206,7 +206,7 @@ mod tests {
         let end = start + doc[start..].find("//! ```").expect("end");
         let text: String = doc[start..end].lines().map(|l| l.trim_start_matches("//!")).collect::<Vec<_>>().join("\n");
         let m = parse(&text, Some("node-a")).expect("example parses");
-        let w = m.workloads();
+        let w: Vec<_> = m.workloads().collect();
         assert_eq!(w.len(), 3);
         let db = w.iter().find(|w| w.name == "db").expect("db");
         assert!(!db.local, "on node-b");
@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(web.mode, Mode::Meshed { skip_outbound: vec![5432], skip_inbound: vec![9090] });
         assert!(web.local && web.service_account == "web");
         assert_eq!(m.meshed_destinations().len(), 2, "web and db");
-        let table = m.service_table(&m.meshed_destinations());
+        let table = m.service_table();
         let db = table.get("10.96.0.20:5432".parse().expect("vip")).expect("the db service");
         assert!(db.client_ip_affinity && db.backends.len() == 1 && db.backends[0].meshed);
     }

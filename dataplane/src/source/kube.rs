@@ -3,18 +3,21 @@
 //! the ones we enrol), Namespaces (their opt-in label), Services and
 //! EndpointSlices (ClusterIPs and their endpoints), on a
 //! single-threaded tokio runtime of their own thread. Executors never see
-//! it; the control thread receives whole models.
+//! it; the control thread receives the model's changes
+//! ([`model::Change`]): each event becomes the changes of the objects it
+//! touched (a pod; a Namespace's pods, when its label flips; a Service,
+//! when it or one of its EndpointSlices changes), never a whole model.
 //!
 //! kube-rs's watcher lists, then watches from the list's resourceVersion with
 //! bookmarks; a dropped connection or an API server restart resumes the
 //! watch, and `410 Gone` (history compacted) relists. Each (re)list is
 //! applied as a whole when it completes (objects that vanished meanwhile go
-//! with it), so no pod is lost or kept. Errors back off exponentially and are
+//! with it, and only what differs is sent on), so no pod is lost or kept. Errors back off exponentially and are
 //! counted per resource ([`Counters`]). Nothing is published until both
 //! resources have been listed once: the control thread does not capture or
 //! enrol on half a picture.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
     sync::{
@@ -38,7 +41,7 @@ use kube::{
 use tracing::{info, warn};
 
 use crate::{
-    model::{membership, Model, Workload, CLIENT_ADDRESS},
+    model::{self, membership, ObjectRef, Workload, CLIENT_ADDRESS, MESH_LABEL, SKIP_INBOUND, SKIP_OUTBOUND},
     services::{Service, ServicePort, Slice},
 };
 
@@ -63,17 +66,22 @@ pub struct Counters {
     pub services: AtomicU64,
 }
 
-/// What a pod contributes to the model.
-#[derive(Debug, Clone)]
+/// What a pod contributes to the model: only the fields we use, and of its
+/// labels and annotations only ours (a pod's other metadata is most of its
+/// size, and an agent keeps every pod of the cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct PodView {
-    namespace: String,
-    name: String,
     service_account: String,
     node: Option<String>,
     addresses: Vec<IpAddr>,
     host_network: bool,
     labels: BTreeMap<String, String>,
     annotations: BTreeMap<String, String>,
+}
+
+/// The labels or annotations among `all` that the model reads.
+fn ours(all: &BTreeMap<String, String>, keys: &[&str]) -> BTreeMap<String, String> {
+    keys.iter().filter_map(|k| Some((k.to_string(), all.get(*k)?.clone()))).collect()
 }
 
 fn view(pod: &Pod) -> Option<PodView> {
@@ -90,23 +98,24 @@ fn view(pod: &Pod) -> Option<PodView> {
         addresses.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<IpAddr>().ok()));
     }
     Some(PodView {
-        namespace: pod.namespace()?,
-        name: pod.name_any(),
         service_account: spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
         node: spec.and_then(|s| s.node_name.clone()),
         addresses,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        labels: pod.labels().clone(),
-        annotations: pod.annotations().clone(),
+        labels: ours(pod.labels(), &[MESH_LABEL]),
+        annotations: ours(pod.annotations(), &[SKIP_OUTBOUND, SKIP_INBOUND, CLIENT_ADDRESS]),
     })
 }
+
+/// An object's (namespace, name); a Namespace's namespace is empty.
+type Key = (String, String);
 
 /// One resource as last seen, by (namespace, name): a (re)list in progress is
 /// applied whole at its end, so objects that vanished meanwhile go with it.
 #[derive(Debug)]
 struct Store<V> {
-    items: BTreeMap<(String, String), V>,
-    listing: Option<BTreeMap<(String, String), V>>,
+    items: BTreeMap<Key, V>,
+    listing: Option<BTreeMap<Key, V>>,
     listed: bool,
 }
 
@@ -116,11 +125,28 @@ impl<V> Default for Store<V> {
     }
 }
 
-impl<V> Store<V> {
+impl<V: PartialEq> Store<V> {
     /// Applies a watcher event; `view` reduces an object to what we keep
-    /// (`None`: not kept, e.g. a finished pod).
-    fn apply<K: ResourceExt>(&mut self, ev: watcher::Event<K>, view: impl Fn(&K) -> Option<V>) {
+    /// (`None`: not kept, e.g. a finished pod). Returns the objects whose
+    /// view changed, with their previous view: a relist, at its end, only
+    /// those that differ from before it.
+    fn apply<K: ResourceExt>(
+        &mut self,
+        ev: watcher::Event<K>,
+        view: impl Fn(&K) -> Option<V>,
+    ) -> Vec<(Key, Option<V>)> {
         let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+        let mut changed = Vec::new();
+        let mut set = |items: &mut BTreeMap<Key, V>, k: Key, v: Option<V>| {
+            let old = match v {
+                Some(v) if items.get(&k) == Some(&v) => return,
+                Some(v) => items.insert(k.clone(), v),
+                None => items.remove(&k),
+            };
+            if old.is_some() || items.contains_key(&k) {
+                changed.push((k, old));
+            }
+        };
         match ev {
             watcher::Event::Init => self.listing = Some(BTreeMap::new()),
             watcher::Event::InitApply(o) => {
@@ -129,21 +155,20 @@ impl<V> Store<V> {
                 }
             }
             watcher::Event::InitDone => {
-                self.items = self.listing.take().unwrap_or_default();
+                let mut listing = self.listing.take().unwrap_or_default();
+                let gone: Vec<Key> = self.items.keys().filter(|k| !listing.contains_key(*k)).cloned().collect();
+                for k in gone {
+                    set(&mut self.items, k, None);
+                }
+                while let Some((k, v)) = listing.pop_first() {
+                    set(&mut self.items, k, Some(v));
+                }
                 self.listed = true;
             }
-            watcher::Event::Apply(o) => match view(&o) {
-                Some(v) => {
-                    self.items.insert(key(&o), v);
-                }
-                None => {
-                    self.items.remove(&key(&o));
-                }
-            },
-            watcher::Event::Delete(o) => {
-                self.items.remove(&key(&o));
-            }
+            watcher::Event::Apply(o) => set(&mut self.items, key(&o), view(&o)),
+            watcher::Event::Delete(o) => set(&mut self.items, key(&o), None),
         }
+        changed
     }
 }
 
@@ -155,6 +180,8 @@ struct State {
     namespaces: Store<BTreeMap<String, String>>,
     services: Store<ServiceView>,
     slices: Store<SliceView>,
+    /// Whether the whole model has gone out once (after every first list).
+    published: bool,
 }
 
 enum Change {
@@ -167,7 +194,7 @@ enum Change {
 
 /// What a Service contributes: its ClusterIPs (none for a headless one),
 /// TCP ports and affinity.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct ServiceView {
     cluster_ips: Vec<IpAddr>,
     ports: Vec<ServicePort>,
@@ -196,7 +223,7 @@ fn service_view(s: &K8sService) -> Option<ServiceView> {
 /// What an EndpointSlice contributes: the service it belongs to, its
 /// resolved ports and its endpoints (IPv4 and IPv6 slices; FQDN ones are
 /// not routed).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct SliceView {
     service: String,
     slice: Slice,
@@ -227,54 +254,88 @@ fn slice_view(s: &EndpointSlice) -> Option<SliceView> {
 }
 
 impl State {
-    fn apply(&mut self, change: Change) {
+    /// Applies a watcher event; returns the model's changes. Nothing before
+    /// every resource has been listed once (the control thread neither
+    /// captures nor enrols on half a picture); then the whole model once,
+    /// then only what each event changed.
+    fn apply(&mut self, change: Change) -> Vec<model::Change> {
+        let mut pods: BTreeSet<Key> = BTreeSet::new();
+        let mut services: BTreeSet<Key> = BTreeSet::new();
         match change {
-            Change::Pod(ev) => self.pods.apply(*ev, view),
-            Change::Namespace(ev) => self.namespaces.apply(*ev, |n| Some(n.labels().clone())),
-            Change::Service(ev) => self.services.apply(*ev, service_view),
-            Change::Slice(ev) => self.slices.apply(*ev, slice_view),
+            Change::Pod(ev) => pods.extend(self.pods.apply(*ev, view).into_iter().map(|(k, _)| k)),
+            Change::Namespace(ev) => {
+                let ns_view = |n: &Namespace| Some(ours(n.labels(), &[MESH_LABEL]));
+                for ((_, ns), _) in self.namespaces.apply(*ev, ns_view) {
+                    // Every pod of the namespace: its membership may follow.
+                    let from = (ns.clone(), String::new());
+                    pods.extend(self.pods.items.range(from..).take_while(|(k, _)| k.0 == ns).map(|(k, _)| k.clone()));
+                }
+            }
+            Change::Service(ev) => services.extend(self.services.apply(*ev, service_view).into_iter().map(|(k, _)| k)),
+            Change::Slice(ev) => {
+                for ((ns, name), old) in self.slices.apply(*ev, slice_view) {
+                    services.extend(old.map(|v| (ns.clone(), v.service)));
+                    services.extend(self.slices.items.get(&(ns.clone(), name)).map(|v| (ns, v.service.clone())));
+                }
+            }
         }
+        if !self.published {
+            if !(self.pods.listed && self.namespaces.listed && self.services.listed && self.slices.listed) {
+                return Vec::new();
+            }
+            self.published = true;
+            pods = self.pods.items.keys().cloned().collect();
+            services = self.services.items.keys().cloned().collect();
+        }
+        let pods = pods.into_iter().map(|k| {
+            let w = self.workload(&k);
+            model::Change::Workload(ObjectRef { namespace: k.0, name: k.1 }, w)
+        });
+        let services = services.into_iter().map(|k| {
+            let s = self.service(&k);
+            model::Change::Service(ObjectRef { namespace: k.0, name: k.1 }, s)
+        });
+        pods.chain(services).collect()
     }
 
-    fn model(&self) -> Option<Arc<Model>> {
-        if !(self.pods.listed && self.namespaces.listed && self.services.listed && self.slices.listed) {
-            return None;
-        }
-        let ns_labels = |ns: &str| self.namespaces.items.get(&(String::new(), ns.to_string()));
-        let workloads = self
-            .pods
+    /// The workload a pod is now.
+    fn workload(&self, key: &Key) -> Option<Workload> {
+        let p = self.pods.items.get(key)?;
+        let ns_labels = self.namespaces.items.get(&(String::new(), key.0.clone()));
+        Some(Workload {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+            service_account: p.service_account.clone(),
+            addresses: p.addresses.clone(),
+            local: p.node.as_deref() == Some(self.node.as_str()),
+            netns: None,
+            client_address: p.annotations.get(CLIENT_ADDRESS).map(String::as_str) != Some("off"),
+            mode: membership(p.host_network, ns_labels, &p.labels, &p.annotations),
+        })
+    }
+
+    /// A Service with its EndpointSlices, as it is now (`None`: gone, or
+    /// headless).
+    fn service(&self, key: &Key) -> Option<Service> {
+        let v = self.services.items.get(key).filter(|v| !v.cluster_ips.is_empty())?;
+        // The namespace's slices, those of this Service.
+        let from = (key.0.clone(), String::new());
+        let slices = self
+            .slices
             .items
-            .values()
-            .map(|p| Workload {
-                namespace: p.namespace.clone(),
-                name: p.name.clone(),
-                service_account: p.service_account.clone(),
-                addresses: p.addresses.clone(),
-                local: p.node.as_deref() == Some(self.node.as_str()),
-                netns: None,
-                client_address: p.annotations.get(CLIENT_ADDRESS).map(String::as_str) != Some("off"),
-                mode: membership(p.host_network, ns_labels(&p.namespace), &p.labels, &p.annotations),
-            })
+            .range(from..)
+            .take_while(|(k, _)| k.0 == key.0)
+            .filter(|(_, s)| s.service == key.1)
+            .map(|(_, s)| s.slice.clone())
             .collect();
-        let mut slices: BTreeMap<(&str, &str), Vec<Slice>> = BTreeMap::new();
-        for ((ns, _), v) in &self.slices.items {
-            slices.entry((ns.as_str(), v.service.as_str())).or_default().push(v.slice.clone());
-        }
-        let services = self
-            .services
-            .items
-            .iter()
-            .filter(|(_, v)| !v.cluster_ips.is_empty())
-            .map(|((ns, name), v)| Service {
-                namespace: ns.clone(),
-                name: name.clone(),
-                cluster_ips: v.cluster_ips.clone(),
-                ports: v.ports.clone(),
-                client_ip_affinity: v.client_ip_affinity,
-                slices: slices.get(&(ns.as_str(), name.as_str())).cloned().unwrap_or_default(),
-            })
-            .collect();
-        Some(Model::with_services(workloads, services))
+        Some(Service {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+            cluster_ips: v.cluster_ips.clone(),
+            ports: v.ports.clone(),
+            client_ip_affinity: v.client_ip_affinity,
+            slices,
+        })
     }
 }
 
@@ -285,7 +346,7 @@ impl State {
 pub fn start(
     access: Access,
     node: String,
-    tx: Sender<Arc<Model>>,
+    tx: Sender<Vec<model::Change>>,
     node_ca: Option<(super::nodeca::Spec, Sender<Arc<crate::pki::NodeCa>>)>,
 ) -> anyhow::Result<(Arc<Counters>, Arc<super::nodeca::Counters>)> {
     let counters = Arc::new(Counters::default());
@@ -324,7 +385,7 @@ pub async fn client(access: &Access) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
-async fn watch(client: Client, node: String, tx: Sender<Arc<Model>>, counters: Arc<Counters>) {
+async fn watch(client: Client, node: String, tx: Sender<Vec<model::Change>>, counters: Arc<Counters>) {
     let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff()
         .map(|r| r.map(|e| Change::Pod(Box::new(e))).map_err(|e| ("pods", e)));
@@ -340,17 +401,18 @@ async fn watch(client: Client, node: String, tx: Sender<Arc<Model>>, counters: A
     let mut changes =
         std::pin::pin!(stream::select(stream::select(pods, namespaces), stream::select(services, slices)));
     let mut state = State { node, ..State::default() };
-    let mut last: Option<Arc<Model>> = None;
     while let Some(first) = changes.next().await {
-        // Take every change already waiting before building a model: a
-        // relist of thousands of pods publishes once.
+        // Take every change already waiting before publishing: a relist of
+        // thousands of pods goes out as one update.
         let mut batch = vec![first];
         while let Some(Some(more)) = futures_util::FutureExt::now_or_never(changes.next()) {
             batch.push(more);
         }
+        let was_published = state.published;
+        let mut update = Vec::new();
         for item in batch {
             match item {
-                Ok(change) => state.apply(change),
+                Ok(change) => update.extend(state.apply(change)),
                 Err((resource, e)) => {
                     let counter = match resource {
                         "pods" => &counters.pods,
@@ -362,13 +424,10 @@ async fn watch(client: Client, node: String, tx: Sender<Arc<Model>>, counters: A
                 }
             }
         }
-        if let Some(model) = state.model() {
-            if last.as_deref() != Some(&*model) {
-                if tx.send(model.clone()).is_err() {
-                    return;
-                }
-                last = Some(model);
-            }
+        // The first update goes out even if the cluster is empty: it says
+        // that every list is in.
+        if (!update.is_empty() || state.published != was_published) && tx.send(update).is_err() {
+            return;
         }
     }
 }
@@ -376,7 +435,7 @@ async fn watch(client: Client, node: String, tx: Sender<Arc<Model>>, counters: A
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Mode, Outside, MESH_LABEL};
+    use crate::model::{Mode, Model, Outside};
 
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).expect("a pod")
@@ -402,15 +461,21 @@ mod tests {
     #[test]
     fn nothing_is_published_before_both_lists_and_a_relist_replaces_the_whole() {
         let mut s = State { node: "a".into(), ..State::default() };
-        s.apply(Change::Pod(Box::new(watcher::Event::Init)));
-        s.apply(Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-1", "10.0.0.2", "a")))));
-        s.apply(Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
-        s.apply(Change::Pod(Box::new(watcher::Event::InitDone)));
-        assert!(s.model().is_none(), "namespaces not listed yet");
-        s.apply(Change::Namespace(Box::new(watcher::Event::Init)));
-        s.apply(Change::Namespace(Box::new(watcher::Event::InitApply(ns("shop", true)))));
-        s.apply(Change::Namespace(Box::new(watcher::Event::InitDone)));
-        assert!(s.model().is_none(), "services and slices not listed yet");
+        let mut m = Model::default();
+        let mut apply = |s: &mut State, c: Change| {
+            let changes = s.apply(c);
+            let n = changes.len();
+            m.apply(changes);
+            (n, m.clone())
+        };
+        apply(&mut s, Change::Pod(Box::new(watcher::Event::Init)));
+        apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-1", "10.0.0.2", "a")))));
+        apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
+        assert_eq!(apply(&mut s, Change::Pod(Box::new(watcher::Event::InitDone))).0, 0, "namespaces not listed yet");
+        apply(&mut s, Change::Namespace(Box::new(watcher::Event::Init)));
+        apply(&mut s, Change::Namespace(Box::new(watcher::Event::InitApply(ns("shop", true)))));
+        let (n, _) = apply(&mut s, Change::Namespace(Box::new(watcher::Event::InitDone)));
+        assert_eq!(n, 0, "services and slices not listed yet");
         // A service with a named target port, and its slice.
         let svc: K8sService = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web", "namespace": "shop"},
@@ -428,34 +493,40 @@ mod tests {
                           {"addresses": ["10.0.1.3"], "conditions": {"ready": false}}]
         }))
         .expect("slice");
-        s.apply(Change::Service(Box::new(watcher::Event::Init)));
-        s.apply(Change::Service(Box::new(watcher::Event::InitApply(svc))));
-        s.apply(Change::Service(Box::new(watcher::Event::InitDone)));
-        s.apply(Change::Slice(Box::new(watcher::Event::Init)));
-        s.apply(Change::Slice(Box::new(watcher::Event::InitApply(slice))));
-        s.apply(Change::Slice(Box::new(watcher::Event::InitDone)));
-        let m = s.model().expect("all listed");
-        let table = m.service_table(&m.meshed_destinations());
+        apply(&mut s, Change::Service(Box::new(watcher::Event::Init)));
+        apply(&mut s, Change::Service(Box::new(watcher::Event::InitApply(svc))));
+        apply(&mut s, Change::Service(Box::new(watcher::Event::InitDone)));
+        apply(&mut s, Change::Slice(Box::new(watcher::Event::Init)));
+        apply(&mut s, Change::Slice(Box::new(watcher::Event::InitApply(slice.clone()))));
+        let (n, m) = apply(&mut s, Change::Slice(Box::new(watcher::Event::InitDone)));
+        assert_eq!(n, 3, "all listed: the whole model, once (two pods, one Service)");
+        let table = m.service_table();
         let web = table.get("10.96.0.10:80".parse().expect("vip")).expect("the TCP port");
         assert!(web.client_ip_affinity);
         let backends: Vec<String> = web.backends.iter().map(|b| format!("{} {}", b.addr, b.meshed)).collect();
         assert_eq!(backends, ["10.0.0.2:8080 true", "10.0.1.2:8080 true"], "ready (or unsaid) only; both pods meshed");
         assert_eq!(table.len(), 1, "the UDP port is not ours");
         assert_eq!(m.meshed_destinations().len(), 2, "both nodes' pods are destinations");
-        let local: Vec<_> = m.workloads().iter().filter(|w| w.local).map(|w| w.name.as_str()).collect();
+        let local: Vec<_> = m.local().map(|w| w.name.as_str()).collect();
         assert_eq!(local, ["web-1"]);
+        // The same slice again (a resync) changes nothing.
+        assert_eq!(apply(&mut s, Change::Slice(Box::new(watcher::Event::Apply(slice)))).0, 0);
         // A relist after 410 Gone in which web-1 is gone: it goes, even
-        // though no Delete event was seen.
-        s.apply(Change::Pod(Box::new(watcher::Event::Init)));
-        s.apply(Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
-        assert_eq!(s.model().expect("model").workloads().len(), 2, "the old view serves until the relist ends");
-        s.apply(Change::Pod(Box::new(watcher::Event::InitDone)));
-        assert_eq!(s.model().expect("model").workloads().len(), 1);
+        // though no Delete event was seen; web-2, unchanged, is not sent.
+        apply(&mut s, Change::Pod(Box::new(watcher::Event::Init)));
+        let (_, m) =
+            apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
+        assert_eq!(m.workloads().count(), 2, "the old view serves until the relist ends");
+        let (n, m) = apply(&mut s, Change::Pod(Box::new(watcher::Event::InitDone)));
+        assert_eq!((n, m.workloads().count()), (1, 1), "only web-1's removal");
         // The namespace loses its label: its pods leave the mesh.
-        s.apply(Change::Namespace(Box::new(watcher::Event::Apply(ns("shop", false)))));
-        let m = s.model().expect("model");
-        assert_eq!(m.workloads()[0].mode, Mode::Outside(Outside::NotOptedIn));
+        let (_, m) = apply(&mut s, Change::Namespace(Box::new(watcher::Event::Apply(ns("shop", false)))));
+        assert_eq!(m.workloads().next().expect("web-2").mode, Mode::Outside(Outside::NotOptedIn));
         assert!(m.meshed_destinations().is_empty());
+        // Another pod's labels or annotations we do not read change nothing.
+        let mut noisy = shop_pod("web-2", "10.0.1.2", "b");
+        noisy.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
+        assert_eq!(apply(&mut s, Change::Pod(Box::new(watcher::Event::Apply(noisy)))).0, 0);
     }
 
     #[test]
