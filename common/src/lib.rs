@@ -7,6 +7,7 @@
 //! Nothing here does I/O.
 #![deny(unsafe_code)]
 
+pub mod cni;
 pub mod maps;
 pub mod preamble;
 
