@@ -40,6 +40,51 @@ pub enum Command {
     /// Sign the node agents' node CAs (CertificateSigningRequests for
     /// dataplane.dev/node-ca); runs until killed.
     Issuer(IssuerArgs),
+    /// Put the CNI plugin on this node, or take it off.
+    #[command(subcommand)]
+    Cni(CniCommand),
+}
+
+/// `dataplane cni ...`.
+#[derive(Debug, Subcommand)]
+pub enum CniCommand {
+    /// Copy dataplane-cni into the CNI binary directory and chain it after
+    /// the primary CNI (the first .conflist by name); with --watch, keep it
+    /// chained until SIGTERM.
+    Install {
+        /// Where the node keeps its CNI files.
+        #[command(flatten)]
+        node: CniNode,
+        /// The plugin binary to copy (default: dataplane-cni beside this
+        /// executable).
+        #[arg(long, env = "DATAPLANE_CNI_PLUGIN", value_name = "FILE")]
+        plugin: Option<PathBuf>,
+        /// Keep the entry in place (the primary CNI may rewrite its list).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Remove our entry from every .conflist, the binary and the agent's
+    /// namespace list.
+    Uninstall {
+        /// Where the node keeps its CNI files.
+        #[command(flatten)]
+        node: CniNode,
+    },
+}
+
+/// A node's CNI directories and the agent's socket.
+#[derive(Debug, Clone, Args)]
+pub struct CniNode {
+    /// The node's CNI binary directory.
+    #[arg(long, env = "DATAPLANE_CNI_BIN_DIR", value_name = "DIR", default_value = "/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    /// The node's CNI configuration directory.
+    #[arg(long, env = "DATAPLANE_CNI_CONF_DIR", value_name = "DIR", default_value = "/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// The agent's socket (its --cni-socket), as the plugin on the node
+    /// reaches it.
+    #[arg(long, env = "DATAPLANE_CNI_SOCKET", value_name = "PATH", default_value = "/var/run/dataplane/cni.sock")]
+    pub socket: PathBuf,
 }
 
 /// `dataplane issuer`.
@@ -224,6 +269,10 @@ pub struct RunArgs {
     /// /var/run/netns), and stop serving those that disappear.
     #[arg(long, env = "DATAPLANE_NETNS_DIR", value_name = "DIR")]
     pub netns_dir: Option<PathBuf>,
+    /// Serve the CNI plugin (`dataplane-cni`) on this unix socket: each new
+    /// pod sandbox is decided before its containers start.
+    #[arg(long, env = "DATAPLANE_CNI_SOCKET", value_name = "PATH")]
+    pub cni_socket: Option<PathBuf>,
     /// Check the flags and values, print the effective configuration, and
     /// exit (0 if valid); nothing on the host is touched or required.
     #[arg(long)]
@@ -404,6 +453,8 @@ pub struct Config {
     pub namespaces: Vec<Arc<Netns>>,
     /// Directory of namespace files to enrol and withdraw as they come and go.
     pub netns_dir: Option<PathBuf>,
+    /// The CNI plugin's socket, if served.
+    pub cni_socket: Option<PathBuf>,
     /// Where the model of the workloads comes from, if anywhere.
     pub source: Option<Source>,
     /// Pod certificates minted on the node (`--node-ca`), if so.
@@ -525,6 +576,11 @@ impl RunArgs {
             }
             _ => {}
         }
+        // The plugin's pods are decided by their namespace's label and their
+        // own, which only the API gives.
+        if self.cni_socket.is_some() && !matches!(model, Some("--kube" | "--kubeconfig")) {
+            return Err(ConfigError::Needs("--cni-socket", "--kube or --kubeconfig"));
+        }
         if self.node_ca {
             if !matches!(model, Some("--kube" | "--kubeconfig")) {
                 return Err(ConfigError::Needs("--node-ca", "--kube or --kubeconfig"));
@@ -616,6 +672,7 @@ impl RunArgs {
             own_cgroup,
             namespaces,
             netns_dir: self.netns_dir,
+            cni_socket: self.cni_socket,
             source,
             minting,
             client_address: !self.no_client_address,
@@ -714,6 +771,13 @@ mod tests {
             "--kubeconfig needs --netns-dir"
         );
         assert_eq!(check(&["--workloads", "/w", "--netns-dir", "/d"]), Ok(()), "a file needs no node name");
+        let cni = ["--cni-socket", "/run/dp/cni.sock"];
+        let file = check(&[&["--workloads", "/w", "--netns-dir", "/d"][..], &cni].concat());
+        assert_eq!(
+            file.expect_err("a file cannot say a namespace's label"),
+            "--cni-socket needs --kube or --kubeconfig"
+        );
+        assert_eq!(check(&[&["--kube", "--netns-dir", "/d", "--node-name", "n"][..], &cni].concat()), Ok(()));
         let both = ["dataplane", "run", "--certs", "/c", "--kube", "--workloads", "/w"];
         assert!(Cli::try_parse_from(both).is_err(), "one source of the model");
     }

@@ -154,6 +154,12 @@ impl Registry {
         })
     }
 
+    /// Where the namespace whose file has inode `ino` stands, and its id
+    /// once opened.
+    pub fn state_of(&self, ino: u64) -> Option<(&State, Option<NetnsId>)> {
+        self.entries.values().find(|e| e.ino == ino).map(|e| (&e.state, e.netns.as_ref().map(|n| n.id())))
+    }
+
     /// How many namespaces are in each state.
     pub fn counts(&self) -> BTreeMap<&'static str, u64> {
         let mut m = BTreeMap::new();
@@ -171,10 +177,15 @@ impl Registry {
         let mut present = BTreeMap::new();
         let named = model.into_iter().flat_map(|m| m.named_netns().cloned());
         let listed = fs::read_dir(&self.dir).into_iter().flatten().flatten().map(|e| e.path());
+        let mut seen = std::collections::HashSet::new();
         for path in listed.chain(named) {
-            // Follows symlinks: the inode is the namespace's.
+            // Follows symlinks: the inode is the namespace's. One namespace
+            // is one entry: a file the model names (the CNI's) that the
+            // directory also shows, under another path, is not a second.
             if let Ok(m) = fs::metadata(&path) {
-                present.insert(path, m.ino());
+                if seen.insert((m.dev(), m.ino())) {
+                    present.insert(path, m.ino());
+                }
             }
         }
         for path in stale(&self.entries, &present) {

@@ -18,6 +18,7 @@ pub mod addrs;
 pub mod admin;
 pub mod ca;
 pub mod cgroup;
+pub mod cni;
 pub mod config;
 pub mod conn;
 pub mod cores;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use dataplane::{
     ca,
-    config::{CaCommand, Cli, Command, LogFormat},
+    config::{CaCommand, Cli, CniCommand, Command, LogFormat},
 };
 
 fn main() -> ExitCode {
@@ -88,6 +88,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Cni(cmd) => match cni(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Ca(cmd) => {
             let result = match cmd {
                 CaCommand::Init { dir } => ca::init(&dir),
@@ -104,4 +111,37 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `dataplane cni install|uninstall`.
+fn cni(cmd: CniCommand) -> anyhow::Result<()> {
+    use dataplane::cni::install;
+    let node =
+        |n: dataplane::config::CniNode| install::Node { bin_dir: n.bin_dir, conf_dir: n.conf_dir, socket: n.socket };
+    match cmd {
+        CniCommand::Install { node: n, plugin, watch } => {
+            let plugin = match plugin {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name(install::PLUGIN),
+            };
+            let node = node(n);
+            if watch {
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                    signal_hook::flag::register(sig, stop.clone())?;
+                }
+                let every = std::time::Duration::from_secs(2);
+                install::watch(&node, &plugin, every, || stop.load(std::sync::atomic::Ordering::Relaxed))?;
+            } else {
+                let list = install::install(&node, &plugin)?;
+                println!("chained after the primary CNI in {}", list.display());
+            }
+        }
+        CniCommand::Uninstall { node: n } => {
+            for path in install::uninstall(&node(n))? {
+                println!("removed {}", path.display());
+            }
+        }
+    }
+    Ok(())
 }

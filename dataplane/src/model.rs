@@ -21,8 +21,8 @@ use std::{net::IpAddr, path::PathBuf};
 mod index;
 mod membership;
 
-pub use index::{Change, Effects, Model};
-pub use membership::{membership, parse_ports};
+pub use index::{Change, Effects, Model, Sandbox};
+pub use membership::{membership, opted_in, parse_ports};
 
 /// Namespace label (`enabled`) and pod label (`disabled`) of mesh membership.
 pub const MESH_LABEL: &str = "dataplane.dev/mesh";

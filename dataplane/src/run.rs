@@ -12,7 +12,7 @@
 //! up to `--drain-timeout`, then the programs are detached and we exit 0;
 //! whatever is still open is closed with the process.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::Arc,
     thread,
@@ -55,6 +55,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 /// waits for its address.
 const QUICK_LOOK: Duration = Duration::from_millis(5);
 
+mod cni;
+
 /// Runs until SIGTERM or SIGINT, then drains.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     info!(
@@ -96,6 +98,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         info!(%bound, "admin endpoint listening");
     }
     let registry = cfg.netns_dir.as_deref().map(enroll::Registry::new);
+    // The CNI plugin's socket: sandboxes wait on it (in the plugin) until
+    // the main loop below decides them.
+    // (Without the socket, a channel that never delivers: a dropped sender
+    // would make the main loop's `select!` spin.)
+    let cni_asks = match &cfg.cni_socket {
+        Some(path) => {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            crate::cni::serve(path, tx).with_context(|| format!("--cni-socket {}", path.display()))?;
+            info!(socket = %path.display(), "serving the CNI plugin");
+            rx
+        }
+        None => crossbeam_channel::never(),
+    };
     let (netns_tx, netns_events) = crossbeam_channel::bounded(1);
     if let Some(dir) = &cfg.netns_dir {
         if let Err(e) = enroll::watch_dir(dir, netns_tx) {
@@ -141,6 +156,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         own_netns: None,
         model: None,
         pending: HashMap::new(),
+        cni_waiting: Vec::new(),
+        cni_answers: BTreeMap::new(),
         enrolment: crate::stats::histogram(),
         watch_counters,
         minter,
@@ -242,6 +259,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             recv(signals) -> sig => if matches!(sig, Ok(SIGTERM | SIGINT)) { bail!("stopped during start-up") },
         }
     }
+    // Sandboxes the CNI plugin handed a previous agent: their pods'
+    // addresses, before the kubelet reports them.
+    ctl.restore_sandboxes();
     // Pods are served once their certificates are minted: after a restart,
     // give the issuer a moment before attaching (then go on regardless; a
     // pod without a certificate is refused, never plaintext).
@@ -298,6 +318,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             },
             recv(admin_rx) -> req => if let Ok(req) = req { ctl.answer(req) },
             recv(rx) -> ev => if let Ok(ev) = ev { ctl.shard_event(ev) },
+            recv(cni_asks) -> ask => if let Ok(ask) = ask { ctl.cni(ask) },
             recv(models) -> m => match m {
                 // Enrolment looks again only when one of this node's pods
                 // changed: the rest of the cluster's churn never touches it.
@@ -389,6 +410,10 @@ struct Control {
     /// Namespaces being enrolled: what `connect4` is told once every
     /// executor listens in them.
     pending: HashMap<NetnsId, Pending>,
+    /// Sandboxes the CNI plugin handed over, waiting for their decision.
+    cni_waiting: Vec<cni::Wait>,
+    /// The plugin's sandboxes answered, by verdict.
+    cni_answers: BTreeMap<&'static str, u64>,
     /// Enrolment latencies (µs).
     enrolment: hdrhistogram::Histogram<u64>,
     /// Kubernetes watch interruptions, and node CA requests, when watching.
@@ -473,6 +498,7 @@ impl Control {
         if let Err(e) = self.sync_own_netns() {
             error!(error = %e, "could not update the capture verdict of our own namespace");
         }
+        self.answer_cni();
     }
 
     /// Drops what `connect4` knows of namespaces we do not (adopted from a
@@ -515,6 +541,7 @@ impl Control {
                     let took = p.since.elapsed();
                     let _ = self.enrolment.record(took.as_micros().max(1) as u64);
                     info!(?netns, ?took, "namespace served: its connects are captured");
+                    self.answer_cni();
                     // Then the return path (some milliseconds of nft and ip,
                     // on its own thread): the pod is served meanwhile, from
                     // its own address.
@@ -620,6 +647,11 @@ impl Control {
             info!(destinations, ?local, "model of the workloads in");
         } else {
             tracing::debug!(destinations = fx.meshed.len(), local = fx.local, "model of the workloads updated");
+        }
+        if let (true, Some(socket)) = (first || fx.namespaces, &self.cfg.cni_socket) {
+            if let Err(e) = crate::cni::write_namespaces(socket, model.meshed_namespaces()) {
+                error!(socket = %socket.display(), error = %e, "could not write the meshed namespaces for the CNI plugin");
+            }
         }
         if first || fx.local {
             self.refresh_certificates();
@@ -742,6 +774,7 @@ impl Control {
                     }),
                     enrolment: self.registry.as_ref().map(|_| self.enrolment.clone()),
                     return_path_failures: self.return_paths.failures(),
+                    cni: self.cfg.cni_socket.as_ref().map(|_| self.cni_answers.clone()),
                 };
                 (200, admin::render(&stats, &self.bpf_stats(), &extra))
             }

@@ -116,6 +116,47 @@ fn the_binary_accepts_the_issuers_configuration() {
     assert!(stdout.contains("dataplane-ca"), "the root is kept in its Secret: {stdout}");
 }
 
+/// The arguments and environment the manifest gives one container.
+fn container(name: &str) -> (Vec<String>, serde_json::Map<String, serde_json::Value>) {
+    let script = format!("{}/../deploy/manifest_config.py", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3").arg(script).arg(manifest()).arg(name).output().expect("manifest_config.py");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let args = cfg["args"].as_array().expect("args").iter().map(|a| a.as_str().expect("arg").to_string()).collect();
+    (args, cfg["env"].as_object().expect("env").clone())
+}
+
+#[test]
+fn the_cni_install_container_chains_the_plugin_to_the_agents_socket() {
+    if !tools() {
+        return;
+    }
+    let (args, env) = container("cni-install");
+    assert_eq!(args, ["cni", "install", "--watch"]);
+    let (_, agent) = container("dataplane");
+    let socket = agent.get("DATAPLANE_CNI_SOCKET").and_then(|v| v.as_str()).expect("the agent serves the plugin");
+    assert_eq!(env.get("DATAPLANE_CNI_SOCKET").and_then(|v| v.as_str()), Some(socket), "one socket for both");
+    // The container's own settings, run once against a node of our own
+    // making (its /host directories replaced): the entry names the socket.
+    let node = std::env::temp_dir().join(format!("dp-manifest-cni-{}", std::process::id()));
+    let (bin, conf) = (node.join("bin"), node.join("net.d"));
+    std::fs::create_dir_all(&conf).expect("conf dir");
+    let list = r#"{"cniVersion":"1.0.0","name":"k","plugins":[{"type":"bridge"}]}"#;
+    std::fs::write(conf.join("10-k.conflist"), list).expect("primary");
+    let plugin = node.join("plugin");
+    std::fs::write(&plugin, b"binary").expect("plugin");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dataplane"));
+    cmd.args(["cni", "install", "--plugin"]).arg(&plugin);
+    for (k, v) in &env {
+        cmd.env(k, v.as_str().expect("string env value"));
+    }
+    let out = cmd.env("DATAPLANE_CNI_BIN_DIR", &bin).env("DATAPLANE_CNI_CONF_DIR", &conf).output().expect("install");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let chained = std::fs::read_to_string(conf.join("10-k.conflist")).expect("list");
+    let _ = std::fs::remove_dir_all(&node);
+    assert!(chained.contains("dataplane-cni") && chained.contains(socket), "{chained}");
+}
+
 #[test]
 fn only_the_issuer_may_read_the_root() {
     if !tools() {

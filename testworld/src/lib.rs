@@ -23,6 +23,7 @@
 pub mod apiserver;
 pub mod certs;
 pub mod cgroup;
+pub mod cni;
 pub mod dataplane;
 pub mod netns;
 pub mod peers;

@@ -77,6 +77,9 @@ pub struct Extra {
     pub certificates: Option<[u64; 4]>,
     /// Namespaces where the client-address return path could not be set up.
     pub return_path_failures: u64,
+    /// With `--cni-socket`: the plugin's sandboxes answered, by verdict
+    /// (`served`, `passed`, `refused`).
+    pub cni: Option<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 /// Renders the merged executor measurements, the eBPF decision counters and
@@ -237,6 +240,18 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
             pods.get_or_create(&vec![("membership", m.to_string())]).set(*n as i64);
         }
         reg.register("pods", "This node's workloads in the model, by mesh membership", pods);
+    }
+    if let Some(cni) = &extra.cni {
+        let answered = Family::<Labels, Counter>::default();
+        for verdict in ["served", "passed", "refused"] {
+            let n = cni.get(verdict).copied().unwrap_or(0);
+            answered.get_or_create(&vec![("verdict", verdict.to_string())]).inc_by(n);
+        }
+        reg.register(
+            "cni_sandboxes",
+            "Pod sandboxes the CNI plugin handed over, by the agent's answer (refused: the runtime retries the sandbox)",
+            answered,
+        );
     }
     if let Some((p, n)) = extra.watch_errors {
         let errors = Family::<Labels, Counter>::default();

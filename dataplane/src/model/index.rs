@@ -20,6 +20,26 @@ pub enum Change {
     Workload(ObjectRef, Option<Workload>),
     /// A Service with its EndpointSlices (`None` too for a headless one).
     Service(ObjectRef, Option<Service>),
+    /// A Kubernetes namespace, and whether it is opted into the mesh.
+    Namespace(String, Option<bool>),
+    /// A local pod's sandbox, as the CNI plugin reported it.
+    Sandbox(ObjectRef, Option<Sandbox>),
+}
+
+/// A pod's sandbox on this node as the CNI plugin reported it at ADD: its
+/// namespace file and its addresses, known before the kubelet reports them
+/// to the API. The pod's workload carries them from then on; a pod the API
+/// has not shown yet is known by its namespace's membership alone (outside
+/// the mesh when the namespace is not opted in; otherwise unknown until the
+/// API shows it, since its own labels may opt it out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// The runtime's id of the sandbox.
+    pub container_id: String,
+    /// Its network namespace file.
+    pub netns: PathBuf,
+    /// Its addresses (none: as the API says).
+    pub addresses: Vec<IpAddr>,
 }
 
 /// What an update changed, for the eBPF maps and the executors.
@@ -35,12 +55,14 @@ pub struct Effects {
     pub services: bool,
     /// ClusterIP:port pairs that came (`true`) or went (`false`).
     pub vips: BTreeMap<SocketAddr, bool>,
+    /// Whether the namespaces opted into the mesh changed.
+    pub namespaces: bool,
 }
 
 impl Effects {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.meshed.is_empty() && !self.local && !self.services && self.vips.is_empty()
+        self.meshed.is_empty() && !self.local && !self.services && self.vips.is_empty() && !self.namespaces
     }
 }
 
@@ -60,6 +82,12 @@ pub struct Model {
     table: Arc<Table>,
     /// The table entries each Service wrote.
     vips_of: HashMap<ObjectRef, Vec<SocketAddr>>,
+    /// Kubernetes namespaces, and whether each is opted in.
+    namespaces: BTreeMap<String, bool>,
+    /// Local pods' sandboxes, and what the API says of those pods (their
+    /// workloads in `workloads` carry the sandbox's addresses).
+    sandboxes: HashMap<ObjectRef, Sandbox>,
+    api_of_sandboxed: HashMap<ObjectRef, Workload>,
 }
 
 impl Model {
@@ -117,7 +145,59 @@ impl Model {
         let mut touched_services = BTreeSet::new();
         for change in changes {
             match change {
-                Change::Workload(key, new) => self.set_workload(key, new, &mut addrs, &mut effects),
+                Change::Workload(key, new) => {
+                    let new = match self.sandboxes.contains_key(&key) {
+                        true => {
+                            match new {
+                                Some(w) => self.api_of_sandboxed.insert(key.clone(), w),
+                                None => self.api_of_sandboxed.remove(&key),
+                            };
+                            self.with_sandbox(&key)
+                        }
+                        false => new,
+                    };
+                    self.set_workload(key, new, &mut addrs, &mut effects)
+                }
+                Change::Sandbox(key, sandbox) => {
+                    let new = match sandbox {
+                        Some(sb) => {
+                            if !self.sandboxes.contains_key(&key) {
+                                if let Some(w) = self.workloads.get(&key) {
+                                    self.api_of_sandboxed.insert(key.clone(), w.clone());
+                                }
+                            }
+                            self.sandboxes.insert(key.clone(), sb);
+                            self.with_sandbox(&key)
+                        }
+                        None => {
+                            self.sandboxes.remove(&key);
+                            self.api_of_sandboxed.remove(&key)
+                        }
+                    };
+                    self.set_workload(key, new, &mut addrs, &mut effects)
+                }
+                Change::Namespace(name, opted_in) => {
+                    let before = match opted_in {
+                        Some(o) => self.namespaces.insert(name.clone(), o),
+                        None => self.namespaces.remove(&name),
+                    };
+                    if before == opted_in {
+                        continue;
+                    }
+                    effects.namespaces = true;
+                    // Sandboxes the API has not shown yet are known by their
+                    // namespace alone.
+                    let unknown: Vec<ObjectRef> = self
+                        .sandboxes
+                        .keys()
+                        .filter(|k| k.namespace == name && !self.api_of_sandboxed.contains_key(*k))
+                        .cloned()
+                        .collect();
+                    for key in unknown {
+                        let new = self.with_sandbox(&key);
+                        self.set_workload(key, new, &mut addrs, &mut effects);
+                    }
+                }
                 Change::Service(key, new) => {
                     self.set_service(&key, new);
                     touched_services.insert(key);
@@ -142,6 +222,33 @@ impl Model {
         }
         effects.services = self.rebuild_frontends(&touched_services, &mut effects.vips);
         effects
+    }
+
+    /// A sandboxed pod's workload: the API's with the sandbox's addresses
+    /// and namespace file; or, before the API shows the pod, one outside the
+    /// mesh if its namespace is not opted in (none otherwise: undecided).
+    fn with_sandbox(&self, key: &ObjectRef) -> Option<Workload> {
+        let sb = self.sandboxes.get(key)?;
+        let mut w = match self.api_of_sandboxed.get(key) {
+            Some(w) => w.clone(),
+            None if self.namespaces.get(&key.namespace) == Some(&false) => Workload {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                service_account: "default".into(),
+                addresses: Vec::new(),
+                local: true,
+                netns: None,
+                client_address: true,
+                mode: Mode::Outside(super::Outside::NotOptedIn),
+            },
+            None => return None,
+        };
+        if !sb.addresses.is_empty() {
+            w.addresses.clone_from(&sb.addresses);
+        }
+        w.netns = Some(sb.netns.clone());
+        w.local = true;
+        Some(w)
     }
 
     fn set_workload(
@@ -247,6 +354,32 @@ impl Model {
             *held = self.table.get(*vip).is_some();
         }
         changed
+    }
+
+    /// The workload named `key`, if there is one.
+    pub fn workload(&self, key: &ObjectRef) -> Option<&Workload> {
+        self.workloads.get(key)
+    }
+
+    /// The sandbox the CNI reported for the pod `key`, if any.
+    pub fn sandbox(&self, key: &ObjectRef) -> Option<&Sandbox> {
+        self.sandboxes.get(key)
+    }
+
+    /// Every sandbox the CNI reported, by pod.
+    pub fn sandboxes(&self) -> impl Iterator<Item = (&ObjectRef, &Sandbox)> {
+        self.sandboxes.iter()
+    }
+
+    /// Whether a Kubernetes namespace is opted into the mesh (`None`: not
+    /// known).
+    pub fn opted_in(&self, namespace: &str) -> Option<bool> {
+        self.namespaces.get(namespace).copied()
+    }
+
+    /// The namespaces opted into the mesh.
+    pub fn meshed_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.namespaces.iter().filter(|(_, on)| **on).map(|(n, _)| n.as_str())
     }
 
     /// Every workload, by namespace and name.
@@ -447,5 +580,46 @@ mod tests {
         assert_eq!(backends(&m), ["10.0.1.1:8080 false"]);
         assert!(m.replace(vec![], vec![]).local);
         assert!(m.meshed_destinations().is_empty() && m.service_table().is_empty());
+    }
+
+    #[test]
+    fn a_sandbox_gives_a_local_pod_its_addresses_before_the_api_does() {
+        let mut m = Model::default();
+        m.apply([Change::Namespace("ns".into(), Some(true)), Change::Namespace("plain".into(), Some(false))]);
+        assert_eq!(m.meshed_namespaces().collect::<Vec<_>>(), ["ns"]);
+        // The API shows the pod scheduled here, with no address yet.
+        let mut a = workload("a", "10.0.0.1", true, meshed());
+        a.addresses.clear();
+        m.apply([Change::Workload(a.object(), Some(a.clone()))]);
+        let sb =
+            Sandbox { container_id: "c1".into(), netns: "/run/netns/cni-a".into(), addresses: vec![ip("10.0.0.1")] };
+        let fx = m.apply([Change::Sandbox(a.object(), Some(sb.clone()))]);
+        assert!(fx.local && fx.meshed.contains_key(&ip("10.0.0.1")), "{fx:?}");
+        let w = m.local_with(ip("10.0.0.1")).expect("one").expect("claimed by its sandbox");
+        assert_eq!((w.name.as_str(), w.netns.as_deref()), ("a", Some(std::path::Path::new("/run/netns/cni-a"))));
+        // The kubelet's status write (same address) and a label change keep
+        // the sandbox's namespace file.
+        a.addresses = vec![ip("10.0.0.1")];
+        m.apply([Change::Workload(a.object(), Some(a.clone()))]);
+        assert!(m.workload(&a.object()).is_some_and(|w| w.netns.is_some()));
+        // DEL: back to what the API says.
+        m.apply([Change::Sandbox(a.object(), None)]);
+        assert_eq!(m.workload(&a.object()), Some(&a));
+
+        // A pod the API has not shown yet: outside the mesh if its namespace
+        // is not opted in, undecided if it is.
+        let plain = ObjectRef::new("plain", "p");
+        let fx =
+            m.apply([Change::Sandbox(plain.clone(), Some(Sandbox { addresses: vec![ip("10.0.0.9")], ..sb.clone() }))]);
+        assert!(fx.local);
+        let w = m.local_with(ip("10.0.0.9")).expect("one").expect("known by its namespace");
+        assert_eq!(w.mode, Mode::Outside(Outside::NotOptedIn));
+        let early = ObjectRef::new("ns", "early");
+        m.apply([Change::Sandbox(early.clone(), Some(Sandbox { addresses: vec![ip("10.0.0.8")], ..sb }))]);
+        assert!(m.workload(&early).is_none(), "its own labels may opt it out: wait for the API");
+        // Its namespace is opted out meanwhile: now it is known.
+        let fx = m.apply([Change::Namespace("ns".into(), Some(false))]);
+        assert!(fx.namespaces && fx.local);
+        assert_eq!(m.workload(&early).map(|w| &w.mode), Some(&Mode::Outside(Outside::NotOptedIn)));
     }
 }

@@ -17,7 +17,7 @@ pub fn membership(
     if host_network {
         return Mode::Outside(Outside::HostNetwork);
     }
-    if namespace_labels.and_then(|l| l.get(MESH_LABEL)).map(String::as_str) != Some("enabled") {
+    if !opted_in(namespace_labels) {
         return Mode::Outside(Outside::NotOptedIn);
     }
     if pod_labels.get(MESH_LABEL).map(String::as_str) == Some("disabled") {
@@ -31,6 +31,12 @@ pub fn membership(
         (Ok(skip_outbound), Ok(skip_inbound)) => Mode::Meshed { skip_outbound, skip_inbound },
         (Err(e), _) | (_, Err(e)) => Mode::Outside(Outside::BadAnnotation(e)),
     }
+}
+
+/// Whether a namespace with these labels is opted into the mesh (`None`:
+/// not known yet, so not).
+pub fn opted_in(namespace_labels: Option<&BTreeMap<String, String>>) -> bool {
+    namespace_labels.and_then(|l| l.get(MESH_LABEL)).map(String::as_str) == Some("enabled")
 }
 
 /// A comma-separated list of at most [`POD_PORTS`] ports, none of them the

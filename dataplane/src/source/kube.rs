@@ -261,6 +261,7 @@ impl State {
     fn apply(&mut self, change: Change) -> Vec<model::Change> {
         let mut pods: BTreeSet<Key> = BTreeSet::new();
         let mut services: BTreeSet<Key> = BTreeSet::new();
+        let mut namespaces: BTreeSet<String> = BTreeSet::new();
         match change {
             Change::Pod(ev) => pods.extend(self.pods.apply(*ev, view).into_iter().map(|(k, _)| k)),
             Change::Namespace(ev) => {
@@ -269,6 +270,7 @@ impl State {
                     // Every pod of the namespace: its membership may follow.
                     let from = (ns.clone(), String::new());
                     pods.extend(self.pods.items.range(from..).take_while(|(k, _)| k.0 == ns).map(|(k, _)| k.clone()));
+                    namespaces.insert(ns);
                 }
             }
             Change::Service(ev) => services.extend(self.services.apply(*ev, service_view).into_iter().map(|(k, _)| k)),
@@ -286,7 +288,12 @@ impl State {
             self.published = true;
             pods = self.pods.items.keys().cloned().collect();
             services = self.services.items.keys().cloned().collect();
+            namespaces = self.namespaces.items.keys().map(|(_, n)| n.clone()).collect();
         }
+        let namespaces = namespaces.into_iter().map(|ns| {
+            let labels = self.namespaces.items.get(&(String::new(), ns.clone()));
+            model::Change::Namespace(ns, labels.map(|l| model::opted_in(Some(l))))
+        });
         let pods = pods.into_iter().map(|k| {
             let w = self.workload(&k);
             model::Change::Workload(ObjectRef { namespace: k.0, name: k.1 }, w)
@@ -295,7 +302,9 @@ impl State {
             let s = self.service(&k);
             model::Change::Service(ObjectRef { namespace: k.0, name: k.1 }, s)
         });
-        pods.chain(services).collect()
+        // Namespaces first: a sandbox the API has not shown yet is known by
+        // its namespace's membership.
+        namespaces.chain(pods).chain(services).collect()
     }
 
     /// The workload a pod is now.
@@ -499,7 +508,7 @@ mod tests {
         apply(&mut s, Change::Slice(Box::new(watcher::Event::Init)));
         apply(&mut s, Change::Slice(Box::new(watcher::Event::InitApply(slice.clone()))));
         let (n, m) = apply(&mut s, Change::Slice(Box::new(watcher::Event::InitDone)));
-        assert_eq!(n, 3, "all listed: the whole model, once (two pods, one Service)");
+        assert_eq!(n, 4, "all listed: the whole model, once (a namespace, two pods, one Service)");
         let table = m.service_table();
         let web = table.get("10.96.0.10:80".parse().expect("vip")).expect("the TCP port");
         assert!(web.client_ip_affinity);

@@ -1,0 +1,219 @@
+//! The control thread's side of the CNI plugin (`--cni-socket`): a
+//! sandbox handed over at ADD becomes its pod's (addresses and namespace
+//! file, before the API shows them), and the plugin's answer waits until
+//! the pod is decided: served (listeners open on every executor and
+//! `connect4` told), passed (outside the mesh), or refused after
+//! [`CNI_DECIDE_WITHIN`] (the runtime retries the sandbox).
+//!
+//! The sandboxes are kept beside the socket (`<socket>.sandboxes`, on the
+//! node's /var/run: gone at reboot, as the sandboxes are): an agent that
+//! restarts knows its pods' addresses again before the kubelet has reported
+//! them, and those it still serves are not left unclaimed meanwhile.
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::cni::{sandboxes_file, Command as CniCommand, Response};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use super::Control;
+use crate::{
+    enroll::State,
+    model::{self, ObjectRef},
+};
+
+/// How long a sandbox the CNI plugin handed over may wait for its decision
+/// (the pod's object from the API, its listeners, its certificate) before
+/// it is refused and the runtime retries it.
+const CNI_DECIDE_WITHIN: Duration = Duration::from_secs(30);
+/// A sandbox the CNI plugin waits on.
+#[derive(Debug)]
+pub(super) struct Wait {
+    pod: ObjectRef,
+    container_id: String,
+    /// Its namespace file's inode (the registry's entry for it).
+    ino: u64,
+    reply: crossbeam_channel::Sender<Response>,
+    since: Instant,
+}
+
+/// A sandbox as kept on disk.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Saved {
+    namespace: String,
+    name: String,
+    container_id: String,
+    netns: PathBuf,
+    addresses: Vec<IpAddr>,
+}
+
+impl Control {
+    /// Takes back the sandboxes a previous agent kept whose namespace is
+    /// still there (after the first model is in).
+    pub(super) fn restore_sandboxes(&mut self) {
+        let Some(socket) = self.cfg.cni_socket.clone() else { return };
+        let path = sandboxes_file(&socket);
+        let saved: Vec<Saved> = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(file = %path.display(), error = %e, "kept sandboxes unreadable: the API will tell their addresses");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        let changes: Vec<model::Change> = saved
+            .into_iter()
+            .filter(|s| s.netns.exists())
+            .map(|s| {
+                let sandbox = model::Sandbox { container_id: s.container_id, netns: s.netns, addresses: s.addresses };
+                model::Change::Sandbox(ObjectRef { namespace: s.namespace, name: s.name }, Some(sandbox))
+            })
+            .collect();
+        if !changes.is_empty() {
+            info!(sandboxes = changes.len(), "sandboxes taken back from the previous agent");
+            self.update(changes);
+        }
+        self.save_sandboxes();
+    }
+
+    /// Writes the sandboxes down (whole: a temporary file renamed over).
+    fn save_sandboxes(&self) {
+        let (Some(socket), Some(model)) = (&self.cfg.cni_socket, &self.model) else { return };
+        let saved: Vec<Saved> = model
+            .sandboxes()
+            .map(|(pod, s)| Saved {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                container_id: s.container_id.clone(),
+                netns: s.netns.clone(),
+                addresses: s.addresses.clone(),
+            })
+            .collect();
+        let path = sandboxes_file(socket);
+        let tmp = path.with_extension("sandboxes.tmp");
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            error!(file = %path.display(), error = %e, "could not keep the sandboxes: a restarted agent learns their addresses from the API");
+        }
+    }
+
+    /// A sandbox from the CNI plugin: ADD makes it the pod's (its addresses
+    /// and namespace file, before the API shows them) and waits for the
+    /// decision; DEL forgets it.
+    pub(super) fn cni(&mut self, ask: crate::cni::Ask) {
+        let req = ask.request;
+        let pod = ObjectRef::new(&req.namespace, &req.name);
+        match req.command {
+            CniCommand::Del => {
+                // Only the sandbox the model holds: a late DEL of an earlier
+                // sandbox leaves its successor alone.
+                let current = self.model.as_ref().and_then(|m| m.sandbox(&pod));
+                if current.is_some_and(|s| s.container_id == req.container_id) {
+                    if self.update(vec![model::Change::Sandbox(pod.clone(), None)]) {
+                        self.scan_namespaces();
+                    }
+                    self.save_sandboxes();
+                }
+                info!(%pod, container = req.container_id, "CNI DEL");
+                // The runtime gave up on a sandbox still waiting.
+                let (gone, waiting) =
+                    std::mem::take(&mut self.cni_waiting).into_iter().partition(|w| w.container_id == req.container_id);
+                self.cni_waiting = waiting;
+                for w in gone {
+                    let why = "the sandbox was deleted before it was decided".to_string();
+                    self.cni_answered(&w.pod, Response::Refused { why }, &w.reply);
+                }
+                let _ = ask.reply.send(Response::Passed { why: "deleted".into() });
+            }
+            CniCommand::Add => {
+                let ino = match std::fs::metadata(&req.netns) {
+                    Ok(m) => std::os::unix::fs::MetadataExt::ino(&m),
+                    Err(e) => {
+                        self.cni_answered(
+                            &pod,
+                            Response::Refused { why: format!("{}: {e}", req.netns.display()) },
+                            &ask.reply,
+                        );
+                        return;
+                    }
+                };
+                let sandbox = model::Sandbox {
+                    container_id: req.container_id.clone(),
+                    netns: req.netns.clone(),
+                    addresses: req.addresses.clone(),
+                };
+                info!(%pod, container = req.container_id, netns = %req.netns.display(), addresses = ?req.addresses, "CNI ADD");
+                self.cni_waiting.push(Wait {
+                    pod: pod.clone(),
+                    container_id: req.container_id,
+                    ino,
+                    reply: ask.reply,
+                    since: Instant::now(),
+                });
+                if self.update(vec![model::Change::Sandbox(pod, Some(sandbox))]) {
+                    self.scan_namespaces();
+                }
+                self.save_sandboxes();
+                self.answer_cni();
+            }
+        }
+    }
+
+    /// Answers the sandboxes that are decided (served: listeners open on
+    /// every executor and `connect4` told; or passed), and refuses those
+    /// that waited too long.
+    pub(super) fn answer_cni(&mut self) {
+        for w in std::mem::take(&mut self.cni_waiting) {
+            let decided = self.cni_decision(&w);
+            match decided {
+                Some(r) => self.cni_answered(&w.pod, r, &w.reply),
+                None if w.since.elapsed() >= CNI_DECIDE_WITHIN => {
+                    let why = match (self.model.as_ref().and_then(|m| m.workload(&w.pod)), &self.registry) {
+                        (None, _) => format!("the Kubernetes API has not shown pod {} yet", w.pod),
+                        (Some(_), Some(r)) => match r.state_of(w.ino) {
+                            Some((state, _)) => format!("its network namespace is {}", state.label()),
+                            None => "its network namespace is not found".into(),
+                        },
+                        (Some(_), None) => "no --netns-dir".into(),
+                    };
+                    let why = format!("not decided within {}s: {why}", CNI_DECIDE_WITHIN.as_secs());
+                    self.cni_answered(&w.pod, Response::Refused { why }, &w.reply);
+                }
+                None => self.cni_waiting.push(w),
+            }
+        }
+    }
+
+    /// The answer for a sandbox, once there is one.
+    fn cni_decision(&self, w: &Wait) -> Option<Response> {
+        // Not shown by the API yet, in a namespace that is opted in (or not
+        // known): its own labels may still opt it out.
+        self.model.as_ref()?.workload(&w.pod)?;
+        let (state, id) = self.registry.as_ref()?.state_of(w.ino)?;
+        match state {
+            State::Served if id.is_some_and(|id| !self.pending.contains_key(&id)) => Some(Response::Served),
+            State::Passed(why) => Some(Response::Passed { why: why.to_string() }),
+            State::Conflict(why) => Some(Response::Refused { why: why.clone() }),
+            _ => None,
+        }
+    }
+
+    fn cni_answered(&mut self, pod: &ObjectRef, r: Response, reply: &crossbeam_channel::Sender<Response>) {
+        let verdict = match &r {
+            Response::Served => "served",
+            Response::Passed { .. } => "passed",
+            Response::Refused { why } => {
+                warn!(%pod, why, "CNI ADD refused: the runtime will retry the sandbox");
+                "refused"
+            }
+        };
+        *self.cni_answers.entry(verdict).or_default() += 1;
+        let _ = reply.send(r);
+    }
+}

@@ -1,0 +1,125 @@
+//! Pods made the way a container runtime makes them: a network
+//! configuration list (the reference `bridge` plugin with `host-local`
+//! addresses, then `dataplane-cni`, as `deploy/dataplane-cni.json` ships
+//! it) executed per the CNI spec, as containerd's libcni does: each plugin
+//! with the `CNI_*` variables and its configuration (with the previous
+//! plugin's result as `prevResult`) on standard input. The bridge lives in a
+//! "node" namespace of its own, so nothing is added to the host's network.
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use serde_json::{json, Value};
+
+use crate::{unique, Netns, TempDir};
+
+/// Where Debian's `containernetworking-plugins` puts the reference plugins.
+pub const PLUGIN_DIR: &str = "/usr/lib/cni";
+
+/// A node's pod network: a bridge and an address range, and the chain.
+#[derive(Debug)]
+pub struct Network {
+    /// The node's namespace, where the bridge is.
+    pub node: Netns,
+    plugins: Vec<Value>,
+    cni: PathBuf,
+    _ipam: TempDir,
+}
+
+/// The `dataplane-cni` binary built beside the running executable (as
+/// [`crate::dataplane_binary`] finds `dataplane`).
+pub fn cni_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("dataplane-cni"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("dataplane-cni is not built beside {}: cargo build -p dataplane-cni", exe.display()))
+}
+
+impl Network {
+    /// A bridge network over `subnet` (`10.x.y.0/24`), chained to the agent
+    /// at `socket` (`None`: the primary plugin alone, a node without us).
+    pub fn new(test: &str, subnet: &str, socket: Option<&Path>) -> Self {
+        let node = Netns::new(test, "node");
+        let ipam = TempDir::new(&format!("dptest-ipam-{}", unique(test, "i"))).expect("IPAM directory");
+        let mut plugins = vec![json!({
+            "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": ipam.0},
+        })];
+        if let Some(socket) = socket {
+            let shipped = include_str!("../../deploy/dataplane-cni.json");
+            let mut ours: Value = serde_json::from_str(shipped).expect("deploy/dataplane-cni.json");
+            ours["agentSocket"] = json!(socket);
+            plugins.push(ours);
+        }
+        Self { node, plugins, cni: cni_binary(), _ipam: ipam }
+    }
+
+    /// ADD for `pod` (namespace/name, sandbox `container`): the chain's
+    /// result, or the first plugin's error (its JSON).
+    pub fn add(&self, pod: &Netns, namespace: &str, name: &str, container: &str) -> Result<Value, Value> {
+        let mut prev: Option<Value> = None;
+        for plugin in &self.plugins {
+            prev = Some(self.exec("ADD", plugin, prev.as_ref(), pod, namespace, name, container)?);
+        }
+        Ok(prev.unwrap_or_default())
+    }
+
+    /// DEL for `pod`, the chain in reverse (as libcni does).
+    pub fn del(&self, pod: &Netns, namespace: &str, name: &str, container: &str) -> Result<(), Value> {
+        for plugin in self.plugins.iter().rev() {
+            self.exec("DEL", plugin, None, pod, namespace, name, container)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exec(
+        &self,
+        command: &str,
+        plugin: &Value,
+        prev: Option<&Value>,
+        pod: &Netns,
+        namespace: &str,
+        name: &str,
+        container: &str,
+    ) -> Result<Value, Value> {
+        let mut config = plugin.clone();
+        config["cniVersion"] = json!("1.0.0");
+        config["name"] = json!("dptest");
+        if let Some(prev) = prev {
+            config["prevResult"] = prev.clone();
+        }
+        let kind = plugin["type"].as_str().expect("type");
+        let binary = match kind {
+            "dataplane-cni" => self.cni.clone(),
+            other => Path::new(PLUGIN_DIR).join(other),
+        };
+        let mut cmd = self.node.command(None, &binary.display().to_string(), &[]);
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", pod.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", PLUGIN_DIR)
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID=uid-{name}"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{kind}: {e}"));
+        child.stdin.take().expect("stdin").write_all(config.to_string().as_bytes()).expect("configuration written");
+        let out = child.wait_with_output().expect("plugin output");
+        let stdout: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(json!({"plugin": kind, "error": stdout, "stderr": String::from_utf8_lossy(&out.stderr)}))
+        }
+    }
+}
