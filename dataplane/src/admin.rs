@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-pub use metrics::{render, Extra};
+pub use metrics::{render, CniFigures, Extra};
 
 use crate::{netns::NetnsId, shard::Listening};
 

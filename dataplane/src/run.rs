@@ -157,7 +157,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         model: None,
         pending: HashMap::new(),
         cni_waiting: Vec::new(),
-        cni_answers: BTreeMap::new(),
+        cni_figures: admin::CniFigures { answered: BTreeMap::new(), decision: crate::stats::histogram() },
         enrolment: crate::stats::histogram(),
         watch_counters,
         minter,
@@ -412,8 +412,8 @@ struct Control {
     pending: HashMap<NetnsId, Pending>,
     /// Sandboxes the CNI plugin handed over, waiting for their decision.
     cni_waiting: Vec<cni::Wait>,
-    /// The plugin's sandboxes answered, by verdict.
-    cni_answers: BTreeMap<&'static str, u64>,
+    /// The plugin's sandboxes answered: by verdict, and how long each took.
+    cni_figures: admin::CniFigures,
     /// Enrolment latencies (µs).
     enrolment: hdrhistogram::Histogram<u64>,
     /// Kubernetes watch interruptions, and node CA requests, when watching.
@@ -774,7 +774,7 @@ impl Control {
                     }),
                     enrolment: self.registry.as_ref().map(|_| self.enrolment.clone()),
                     return_path_failures: self.return_paths.failures(),
-                    cni: self.cfg.cni_socket.as_ref().map(|_| self.cni_answers.clone()),
+                    cni: self.cfg.cni_socket.as_ref().map(|_| self.cni_figures.clone()),
                 };
                 (200, admin::render(&stats, &self.bpf_stats(), &extra))
             }

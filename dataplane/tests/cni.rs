@@ -138,6 +138,7 @@ fn a_pod_is_served_from_its_first_connect_and_pods_outside_are_never_refused() {
     n.net.del(&ghost, "shop", "ghost", "c-ghost").expect("DEL of an unknown sandbox succeeds");
     n.net.del(&web, "shop", "web", "c-web").expect("DEL");
     assert_eq!((n.cni_count("served"), n.cni_count("passed"), n.cni_count("refused")), (3.0, 2.0, 0.0));
+    decisions(&n, "one at a time; one waited for the API");
 }
 
 #[test]
@@ -205,4 +206,38 @@ fn twenty_pods_at_once_none_refused_none_in_plaintext() {
         assert_eq!(peer, &want, "{ns}: tunnelled if meshed, direct if not");
     }
     assert_eq!((n.cni_count("served"), n.cni_count("passed"), n.cni_count("refused")), (11.0, 10.0, 0.0));
+    decisions(&n, "at once");
+}
+
+/// Prints what ADD added to each pod's start, as the agent measured it
+/// (figures only: a busy machine stretches them).
+fn decisions(n: &Node, how: &str) {
+    for verdict in ["served", "passed"] {
+        let mut took: Vec<f64> = n
+            .dp()
+            .proc
+            .output()
+            .iter()
+            .filter(|l| l.contains("CNI ADD answered") && l.contains(&format!("verdict=\"{verdict}\"")))
+            .filter_map(|l| millis(l.rsplit("took=").next()?))
+            .collect();
+        took.sort_by(f64::total_cmp);
+        let at = |q: f64| took.get(((took.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+        println!("ADD {verdict} ({how}): {} sandboxes, p50 {:.2} ms, max {:.2} ms", took.len(), at(0.5), at(1.0));
+    }
+}
+
+/// A `Debug` duration (`1.234ms`, `56.7µs`, `1.2s`) in milliseconds.
+fn millis(d: &str) -> Option<f64> {
+    let d = d.split_whitespace().next()?;
+    let split = d.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (n, unit) = d.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    Some(match unit {
+        "s" => n * 1e3,
+        "ms" => n,
+        "µs" => n / 1e3,
+        "ns" => n / 1e6,
+        _ => return None,
+    })
 }

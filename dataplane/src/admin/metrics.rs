@@ -77,9 +77,17 @@ pub struct Extra {
     pub certificates: Option<[u64; 4]>,
     /// Namespaces where the client-address return path could not be set up.
     pub return_path_failures: u64,
-    /// With `--cni-socket`: the plugin's sandboxes answered, by verdict
-    /// (`served`, `passed`, `refused`).
-    pub cni: Option<std::collections::BTreeMap<&'static str, u64>>,
+    /// With `--cni-socket`: what the CNI plugin's sandboxes were told.
+    pub cni: Option<CniFigures>,
+}
+
+/// The CNI plugin's sandboxes, as the control thread answered them.
+#[derive(Debug, Clone)]
+pub struct CniFigures {
+    /// Answers by verdict (`served`, `passed`, `refused`).
+    pub answered: std::collections::BTreeMap<&'static str, u64>,
+    /// From a sandbox's ADD reaching the agent to its answer (µs).
+    pub decision: hdrhistogram::Histogram<u64>,
 }
 
 /// Renders the merged executor measurements, the eBPF decision counters and
@@ -244,13 +252,19 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
     if let Some(cni) = &extra.cni {
         let answered = Family::<Labels, Counter>::default();
         for verdict in ["served", "passed", "refused"] {
-            let n = cni.get(verdict).copied().unwrap_or(0);
+            let n = cni.answered.get(verdict).copied().unwrap_or(0);
             answered.get_or_create(&vec![("verdict", verdict.to_string())]).inc_by(n);
         }
         reg.register(
             "cni_sandboxes",
             "Pod sandboxes the CNI plugin handed over, by the agent's answer (refused: the runtime retries the sandbox)",
             answered,
+        );
+        reg.register_with_unit(
+            "cni_decision_latency",
+            "From a pod sandbox's ADD reaching the agent to its answer (what the mesh adds to a pod's start)",
+            prometheus_client::registry::Unit::Seconds,
+            HdrExport::from(&cni.decision),
         );
     }
     if let Some((p, n)) = extra.watch_errors {

@@ -127,16 +127,18 @@ impl Control {
                 self.cni_waiting = waiting;
                 for w in gone {
                     let why = "the sandbox was deleted before it was decided".to_string();
-                    self.cni_answered(&w.pod, Response::Refused { why }, &w.reply);
+                    self.cni_answered(&w.pod, w.since, Response::Refused { why }, &w.reply);
                 }
                 let _ = ask.reply.send(Response::Passed { why: "deleted".into() });
             }
             CniCommand::Add => {
+                let since = Instant::now();
                 let ino = match std::fs::metadata(&req.netns) {
                     Ok(m) => std::os::unix::fs::MetadataExt::ino(&m),
                     Err(e) => {
                         self.cni_answered(
                             &pod,
+                            since,
                             Response::Refused { why: format!("{}: {e}", req.netns.display()) },
                             &ask.reply,
                         );
@@ -154,7 +156,7 @@ impl Control {
                     container_id: req.container_id,
                     ino,
                     reply: ask.reply,
-                    since: Instant::now(),
+                    since,
                 });
                 if self.update(vec![model::Change::Sandbox(pod, Some(sandbox))]) {
                     self.scan_namespaces();
@@ -172,7 +174,7 @@ impl Control {
         for w in std::mem::take(&mut self.cni_waiting) {
             let decided = self.cni_decision(&w);
             match decided {
-                Some(r) => self.cni_answered(&w.pod, r, &w.reply),
+                Some(r) => self.cni_answered(&w.pod, w.since, r, &w.reply),
                 None if w.since.elapsed() >= CNI_DECIDE_WITHIN => {
                     let why = match (self.model.as_ref().and_then(|m| m.workload(&w.pod)), &self.registry) {
                         (None, _) => format!("the Kubernetes API has not shown pod {} yet", w.pod),
@@ -183,7 +185,7 @@ impl Control {
                         (Some(_), None) => "no --netns-dir".into(),
                     };
                     let why = format!("not decided within {}s: {why}", CNI_DECIDE_WITHIN.as_secs());
-                    self.cni_answered(&w.pod, Response::Refused { why }, &w.reply);
+                    self.cni_answered(&w.pod, w.since, Response::Refused { why }, &w.reply);
                 }
                 None => self.cni_waiting.push(w),
             }
@@ -204,7 +206,15 @@ impl Control {
         }
     }
 
-    fn cni_answered(&mut self, pod: &ObjectRef, r: Response, reply: &crossbeam_channel::Sender<Response>) {
+    fn cni_answered(
+        &mut self,
+        pod: &ObjectRef,
+        since: Instant,
+        r: Response,
+        reply: &crossbeam_channel::Sender<Response>,
+    ) {
+        let took = since.elapsed();
+        let _ = self.cni_figures.decision.record(took.as_micros().max(1) as u64);
         let verdict = match &r {
             Response::Served => "served",
             Response::Passed { .. } => "passed",
@@ -213,7 +223,8 @@ impl Control {
                 "refused"
             }
         };
-        *self.cni_answers.entry(verdict).or_default() += 1;
+        *self.cni_figures.answered.entry(verdict).or_default() += 1;
+        info!(%pod, verdict, ?took, "CNI ADD answered");
         let _ = reply.send(r);
     }
 }
