@@ -11,7 +11,7 @@
 //! them, and those it still serves are not left unclaimed meanwhile.
 use std::{
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -133,23 +133,17 @@ impl Control {
             }
             CniCommand::Add => {
                 let since = Instant::now();
-                let ino = match std::fs::metadata(&req.netns) {
+                let netns = seen_here(&req.netns, self.cfg.netns_dir.as_deref());
+                let ino = match std::fs::metadata(&netns) {
                     Ok(m) => std::os::unix::fs::MetadataExt::ino(&m),
                     Err(e) => {
-                        self.cni_answered(
-                            &pod,
-                            since,
-                            Response::Refused { why: format!("{}: {e}", req.netns.display()) },
-                            &ask.reply,
-                        );
+                        let why = format!("{} (here {}): {e}", req.netns.display(), netns.display());
+                        self.cni_answered(&pod, since, Response::Refused { why }, &ask.reply);
                         return;
                     }
                 };
-                let sandbox = model::Sandbox {
-                    container_id: req.container_id.clone(),
-                    netns: req.netns.clone(),
-                    addresses: req.addresses.clone(),
-                };
+                let sandbox =
+                    model::Sandbox { container_id: req.container_id.clone(), netns, addresses: req.addresses.clone() };
                 info!(%pod, container = req.container_id, netns = %req.netns.display(), addresses = ?req.addresses, "CNI ADD");
                 self.cni_waiting.push(Wait {
                     pod: pod.clone(),
@@ -226,5 +220,33 @@ impl Control {
         *self.cni_figures.answered.entry(verdict).or_default() += 1;
         info!(%pod, verdict, ?took, "CNI ADD answered");
         let _ = reply.send(r);
+    }
+}
+
+/// Where the agent sees a namespace file the plugin named by its path on
+/// the node: the same path if the agent sees it there, else the file of
+/// that name in `--netns-dir` (the DaemonSet mounts the node's
+/// /var/run/netns elsewhere).
+fn seen_here(on_node: &Path, netns_dir: Option<&Path>) -> PathBuf {
+    match (on_node.exists(), netns_dir, on_node.file_name()) {
+        (false, Some(dir), Some(name)) if dir.join(name).exists() => dir.join(name),
+        _ => on_node.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_named_by_its_node_path_is_found_in_the_mounted_directory() {
+        let dir = std::env::temp_dir().join(format!("dp-seen-here-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("cni-1234"), b"").expect("file");
+        let on_node = Path::new("/nonexistent/var/run/netns/cni-1234");
+        assert_eq!(seen_here(on_node, Some(&dir)), dir.join("cni-1234"), "mounted elsewhere");
+        assert_eq!(seen_here(&dir.join("cni-1234"), None), dir.join("cni-1234"), "the same path");
+        assert_eq!(seen_here(Path::new("/nonexistent/x"), Some(&dir)), Path::new("/nonexistent/x"), "not there either");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
