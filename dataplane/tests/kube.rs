@@ -206,9 +206,11 @@ fn watches_survive_api_restarts_and_410_gone() {
 
     // 410 Gone mid-stream; b appears meanwhile: relisted and served.
     let lists = api.requests("list pods");
+    let expired = Instant::now();
     api.expire();
     api.put("pods", shop_pod("b", Some("10.77.0.2"), json!({}), json!({})));
     assert!(eventually(Duration::from_secs(10), || namespaces_in(&dp, "served") == Some(2.0)), "{}", metrics(&dp));
+    println!("b served {:?} after 410 Gone", expired.elapsed());
     assert!(api.requests("list pods") > lists, "relisted after 410");
 
     // The API server goes away; while it is down b is deleted and history

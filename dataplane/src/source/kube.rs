@@ -25,17 +25,18 @@ use std::{
         Arc,
     },
     thread,
+    time::Duration,
 };
 
 use crossbeam_channel::Sender;
-use futures_util::{stream, StreamExt};
+use futures_util::{stream, Stream, StreamExt};
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod, Service as K8sService},
     discovery::v1::EndpointSlice,
 };
 use kube::{
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{watcher, WatchStreamExt},
+    runtime::watcher,
     Api, Client, ResourceExt,
 };
 use tracing::{info, warn};
@@ -394,18 +395,45 @@ pub async fn client(access: &Access) -> anyhow::Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// A watch whose failures are retried after a back-off (exponential from
+/// 0.8 s to 30 s, jittered, as kube-rs's default), except `410 Gone`: an
+/// expected answer after an API server restart or a compaction, for which
+/// the watcher relists at once (a back-off there only delays every pod
+/// created meanwhile).
+fn retried<K: Send + 'static>(
+    events: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
+) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send {
+    let start = (Box::pin(events), watcher::DefaultBackoff::default(), None);
+    stream::unfold(start, |(mut events, mut backoff, wait)| async move {
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+        }
+        let item = events.next().await?;
+        let wait = wait_after(&item, &mut backoff);
+        Some((item, (events, backoff, wait)))
+    })
+}
+
+/// How long to wait before polling a watch again after `item`.
+fn wait_after<T>(item: &watcher::Result<T>, backoff: &mut impl kube::runtime::utils::Backoff) -> Option<Duration> {
+    match item {
+        Ok(_) => {
+            backoff.reset();
+            None
+        }
+        Err(watcher::Error::WatchError(status)) if status.code == 410 => None,
+        Err(_) => backoff.next(),
+    }
+}
+
 async fn watch(client: Client, node: String, tx: Sender<Vec<model::Change>>, counters: Arc<Counters>) {
-    let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+    let pods = retried(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Pod(Box::new(e))).map_err(|e| ("pods", e)));
-    let namespaces = watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+    let namespaces = retried(watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Namespace(Box::new(e))).map_err(|e| ("namespaces", e)));
-    let services = watcher(Api::<K8sService>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+    let services = retried(watcher(Api::<K8sService>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Service(Box::new(e))).map_err(|e| ("services", e)));
-    let slices = watcher(Api::<EndpointSlice>::all(client), watcher::Config::default())
-        .default_backoff()
+    let slices = retried(watcher(Api::<EndpointSlice>::all(client), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Slice(Box::new(e))).map_err(|e| ("endpointslices", e)));
     let mut changes =
         std::pin::pin!(stream::select(stream::select(pods, namespaces), stream::select(services, slices)));
@@ -574,5 +602,17 @@ mod tests {
         let mut fqdn = slice;
         fqdn.address_type = "FQDN".into();
         assert!(slice_view(&fqdn).is_none(), "FQDN slices are not");
+    }
+
+    #[test]
+    fn a_410_is_relisted_at_once_and_other_failures_back_off() {
+        let mut backoff = watcher::DefaultBackoff::default();
+        let gone = kube::core::Status { code: 410, reason: "Expired".into(), ..kube::core::Status::default() };
+        let expired: watcher::Result<()> = Err(watcher::Error::WatchError(Box::new(gone)));
+        assert_eq!(wait_after(&expired, &mut backoff), None, "relisted at once");
+        let down: watcher::Result<()> = Err(watcher::Error::NoResourceVersion);
+        let first = wait_after(&down, &mut backoff).expect("a back-off");
+        assert!(first > Duration::ZERO);
+        assert_eq!(wait_after(&Ok(()), &mut backoff), None);
     }
 }
