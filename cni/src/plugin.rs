@@ -42,14 +42,22 @@ impl Env {
         env
     }
 
-    /// The pod's namespace, name and UID from `CNI_ARGS`
-    /// (`K8S_POD_NAMESPACE=..;K8S_POD_NAME=..;K8S_POD_UID=..`), if the
-    /// sandbox is a Kubernetes pod's.
-    fn pod(&self) -> Option<(String, String, String)> {
+    /// The request for the agent, if the sandbox is a Kubernetes pod's: its
+    /// namespace, name and UID from `CNI_ARGS`
+    /// (`K8S_POD_NAMESPACE=..;K8S_POD_NAME=..;K8S_POD_UID=..`).
+    fn request(&self, command: Command, addresses: Vec<IpAddr>) -> Option<Request> {
         let args: BTreeMap<&str, &str> = self.args.split(';').filter_map(|kv| kv.split_once('=')).collect();
-        let ns = args.get("K8S_POD_NAMESPACE").filter(|v| !v.is_empty())?;
-        let name = args.get("K8S_POD_NAME").filter(|v| !v.is_empty())?;
-        Some((ns.to_string(), name.to_string(), args.get("K8S_POD_UID").copied().unwrap_or_default().to_string()))
+        let namespace = args.get("K8S_POD_NAMESPACE").filter(|v| !v.is_empty())?.to_string();
+        let name = args.get("K8S_POD_NAME").filter(|v| !v.is_empty())?.to_string();
+        Some(Request {
+            command,
+            container_id: self.container_id.clone(),
+            netns: PathBuf::from(&self.netns),
+            namespace,
+            name,
+            uid: args.get("K8S_POD_UID").copied().unwrap_or_default().to_string(),
+            addresses,
+        })
     }
 }
 
@@ -116,19 +124,10 @@ pub(crate) fn handle(env: &Env, config: &[u8], agent: &mut dyn Agent) -> Result<
             let mut out = prev.clone();
             out["cniVersion"] = json!(version);
             // Not a Kubernetes pod: nothing of ours.
-            let Some((namespace, name, uid)) = env.pod() else { return Ok(Some(out)) };
+            let Some(req) = env.request(Command::Add, addresses(prev)) else { return Ok(Some(out)) };
             if env.netns.is_empty() {
                 return Err(Error::new(4, "CNI_NETNS is not set", ""));
             }
-            let req = Request {
-                command: Command::Add,
-                container_id: env.container_id.clone(),
-                netns: PathBuf::from(&env.netns),
-                namespace,
-                name,
-                uid,
-                addresses: addresses(prev),
-            };
             match agent.ask(&socket, &req) {
                 Ok(Response::Served | Response::Passed { .. }) => Ok(Some(out)),
                 Ok(Response::Refused { why }) => {
@@ -138,16 +137,7 @@ pub(crate) fn handle(env: &Env, config: &[u8], agent: &mut dyn Agent) -> Result<
             }
         }
         "DEL" => {
-            if let Some((namespace, name, uid)) = env.pod() {
-                let req = Request {
-                    command: Command::Del,
-                    container_id: env.container_id.clone(),
-                    netns: PathBuf::from(&env.netns),
-                    namespace,
-                    name,
-                    uid,
-                    addresses: prev.map(addresses).unwrap_or_default(),
-                };
+            if let Some(req) = env.request(Command::Del, prev.map(addresses).unwrap_or_default()) {
                 // Best effort: the agent also sees the namespace go.
                 let _ = agent.ask(&socket, &req);
             }

@@ -31,13 +31,8 @@ pub struct Network {
 /// The `dataplane-cni` binary built beside the running executable (as
 /// [`crate::dataplane_binary`] finds `dataplane`).
 pub fn cni_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("dataplane-cni"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("dataplane-cni is not built beside {}: cargo build -p dataplane-cni", exe.display()))
+    crate::dataplane::built_beside("dataplane-cni")
+        .unwrap_or_else(|| panic!("dataplane-cni is not built beside this test: cargo build -p dataplane-cni"))
 }
 
 impl Network {

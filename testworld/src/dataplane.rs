@@ -19,13 +19,15 @@ pub fn dataplane_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("DP_BINARY") {
         return PathBuf::from(p);
     }
+    built_beside("dataplane").unwrap_or_else(|| PathBuf::from("dataplane"))
+}
+
+/// A binary of the workspace built beside the running executable
+/// (`target/<profile>/` for a binary, one level up for a test in
+/// `target/<profile>/deps/`).
+pub fn built_beside(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|d| d.join("dataplane"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from("dataplane"))
+    exe.ancestors().skip(1).take(2).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 /// `dataplane run` arguments: the workload cgroup, a capture CIDR, the
