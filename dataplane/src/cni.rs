@@ -108,11 +108,19 @@ fn wait(answer: &Receiver<Response>) -> Response {
 /// Writes the namespaces opted into the mesh beside the socket (replaced
 /// whole, so the plugin never reads half a list).
 pub fn write_namespaces<'a>(socket: &Path, namespaces: impl Iterator<Item = &'a str>) -> io::Result<()> {
-    let path: PathBuf = namespaces_file(socket);
-    let tmp = path.with_extension("namespaces.tmp");
     let list: Vec<&str> = namespaces.collect();
-    fs::write(&tmp, serde_json::to_vec(&list).map_err(io::Error::other)?)?;
-    fs::rename(&tmp, &path)
+    write_whole(&namespaces_file(socket), &serde_json::to_vec(&list).map_err(io::Error::other)?, 0o644)
+}
+
+/// Writes `bytes` to `path` whole, with `mode`: a temporary file beside it,
+/// renamed over, so a runtime or a plugin never reads half a file.
+pub fn write_whole(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".dataplane-tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, bytes)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -60,15 +60,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstallError + '_ {
     move |source| InstallError::Io { path: path.to_path_buf(), source }
 }
 
-/// Writes `bytes` to `path` whole: a temporary file beside it, renamed over.
+/// Writes `bytes` to `path` whole (see [`super::write_whole`]).
 fn write_whole(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".dataplane-tmp");
-    let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    super::write_whole(path, bytes, mode).map_err(io_err(path))
+}
+
+/// Writes a configuration list whole, as the primary CNI writes it.
+fn write_list(path: &Path, list: &Value) -> Result<(), InstallError> {
+    let mut text = serde_json::to_vec_pretty(list).unwrap_or_default();
+    text.push(b'\n');
+    write_whole(path, &text, 0o644)
 }
 
 /// The primary configuration list: the first `.conflist` by name.
@@ -130,9 +131,7 @@ fn ensure_entry(node: &Node) -> Result<PathBuf, InstallError> {
     let list = read_list(&path)?;
     let want = with_entry(list.clone(), &node.socket);
     if want != list {
-        let mut text = serde_json::to_vec_pretty(&want).unwrap_or_default();
-        text.push(b'\n');
-        write_whole(&path, &text, 0o644)?;
+        write_list(&path, &want)?;
         info!(conflist = %path.display(), "CNI plugin chained after the primary CNI");
     }
     Ok(path)
@@ -148,9 +147,7 @@ pub fn uninstall(node: &Node) -> Result<Vec<PathBuf>, InstallError> {
         let Ok(list) = read_list(&path) else { continue };
         let without = without_entry(list.clone());
         if without != list {
-            let mut text = serde_json::to_vec_pretty(&without).unwrap_or_default();
-            text.push(b'\n');
-            write_whole(&path, &text, 0o644)?;
+            write_list(&path, &without)?;
             removed.push(path);
         }
     }

@@ -10,7 +10,6 @@
 //! restarts knows its pods' addresses again before the kubelet has reported
 //! them, and those it still serves are not left unclaimed meanwhile.
 use std::{
-    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -29,6 +28,7 @@ use crate::{
 /// (the pod's object from the API, its listeners, its certificate) before
 /// it is refused and the runtime retries it.
 const CNI_DECIDE_WITHIN: Duration = Duration::from_secs(30);
+
 /// A sandbox the CNI plugin waits on.
 #[derive(Debug)]
 pub(super) struct Wait {
@@ -40,15 +40,13 @@ pub(super) struct Wait {
     since: Instant,
 }
 
-/// A sandbox as kept on disk.
+/// A sandbox as kept on disk, with its pod.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct Saved {
     namespace: String,
     name: String,
-    container_id: String,
-    netns: PathBuf,
-    addresses: Vec<IpAddr>,
+    #[serde(flatten)]
+    sandbox: model::Sandbox,
 }
 
 impl Control {
@@ -66,11 +64,8 @@ impl Control {
         };
         let changes: Vec<model::Change> = saved
             .into_iter()
-            .filter(|s| s.netns.exists())
-            .map(|s| {
-                let sandbox = model::Sandbox { container_id: s.container_id, netns: s.netns, addresses: s.addresses };
-                model::Change::Sandbox(ObjectRef { namespace: s.namespace, name: s.name }, Some(sandbox))
-            })
+            .filter(|s| s.sandbox.netns.exists())
+            .map(|s| model::Change::Sandbox(ObjectRef { namespace: s.namespace, name: s.name }, Some(s.sandbox)))
             .collect();
         if !changes.is_empty() {
             info!(sandboxes = changes.len(), "sandboxes taken back from the previous agent");
@@ -84,20 +79,12 @@ impl Control {
         let (Some(socket), Some(model)) = (&self.cfg.cni_socket, &self.model) else { return };
         let saved: Vec<Saved> = model
             .sandboxes()
-            .map(|(pod, s)| Saved {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                container_id: s.container_id.clone(),
-                netns: s.netns.clone(),
-                addresses: s.addresses.clone(),
-            })
+            .map(|(pod, s)| Saved { namespace: pod.namespace.clone(), name: pod.name.clone(), sandbox: s.clone() })
             .collect();
         let path = sandboxes_file(socket);
-        let tmp = path.with_extension("sandboxes.tmp");
         let written = serde_json::to_vec(&saved)
             .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|b| crate::cni::write_whole(&path, &b, 0o600));
         if let Err(e) = written {
             error!(file = %path.display(), error = %e, "could not keep the sandboxes: a restarted agent learns their addresses from the API");
         }

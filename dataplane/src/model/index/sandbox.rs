@@ -12,7 +12,8 @@ use crate::model::{Mode, ObjectRef, Outside, Workload};
 /// has not shown yet is known by its namespace's membership alone (outside
 /// the mesh when the namespace is not opted in; otherwise unknown until the
 /// API shows it, since its own labels may opt it out).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Sandbox {
     /// The runtime's id of the sandbox.
     pub container_id: String,
