@@ -10,8 +10,10 @@
  *    proxy (127.0.0.1:18000, or [::1]:18000 for IPv6); the original
  *    destination is remembered under the socket cookie. A dual-stack
  *    socket's connect to an IPv4-mapped address (::ffff:a.b.c.d) is an IPv4
- *    connect: judged by the IPv4 address, sent to ::ffff:127.0.0.1. From a namespace not enrolled (yet) such a connect is
- *    refused (EPERM): it never leaves in plaintext.
+ *    connect: judged by the IPv4 address, sent to ::ffff:127.0.0.1. From a
+ *    namespace not enrolled (yet) such a connect is refused (EPERM): it
+ *    never leaves in plaintext; unless it goes to a Service none of whose
+ *    endpoints is meshed, which it reaches as without us.
  * 2. sockops ACTIVE_ESTABLISHED (same cgroup): once the client's address and
  *    port are known, the entry moves to a key the proxy can name from its
  *    accepted socket: (netns cookie, client address, client port).
@@ -97,7 +99,8 @@ struct {
 } netns_verdict SEC(".maps");
 
 /* Service ClusterIP:port pairs, written from the model (plain hash: an
- * evicted entry would let a Service connect go around the mesh). */
+ * evicted entry would let a Service connect go around the mesh); the value
+ * is VIP_* flags. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -194,8 +197,10 @@ static __always_inline enum verdict judge(struct bpf_sock_addr *ctx, const struc
 	__u16 port_host = bpf_ntohs(dst_port);
 	const struct meshed_dst *mdst = bpf_map_lookup_elem(&meshed_dsts, dst);
 	struct vip_key vk = { .ip = *dst, .port = dst_port };
+	const __u8 *vip = mdst ? 0 : bpf_map_lookup_elem(&service_vips, &vk);
 	struct cidr_key ck = { .prefixlen = 128, .ip = *dst };
-	if (!mdst && !bpf_map_lookup_elem(&service_vips, &vk) && !bpf_map_lookup_elem(&capture_cidrs, &ck)) {
+	int in_cidr = !mdst && !vip && bpf_map_lookup_elem(&capture_cidrs, &ck);
+	if (!mdst && !vip && !in_cidr) {
 		count(STAT_SKIP_CIDR);
 		return LEAVE;
 	}
@@ -204,6 +209,13 @@ static __always_inline enum verdict judge(struct bpf_sock_addr *ctx, const struc
 		count(STAT_SKIP_PORT);
 		if (tracing(cfg))
 			bpf_printk("dataplane connect: skip excluded port %d", port_host);
+		return LEAVE;
+	}
+	if (!src && vip && !(*vip & VIP_MESHED)) {
+		/* A namespace not decided yet, to a Service whose endpoints are
+		 * all outside the mesh (the API server's own, say): nothing to
+		 * keep from it, so it goes as it would without us. */
+		count(STAT_SKIP_CIDR);
 		return LEAVE;
 	}
 	if (!src || src->verdict != NETNS_SERVED) {

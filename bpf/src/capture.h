@@ -82,7 +82,12 @@ struct meshed_dst {
 _Static_assert(sizeof(struct meshed_dst) == 16, "meshed_dst layout");
 
 /* A Service's ClusterIP and port (service_vips key): connects to it from a
- * served namespace are captured; the data plane picks the endpoint. */
+ * served namespace are captured; the data plane picks the endpoint. The
+ * value is flags: VIP_HELD always, VIP_MESHED when one of its endpoints is
+ * a meshed pod (only then is a namespace not decided yet refused it). */
+#define VIP_HELD   1
+#define VIP_MESHED 2
+
 struct vip_key {
 	struct addr6 ip; /* network order */
 	__u16 port;      /* network order */

@@ -215,6 +215,15 @@ impl VipKey {
     }
 }
 
+/// The `service_vips` value for a ClusterIP:port (`VIP_*` flags): held,
+/// and whether one of its endpoints is a meshed pod (only then is a
+/// namespace not decided yet refused it).
+pub fn vip_flags(meshed: bool) -> u8 {
+    const VIP_HELD: u8 = 1;
+    const VIP_MESHED: u8 = 2;
+    VIP_HELD | if meshed { VIP_MESHED } else { 0 }
+}
+
 /// One socket of a spliced pair (`struct splice_peer`, the `splice_peers`
 /// value; key: the socket's cookie).
 #[repr(C)]
@@ -257,7 +266,9 @@ pub enum StatIndex {
     SkipFamily,
     /// Not a TCP stream socket.
     SkipProto,
-    /// Destination outside the capture CIDRs.
+    /// Destination not meshed: no meshed pod, Service or capture CIDR;
+    /// or, from a namespace not decided yet, a Service none of whose
+    /// endpoints is meshed.
     SkipCidr,
     /// Destination port excluded.
     SkipPort,

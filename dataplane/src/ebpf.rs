@@ -441,11 +441,12 @@ impl Capture {
         Ok(m.keys().filter_map(Result::ok).map(|k| k.addr()).collect())
     }
 
-    /// Marks a Service ClusterIP:port captured (`true`) or not.
-    pub fn set_service_vip(&mut self, vip: SocketAddr, on: bool) -> Result<(), Error> {
+    /// Marks a Service ClusterIP:port captured, with whether one of its
+    /// endpoints is meshed (`Some`), or not captured (`None`).
+    pub fn set_service_vip(&mut self, vip: SocketAddr, meshed: Option<bool>) -> Result<(), Error> {
         let mut m: HashMap<_, VipKey, u8> = typed_map_mut(&mut self.ebpf, map::SERVICE_VIPS)?;
-        let done = if on {
-            m.insert(VipKey::new(vip), 1, 0)
+        let done = if let Some(meshed) = meshed {
+            m.insert(VipKey::new(vip), dataplane_common::maps::vip_flags(meshed), 0)
         } else {
             match m.remove(&VipKey::new(vip)) {
                 Err(MapError::KeyNotFound) => Ok(()),

@@ -602,7 +602,7 @@ impl Control {
             let table = model.service_table();
             for vip in capture.service_vips().unwrap_or_default() {
                 if table.get(vip).is_none() {
-                    let _ = capture.set_service_vip(vip, false);
+                    let _ = capture.set_service_vip(vip, None);
                 }
             }
         }
@@ -634,7 +634,7 @@ impl Control {
         if let Some(capture) = self.capture.as_mut() {
             let mut failed = 0;
             for (vip, held) in &fx.vips {
-                failed += usize::from(capture.set_service_vip(*vip, *held).is_err() && *held);
+                failed += usize::from(capture.set_service_vip(*vip, *held).is_err() && held.is_some());
             }
             if failed > 0 {
                 error!(failed, "Service ClusterIPs not written (map full?): connects to them go around the mesh");

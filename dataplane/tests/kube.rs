@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::json;
 use testworld::{
-    apiserver::{namespace, pod},
+    apiserver::{endpoint_slice, namespace, pod, service},
     client, eventually, http_get, metric, server, two_pods, ApiServer, Certs, Cgroup, Dataplane, Netns, NetnsDir, Proc,
 };
 
@@ -142,11 +142,26 @@ fn a_pod_the_api_has_not_shown_yet_is_refused_never_plaintext() {
     // process about to connect) before the API shows its address.
     api.put("pods", shop_pod("b", Some("10.77.0.2"), json!({}), json!({})));
     api.put("pods", shop_pod("a", None, json!({}), json!({})));
+    // A Service into the mesh (B), and one whose endpoint is outside it
+    // (a server in A itself, reached through a kube-proxy-like DNAT rule in
+    // A, as the API server's own Service is reached).
+    api.put("services", service("shop", "b", "10.96.0.21", &[("http", 80, json!(8080))], false));
+    api.put("endpointslices", endpoint_slice("shop", "b-1", "b", &[("http", 8080)], &[("10.77.0.2", true, "node-a")]));
+    api.put("services", service("default", "api", "10.96.0.20", &[("https", 443, json!(8081))], false));
+    api.put(
+        "endpointslices",
+        endpoint_slice("default", "api-1", "api", &[("https", 8081)], &[("10.77.0.1", true, "node-z")]),
+    );
     let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
     let (workload, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
     let (a, b, b_if) = two_pods(t);
     let _sb = server(&b, "0.0.0.0", 8080, "b");
     dir.add(&b);
+    let _api_in_a = server(&a, "10.77.0.1", 8081, "api");
+    let rules = "table ip kubeproxy { chain output { type nat hook output priority -100; \
+                 ip daddr 10.96.0.20 tcp dport 443 dnat to 10.77.0.1:8081; }; }";
+    assert!(a.command(None, "nft", &[rules]).status().expect("nft").success(), "the DNAT rule");
+    a.ip(&["route", "add", "10.96.0.0/16", "dev", "lo"]);
     let dp = start(&api, &certs, &workload, &own, &dir, &[]);
     dir.add(&a);
     assert!(eventually(Duration::from_secs(3), || namespaces_in(&dp, "unclaimed") == Some(1.0)), "{}", metrics(&dp));
@@ -170,6 +185,15 @@ fn a_pod_the_api_has_not_shown_yet_is_refused_never_plaintext() {
     let direct = raw_connect(&a, &workload, "10.77.0.1", 9);
     let err = String::from_utf8_lossy(&direct.stderr);
     assert!(err.contains("ConnectionRefused"), "not refused by us but by the closed port: {err}");
+    // Nor is a Service none of whose endpoints is meshed: the connect goes
+    // as it would without us (through the DNAT rule, to the server in A)...
+    let api_svc = raw_connect(&a, &workload, "10.96.0.20", 443);
+    assert!(api_svc.status.success(), "reached: {}", String::from_utf8_lossy(&api_svc.stderr));
+    assert!(String::from_utf8_lossy(&api_svc.stdout).contains("10.96.0.20"), "as addressed, not captured");
+    // ...while one into the mesh is refused like the meshed pod itself.
+    let into_mesh = raw_connect(&a, &workload, "10.96.0.21", 80);
+    assert!(String::from_utf8_lossy(&into_mesh.stderr).contains("PermissionError"), "{into_mesh:?}");
+    assert_eq!(bpf(&dp, "refused_unenrolled"), 2.0);
 
     // The API shows A's address: served, and its connects are tunnelled.
     let shown = Instant::now();

@@ -40,8 +40,9 @@ pub struct Effects {
     pub local: bool,
     /// Whether the Service table changed.
     pub services: bool,
-    /// ClusterIP:port pairs that came (`true`) or went (`false`).
-    pub vips: BTreeMap<SocketAddr, bool>,
+    /// ClusterIP:port pairs that came or changed (`Some`: whether one of
+    /// its endpoints is meshed) or went (`None`).
+    pub vips: BTreeMap<SocketAddr, Option<bool>>,
     /// Whether the namespaces opted into the mesh changed.
     pub namespaces: bool,
 }
@@ -241,7 +242,7 @@ impl Model {
     /// changed. The table is copied (its entries, not the frontends, shared
     /// by `Arc`) at most once per update, and only if an entry changes: the
     /// executors keep the one they hold.
-    fn rebuild_frontends(&mut self, keys: &BTreeSet<ObjectRef>, vips: &mut BTreeMap<SocketAddr, bool>) -> bool {
+    fn rebuild_frontends(&mut self, keys: &BTreeSet<ObjectRef>, vips: &mut BTreeMap<SocketAddr, Option<bool>>) -> bool {
         let mut changed = false;
         for key in keys {
             let new = match self.services.get(key) {
@@ -257,11 +258,11 @@ impl Model {
                 let table = Arc::make_mut(&mut self.table);
                 for vip in &old {
                     table.remove(*vip, &name);
-                    vips.insert(*vip, false);
+                    vips.insert(*vip, None);
                 }
                 for (vip, fe) in &new {
                     table.insert(*vip, fe.clone());
-                    vips.insert(*vip, true);
+                    vips.insert(*vip, None);
                 }
             }
             if !new.is_empty() {
@@ -271,7 +272,7 @@ impl Model {
         // What the table holds now, whichever Service wrote or removed last
         // (a pair rewritten for its own Service is written again: harmless).
         for (vip, held) in vips.iter_mut() {
-            *held = self.table.get(*vip).is_some();
+            *held = self.table.get(*vip).map(|fe| fe.backends.iter().any(|b| b.meshed));
         }
         changed
     }

@@ -106,7 +106,19 @@ fn one_pods_change_touches_only_its_addresses_and_the_services_it_serves() {
     // The Service goes: its entries with it.
     let fx = m.apply([Change::Service(ObjectRef::new("ns", "web"), None)]);
     assert!(fx.services && m.service_table().is_empty());
-    assert_eq!(fx.vips, [("10.96.0.10:80".parse().expect("vip"), false)].into(), "connect4 forgets it");
+    assert_eq!(fx.vips, [("10.96.0.10:80".parse().expect("vip"), None)].into(), "connect4 forgets it");
+}
+
+#[test]
+fn connect4_learns_whether_a_service_leads_into_the_mesh() {
+    let vip = |meshed| [("10.96.0.10:80".parse().expect("vip"), Some(meshed))].into();
+    let mut m = Model::with_services(vec![], vec![web(&["10.0.1.2"])]);
+    // Its one endpoint's pod joins the mesh: a namespace not decided yet is
+    // refused it from now on...
+    let d = workload("d", "10.0.1.2", false, meshed());
+    assert_eq!(m.apply([Change::Workload(d.object(), Some(d.clone()))]).vips, vip(true));
+    // ...and reaches it as without us once the pod is gone again.
+    assert_eq!(m.apply([Change::Workload(d.object(), None)]).vips, vip(false));
 }
 
 #[test]
