@@ -43,6 +43,35 @@ pub enum Command {
     /// Put the CNI plugin on this node, or take it off.
     #[command(subcommand)]
     Cni(CniCommand),
+    /// Take the data plane off this node, leaving nothing behind: the CNI
+    /// plugin's entry and files, strict mode's pins (the capture programs
+    /// go with them), the return path in every pod namespace.
+    Uninstall(UninstallArgs),
+}
+
+/// `dataplane uninstall`.
+#[derive(Debug, Clone, Args)]
+pub struct UninstallArgs {
+    /// Where the node keeps its CNI files.
+    #[command(flatten)]
+    pub node: CniNode,
+    /// Where strict mode pinned the capture (the agents' --pin-dir).
+    #[arg(long, env = "DATAPLANE_PIN_DIR", value_name = "DIR", default_value = "/sys/fs/bpf/dataplane")]
+    pub pin_dir: PathBuf,
+    /// The pods' namespace files (the agents' --netns-dir).
+    #[arg(long, env = "DATAPLANE_NETNS_DIR", value_name = "DIR", default_value = "/var/run/netns")]
+    pub netns_dir: PathBuf,
+}
+
+/// The DaemonSet whose deletion takes a container's part off the node, and
+/// how to ask the API about it.
+#[derive(Debug, Clone, Args)]
+pub struct Removal {
+    /// When told to stop, ask the API whether this DaemonSet
+    /// (NAMESPACE/NAME) is gone or being deleted; if so, take this part of
+    /// the data plane off the node (see `dataplane uninstall`).
+    #[arg(long, env = "DATAPLANE_DAEMONSET", value_name = "NS/NAME", value_parser = crate::uninstall::parse_ref)]
+    pub daemonset: Option<(String, String)>,
 }
 
 /// `dataplane cni ...`.
@@ -62,6 +91,15 @@ pub enum CniCommand {
         /// Keep the entry in place (the primary CNI may rewrite its list).
         #[arg(long)]
         watch: bool,
+        /// With --watch: the DaemonSet whose deletion takes the plugin off.
+        #[command(flatten)]
+        removal: Removal,
+        /// Ask the API with the pod's in-cluster configuration.
+        #[arg(long, env = "DATAPLANE_KUBE")]
+        kube: bool,
+        /// Ask the API through this kubeconfig file instead.
+        #[arg(long, env = "DATAPLANE_KUBECONFIG", value_name = "FILE", conflicts_with = "kube")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Remove our entry from every .conflist, the binary and the agent's
     /// namespace list.
@@ -273,6 +311,10 @@ pub struct RunArgs {
     /// pod sandbox is decided before its containers start.
     #[arg(long, env = "DATAPLANE_CNI_SOCKET", value_name = "PATH")]
     pub cni_socket: Option<PathBuf>,
+    /// The DaemonSet whose deletion takes the agent's pins and return paths
+    /// off the node as it stops (needs --kube or --kubeconfig).
+    #[command(flatten)]
+    pub removal: Removal,
     /// Check the flags and values, print the effective configuration, and
     /// exit (0 if valid); nothing on the host is touched or required.
     #[arg(long)]
@@ -455,6 +497,9 @@ pub struct Config {
     pub netns_dir: Option<PathBuf>,
     /// The CNI plugin's socket, if served.
     pub cni_socket: Option<PathBuf>,
+    /// The DaemonSet (namespace, name) whose deletion takes the agent's
+    /// pins and return paths off the node as it stops.
+    pub daemonset: Option<(String, String)>,
     /// Where the model of the workloads comes from, if anywhere.
     pub source: Option<Source>,
     /// Pod certificates minted on the node (`--node-ca`), if so.
@@ -581,6 +626,9 @@ impl RunArgs {
         if self.cni_socket.is_some() && !matches!(model, Some("--kube" | "--kubeconfig")) {
             return Err(ConfigError::Needs("--cni-socket", "--kube or --kubeconfig"));
         }
+        if self.removal.daemonset.is_some() && !matches!(model, Some("--kube" | "--kubeconfig")) {
+            return Err(ConfigError::Needs("--daemonset", "--kube or --kubeconfig"));
+        }
         if self.node_ca {
             if !matches!(model, Some("--kube" | "--kubeconfig")) {
                 return Err(ConfigError::Needs("--node-ca", "--kube or --kubeconfig"));
@@ -673,6 +721,7 @@ impl RunArgs {
             namespaces,
             netns_dir: self.netns_dir,
             cni_socket: self.cni_socket,
+            daemonset: self.removal.daemonset,
             source,
             minting,
             client_address: !self.no_client_address,

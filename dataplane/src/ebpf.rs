@@ -20,7 +20,8 @@
 //! and leaves it alone), and pins its own only if it is strict itself.
 //! getsockopt is never pinned: it only matters while a data plane runs.
 //! Pinned maps of another layout (an older version's) are never adopted:
-//! loading stops with an error that says which map and what to remove.
+//! the new instance starts on maps of its own, pins them in their place, and
+//! replaces the old links as it would adopt them.
 //!
 //! One catch, and [`OrigLookup`] for it: an accepted socket belongs to the
 //! cgroup of the listener that took its SYN, and getsockopt programs run by
@@ -255,10 +256,10 @@ fn open_cgroup(path: &Path) -> Result<File, Error> {
     File::open(path).map_err(|source| Error::Cgroup { path: path.to_path_buf(), source })
 }
 
-/// Refuses pinned maps whose key or value size differs from the object's
-/// (a previous version's layout, e.g. before IPv6): adopting them would have
-/// the new programs read the old entries wrongly.
-fn check_pinned_layouts(maps: &[(&'static str, PathBuf)]) -> Result<(), Error> {
+/// The first pinned map whose key or value size differs from the object's
+/// (a previous version's layout, e.g. before IPv6), described: adopting it
+/// would have the new programs read the old entries wrongly.
+fn other_layout(maps: &[(&'static str, PathBuf)]) -> Result<Option<String>, Error> {
     let object = aya_obj::Object::parse(dataplane_bpf::object())
         .map_err(|e| pin_err(Path::new("-"), "parsing the object", e))?;
     for (name, path) in maps {
@@ -269,20 +270,39 @@ fn check_pinned_layouts(maps: &[(&'static str, PathBuf)]) -> Result<(), Error> {
         let pinned = MapData::from_pin(path).and_then(|m| m.info()).map_err(map_err(name))?;
         let (key, value) = (pinned.key_size(), pinned.value_size());
         if (key, value) != (ours.key_size(), ours.value_size()) {
-            return Err(pin_err(
-                path,
-                "adopting a pinned map",
-                format!(
-                    "its layout is another version's (key {key} and value {value} bytes, this version's {} and {}): \
-                     connections cannot be carried across this upgrade; remove the pins (rm -r {}) and start again",
-                    ours.key_size(),
-                    ours.value_size(),
-                    path.parent().and_then(Path::parent).unwrap_or(path).display()
-                ),
-            ));
+            return Ok(Some(format!(
+                "{name}: key {key} and value {value} bytes, this version's {} and {}",
+                ours.key_size(),
+                ours.value_size()
+            )));
         }
     }
-    Ok(())
+    Ok(None)
+}
+
+/// Removes what strict mode pins under `pin_dir` (the links, which
+/// detaches their programs once no process holds them, and the maps) and
+/// the directories if they are left empty; returns what was removed.
+/// Nothing pinned is not an error.
+pub fn unpin_all(pin_dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut removed = Vec::new();
+    let files = PINNED_PROGRAMS
+        .iter()
+        .map(|p| links_dir(pin_dir).join(p))
+        .chain(SHARED_MAPS.iter().map(|m| maps_dir(pin_dir).join(m)));
+    for path in files {
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(pin_err(&path, "removing a pin", e)),
+        }
+    }
+    for dir in [links_dir(pin_dir), maps_dir(pin_dir), pin_dir.to_path_buf()] {
+        if std::fs::remove_dir(&dir).is_ok() {
+            removed.push(dir);
+        }
+    }
+    Ok(removed)
 }
 
 impl Capture {
@@ -298,8 +318,26 @@ impl Capture {
         let map_paths: Vec<(&str, PathBuf)> = SHARED_MAPS.iter().map(|m| (*m, maps.join(m))).collect();
         if settings.strict || adopting {
             // Reuse the maps the pinned programs use (or pin new ones for
-            // the next instance), if they have our layout.
-            check_pinned_layouts(&map_paths)?;
+            // the next instance), if they have our layout. If they have
+            // another version's (an upgrade that changed one), this version
+            // starts on maps of its own: the old pins go (the old programs
+            // keep theirs until their links are replaced in `attach`), and
+            // the model fills the new maps before anything is attached.
+            if let Some(other) = other_layout(&map_paths)? {
+                tracing::warn!(
+                    pin_dir = %settings.pin_dir.display(),
+                    pinned = other,
+                    "the pinned maps have another version's layout: starting on maps of this version's own \
+                     (connects captured by the previous programs in the instant of the switch may be reset)"
+                );
+                for (_, path) in &map_paths {
+                    if let Err(e) = std::fs::remove_file(path) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            return Err(pin_err(path, "removing a map of another layout", e));
+                        }
+                    }
+                }
+            }
             std::fs::create_dir_all(&maps).map_err(|e| pin_err(&maps, "creating the maps directory", e))?;
             for (name, path) in &map_paths {
                 loader.map_pin_path(name, path.as_path());

@@ -46,5 +46,6 @@ pub mod source;
 pub mod splice;
 pub mod stats;
 mod sys;
+pub mod uninstall;
 
 pub use rlimit::raise_open_file_limit;

@@ -88,6 +88,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Uninstall(args) => match uninstall(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Cni(cmd) => match cni(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -113,18 +121,67 @@ fn main() -> ExitCode {
     }
 }
 
+/// `dataplane uninstall`: every part, each reported; whether all went.
+fn uninstall(args: dataplane::config::UninstallArgs) -> anyhow::Result<bool> {
+    use dataplane::cni::install;
+    let n = args.node;
+    let node = install::Node { bin_dir: n.bin_dir, conf_dir: n.conf_dir, socket: n.socket };
+    let mut ok = true;
+    match install::uninstall(&node) {
+        Ok(removed) => removed.iter().for_each(|p| println!("removed {}", p.display())),
+        Err(e) => {
+            ok = false;
+            eprintln!("error: the CNI plugin: {e}");
+        }
+    }
+    match dataplane::ebpf::unpin_all(&args.pin_dir) {
+        Ok(removed) => removed.iter().for_each(|p| println!("removed {}", p.display())),
+        Err(e) => {
+            ok = false;
+            eprintln!("error: the pins: {e}");
+        }
+    }
+    match dataplane::uninstall::sweep_return_paths(&args.netns_dir) {
+        Ok(swept) => {
+            for p in &swept.cleaned {
+                println!("removed the return path in {}", p.display());
+            }
+            for (p, why) in &swept.failed {
+                ok = false;
+                eprintln!("error: the return path in {}: {why}", p.display());
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            ok = false;
+            eprintln!("error: {}: {e}", args.netns_dir.display());
+        }
+    }
+    Ok(ok)
+}
+
 /// `dataplane cni install|uninstall`.
 fn cni(cmd: CniCommand) -> anyhow::Result<()> {
     use dataplane::cni::install;
     let node =
         |n: dataplane::config::CniNode| install::Node { bin_dir: n.bin_dir, conf_dir: n.conf_dir, socket: n.socket };
     match cmd {
-        CniCommand::Install { node: n, plugin, watch } => {
+        CniCommand::Install { node: n, plugin, watch, removal, kube, kubeconfig } => {
             let plugin = match plugin {
                 Some(p) => p,
                 None => std::env::current_exe()?.with_file_name(install::PLUGIN),
             };
             let node = node(n);
+            let access = match (kube, kubeconfig) {
+                (_, Some(path)) => Some(dataplane::source::kube::Access::Kubeconfig(path)),
+                (true, None) => Some(dataplane::source::kube::Access::InCluster),
+                (false, None) => None,
+            };
+            let daemonset = match (removal.daemonset, access) {
+                (Some(ds), Some(access)) => Some((ds, access)),
+                (Some(_), None) => anyhow::bail!("--daemonset needs --kube or --kubeconfig"),
+                (None, _) => None,
+            };
             if watch {
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
                 for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -132,6 +189,25 @@ fn cni(cmd: CniCommand) -> anyhow::Result<()> {
                 }
                 let every = std::time::Duration::from_secs(2);
                 install::watch(&node, &plugin, every, || stop.load(std::sync::atomic::Ordering::Relaxed))?;
+                if let Some(((ns, name), access)) = daemonset {
+                    use dataplane::uninstall::{daemonset_fate, Fate, ASK_WITHIN};
+                    match daemonset_fate(&access, &ns, &name, ASK_WITHIN) {
+                        Fate::Removed(why) => {
+                            tracing::info!(daemonset = %format!("{ns}/{name}"), why, "taking the CNI plugin off the node");
+                            for path in install::uninstall(&node)? {
+                                tracing::info!(removed = %path.display(), "CNI plugin uninstalled");
+                            }
+                        }
+                        Fate::Staying => {
+                            tracing::info!("the DaemonSet stays (an update or a restart): the CNI plugin stays chained")
+                        }
+                        Fate::Unknown(why) => tracing::warn!(
+                            why,
+                            "could not tell whether the DaemonSet is being deleted: the CNI plugin stays chained \
+                             (if it is, run `dataplane uninstall` on this node)"
+                        ),
+                    }
+                }
             } else {
                 let list = install::install(&node, &plugin)?;
                 println!("chained after the primary CNI in {}", list.display());

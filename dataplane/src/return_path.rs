@@ -133,6 +133,39 @@ pub fn install(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) -> Result<(),
     Ok(())
 }
 
+/// Takes the return path out of `ns` (uninstall): our nftables tables,
+/// our rules and our routing table's routes, of both families; what is not
+/// there is not an error. Returns whether anything was there.
+pub fn remove(ns: &Netns) -> Result<bool, String> {
+    let mut found = false;
+    let tables = run(ns, "nft", &["list", "tables"], None)?;
+    let script: String = ["ip", "ip6"]
+        .iter()
+        .filter(|f| tables.lines().any(|l| l.trim() == format!("table {f} dataplane")))
+        .map(|f| format!("delete table {f} dataplane\n"))
+        .collect();
+    if !script.is_empty() {
+        run(ns, "nft", &["-f", "-"], Some(&script))?;
+        found = true;
+    }
+    let (mark, table) = (format!("{MARK:#x}"), TABLE.to_string());
+    let ours = format!("fwmark {mark} lookup {table}");
+    for family in ["-4", "-6"] {
+        // A family the namespace does not have lists nothing, or fails.
+        let rules = run(ns, "ip", &[family, "rule", "show"], None).unwrap_or_default();
+        let present = rules.lines().filter(|l| l.contains(&ours)).count();
+        for _ in 0..present {
+            run(ns, "ip", &[family, "rule", "del", "fwmark", &mark, "lookup", &table], None)?;
+        }
+        let routes = run(ns, "ip", &[family, "route", "show", "table", &table], None).unwrap_or_default();
+        if !routes.trim().is_empty() {
+            run(ns, "ip", &[family, "route", "flush", "table", &table], None)?;
+        }
+        found |= present > 0 || !routes.trim().is_empty();
+    }
+    Ok(found)
+}
+
 /// Sets up return paths one after another on a thread of their own: each
 /// takes some milliseconds of `nft` and `ip` (fork, exec, netlink), and on
 /// the control thread pods enrolled together waited for each other's (a node

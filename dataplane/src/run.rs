@@ -38,6 +38,7 @@ use crate::{
     netns::NetnsId,
     reload, shard, source,
     stats::Snapshot,
+    uninstall::Fate,
 };
 use dataplane_common::maps::{MeshedDst, NetnsCookie, NetnsEntry, StatIndex, Verdict};
 
@@ -302,6 +303,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let tick = crossbeam_channel::tick(RELOAD_POLL);
     let trim = crossbeam_channel::tick(TRIM_EVERY);
     let mut open_before = 0;
+    let mut fate = None;
     loop {
         let quick = match &ctl.registry {
             Some(r) if r.waiting() => crossbeam_channel::after(QUICK_LOOK),
@@ -312,6 +314,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 Ok(SIGUSR1) => ctl.dump(),
                 Ok(signal) => {
                     info!(signal, "stopping: draining");
+                    fate = ask_fate(&ctl.cfg);
                     break;
                 }
                 Err(_) => break,
@@ -360,8 +363,56 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             },
         }
     }
+    let (pin_dir, netns_dir) = (ctl.cfg.capture.pin_dir.clone(), ctl.cfg.netns_dir.clone());
     ctl.drain(&admin_rx);
+    if let Some(fate) = fate {
+        take_off(fate.join().unwrap_or_else(|_| Fate::Unknown("the check panicked".into())), &pin_dir, netns_dir);
+    }
     Ok(())
+}
+
+/// Starts asking the API, while the drain runs, whether the DaemonSet is
+/// being deleted (`--daemonset`).
+fn ask_fate(cfg: &Config) -> Option<thread::JoinHandle<Fate>> {
+    let ((ns, name), Some(Source::Kube { access, .. })) = (cfg.daemonset.clone()?, cfg.source.clone()) else {
+        return None;
+    };
+    let ask = move || crate::uninstall::daemonset_fate(&access, &ns, &name, crate::uninstall::ASK_WITHIN);
+    thread::Builder::new().name("fate".into()).spawn(ask).ok()
+}
+
+/// After the drain: if the DaemonSet is being deleted, takes the agent's
+/// part off the node (the pins, so that nothing refuses once we exit; the
+/// return path in every pod namespace). The CNI files are the
+/// `cni-install` container's part.
+fn take_off(fate: Fate, pin_dir: &std::path::Path, netns_dir: Option<std::path::PathBuf>) {
+    match fate {
+        Fate::Staying => info!("the DaemonSet stays (an update or a restart): pins and return paths stay"),
+        Fate::Unknown(why) => warn!(
+            why,
+            "could not tell whether the DaemonSet is being deleted: pins and return paths stay \
+             (if it is, run `dataplane uninstall` on this node)"
+        ),
+        Fate::Removed(why) => {
+            info!(why, "taking the data plane off the node");
+            match crate::ebpf::unpin_all(pin_dir) {
+                Ok(removed) => {
+                    info!(removed = removed.len(), pin_dir = %pin_dir.display(), "unpinned: capture detached")
+                }
+                Err(e) => error!(error = %e, "could not remove the pins: run `dataplane uninstall` on this node"),
+            }
+            let Some(dir) = netns_dir else { return };
+            match crate::uninstall::sweep_return_paths(&dir) {
+                Ok(swept) => {
+                    info!(namespaces = swept.looked, cleaned = swept.cleaned.len(), "return paths removed");
+                    for (path, why) in swept.failed {
+                        error!(netns = %path.display(), why, "could not remove the return path");
+                    }
+                }
+                Err(e) => error!(dir = %dir.display(), error = %e, "could not list the namespaces"),
+            }
+        }
+    }
 }
 
 /// Lets a closing listener hand its queued connections to the next instance

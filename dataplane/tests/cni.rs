@@ -9,10 +9,11 @@ use std::{thread, time::Duration};
 
 use serde_json::{json, Value};
 use testworld::{
-    apiserver::{namespace, pod},
-    client,
+    apiserver::{daemonset, namespace, pod},
+    attached, client,
     cni::Network,
-    http_get, metric, server, unique, ApiServer, Certs, Cgroup, Dataplane, Netns, NetnsDir, TempDir,
+    eventually, http_get, metric, server, unique, ApiServer, BpfFs, Certs, Cgroup, Dataplane, Netns, NetnsDir, Proc,
+    TempDir,
 };
 
 const MESH: &str = "dataplane.dev/mesh";
@@ -240,4 +241,229 @@ fn millis(d: &str) -> Option<f64> {
         "ns" => n / 1e6,
         _ => return None,
     })
+}
+
+/// A node with the CNI files where a node keeps them (a configuration and
+/// a binary directory, the primary list in it), an agent and a
+/// `cni-install` container as the DaemonSet runs them, strict.
+struct Installed {
+    api: ApiServer,
+    net: Network,
+    dir: NetnsDir,
+    workload: Cgroup,
+    own: Cgroup,
+    conf_dir: std::path::PathBuf,
+    bin_dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    pins: std::path::PathBuf,
+    agent_args: Vec<String>,
+    install_args: Vec<String>,
+    _bpffs: BpfFs,
+    _certs: Certs,
+    _host: TempDir,
+}
+
+const DAEMONSET: &str = "dataplane-system/dataplane";
+
+impl Installed {
+    fn new(t: &str) -> Self {
+        let api = ApiServer::start(t);
+        api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+        api.put("daemonsets", daemonset("dataplane-system", "dataplane"));
+        let ips: Vec<String> = (2..12).map(|i| format!("10.88.0.{i}")).collect();
+        let certs = Certs::new(t, &ips.iter().map(String::as_str).collect::<Vec<_>>());
+        let host = TempDir::new(&format!("dptest-host-{}", unique(t, "h"))).expect("the node's directories");
+        let (conf_dir, bin_dir, run) = (host.0.join("net.d"), host.0.join("bin"), host.0.join("run"));
+        for d in [&conf_dir, &bin_dir, &run] {
+            std::fs::create_dir_all(d).expect("a node directory");
+        }
+        let socket = run.join("cni.sock");
+        let net = Network::on_node(t, "10.88.0.0/24", &conf_dir, &bin_dir);
+        let bpffs = BpfFs::new(t);
+        let pins = bpffs.0.join("dataplane");
+        let (workload, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
+        let s = |p: &std::path::Path| p.display().to_string();
+        let (certs_dir, socket_s, pins_s) = (certs.path(), s(&socket), s(&pins));
+        let extra = [
+            "--certs",
+            &certs_dir,
+            "--cni-socket",
+            &socket_s,
+            "--strict",
+            "--pin-dir",
+            &pins_s,
+            "--daemonset",
+            DAEMONSET,
+            "--drain-timeout",
+            "2s",
+        ];
+        let agent_args = testworld::node_args(&api.kubeconfig(), "node-a", &dir, &workload, &extra);
+        let install_args = testworld::strings(&[
+            "cni",
+            "install",
+            "--watch",
+            "--bin-dir",
+            &s(&bin_dir),
+            "--conf-dir",
+            &s(&conf_dir),
+            "--socket",
+            &socket_s,
+            "--plugin",
+            &s(&testworld::cni::cni_binary()),
+            "--kubeconfig",
+            &api.kubeconfig(),
+            "--daemonset",
+            DAEMONSET,
+        ]);
+        Installed {
+            api,
+            net,
+            dir,
+            workload,
+            own,
+            conf_dir,
+            bin_dir,
+            socket,
+            pins,
+            agent_args,
+            install_args,
+            _bpffs: bpffs,
+            _certs: certs,
+            _host: host,
+        }
+    }
+
+    /// The DaemonSet's pod on this node: the agent, and the container that
+    /// chains the plugin (once it has).
+    fn start(&self) -> (Dataplane, Proc) {
+        let dp = Dataplane::start(&self.own, &self.agent_args);
+        let mut cmd = std::process::Command::new(testworld::dataplane_binary());
+        cmd.args(&self.install_args);
+        let install = Proc::spawn(cmd, "cni-install");
+        assert!(eventually(Duration::from_secs(10), || self.conflist().contains("dataplane-cni")), "chained");
+        (dp, install)
+    }
+
+    /// The pod stops, as the kubelet stops it: SIGTERM to both containers.
+    fn stop(&self, (dp, mut install): (Dataplane, Proc)) {
+        install.signal("TERM");
+        assert!(dp.stop().success(), "the agent exits 0");
+        assert!(install.wait(Duration::from_secs(15)).success(), "cni-install exits 0:\n{:#?}", install.output());
+    }
+
+    fn conflist(&self) -> String {
+        std::fs::read_to_string(self.conf_dir.join("10-bridge.conflist")).unwrap_or_default()
+    }
+
+    fn sandbox(&self, t: &str, ns: &str, name: &str) -> (Netns, Result<Value, Value>) {
+        self.api.put("pods", pod(ns, name, "node-a", None, json!({}), json!({})));
+        let netns = Netns::new(t, name);
+        self.dir.add(&netns);
+        let added = self.net.add(&netns, ns, name, &format!("c-{name}"));
+        (netns, added)
+    }
+
+    /// What of ours is on the node: the plugin's entry and files, the pins,
+    /// attached programs, and the return path in `pods`.
+    fn left(&self, pods: &[&Netns]) -> Vec<String> {
+        let mut left = Vec::new();
+        if self.conflist().contains("dataplane-cni") {
+            left.push("the conflist entry".to_string());
+        }
+        for f in
+            [self.bin_dir.join("dataplane-cni"), self.socket.clone(), self.socket.with_extension("sock.namespaces")]
+        {
+            if f.exists() {
+                left.push(f.display().to_string());
+            }
+        }
+        if self.pins.exists() {
+            left.push(format!("pins: {:?}", std::fs::read_dir(&self.pins).map(|d| d.count())));
+        }
+        left.extend(attached(&self.workload.path));
+        for p in pods {
+            let tables = p.command(None, "nft", &["list", "tables"]).output().expect("nft").stdout;
+            if String::from_utf8_lossy(&tables).contains("dataplane") {
+                left.push(format!("nft table in {}", p.name));
+            }
+            let rules = p.command(None, "ip", &["rule", "show"]).output().expect("ip").stdout;
+            if String::from_utf8_lossy(&rules).contains("lookup 18001") {
+                left.push(format!("ip rule in {}", p.name));
+            }
+        }
+        left
+    }
+}
+
+#[test]
+fn deleting_the_daemonset_takes_everything_off_the_node_and_an_update_takes_nothing() {
+    let t = testworld::kernel_test!();
+    let node = Installed::new(t);
+    let primary = node.conflist();
+    let running = node.start();
+    let (db, added) = node.sandbox(t, "shop", "db");
+    let db_ip = address(&added.expect("db's sandbox"));
+    let _db = server(&db, "0.0.0.0", 8080, "db");
+    let (web, added) = node.sandbox(t, "shop", "web");
+    added.expect("web's sandbox");
+    let seen = client(&web, Some(&node.workload), &db_ip, 8080, &[]);
+    assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("127.0.0.1:18000", "db"), "tunnelled");
+    assert!(eventually(Duration::from_secs(5), || node.left(&[&db]).iter().any(|l| l.contains("nft table"))));
+
+    // An update (or a restart): the DaemonSet stays, so does everything; a
+    // meshed pod made meanwhile waits (fail closed).
+    node.stop(running);
+    let left = node.left(&[&db]);
+    for part in ["the conflist entry", "dataplane-cni", "capture_connect4", "nft table"] {
+        assert!(left.iter().any(|l| l.contains(part)), "{part} stays through an update: {left:?}");
+    }
+    let (late, added) = node.sandbox(t, "shop", "late");
+    assert_eq!(code(&added.expect_err("no agent: the sandbox waits")), 11);
+    let running = node.start();
+    node.net.del(&late, "shop", "late", "c-late").expect("DEL of the failed sandbox");
+    node.net.add(&late, "shop", "late", "c-late-2").expect("the kubelet's retry is served");
+
+    // The DaemonSet is deleted: its pod's containers take everything off.
+    node.api.delete("daemonsets", "dataplane-system", "dataplane");
+    node.stop(running);
+    let gone = || node.left(&[&db, &web, &late]).is_empty();
+    assert!(eventually(Duration::from_secs(3), gone), "left behind: {:?}", node.left(&[&db, &web, &late]));
+    let json = |text: &str| serde_json::from_str::<Value>(text).expect("a configuration list");
+    assert_eq!(json(&node.conflist()), json(&primary), "the primary list as it was");
+    // The pods keep working, now without the mesh, and new ones start.
+    let seen = client(&web, Some(&node.workload), &db_ip, 8080, &[]);
+    assert_eq!(seen[0].peer, format!("{db_ip}:8080"), "direct");
+    let (after, added) = node.sandbox(t, "shop", "after");
+    added.expect("a sandbox without the plugin");
+    assert_eq!(client(&after, Some(&node.workload), &db_ip, 8080, &[])[0].server, "db");
+
+    // A fresh install on the same node: served again (pods from before it
+    // are known from the API, where the kubelet has long written their
+    // addresses).
+    node.api.put("pods", pod("shop", "db", "node-a", Some(&db_ip), json!({}), json!({})));
+    node.api.put("daemonsets", daemonset("dataplane-system", "dataplane"));
+    let running = node.start();
+    let (again, added) = node.sandbox(t, "shop", "again");
+    added.expect("served by the new install");
+    let seen = client(&again, Some(&node.workload), &db_ip, 8080, &[]);
+    assert_eq!(seen[0].peer, "127.0.0.1:18000", "tunnelled again");
+
+    // Killed outright (a forced delete, a node gone wrong): everything stays
+    // until `dataplane uninstall` takes it off by hand.
+    let (mut dp, mut install) = running;
+    install.signal("KILL");
+    dp.proc.signal("KILL");
+    install.wait(Duration::from_secs(5));
+    dp.proc.wait(Duration::from_secs(5));
+    assert!(node.left(&[&db, &again]).len() >= 4, "{:?}", node.left(&[&db, &again]));
+    let s = |p: &std::path::Path| p.display().to_string();
+    let out = std::process::Command::new(testworld::dataplane_binary())
+        .args(["uninstall", "--bin-dir", &s(&node.bin_dir), "--conf-dir", &s(&node.conf_dir)])
+        .args(["--socket", &s(&node.socket), "--pin-dir", &s(&node.pins), "--netns-dir", &node.dir.path()])
+        .output()
+        .expect("dataplane uninstall");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("removed the return path in") && said.contains("links"), "says what it removed: {said}");
+    assert!(eventually(Duration::from_secs(3), || node.left(&[&db, &again]).is_empty()), "{said}");
 }

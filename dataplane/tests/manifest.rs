@@ -136,6 +136,27 @@ fn the_cni_install_container_chains_the_plugin_to_the_agents_socket() {
     let (_, agent) = container("dataplane");
     let socket = agent.get("DATAPLANE_CNI_SOCKET").and_then(|v| v.as_str()).expect("the agent serves the plugin");
     assert_eq!(env.get("DATAPLANE_CNI_SOCKET").and_then(|v| v.as_str()), Some(socket), "one socket for both");
+    // Both ask about the DaemonSet they are part of when they stop, and may.
+    for e in [&env, &agent] {
+        assert_eq!(e.get("DATAPLANE_DAEMONSET").and_then(|v| v.as_str()), Some("dataplane-system/dataplane"));
+        assert_eq!(e.get("DATAPLANE_KUBE").and_then(|v| v.as_str()), Some("true"), "with the pod's token");
+    }
+    let rbac = Command::new("python3")
+        .arg(format!("{}/../deploy/manifest_config.py", env!("CARGO_MANIFEST_DIR")))
+        .arg(manifest())
+        .arg("rbac")
+        .output()
+        .expect("manifest_config.py");
+    let roles: Vec<serde_json::Value> = serde_json::from_slice(&rbac.stdout).expect("json");
+    let may_read_it = roles.iter().any(|r| {
+        r["subjects"] == serde_json::json!(["dataplane"])
+            && r["rules"].as_array().into_iter().flatten().any(|rule| {
+                rule["resources"] == serde_json::json!(["daemonsets"])
+                    && rule["resourceNames"] == serde_json::json!(["dataplane"])
+                    && rule["verbs"] == serde_json::json!(["get"])
+            })
+    });
+    assert!(may_read_it, "the agents' account may read their own DaemonSet: {roles:?}");
     // The container's own settings, run once against a node of our own
     // making (its /host directories replaced): the entry names the socket.
     let node = std::env::temp_dir().join(format!("dp-manifest-cni-{}", std::process::id()));

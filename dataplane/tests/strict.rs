@@ -67,19 +67,26 @@ fn strict_mode_fails_closed_and_the_next_instance_adopts() {
 }
 
 #[test]
-fn pinned_maps_of_an_older_layout_are_refused_not_misread() {
+fn an_upgrade_whose_maps_changed_layout_takes_over_without_a_manual_step() {
     let t = testworld::kernel_test!();
-    let certs = Certs::new(t, &["10.77.0.1"]);
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
     let workload = Cgroup::new(t, "w");
     let own = Cgroup::new(t, "d");
-    let a = testworld::Netns::new(t, "a");
+    let (a, b, _) = two_pods(t);
+    let _srv = server(&b, "0.0.0.0", 8080, "b");
     let bpffs = BpfFs::new(t);
     let pins = bpffs.0.join("dataplane");
-    let maps = pins.join("maps");
-    fs::create_dir_all(&maps).expect("maps dir");
-    // What an instance from before IPv6 left pinned: 16-byte client keys,
-    // 8-byte destinations.
-    let old = maps.join("orig_by_client");
+    let old = pins.join("maps/orig_by_client");
+    let pins_s = pins.display().to_string();
+    let strict = run_args(&workload, "10.77.0.0/16", &certs, &[&a, &b], &["--strict", "--pin-dir", &pins_s]);
+    // The previous version ran strict, and died: its links are pinned and
+    // refuse meanwhile...
+    let mut dp = Dataplane::start(&own, &strict);
+    dp.proc.signal("KILL");
+    dp.proc.wait(Duration::from_secs(5));
+    // ...and its maps had another layout (as before IPv6: 16-byte client
+    // keys, 8-byte destinations).
+    fs::remove_file(&old).expect("the pinned map");
     let made = Command::new("bpftool")
         .args(["map", "create"])
         .arg(&old)
@@ -87,13 +94,18 @@ fn pinned_maps_of_an_older_layout_are_refused_not_misread() {
         .status()
         .expect("bpftool");
     assert!(made.success(), "bpftool map create");
-    let pins = pins.display().to_string();
-    let args = run_args(&workload, "10.77.0.0/16", &certs, &[&a], &["--strict", "--pin-dir", &pins]);
-    let err = Dataplane::launch(&testworld::dataplane_binary(), &own, &args, "info").expect_err("refused to start");
-    let err = format!("{err:#}");
-    assert!(err.contains("orig_by_client") && err.contains("another version's") && err.contains("rm -r"), "{err}");
-    assert!(old.exists(), "the old pins are left for the operator: {err}");
-    assert!(attached(&workload.path).is_empty(), "nothing attached");
+
+    let dp = Dataplane::start(&own, &strict);
+    assert!(dp.proc.output().iter().any(|l| l.contains("another version's layout")), "{:#?}", dp.proc.output());
+    let mut programs = attached(&workload.path);
+    programs.sort();
+    assert_eq!(programs, ["capture_connect4", "capture_connect6", "capture_sockops"], "the old links replaced");
+    let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
+    assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("127.0.0.1:18000", "b"), "served");
+    // Its own maps are pinned in their place, for the next instance.
+    let shown = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(&old).output().expect("bpftool");
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("bpftool's JSON");
+    assert_eq!(shown["bytes_key"], 32, "this version's client key: {shown}");
 }
 
 #[test]

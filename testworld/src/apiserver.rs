@@ -1,6 +1,7 @@
 //! A test API server: the cluster's double, not a mock inside the daemon.
 //! It speaks the Kubernetes list/watch protocol over HTTPS with a bearer
-//! token, for the resources the data plane reads (Pods, Namespaces), and the
+//! token, for the resources the data plane reads (Pods, Namespaces, Services,
+//! EndpointSlices, DaemonSets...), and the
 //! daemon reaches it through kube-rs and a kubeconfig exactly as it would a
 //! real cluster:
 //!
@@ -49,7 +50,7 @@ struct Resource {
     api_version: &'static str,
 }
 
-const RESOURCES: [Resource; 8] = [
+const RESOURCES: [Resource; 9] = [
     Resource { plural: "pods", kind: "Pod", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "namespaces", kind: "Namespace", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "nodes", kind: "Node", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
@@ -62,6 +63,13 @@ const RESOURCES: [Resource; 8] = [
         namespaced: true,
         prefix: "/apis/discovery.k8s.io/v1/",
         api_version: "discovery.k8s.io/v1",
+    },
+    Resource {
+        plural: "daemonsets",
+        kind: "DaemonSet",
+        namespaced: true,
+        prefix: "/apis/apps/v1/",
+        api_version: "apps/v1",
     },
     Resource {
         plural: "certificatesigningrequests",
@@ -409,6 +417,18 @@ pub fn endpoint_slice(
         "addressType": "IPv4",
         "ports": ports,
         "endpoints": endpoints,
+    })
+}
+
+/// The data plane's DaemonSet as `deployment.yaml` names it (what its
+/// containers ask about when they stop).
+pub fn daemonset(namespace: &str, name: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-ds-{name}"), "generation": 1},
+        "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+                 "template": {"metadata": {"labels": {"app.kubernetes.io/name": name}},
+                              "spec": {"containers": [{"name": "dataplane", "image": "dataplane/dataplane:dev"}]}}},
+        "status": {"currentNumberScheduled": 1, "desiredNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1},
     })
 }
 

@@ -23,9 +23,29 @@ pub const PLUGIN_DIR: &str = "/usr/lib/cni";
 pub struct Network {
     /// The node's namespace, where the bridge is.
     pub node: Netns,
-    plugins: Vec<Value>,
+    chain: Chain,
     cni: PathBuf,
     _ipam: TempDir,
+}
+
+/// Where the chain comes from.
+#[derive(Debug)]
+enum Chain {
+    /// Given once: the primary plugin, then ours (or not).
+    Fixed(Vec<Value>),
+    /// The node's configuration directory, read again for every sandbox as
+    /// a runtime reads it (the first `.conflist` by name), plugins looked up
+    /// in the node's binary directory, then the reference plugins'.
+    Node { conf_dir: PathBuf, bin_dir: PathBuf },
+}
+
+/// The primary plugin of a bridge network over `subnet`, addresses kept
+/// in `ipam`.
+fn bridge(subnet: &str, ipam: &Path) -> Value {
+    json!({
+        "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+        "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": ipam},
+    })
 }
 
 /// The `dataplane-cni` binary built beside the running executable (as
@@ -41,24 +61,54 @@ impl Network {
     pub fn new(test: &str, subnet: &str, socket: Option<&Path>) -> Self {
         let node = Netns::new(test, "node");
         let ipam = TempDir::new(&format!("dptest-ipam-{}", unique(test, "i"))).expect("IPAM directory");
-        let mut plugins = vec![json!({
-            "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": subnet}]], "dataDir": ipam.0},
-        })];
+        let mut plugins = vec![bridge(subnet, &ipam.0)];
         if let Some(socket) = socket {
             let shipped = include_str!("../../deploy/dataplane-cni.json");
             let mut ours: Value = serde_json::from_str(shipped).expect("deploy/dataplane-cni.json");
             ours["agentSocket"] = json!(socket);
             plugins.push(ours);
         }
-        Self { node, plugins, cni: cni_binary(), _ipam: ipam }
+        Self { node, chain: Chain::Fixed(plugins), cni: cni_binary(), _ipam: ipam }
+    }
+
+    /// A bridge network over `subnet` whose chain is the node's own: the
+    /// primary configuration list is written to `conf_dir` (as the primary
+    /// CNI writes it; `dataplane cni install` chains ours into it) and read
+    /// again for every sandbox.
+    pub fn on_node(test: &str, subnet: &str, conf_dir: &Path, bin_dir: &Path) -> Self {
+        let node = Netns::new(test, "node");
+        let ipam = TempDir::new(&format!("dptest-ipam-{}", unique(test, "i"))).expect("IPAM directory");
+        let list = json!({"cniVersion": "1.0.0", "name": "dptest", "plugins": [bridge(subnet, &ipam.0)]});
+        std::fs::write(conf_dir.join("10-bridge.conflist"), serde_json::to_vec_pretty(&list).expect("JSON"))
+            .expect("the primary configuration list");
+        let chain = Chain::Node { conf_dir: conf_dir.to_path_buf(), bin_dir: bin_dir.to_path_buf() };
+        Self { node, chain, cni: cni_binary(), _ipam: ipam }
+    }
+
+    /// The chain a sandbox made now gets.
+    fn plugins(&self) -> Vec<Value> {
+        match &self.chain {
+            Chain::Fixed(plugins) => plugins.clone(),
+            Chain::Node { conf_dir, .. } => {
+                let mut lists: Vec<PathBuf> = std::fs::read_dir(conf_dir)
+                    .expect("the node's CNI configuration directory")
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
+                    .collect();
+                lists.sort();
+                let first = lists.first().expect("a configuration list");
+                let list: Value = serde_json::from_slice(&std::fs::read(first).expect("read")).expect("JSON");
+                list["plugins"].as_array().cloned().expect("plugins")
+            }
+        }
     }
 
     /// ADD for `pod` (namespace/name, sandbox `container`): the chain's
     /// result, or the first plugin's error (its JSON).
     pub fn add(&self, pod: &Netns, namespace: &str, name: &str, container: &str) -> Result<Value, Value> {
         let mut prev: Option<Value> = None;
-        for plugin in &self.plugins {
+        for plugin in &self.plugins() {
             prev = Some(self.exec("ADD", plugin, prev.as_ref(), pod, namespace, name, container)?);
         }
         Ok(prev.unwrap_or_default())
@@ -66,7 +116,7 @@ impl Network {
 
     /// DEL for `pod`, the chain in reverse (as libcni does).
     pub fn del(&self, pod: &Netns, namespace: &str, name: &str, container: &str) -> Result<(), Value> {
-        for plugin in self.plugins.iter().rev() {
+        for plugin in self.plugins().iter().rev() {
             self.exec("DEL", plugin, None, pod, namespace, name, container)?;
         }
         Ok(())
@@ -90,9 +140,11 @@ impl Network {
             config["prevResult"] = prev.clone();
         }
         let kind = plugin["type"].as_str().expect("type");
-        let binary = match kind {
-            "dataplane-cni" => self.cni.clone(),
-            other => Path::new(PLUGIN_DIR).join(other),
+        let binary = match (&self.chain, kind) {
+            (Chain::Node { bin_dir, .. }, kind) if bin_dir.join(kind).exists() => bin_dir.join(kind),
+            (Chain::Node { .. }, "dataplane-cni") => return Err(json!({"plugin": kind, "error": "not installed"})),
+            (Chain::Fixed(_), "dataplane-cni") => self.cni.clone(),
+            (_, other) => Path::new(PLUGIN_DIR).join(other),
         };
         let mut cmd = self.node.command(None, &binary.display().to_string(), &[]);
         cmd.env("CNI_COMMAND", command)
