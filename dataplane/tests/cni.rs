@@ -210,6 +210,131 @@ fn twenty_pods_at_once_none_refused_none_in_plaintext() {
     decisions(&n, "at once");
 }
 
+/// A sandbox made as a runtime makes it (the namespace pinned, then ADD)
+/// on a node's network and namespace directory.
+fn sandbox_on(net: &Network, dir: &NetnsDir, t: &str, ns: &str, name: &str, id: &str) -> (Netns, Result<Value, Value>) {
+    let netns = Netns::new(t, name);
+    dir.add(&netns);
+    let added = net.add(&netns, ns, name, id);
+    (netns, added)
+}
+
+/// ADD as the kubelet drives it: a sandbox that fails with "try again
+/// later" (11) is deleted and made again, with a new container ID, until it
+/// succeeds (at most a minute); how many attempts it took.
+fn add_until_admitted(net: &Network, netns: &Netns, ns: &str, name: &str) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for attempt in 1.. {
+        let id = format!("c-{name}-{attempt}");
+        match net.add(netns, ns, name, &id) {
+            Ok(_) => return attempt,
+            Err(e) if code(&e) == 11 && std::time::Instant::now() < deadline => {
+                net.del(netns, ns, name, &id).expect("DEL of a failed sandbox");
+                thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{ns}/{name}, attempt {attempt}: {e}"),
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn runtime_retries_agent_restarts_and_api_restarts_lose_no_pod_and_leak_no_plaintext() {
+    let t = testworld::kernel_test!();
+    let mut n = node(t);
+    n.schedule("shop", "db");
+    let (db, added) = n.sandbox(t, "shop", "db");
+    let db_ip = address(&added.expect("db's sandbox"));
+    let _db = server(&db, "0.0.0.0", 8080, "db");
+    let tunnelled = |pod: &Netns, workload: &Cgroup| client(pod, Some(workload), &db_ip, 8080, &[])[0].peer.clone();
+
+    // ADD twice for one container (a runtime retrying after a timeout, with
+    // DEL between, as the spec has it): served both times, one sandbox.
+    n.schedule("shop", "twice");
+    let (twice, added) = n.sandbox(t, "shop", "twice");
+    added.expect("the first ADD");
+    n.net.del(&twice, "shop", "twice", "c-twice").expect("DEL");
+    n.net.add(&twice, "shop", "twice", "c-twice").expect("the same ADD again");
+    assert_eq!(tunnelled(&twice, &n.workload), "127.0.0.1:18000");
+
+    // The agent killed while sandboxes are being added: each ADD is
+    // answered, or fails with 11 and the kubelet's retry is served by the
+    // next agent; none starts unprotected.
+    let pods: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+    for name in &pods {
+        n.schedule("shop", name);
+    }
+    let made: Vec<(Netns, usize)> = thread::scope(|s| {
+        let Node { net, dir, dp: agent, own, args, .. } = &mut n;
+        let (net, dir) = (&*net, &*dir);
+        let adding: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                s.spawn(move || {
+                    // One every 100 ms, before, while and after the agent
+                    // is down.
+                    thread::sleep(Duration::from_millis(100) * i as u32);
+                    let netns = Netns::new(t, name);
+                    dir.add(&netns);
+                    let attempts = add_until_admitted(net, &netns, "shop", name);
+                    (netns, attempts)
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(250));
+        let mut dp = agent.take().expect("the agent");
+        dp.proc.signal("KILL");
+        dp.proc.wait(Duration::from_secs(5));
+        thread::sleep(Duration::from_millis(500));
+        *agent = Some(Dataplane::start(own, args));
+        adding.into_iter().map(|h| h.join().expect("a sandbox's thread")).collect()
+    });
+    for (netns, attempts) in &made {
+        assert_eq!(tunnelled(netns, &n.workload), "127.0.0.1:18000", "{} after {attempts} attempts", netns.name);
+    }
+    let attempts: Vec<usize> = made.iter().map(|m| m.1).collect();
+    println!("agent killed mid-ADD: attempts per sandbox {attempts:?}");
+    // At least the half second it was down fell between two sandboxes.
+    assert!(attempts.iter().any(|a| *a > 1), "no sandbox met the agent down: {attempts:?}");
+
+    // The API server restarts while pods are being added: pods it showed
+    // only just before going down wait for it (a meshed namespace) or
+    // start at once (one outside), and are served once it is back.
+    let pods: Vec<(&str, String)> =
+        (0..6).map(|i| (if i % 2 == 0 { "shop" } else { "plain" }, format!("r{i}"))).collect();
+    let down = std::sync::atomic::AtomicBool::new(false);
+    let Node { api, net, dir, workload, .. } = &mut n;
+    let made: Vec<(&str, Netns)> = thread::scope(|s| {
+        let (net, dir, down) = (&*net, &*dir, &down);
+        let adding: Vec<_> = pods
+            .iter()
+            .map(|(ns, name)| {
+                s.spawn(move || {
+                    while !down.load(std::sync::atomic::Ordering::Relaxed) {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    let (netns, added) = sandbox_on(net, dir, t, ns, name, &format!("c-{name}"));
+                    added.unwrap_or_else(|e| panic!("{ns}/{name}: {e}"));
+                    (*ns, netns)
+                })
+            })
+            .collect();
+        api.restart_with(Duration::from_secs(2), |api| {
+            for (ns, name) in &pods {
+                api.put("pods", pod(ns, name, "node-a", None, json!({}), json!({})));
+            }
+            down.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        adding.into_iter().map(|h| h.join().expect("a sandbox's thread")).collect()
+    });
+    for (ns, netns) in &made {
+        let want = if *ns == "shop" { "127.0.0.1:18000".to_string() } else { format!("{db_ip}:8080") };
+        assert_eq!(tunnelled(netns, workload), want, "{ns}/{}", netns.name);
+    }
+    assert_eq!(n.cni_count("refused"), 0.0, "the restarted agent refused nothing");
+}
+
 /// Prints what ADD added to each pod's start, as the agent measured it
 /// (figures only: a busy machine stretches them).
 fn decisions(n: &Node, how: &str) {
