@@ -192,7 +192,7 @@ fn target_dir() -> PathBuf {
 }
 
 /// Builds the data plane binary (release), which `cargo bench -p bench` does
-/// not build by itself; `DP_BINARY` names another one instead (to compare two
+/// not build by itself (and the CNI plugin beside it); `DP_BINARY` names another one instead (to compare two
 /// builds under the same load generator).
 fn build_dataplane() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("DP_BINARY") {
@@ -200,7 +200,19 @@ fn build_dataplane() -> anyhow::Result<PathBuf> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "--locked", "-p", "dataplane", "--bin", "dataplane"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "dataplane",
+            "-p",
+            "dataplane-cni",
+            "--bin",
+            "dataplane",
+            "--bin",
+            "dataplane-cni",
+        ])
         .status()
         .context("running cargo build")?;
     if !status.success() {
@@ -533,6 +545,50 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             t.latencies.insert(
                 key.into(),
                 json!({ "pods": n, "end_to_end_us": report::encode(&e.end_to_end)?, "dataplane_buckets": e.dataplane_buckets }),
+            );
+        }
+    }
+
+    if want("cni") {
+        // What the CNI plugin adds to a pod's start (ADD's time in
+        // dataplane-cni), meshed and not, one pod after another and all at
+        // once. The plugin is the one beside the data plane's binary.
+        std::env::set_var("DP_BINARY", &binary);
+        let n = if opts.quick { 10 } else { 40 };
+        for (together, key) in [(false, "cni_add"), (true, "cni_add_together")] {
+            let adds = bench::cni::measure(&binary, n, together)?;
+            let how = if together { format!("{n} pods at once") } else { format!("one at a time, {n} pods") };
+            // The runtime's view (the plugin's run, beside its run for
+            // VERSION alone), then the agent's own part of it.
+            let views = [
+                ("meshed", &adds.served, Some(&adds.exec)),
+                ("outside the mesh", &adds.passed, Some(&adds.exec)),
+                ("meshed, the agent's part", &adds.agent_served, None),
+                ("outside the mesh, the agent's part", &adds.agent_passed, None),
+            ];
+            for (pods, h, baseline) in views {
+                for (q, label) in [(50.0, "p50"), (99.0, "p99")] {
+                    let at = |h: &hdrhistogram::Histogram<u64>| h.value_at_quantile(q / 100.0) as f64 / 1000.0;
+                    let note = if baseline.is_some() { " (direct column: the plugin's VERSION)" } else { "" };
+                    t.rows.push(Row {
+                        workload: format!("CNI ADD, {pods}, {how}, {label}{note}"),
+                        direct: baseline.map_or(f64::NAN, at),
+                        proxied: at(h),
+                        haproxy: f64::NAN,
+                        unit: "ms",
+                        higher_is_better: false,
+                        cpu: None,
+                    });
+                }
+            }
+            t.latencies.insert(
+                key.into(),
+                json!({
+                    "pods": n,
+                    "served_us": report::encode(&adds.served)?,
+                    "passed_us": report::encode(&adds.passed)?,
+                    "version_us": report::encode(&adds.exec)?,
+                }),
             );
         }
     }

@@ -14,7 +14,9 @@
 //! - [`haproxy`]: the yardstick, a haproxy pair doing the same job, and the
 //!   proxies' CPU time;
 //! - [`report`]: histograms, the table, JSON and `.hgrm` files;
-//! - [`enrol`]: how fast a new pod is served.
+//! - [`enrol`]: how fast a new pod is served;
+//! - [`cni`]: what the CNI plugin adds to a pod's start.
+pub mod cni;
 pub mod enrol;
 pub mod haproxy;
 pub mod report;

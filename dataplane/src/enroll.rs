@@ -201,78 +201,98 @@ impl Registry {
             }
         }
         for (path, ino) in present {
-            let entry = self.entries.entry(path.clone()).or_insert_with(|| open(&path, ino));
-            let Some(ns) = entry.netns.clone() else { continue };
-            // Read until served: the CNI may add a dual-stack pod's two
-            // addresses one after the other, and the model says how many
-            // to wait for.
-            if matches!(entry.state, State::WaitingForAddress | State::Unclaimed(_) | State::WaitingForCertificate(_)) {
-                match ns.addresses() {
-                    Ok(a) if !a.is_empty() => {
-                        entry.addressed = entry.addressed.or(Some(Instant::now()));
-                        entry.addresses = a;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if !matches!(entry.state, State::Broken(_)) {
-                            warn!(netns = %path.display(), error = %e, "cannot read the namespace's addresses");
-                        }
-                        entry.state = State::Broken(format!("reading its addresses: {e}"));
-                        continue;
-                    }
-                }
-            }
-            let Decision { state: next, skip_outbound: skip, client_address } =
-                decide(&entry.addresses, model, |a| identity.holds(a));
-            let (Some(cookie), before) = (entry.cookie, entry.state.clone()) else { continue };
-            if next == before {
-                if next == State::Served && skip != entry.skip_outbound {
-                    changes.push(Change::Ports(ns.id(), cookie, skip.clone()));
-                    entry.skip_outbound = skip;
-                }
-                continue;
-            }
-            let name = path.display();
-            match &before {
-                State::Served => {
-                    info!(netns = %name, now = next.label(), "namespace no longer meshed: withdrawing");
-                    changes.push(Change::Withdraw(ns.clone(), Some(cookie)));
-                }
-                State::Passed(_) => changes.push(Change::Pass(cookie, false)),
-                _ => {}
-            }
-            match &next {
-                State::WaitingForCertificate(ip) => match identity.dir() {
-                    Some(certs) => warn!(netns = %name, %ip, certs = %certs.display(),
-                                         "pod address has no certificate: not serving it until {ip}.crt appears"),
-                    None => info!(netns = %name, %ip, "waiting for the node CA to mint the pod's certificate"),
-                },
-                State::Unclaimed(ip) => {
-                    info!(netns = %name, %ip, "no local workload holds this address yet: its connects to meshed destinations are refused until one does")
-                }
-                State::Conflict(why) => warn!(netns = %name, why, "address conflict: not serving it"),
-                State::Passed(why) => {
-                    info!(netns = %name, addresses = ?entry.addresses, why, "outside the mesh: never captured");
-                    changes.push(Change::Pass(cookie, true));
-                }
-                State::Served => {
-                    info!(netns = %name, addresses = ?entry.addresses, "enrolling namespace");
-                    let since = entry.addressed.unwrap_or_else(Instant::now);
-                    changes.push(Change::Enroll {
-                        ns,
-                        cookie,
-                        skip_outbound: skip.clone(),
-                        since,
-                        addresses: entry.addresses.clone(),
-                        client_address,
-                    });
-                }
-                State::WaitingForAddress | State::Broken(_) => {}
-            }
-            entry.state = next;
-            entry.skip_outbound = skip;
+            self.look(path, ino, identity, model, &mut changes);
         }
         changes
+    }
+
+    /// Decides the namespace at `path` alone: a sandbox the CNI plugin has
+    /// just handed over, while the rest of the directory is as the last
+    /// scan left it (the next scan looks at everything again). Under the
+    /// path the scan knows it by, if it lists it under another.
+    pub fn look_at(&mut self, path: &Path, identity: &Identity, model: Option<&Model>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let Ok(m) = fs::metadata(path) else { return changes };
+        let same = |p: &Path| fs::metadata(p).is_ok_and(|o| (o.dev(), o.ino()) == (m.dev(), m.ino()));
+        let listed = path.file_name().map(|n| self.dir.join(n)).filter(|p| same(p));
+        let known = self.entries.iter().find(|(p, e)| e.ino == m.ino() && same(p)).map(|(p, _)| p.clone());
+        let path = known.or(listed).unwrap_or_else(|| path.to_path_buf());
+        self.look(path, m.ino(), identity, model, &mut changes);
+        changes
+    }
+
+    /// (Re-)decides one namespace, found at `path` with inode `ino`.
+    fn look(&mut self, path: PathBuf, ino: u64, identity: &Identity, model: Option<&Model>, changes: &mut Vec<Change>) {
+        let entry = self.entries.entry(path.clone()).or_insert_with(|| open(&path, ino));
+        let Some(ns) = entry.netns.clone() else { return };
+        // Read until served: the CNI may add a dual-stack pod's two
+        // addresses one after the other, and the model says how many
+        // to wait for.
+        if matches!(entry.state, State::WaitingForAddress | State::Unclaimed(_) | State::WaitingForCertificate(_)) {
+            match ns.addresses() {
+                Ok(a) if !a.is_empty() => {
+                    entry.addressed = entry.addressed.or(Some(Instant::now()));
+                    entry.addresses = a;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !matches!(entry.state, State::Broken(_)) {
+                        warn!(netns = %path.display(), error = %e, "cannot read the namespace's addresses");
+                    }
+                    entry.state = State::Broken(format!("reading its addresses: {e}"));
+                    return;
+                }
+            }
+        }
+        let Decision { state: next, skip_outbound: skip, client_address } =
+            decide(&entry.addresses, model, |a| identity.holds(a));
+        let (Some(cookie), before) = (entry.cookie, entry.state.clone()) else { return };
+        if next == before {
+            if next == State::Served && skip != entry.skip_outbound {
+                changes.push(Change::Ports(ns.id(), cookie, skip.clone()));
+                entry.skip_outbound = skip;
+            }
+            return;
+        }
+        let name = path.display();
+        match &before {
+            State::Served => {
+                info!(netns = %name, now = next.label(), "namespace no longer meshed: withdrawing");
+                changes.push(Change::Withdraw(ns.clone(), Some(cookie)));
+            }
+            State::Passed(_) => changes.push(Change::Pass(cookie, false)),
+            _ => {}
+        }
+        match &next {
+            State::WaitingForCertificate(ip) => match identity.dir() {
+                Some(certs) => warn!(netns = %name, %ip, certs = %certs.display(),
+                                     "pod address has no certificate: not serving it until {ip}.crt appears"),
+                None => info!(netns = %name, %ip, "waiting for the node CA to mint the pod's certificate"),
+            },
+            State::Unclaimed(ip) => {
+                info!(netns = %name, %ip, "no local workload holds this address yet: its connects to meshed destinations are refused until one does")
+            }
+            State::Conflict(why) => warn!(netns = %name, why, "address conflict: not serving it"),
+            State::Passed(why) => {
+                info!(netns = %name, addresses = ?entry.addresses, why, "outside the mesh: never captured");
+                changes.push(Change::Pass(cookie, true));
+            }
+            State::Served => {
+                info!(netns = %name, addresses = ?entry.addresses, "enrolling namespace");
+                let since = entry.addressed.unwrap_or_else(Instant::now);
+                changes.push(Change::Enroll {
+                    ns,
+                    cookie,
+                    skip_outbound: skip.clone(),
+                    since,
+                    addresses: entry.addresses.clone(),
+                    client_address,
+                });
+            }
+            State::WaitingForAddress | State::Broken(_) => {}
+        }
+        entry.state = next;
+        entry.skip_outbound = skip;
     }
 }
 

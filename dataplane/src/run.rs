@@ -493,6 +493,20 @@ impl Control {
     fn scan_namespaces(&mut self) {
         let Some(registry) = self.registry.as_mut() else { return };
         let changes = registry.scan(&self.cfg.identity, self.model.as_ref());
+        self.enrolment_changes(changes);
+    }
+
+    /// Decides the namespace at `path` alone (a sandbox just handed over by
+    /// the CNI plugin): its pod is not kept waiting for a look at every
+    /// other namespace of the node.
+    fn look_at(&mut self, path: &std::path::Path) {
+        let Some(registry) = self.registry.as_mut() else { return };
+        let changes = registry.look_at(path, &self.cfg.identity, self.model.as_ref());
+        self.enrolment_changes(changes);
+    }
+
+    /// Carries out what enrolment decided.
+    fn enrolment_changes(&mut self, changes: Vec<Change>) {
         for change in changes {
             match change {
                 Change::Enroll { ns, cookie, skip_outbound, since, addresses, client_address } => {

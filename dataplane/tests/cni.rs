@@ -46,16 +46,23 @@ struct Node {
 /// An API server with a meshed namespace (`shop`) and one outside (`plain`),
 /// and an agent for node-a serving the CNI plugin.
 fn node(t: &str) -> Node {
+    // host-local hands out 10.88.0.2 upwards; certificates for the first
+    // forty (a pod beyond them waits for its certificate, then is refused).
+    node_with(t, "10.88.0.0/24", 40)
+}
+
+/// [`node`] with pods in `subnet` (10.x.0.0/n), certificates for the first
+/// `pods` addresses host-local hands out.
+fn node_with(t: &str, subnet: &str, pods: u32) -> Node {
     let api = ApiServer::start(t);
     api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
     api.put("namespaces", namespace("plain", json!({})));
-    // host-local hands out 10.88.0.2 upwards; certificates for the first
-    // forty (a pod beyond them waits for its certificate, then is refused).
-    let ips: Vec<String> = (2..42).map(|i| format!("10.88.0.{i}")).collect();
+    let base: std::net::Ipv4Addr = subnet.split('/').next().and_then(|a| a.parse().ok()).expect("subnet");
+    let ips: Vec<String> = (2..2 + pods).map(|i| std::net::Ipv4Addr::from(u32::from(base) + i).to_string()).collect();
     let certs = Certs::new(t, &ips.iter().map(String::as_str).collect::<Vec<_>>());
     let sockets = TempDir::new(&format!("dptest-cni-{}", unique(t, "s"))).expect("socket directory");
     let socket = sockets.0.join("cni.sock");
-    let net = Network::new(t, "10.88.0.0/24", Some(&socket));
+    let net = Network::new(t, subnet, Some(&socket));
     let (workload, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
     let certs_dir = certs.path();
     let socket_arg = socket.display().to_string();
@@ -335,37 +342,77 @@ fn runtime_retries_agent_restarts_and_api_restarts_lose_no_pod_and_leak_no_plain
     assert_eq!(n.cni_count("refused"), 0.0, "the restarted agent refused nothing");
 }
 
+#[test]
+fn five_hundred_pods_at_once_none_refused_none_in_plaintext() {
+    let t = testworld::kernel_test!();
+    let n = node_with(t, "10.89.0.0/22", 520);
+    n.schedule("shop", "db");
+    let (db, added) = n.sandbox(t, "shop", "db");
+    let db_ip = address(&added.expect("db's sandbox"));
+    let _db = server(&db, "0.0.0.0", 8080, "db");
+    let pods: Vec<(&str, String)> =
+        (0..500).map(|i| (if i % 2 == 0 { "shop" } else { "plain" }, format!("p{i}"))).collect();
+    for (ns, name) in &pods {
+        n.schedule(ns, name);
+    }
+    // Every sandbox at once, as fast as the runtime's workers make them
+    // (32 here), each pod's process started the moment its ADD returns.
+    let next = std::sync::Mutex::new(pods.iter());
+    let started = std::time::Instant::now();
+    let seen: Vec<(String, String, Duration)> = thread::scope(|s| {
+        let workers: Vec<_> = (0..32)
+            .map(|_| {
+                let (n, db_ip, next) = (&n, &db_ip, &next);
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    let take = || next.lock().expect("the queue").next();
+                    while let Some((ns, name)) = take() {
+                        let begun = std::time::Instant::now();
+                        let (netns, added) = n.sandbox(t, ns, name);
+                        added.unwrap_or_else(|e| panic!("{ns}/{name}: {e}"));
+                        let took = begun.elapsed();
+                        let seen = client(&netns, Some(&n.workload), db_ip, 8080, &[]);
+                        out.push((ns.to_string(), seen[0].peer.clone(), took));
+                    }
+                    out
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|h| h.join().expect("a runtime worker")).collect()
+    });
+    let all = started.elapsed();
+    assert_eq!(seen.len(), 500);
+    for (ns, peer, _) in &seen {
+        let want = if ns == "shop" { "127.0.0.1:18000".to_string() } else { format!("{db_ip}:8080") };
+        assert_eq!(peer, &want, "{ns}: tunnelled if meshed, direct if not");
+    }
+    assert_eq!((n.cni_count("served"), n.cni_count("passed"), n.cni_count("refused")), (251.0, 250.0, 0.0));
+    for ns in ["shop", "plain"] {
+        let mut took: Vec<Duration> = seen.iter().filter(|s| s.0 == ns).map(|s| s.2).collect();
+        took.sort();
+        let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
+        println!("{ns}: the whole chain (netns, bridge, host-local, ours) p50 {:?}, p99 {:?}", at(0.5), at(0.99));
+    }
+    println!("500 sandboxes and their first connects in {all:?}");
+    decisions(&n, "500 at once");
+}
+
 /// Prints what ADD added to each pod's start, as the agent measured it
 /// (figures only: a busy machine stretches them).
 fn decisions(n: &Node, how: &str) {
+    let all = testworld::cni::decisions(&n.dp().proc.output());
     for verdict in ["served", "passed"] {
-        let mut took: Vec<f64> = n
-            .dp()
-            .proc
-            .output()
-            .iter()
-            .filter(|l| l.contains("CNI ADD answered") && l.contains(&format!("verdict=\"{verdict}\"")))
-            .filter_map(|l| millis(l.rsplit("took=").next()?))
-            .collect();
+        let mut took: Vec<f64> = all.iter().filter(|(v, _)| v == verdict).map(|(_, d)| d.as_secs_f64() * 1e3).collect();
         took.sort_by(f64::total_cmp);
         let at = |q: f64| took.get(((took.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
-        println!("ADD {verdict} ({how}): {} sandboxes, p50 {:.2} ms, max {:.2} ms", took.len(), at(0.5), at(1.0));
+        println!(
+            "ADD {verdict} ({how}): {} sandboxes, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            took.len(),
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
     }
-}
-
-/// A `Debug` duration (`1.234ms`, `56.7µs`, `1.2s`) in milliseconds.
-fn millis(d: &str) -> Option<f64> {
-    let d = d.split_whitespace().next()?;
-    let split = d.find(|c: char| !c.is_ascii_digit() && c != '.')?;
-    let (n, unit) = d.split_at(split);
-    let n: f64 = n.parse().ok()?;
-    Some(match unit {
-        "s" => n * 1e3,
-        "ms" => n,
-        "µs" => n / 1e3,
-        "ns" => n / 1e6,
-        _ => return None,
-    })
 }
 
 /// A node with the CNI files where a node keeps them (a configuration and

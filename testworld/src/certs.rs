@@ -24,9 +24,18 @@ impl Certs {
         let _ = fs::remove_dir_all(&dir);
         let certs = Self { dir, binary: binary.to_path_buf() };
         certs.try_ca(&["init"])?;
-        for ip in ips {
-            certs.try_ca(&["issue", "--ip", ip])?;
-        }
+        // A few at a time: a node's worth of pods is hundreds.
+        let per = ips.len().div_ceil(4).max(1);
+        std::thread::scope(|s| {
+            let issuing: Vec<_> = ips
+                .chunks(per)
+                .map(|chunk| {
+                    let certs = &certs;
+                    s.spawn(move || chunk.iter().try_for_each(|ip| certs.try_ca(&["issue", "--ip", ip])))
+                })
+                .collect();
+            issuing.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a thread panicked"))))
+        })?;
         Ok(certs)
     }
 

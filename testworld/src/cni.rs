@@ -48,10 +48,17 @@ fn bridge(subnet: &str, ipam: &Path) -> Value {
     })
 }
 
-/// The `dataplane-cni` binary built beside the running executable (as
+/// The `dataplane-cni` binary: `DP_CNI_BINARY`, or the one beside
+/// `DP_BINARY`, or the one built beside the running executable (as
 /// [`crate::dataplane_binary`] finds `dataplane`).
 pub fn cni_binary() -> PathBuf {
-    crate::dataplane::built_beside("dataplane-cni")
+    if let Some(p) = std::env::var_os("DP_CNI_BINARY") {
+        return PathBuf::from(p);
+    }
+    let beside_dp = std::env::var_os("DP_BINARY").map(|p| PathBuf::from(p).with_file_name("dataplane-cni"));
+    beside_dp
+        .filter(|p| p.is_file())
+        .or_else(|| crate::dataplane::built_beside("dataplane-cni"))
         .unwrap_or_else(|| panic!("dataplane-cni is not built beside this test: cargo build -p dataplane-cni"))
 }
 
@@ -107,11 +114,28 @@ impl Network {
     /// ADD for `pod` (namespace/name, sandbox `container`): the chain's
     /// result, or the first plugin's error (its JSON).
     pub fn add(&self, pod: &Netns, namespace: &str, name: &str, container: &str) -> Result<Value, Value> {
+        self.add_timed(pod, namespace, name, container).map(|(result, _)| result)
+    }
+
+    /// [`Network::add`], and how long `dataplane-cni` took of it: what the
+    /// mesh adds to a pod's start.
+    pub fn add_timed(
+        &self,
+        pod: &Netns,
+        namespace: &str,
+        name: &str,
+        container: &str,
+    ) -> Result<(Value, std::time::Duration), Value> {
         let mut prev: Option<Value> = None;
+        let mut ours = std::time::Duration::ZERO;
         for plugin in &self.plugins() {
+            let started = std::time::Instant::now();
             prev = Some(self.exec("ADD", plugin, prev.as_ref(), pod, namespace, name, container)?);
+            if plugin["type"] == "dataplane-cni" {
+                ours += started.elapsed();
+            }
         }
-        Ok(prev.unwrap_or_default())
+        Ok((prev.unwrap_or_default(), ours))
     }
 
     /// DEL for `pod`, the chain in reverse (as libcni does).
@@ -146,7 +170,15 @@ impl Network {
             (Chain::Fixed(_), "dataplane-cni") => self.cni.clone(),
             (_, other) => Path::new(PLUGIN_DIR).join(other),
         };
-        let mut cmd = self.node.command(None, &binary.display().to_string(), &[]);
+        // The reference plugins set up the node's side of a pod (the
+        // bridge): they run in the node's namespace. Ours needs only the
+        // agent's socket, and runs as a runtime runs it, directly (its
+        // timing is then what it adds to a pod's start).
+        let mut cmd = if kind == "dataplane-cni" {
+            std::process::Command::new(&binary)
+        } else {
+            self.node.command(None, &binary.display().to_string(), &[])
+        };
         cmd.env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container)
             .env("CNI_NETNS", pod.path())
@@ -168,5 +200,51 @@ impl Network {
         } else {
             Err(json!({"plugin": kind, "error": stdout, "stderr": String::from_utf8_lossy(&out.stderr)}))
         }
+    }
+}
+
+/// The agent's own measure of each ADD it answered, from its log lines
+/// (`CNI ADD answered verdict="served" took=4.2ms`): (verdict, time).
+pub fn decisions(log: &[String]) -> Vec<(String, std::time::Duration)> {
+    log.iter()
+        .filter(|l| l.contains("CNI ADD answered"))
+        .filter_map(|l| {
+            let verdict = l.split("verdict=").nth(1)?.split(|c: char| c.is_whitespace() || c == ',').next()?;
+            let took = duration(l.rsplit("took=").next()?)?;
+            Some((verdict.trim_matches('"').to_string(), took))
+        })
+        .collect()
+}
+
+/// A `Debug` duration (`1.234ms`, `56.7µs`, `1.2s`, `800ns`).
+fn duration(d: &str) -> Option<std::time::Duration> {
+    let d = d.split_whitespace().next()?.trim_matches('"');
+    let split = d.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (n, unit) = d.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "ms" => n / 1e3,
+        "µs" => n / 1e6,
+        "ns" => n / 1e9,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_agents_log_lines_give_its_decisions() {
+        let log = [
+            r#"2026-12-07T21:00:00Z  INFO dataplane::run::cni: CNI ADD answered pod=shop/a verdict="served" took=4.25ms"#,
+            r#"2026-12-07T21:00:00Z  INFO dataplane::run::cni: CNI ADD answered pod=plain/b verdict="passed" took=120.5µs"#,
+            "something else took=1s",
+        ]
+        .map(String::from);
+        let d = super::decisions(&log);
+        assert_eq!(d.len(), 2);
+        assert_eq!((d[0].0.as_str(), d[0].1.as_micros()), ("served", 4250));
+        assert_eq!((d[1].0.as_str(), d[1].1.as_nanos()), ("passed", 120_500));
     }
 }

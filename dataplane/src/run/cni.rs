@@ -129,8 +129,11 @@ impl Control {
                         return;
                     }
                 };
-                let sandbox =
-                    model::Sandbox { container_id: req.container_id.clone(), netns, addresses: req.addresses.clone() };
+                let sandbox = model::Sandbox {
+                    container_id: req.container_id.clone(),
+                    netns: netns.clone(),
+                    addresses: req.addresses.clone(),
+                };
                 info!(%pod, container = req.container_id, netns = %req.netns.display(), addresses = ?req.addresses, "CNI ADD");
                 self.cni_waiting.push(Wait {
                     pod: pod.clone(),
@@ -139,8 +142,11 @@ impl Control {
                     reply: ask.reply,
                     since,
                 });
+                // Only this sandbox's namespace is looked at now; the
+                // next scan (at most RELOAD_POLL away) looks at the others,
+                // whose address may be this pod's too.
                 if self.update(vec![model::Change::Sandbox(pod, Some(sandbox))]) {
-                    self.scan_namespaces();
+                    self.look_at(&netns);
                 }
                 self.save_sandboxes();
                 self.answer_cni();
