@@ -121,7 +121,7 @@ pub struct CniNode {
     pub conf_dir: PathBuf,
     /// The agent's socket (its --cni-socket), as the plugin on the node
     /// reaches it.
-    #[arg(long, env = "DATAPLANE_CNI_SOCKET", value_name = "PATH", default_value = "/var/run/dataplane/cni.sock")]
+    #[arg(long, env = "DATAPLANE_CNI_SOCKET", value_name = "PATH", default_value = "/var/lib/dataplane/cni.sock")]
     pub socket: PathBuf,
 }
 

@@ -136,6 +136,12 @@ fn the_cni_install_container_chains_the_plugin_to_the_agents_socket() {
     let (_, agent) = container("dataplane");
     let socket = agent.get("DATAPLANE_CNI_SOCKET").and_then(|v| v.as_str()).expect("the agent serves the plugin");
     assert_eq!(env.get("DATAPLANE_CNI_SOCKET").and_then(|v| v.as_str()), Some(socket), "one socket for both");
+    // The meshed namespaces are kept beside it: on a disk, not a tmpfs, so
+    // that after a reboot meshed pods wait for the agent too.
+    assert!(!socket.starts_with("/var/run/") && !socket.starts_with("/run/"), "{socket} outlives a reboot");
+    let shipped: serde_json::Value =
+        serde_json::from_str(include_str!("../../deploy/dataplane-cni.json")).expect("deploy/dataplane-cni.json");
+    assert_eq!(shipped["agentSocket"], socket, "the shipped entry names the same socket");
     // Both ask about the DaemonSet they are part of when they stop, and may.
     for e in [&env, &agent] {
         assert_eq!(e.get("DATAPLANE_DAEMONSET").and_then(|v| v.as_str()), Some("dataplane-system/dataplane"));

@@ -5,10 +5,11 @@
 //! `connect4` told), passed (outside the mesh), or refused after
 //! [`CNI_DECIDE_WITHIN`] (the runtime retries the sandbox).
 //!
-//! The sandboxes are kept beside the socket (`<socket>.sandboxes`, on the
-//! node's /var/run: gone at reboot, as the sandboxes are): an agent that
-//! restarts knows its pods' addresses again before the kubelet has reported
-//! them, and those it still serves are not left unclaimed meanwhile.
+//! The sandboxes are kept beside the socket (`<socket>.sandboxes`): an
+//! agent that restarts knows its pods' addresses again before the kubelet
+//! has reported them, and those it still serves are not left unclaimed
+//! meanwhile. Those whose namespace file is gone (after a reboot: the
+//! runtime pins them on a tmpfs) are dropped as they are read.
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant},
