@@ -23,7 +23,7 @@ use std::{
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dataplane::{
     model::{Change, Mode, Model, Outside, Workload},
-    services::{Service, ServicePort, Slice},
+    services::{Endpoint, Readiness, Service, ServicePort, Slice},
 };
 
 fn addr(i: usize) -> IpAddr {
@@ -56,9 +56,12 @@ fn cluster(n: usize) -> (Vec<Workload>, Vec<Service>) {
             cluster_ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + s as u32))],
             ports: vec![ServicePort { name: "http".into(), port: 80 }],
             client_ip_affinity: false,
+            node_local: false,
             slices: vec![Slice {
                 ports: vec![("http".into(), 8080)],
-                endpoints: (0..10).map(|e| (addr(s * 10 + e), true)).collect(),
+                endpoints: (0..10)
+                    .map(|e| Endpoint { addr: addr(s * 10 + e), state: Readiness::Ready, local: false })
+                    .collect(),
             }],
         })
         .collect();

@@ -3,9 +3,13 @@
 //! `connect4` (or `connect6`) sees the ClusterIP before kube-proxy (or Cilium's socket load
 //! balancer on the root cgroup) translates it, so the data plane picks the
 //! endpoint itself: the model's Services and EndpointSlices become a
-//! [`Table`] (ClusterIP:port → the ready endpoints, their target ports
-//! resolved per EndpointSlice, each marked meshed or not), handed to every
-//! executor as an immutable snapshot. [`choose`] picks one:
+//! [`Table`] (ClusterIP:port → the endpoints kube-proxy would use, their
+//! target ports resolved per EndpointSlice, each marked meshed or not),
+//! handed to every executor as an immutable snapshot. The endpoints are
+//! kube-proxy's: the ready ones; if none is ready, those still serving while
+//! they terminate (a rollout, a drain); with `internalTrafficPolicy: Local`,
+//! only this node's, by the same rule (none: the connect fails, as kube-proxy
+//! drops it). [`choose`] picks one:
 //!
 //! - `sessionAffinity: ClientIP`: rendezvous hashing of the client address
 //!   over the ready endpoints, so every executor (and every data plane)
@@ -101,6 +105,8 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `sessionAffinity: ClientIP`.
     pub client_ip_affinity: bool,
+    /// `internalTrafficPolicy: Local`: this node's endpoints only.
+    pub node_local: bool,
     /// Its EndpointSlices, reduced to what routing needs.
     pub slices: Vec<Slice>,
 }
@@ -121,8 +127,54 @@ pub struct ServicePort {
 pub struct Slice {
     /// (port name, target port).
     pub ports: Vec<(String, u16)>,
-    /// (address, ready).
-    pub endpoints: Vec<(IpAddr, bool)>,
+    /// Its endpoints' addresses.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// An endpoint address, as routing sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The address.
+    pub addr: IpAddr,
+    /// Where it stands.
+    pub state: Readiness,
+    /// On this node (`nodeName`): for `internalTrafficPolicy: Local`.
+    pub local: bool,
+}
+
+/// An endpoint's conditions, as kube-proxy reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// `ready` (or unsaid: "nil means true"): used.
+    Ready,
+    /// Not ready, but `serving` while `terminating`: used when no endpoint
+    /// is ready.
+    Terminating,
+    /// Neither: never used.
+    Out,
+}
+
+impl Readiness {
+    /// From an EndpointSlice's conditions (`None`: not given; `serving`
+    /// unsaid is `ready`, `terminating` unsaid is false).
+    pub fn of(ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> Self {
+        let ready = ready.unwrap_or(true);
+        match (ready, serving.unwrap_or(ready), terminating.unwrap_or(false)) {
+            (true, ..) => Self::Ready,
+            (false, true, true) => Self::Terminating,
+            _ => Self::Out,
+        }
+    }
+}
+
+/// The endpoints kube-proxy would use of `all` (with their target ports):
+/// the ready ones, else those serving while they terminate.
+fn usable(all: Vec<(Endpoint, u16)>) -> Vec<(Endpoint, u16)> {
+    let ready: Vec<_> = all.iter().filter(|(e, _)| e.state == Readiness::Ready).copied().collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    all.into_iter().filter(|(e, _)| e.state == Readiness::Terminating).collect()
 }
 
 /// The table for `services`, marking endpoints whose address is meshed.
@@ -131,17 +183,21 @@ pub fn table<'a>(services: impl IntoIterator<Item = &'a Service>, meshed: impl F
 }
 
 /// One service's entries: a frontend for each ClusterIP and TCP port, with
-/// the ready endpoints, marked meshed when `meshed` holds their address.
+/// the endpoints kube-proxy would use (see the module comment), marked
+/// meshed when `meshed` holds their address.
 pub fn frontends(svc: &Service, meshed: impl Fn(IpAddr) -> bool) -> Vec<(SocketAddr, Frontend)> {
     let mut entries = Vec::new();
     for sp in &svc.ports {
-        let mut backends: Vec<Backend> = svc
+        let all: Vec<(Endpoint, u16)> = svc
             .slices
             .iter()
             .filter_map(|sl| sl.ports.iter().find(|(n, _)| *n == sp.name).map(|(_, p)| (sl, *p)))
-            .flat_map(|(sl, target)| {
-                sl.endpoints.iter().filter(|(_, ready)| *ready).map(move |(ip, _)| SocketAddr::new(*ip, target))
-            })
+            .flat_map(|(sl, target)| sl.endpoints.iter().map(move |e| (*e, target)))
+            .filter(|(e, _)| e.local || !svc.node_local)
+            .collect();
+        let mut backends: Vec<Backend> = usable(all)
+            .into_iter()
+            .map(|(e, target)| SocketAddr::new(e.addr, target))
             .map(|addr| Backend { addr, meshed: meshed(addr.ip()) })
             .collect();
         backends.sort();
@@ -228,16 +284,66 @@ mod tests {
                 ServicePort { name: "admin".into(), port: 9000 },
             ],
             client_ip_affinity: false,
+            node_local: false,
             slices: vec![
                 // Two slices resolve the named port differently (two
                 // versions of a Deployment with different container ports).
                 Slice {
                     ports: vec![("http".into(), 8080), ("admin".into(), 9090)],
-                    endpoints: vec![(ip("10.1.0.5"), true), (ip("10.1.0.6"), false)],
+                    endpoints: vec![ep("10.1.0.5", Readiness::Ready, true), ep("10.1.0.6", Readiness::Out, true)],
                 },
-                Slice { ports: vec![("http".into(), 8081)], endpoints: vec![(ip("10.2.0.7"), true)] },
+                Slice { ports: vec![("http".into(), 8081)], endpoints: vec![ep("10.2.0.7", Readiness::Ready, false)] },
             ],
         }
+    }
+
+    fn ep(addr: &str, state: Readiness, local: bool) -> Endpoint {
+        Endpoint { addr: ip(addr), state, local }
+    }
+
+    fn addrs(t: &Table, vip: &str) -> Vec<String> {
+        let fe = t.get(vip.parse().expect("vip"));
+        fe.map(|fe| fe.backends.iter().map(|b| b.addr.to_string()).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn conditions_read_as_kube_proxy_reads_them() {
+        use Readiness::*;
+        let cases = [
+            ((None, None, None), Ready),
+            ((Some(true), None, None), Ready),
+            ((Some(false), None, None), Out),
+            ((Some(false), Some(true), Some(true)), Terminating),
+            ((Some(false), Some(true), None), Out),
+            ((Some(false), Some(false), Some(true)), Out),
+        ];
+        for ((r, s, t), want) in cases {
+            assert_eq!(Readiness::of(r, s, t), want, "ready {r:?} serving {s:?} terminating {t:?}");
+        }
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let mut svc = web();
+        svc.slices[1].endpoints = vec![ep("10.2.0.7", Readiness::Terminating, false)];
+        assert_eq!(addrs(&table(&[svc.clone()], |_| true), "10.96.0.10:80"), ["10.1.0.5:8080"], "one is ready");
+        svc.slices[0].endpoints =
+            vec![ep("10.1.0.5", Readiness::Terminating, true), ep("10.1.0.6", Readiness::Out, true)];
+        let t = table(&[svc], |_| true);
+        assert_eq!(addrs(&t, "10.96.0.10:80"), ["10.1.0.5:8080", "10.2.0.7:8081"], "a rollout's last ones still serve");
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_to_this_node() {
+        let mut svc = web();
+        svc.node_local = true;
+        assert_eq!(addrs(&table(&[svc.clone()], |_| true), "10.96.0.10:80"), ["10.1.0.5:8080"]);
+        // This node's only endpoint terminates: it still serves, alone.
+        svc.slices[0].endpoints[0].state = Readiness::Terminating;
+        assert_eq!(addrs(&table(&[svc.clone()], |_| true), "10.96.0.10:80"), ["10.1.0.5:8080"]);
+        // None here at all: nothing, though another node has a ready one.
+        svc.slices[0].endpoints.clear();
+        assert!(addrs(&table(&[svc], |_| true), "10.96.0.10:80").is_empty());
     }
 
     #[test]
@@ -265,8 +371,8 @@ mod tests {
         svc.cluster_ips.push(ip("fd00:96::10"));
         // One slice per family, as the EndpointSlice controller makes them.
         svc.slices = vec![
-            Slice { ports: vec![("http".into(), 8080)], endpoints: vec![(ip("10.1.0.5"), true)] },
-            Slice { ports: vec![("http".into(), 8080)], endpoints: vec![(ip("fd00:1::5"), true)] },
+            Slice { ports: vec![("http".into(), 8080)], endpoints: vec![ep("10.1.0.5", Readiness::Ready, true)] },
+            Slice { ports: vec![("http".into(), 8080)], endpoints: vec![ep("fd00:1::5", Readiness::Ready, true)] },
         ];
         let t = table(&[svc], |_| true);
         let v4 = t.get("10.96.0.10:80".parse().expect("vip")).expect("IPv4 ClusterIP");

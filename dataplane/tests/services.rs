@@ -263,6 +263,40 @@ fn endpoints_that_go_stop_getting_connections_within_a_second() {
 }
 
 #[test]
+fn endpoints_as_kube_proxy_chooses_them_terminating_ones_and_a_local_policy() {
+    let t = testworld::kernel_test!();
+    let w = world(t);
+    let both = [("10.77.0.2", true, "node-a"), ("10.77.0.3", true, "node-b")];
+    // A Service whose traffic keeps to the client's node.
+    let mut local = service("shop", "local", "10.96.0.13", &[("http", 80, json!(8080))], false);
+    local["spec"]["internalTrafficPolicy"] = json!("Local");
+    w.api.put("services", local);
+    w.api.put("endpointslices", endpoint_slice("shop", "local-1", "local", &[("http", 8080)], &both));
+    let only = |vip: &str, want: &str| {
+        let seen = client(&w.c, Some(&w.a.workload), vip, 80, &["--count", "20"]);
+        spread(&seen) == [(want.to_string(), 20)].into()
+    };
+    assert!(eventually(Duration::from_secs(5), || only("10.96.0.13", "e1")), "node-a's client: node-a's endpoint only");
+
+    // Every endpoint of web terminating but still serving (the end of a
+    // rollout, a drain): kube-proxy still sends to them, so do we.
+    let mut draining = endpoint_slice("shop", "web-1", "web", &[("http", 8080)], &both);
+    for e in draining["endpoints"].as_array_mut().expect("endpoints") {
+        e["conditions"] = json!({"ready": false, "serving": true, "terminating": true});
+    }
+    w.api.put("endpointslices", draining.clone());
+    thread::sleep(Duration::from_secs(1));
+    let seen = client(&w.c, Some(&w.a.workload), VIP, 80, &["--count", "40"]);
+    let spread = spread(&seen);
+    assert_eq!(spread.values().sum::<usize>(), 40, "every connect served: {spread:?}");
+    assert_eq!(spread.len(), 2, "by both terminating endpoints: {spread:?}");
+    // One of them ready again: it alone.
+    draining["endpoints"][0]["conditions"] = json!({"ready": true, "serving": true, "terminating": false});
+    w.api.put("endpointslices", draining);
+    assert!(eventually(Duration::from_secs(5), || only(VIP, "e1")), "the ready one, and only it");
+}
+
+#[test]
 fn session_affinity_and_endpoints_outside_the_mesh() {
     let t = testworld::kernel_test!();
     let w = world(t);

@@ -360,7 +360,7 @@ impl Model {
 /// The addresses of a Service's endpoints, ready or not (a readiness flip
 /// changes the Service itself).
 fn endpoint_addresses(s: &Service) -> impl Iterator<Item = IpAddr> + '_ {
-    s.slices.iter().flat_map(|sl| sl.endpoints.iter().map(|(ip, _)| *ip))
+    s.slices.iter().flat_map(|sl| sl.endpoints.iter().map(|e| e.addr))
 }
 
 #[cfg(test)]

@@ -18,7 +18,10 @@
 //! ```
 //!
 //! `services` is optional: each endpoint entry stands for an EndpointSlice
-//! (its `ports` resolve the service's port names for its addresses).
+//! (its `ports` resolve the service's port names for its addresses), with
+//! the conditions `ready` (default true), `serving` (default: `ready`) and
+//! `terminating` (default false), and the endpoints' `node` (default: ours);
+//! a service may say `"internalTrafficPolicy": "Local"`.
 //!
 //! A workload is local (ours to enrol) when it names no `node`, or our own
 //! (`--node-name`); its namespace is `netns` if given, otherwise the one under
@@ -32,7 +35,7 @@ use serde::Deserialize;
 
 use crate::{
     model::{parse_ports, Mode, Model, Outside, Workload},
-    services::{Service, ServicePort, Slice},
+    services::{Endpoint, Readiness, Service, ServicePort, Slice},
 };
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +57,8 @@ struct ServiceEntry {
     #[serde(default)]
     session_affinity: Option<String>,
     #[serde(default)]
+    internal_traffic_policy: Option<String>,
+    #[serde(default)]
     endpoints: Vec<EndpointEntry>,
 }
 
@@ -69,13 +74,15 @@ struct PortEntry {
 #[serde(deny_unknown_fields)]
 struct EndpointEntry {
     addresses: Vec<IpAddr>,
-    #[serde(default = "yes")]
-    ready: bool,
+    #[serde(default)]
+    ready: Option<bool>,
+    #[serde(default)]
+    serving: Option<bool>,
+    #[serde(default)]
+    terminating: Option<bool>,
+    #[serde(default)]
+    node: Option<String>,
     ports: Vec<PortEntry>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,18 +182,30 @@ pub fn parse(text: &str, node: Option<&str>) -> Result<Model, String> {
                 Some("ClientIP") => true,
                 Some(other) => return Err(format!("service {}/{}: sessionAffinity {other:?}", s.namespace, s.name)),
             };
+            let node_local = match s.internal_traffic_policy.as_deref() {
+                None | Some("Cluster") => false,
+                Some("Local") => true,
+                Some(other) => {
+                    return Err(format!("service {}/{}: internalTrafficPolicy {other:?}", s.namespace, s.name))
+                }
+            };
             Ok(Service {
                 namespace: s.namespace,
                 name: s.name,
                 cluster_ips: s.cluster_ips,
                 ports: s.ports.into_iter().map(|p| ServicePort { name: p.name, port: p.port }).collect(),
                 client_ip_affinity: affinity,
+                node_local,
                 slices: s
                     .endpoints
                     .into_iter()
-                    .map(|e| Slice {
-                        ports: e.ports.into_iter().map(|p| (p.name, p.port)).collect(),
-                        endpoints: e.addresses.into_iter().map(|a| (a, e.ready)).collect(),
+                    .map(|e| {
+                        let state = Readiness::of(e.ready, e.serving, e.terminating);
+                        let local = e.node.as_deref().is_none_or(|n| Some(n) == node);
+                        Slice {
+                            ports: e.ports.into_iter().map(|p| (p.name, p.port)).collect(),
+                            endpoints: e.addresses.into_iter().map(|addr| Endpoint { addr, state, local }).collect(),
+                        }
                     })
                     .collect(),
             })

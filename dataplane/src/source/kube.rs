@@ -43,7 +43,7 @@ use tracing::{info, warn};
 
 use crate::{
     model::{self, membership, ObjectRef, Workload, CLIENT_ADDRESS, MESH_LABEL, SKIP_INBOUND, SKIP_OUTBOUND},
-    services::{Service, ServicePort, Slice},
+    services::{Endpoint, Readiness, Service, ServicePort, Slice},
 };
 
 /// Where the client finds the API server.
@@ -200,6 +200,8 @@ struct ServiceView {
     cluster_ips: Vec<IpAddr>,
     ports: Vec<ServicePort>,
     client_ip_affinity: bool,
+    /// `internalTrafficPolicy: Local`.
+    node_local: bool,
 }
 
 fn service_view(s: &K8sService) -> Option<ServiceView> {
@@ -218,7 +220,12 @@ fn service_view(s: &K8sService) -> Option<ServiceView> {
             Some(ServicePort { name: p.name.clone().unwrap_or_default(), port: u16::try_from(p.port).ok()? })
         })
         .collect();
-    Some(ServiceView { cluster_ips, ports, client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP") })
+    Some(ServiceView {
+        cluster_ips,
+        ports,
+        client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
+        node_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+    })
 }
 
 /// What an EndpointSlice contributes: the service it belongs to, its
@@ -230,7 +237,7 @@ struct SliceView {
     slice: Slice,
 }
 
-fn slice_view(s: &EndpointSlice) -> Option<SliceView> {
+fn slice_view(s: &EndpointSlice, node: &str) -> Option<SliceView> {
     if s.address_type != "IPv4" && s.address_type != "IPv6" {
         return None;
     }
@@ -246,9 +253,13 @@ fn slice_view(s: &EndpointSlice) -> Option<SliceView> {
         .endpoints
         .iter()
         .flat_map(|e| {
-            // "ready: nil should be interpreted as true" (discovery/v1).
-            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            e.addresses.iter().filter_map(move |a| Some((a.parse::<IpAddr>().ok()?, ready)))
+            // "ready: nil should be interpreted as true"; serving nil is
+            // ready; terminating nil is false (discovery/v1).
+            let c = e.conditions.as_ref();
+            let state =
+                Readiness::of(c.and_then(|c| c.ready), c.and_then(|c| c.serving), c.and_then(|c| c.terminating));
+            let local = e.node_name.as_deref() == Some(node);
+            e.addresses.iter().filter_map(move |a| Some(Endpoint { addr: a.parse().ok()?, state, local }))
         })
         .collect();
     Some(SliceView { service, slice: Slice { ports, endpoints } })
@@ -276,7 +287,8 @@ impl State {
             }
             Change::Service(ev) => services.extend(self.services.apply(*ev, service_view).into_iter().map(|(k, _)| k)),
             Change::Slice(ev) => {
-                for ((ns, name), old) in self.slices.apply(*ev, slice_view) {
+                let node = &self.node;
+                for ((ns, name), old) in self.slices.apply(*ev, |s| slice_view(s, node)) {
                     services.extend(old.map(|v| (ns.clone(), v.service)));
                     services.extend(self.slices.items.get(&(ns.clone(), name)).map(|v| (ns, v.service.clone())));
                 }
@@ -344,6 +356,7 @@ impl State {
             cluster_ips: v.cluster_ips.clone(),
             ports: v.ports.clone(),
             client_ip_affinity: v.client_ip_affinity,
+            node_local: v.node_local,
             slices,
         })
     }
@@ -597,11 +610,44 @@ mod tests {
             "endpoints": [{"addresses": ["fd00::5"], "conditions": {"ready": true}}]
         }))
         .expect("a slice");
-        let v = slice_view(&slice).expect("an IPv6 slice is routed");
-        assert_eq!(v.slice.endpoints, [("fd00::5".parse().expect("ip"), true)]);
+        let v = slice_view(&slice, "a").expect("an IPv6 slice is routed");
+        let want = Endpoint { addr: "fd00::5".parse().expect("ip"), state: Readiness::Ready, local: false };
+        assert_eq!(v.slice.endpoints, [want]);
         let mut fqdn = slice;
         fqdn.address_type = "FQDN".into();
-        assert!(slice_view(&fqdn).is_none(), "FQDN slices are not");
+        assert!(slice_view(&fqdn, "a").is_none(), "FQDN slices are not");
+    }
+
+    #[test]
+    fn endpoint_conditions_and_nodes_are_read_as_kube_proxy_reads_them() {
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-abc", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.0.0.2"], "nodeName": "a", "conditions": {"ready": true, "serving": true, "terminating": false}},
+                {"addresses": ["10.0.0.3"], "nodeName": "b", "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": false, "terminating": true}}]
+        }))
+        .expect("slice");
+        let v = slice_view(&slice, "a").expect("view");
+        let got: Vec<(String, Readiness, bool)> =
+            v.slice.endpoints.iter().map(|e| (e.addr.to_string(), e.state, e.local)).collect();
+        assert_eq!(
+            got,
+            [
+                ("10.0.0.2".into(), Readiness::Ready, true),
+                ("10.0.0.3".into(), Readiness::Terminating, false),
+                ("10.0.0.4".into(), Readiness::Out, false)
+            ]
+        );
+        let svc: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIPs": ["10.96.0.10"], "internalTrafficPolicy": "Local",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+        }))
+        .expect("service");
+        assert!(service_view(&svc).expect("view").node_local);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 use super::*;
 use crate::{
     model::Outside,
-    services::{ServicePort, Slice},
+    services::{Endpoint, Readiness, ServicePort, Slice},
 };
 
 fn workload(name: &str, addr: &str, local: bool, mode: Mode) -> Workload {
@@ -52,9 +52,13 @@ fn web(endpoints: &[&str]) -> Service {
         cluster_ips: vec![ip("10.96.0.10")],
         ports: vec![ServicePort { name: "http".into(), port: 80 }],
         client_ip_affinity: false,
+        node_local: false,
         slices: vec![Slice {
             ports: vec![("http".into(), 8080)],
-            endpoints: endpoints.iter().map(|e| (ip(e), true)).collect(),
+            endpoints: endpoints
+                .iter()
+                .map(|e| Endpoint { addr: ip(e), state: Readiness::Ready, local: false })
+                .collect(),
         }],
     }
 }
