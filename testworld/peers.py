@@ -263,6 +263,23 @@ def expect_reset(host, port):
     print(json.dumps({"result": what, "seconds": time.time() - t}), flush=True)
 
 
+def wait_close(host, port, limit):
+    """Connects, reads the greeting, then says nothing and waits for the
+    connection to end (at most `limit` seconds): how and when it ended."""
+    c = socket.create_connection((host, int(port)), timeout=10)
+    f = c.makefile("rb")
+    read_line(f)
+    c.settimeout(float(limit))
+    t = time.time()
+    try:
+        what = "data" if c.recv(100) else "eof"
+    except ConnectionResetError:
+        what = "reset"
+    except socket.timeout:
+        what = "open"
+    print(json.dumps({"result": what, "seconds": time.time() - t}), flush=True)
+
+
 async def many(host, port, n):
     async def one(i):
         r, w = await asyncio.open_connection(host, int(port))
@@ -614,6 +631,8 @@ if __name__ == "__main__":
         greet(a[1], a[2], a[3])
     elif cmd == "read":
         read_all(a[1], a[2], a[3])
+    elif cmd == "wait-close":
+        wait_close(*a[1:4])
     elif cmd == "expect-reset":
         expect_reset(a[1], a[2])
     elif cmd == "many":

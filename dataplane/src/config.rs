@@ -347,10 +347,21 @@ pub struct RunArgs {
     #[arg(long, env = "DATAPLANE_MAX_HANDSHAKES_PER_SOURCE", value_name = "N",
           default_value_t = crate::conn::MAX_IN_FLIGHT_PER_SOURCE)]
     pub max_handshakes_per_source: u64,
-    /// Close connections on which no byte moved either way for this long.
-    #[arg(long, env = "DATAPLANE_IDLE_TIMEOUT", value_name = "DURATION", default_value = "1h",
-          value_parser = humantime::parse_duration)]
-    pub idle_timeout: Duration,
+    /// Close connections on which no byte moved either way for this long
+    /// ("off", the default: connections whose peers are alive stay open as
+    /// long as their applications keep them; --tcp-keepalive finds dead
+    /// peers).
+    #[arg(long, env = "DATAPLANE_IDLE_TIMEOUT", value_name = "DURATION|off", default_value = "off",
+          value_parser = duration_or_off)]
+    pub idle_timeout: OrOff,
+    /// TCP keepalive on every socket of a connection (the application's,
+    /// both ends of the tunnel, the connection to the application): the
+    /// first probe after this long without traffic, then one every 10 s (or
+    /// this, if shorter), and a peer that answers none of six is dead: its
+    /// connection is closed ("off": none).
+    #[arg(long, env = "DATAPLANE_TCP_KEEPALIVE", value_name = "DURATION|off", default_value = "60s",
+          value_parser = duration_or_off)]
+    pub tcp_keepalive: OrOff,
     /// Fail closed: keep the capture programs attached (pinned under
     /// --pin-dir) after the data plane exits, so captured connects are
     /// refused until a data plane returns and adopts them.
@@ -404,6 +415,17 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// A duration, or "off" (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrOff(pub Option<Duration>);
+
+fn duration_or_off(s: &str) -> Result<OrOff, humantime::DurationError> {
+    if s == "off" {
+        return Ok(OrOff(None));
+    }
+    humantime::parse_duration(s).map(|d| OrOff(Some(d)))
 }
 
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
@@ -473,6 +495,9 @@ pub enum ConfigError {
     /// A zero timeout.
     #[error("--{0} 0s: must be longer than zero")]
     ZeroTimeout(&'static str),
+    /// `--tcp-keepalive` under a second.
+    #[error("--tcp-keepalive {0:?}: at least 1s (the kernel counts it in whole seconds)")]
+    KeepaliveTooShort(Duration),
     /// `--max-handshakes-per-source` outside 1 to the executor's bound.
     #[error("--max-handshakes-per-source {0}: must be 1 to {max} (the handshakes one executor holds)", max = crate::conn::MAX_IN_FLIGHT)]
     HandshakesPerSource(u64),
@@ -497,6 +522,8 @@ pub struct Config {
     pub netns_dir: Option<PathBuf>,
     /// The CNI plugin's socket, if served.
     pub cni_socket: Option<PathBuf>,
+    /// TCP keepalive idle time of every connection socket (`None`: off).
+    pub tcp_keepalive: Option<Duration>,
     /// The DaemonSet (namespace, name) whose deletion takes the agent's
     /// pins and return paths off the node as it stops.
     pub daemonset: Option<(String, String)>,
@@ -592,8 +619,11 @@ impl RunArgs {
         if self.handshake_timeout.is_zero() {
             return Err(ConfigError::ZeroTimeout("handshake-timeout"));
         }
-        if self.idle_timeout.is_zero() {
+        if self.idle_timeout.0.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::ZeroTimeout("idle-timeout"));
+        }
+        if let Some(d) = self.tcp_keepalive.0.filter(|d| *d < Duration::from_secs(1)) {
+            return Err(ConfigError::KeepaliveTooShort(d));
         }
         if !(1..=crate::conn::MAX_IN_FLIGHT).contains(&self.max_handshakes_per_source) {
             return Err(ConfigError::HandshakesPerSource(self.max_handshakes_per_source));
@@ -722,6 +752,7 @@ impl RunArgs {
             netns_dir: self.netns_dir,
             cni_socket: self.cni_socket,
             daemonset: self.removal.daemonset,
+            tcp_keepalive: self.tcp_keepalive.0,
             source,
             minting,
             client_address: !self.no_client_address,
@@ -742,7 +773,7 @@ impl RunArgs {
             identity,
             limits: Limits {
                 handshake: self.handshake_timeout,
-                idle: self.idle_timeout,
+                idle: self.idle_timeout.0.unwrap_or(crate::conn::NO_IDLE_TIMEOUT),
                 handshakes_per_source: self.max_handshakes_per_source,
             },
             admin: self.admin,

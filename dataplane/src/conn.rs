@@ -42,12 +42,17 @@ use crate::{
 pub struct Limits {
     /// For the TLS handshake and the preamble, together.
     pub handshake: Duration,
-    /// For a connection on which no byte moves either way.
+    /// For a connection on which no byte moves either way ([`NO_IDLE_TIMEOUT`]:
+    /// none, the default; TCP keepalive finds dead peers instead).
     pub idle: Duration,
     /// Handshakes in flight from one source address, per executor (see
     /// [`Admission`]).
     pub handshakes_per_source: u64,
 }
+
+/// No idle timeout (`--idle-timeout off`): far enough never to come, near
+/// enough that a deadline built from it cannot overflow.
+pub const NO_IDLE_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Connections open on one executor: raised and lowered by [`Record`] on its
 /// executor, read by the control thread without asking the executor (for

@@ -60,6 +60,7 @@ mod cni;
 
 /// Runs until SIGTERM or SIGINT, then drains.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    crate::socket::set_keepalive(cfg.tcp_keepalive);
     info!(
         workload_cgroup = %cfg.workload_cgroup.display(),
         own_cgroup = %cfg.own_cgroup.display(),
@@ -78,7 +79,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         identities = ?cfg.identity.addresses().collect::<Vec<_>>(),
         tls_resumption = cfg.identity.resumption(),
         handshake_timeout = ?cfg.limits.handshake,
-        idle_timeout = ?cfg.limits.idle,
+        idle_timeout = %if cfg.limits.idle == crate::conn::NO_IDLE_TIMEOUT {
+            "off".to_string()
+        } else {
+            format!("{:?}", cfg.limits.idle)
+        },
+        tcp_keepalive = %cfg.tcp_keepalive.map_or("off".to_string(), |d| format!("{d:?}")),
         max_handshakes_per_source = cfg.limits.handshakes_per_source,
         admin = ?cfg.admin,
         stats_dir = ?cfg.stats_dir,

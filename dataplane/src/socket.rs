@@ -6,7 +6,11 @@
 //!   accepted sockets), non-blocking; IPv6 ones `IPV6_V6ONLY`, beside the
 //!   IPv4 ones on the same port;
 //! - upstream sockets: `SO_MARK` with the bypass mark, so our own connects are
-//!   never captured by `cgroup/connect4`, `TCP_NODELAY`, non-blocking connect.
+//!   never captured by `cgroup/connect4`, `TCP_NODELAY`, non-blocking connect;
+//! - both: TCP keepalive (`--tcp-keepalive`, [`set_keepalive`]), so a peer
+//!   that went away without a word (a node gone, a pod's namespace torn
+//!   down under its connections) is found and its connection closed, with no
+//!   idle timeout cutting connections whose peers are alive.
 //!
 //! Sockets are made with socket2 0.6 and handed to glommio (which uses
 //! socket2 0.4) as owned fds.
@@ -17,9 +21,32 @@ use std::{
     time::Duration,
 };
 
-use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::sys;
+
+/// The keepalive idle time of every connection socket, fixed at start-up
+/// (unset: none).
+static KEEPALIVE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+
+/// Probes after the first, and the longest wait between two.
+const KEEPALIVE_PROBES: u32 = 6;
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Sets the keepalive of every socket made from now on (`--tcp-keepalive`):
+/// the first probe after `idle` without traffic, then one every 10 s (or
+/// `idle`, if shorter); six unanswered and the socket fails. Once, at
+/// start-up; a second call changes nothing.
+pub fn set_keepalive(idle: Option<Duration>) {
+    let _ = KEEPALIVE.set(idle);
+}
+
+fn keepalive(s: &Socket) -> io::Result<()> {
+    let Some(Some(idle)) = KEEPALIVE.get().copied() else { return Ok(()) };
+    let ka =
+        TcpKeepalive::new().with_time(idle).with_interval(idle.min(KEEPALIVE_INTERVAL)).with_retries(KEEPALIVE_PROBES);
+    s.set_tcp_keepalive(&ka)
+}
 
 /// Listen backlog for the proxy listeners.
 const BACKLOG: i32 = 4096;
@@ -37,6 +64,8 @@ pub fn listener(addr: SocketAddr, incoming_cpu: Option<usize>) -> io::Result<Own
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
     s.set_tcp_nodelay(true)?;
+    // Inherited by the accepted sockets, as TCP_NODELAY is.
+    keepalive(&s)?;
     if let Some(cpu) = incoming_cpu {
         s.set_cpu_affinity(cpu)?;
     }
@@ -70,6 +99,7 @@ fn marked_stream(dst: SocketAddr, mark: u32) -> io::Result<Socket> {
         s.set_mark(mark)?;
     }
     s.set_tcp_nodelay(true)?;
+    keepalive(&s)?;
     Ok(s)
 }
 

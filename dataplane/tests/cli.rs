@@ -25,6 +25,11 @@ fn bad_command_lines_get_one_line_naming_the_flag() {
         (&["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--exclude-port", "70000"], "--exclude-port"),
         (&["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--cores", "zero"], "--cores"),
         (&["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--idle-timeout", "soon"], "--idle-timeout"),
+        (&["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--tcp-keepalive", "never"], "--tcp-keepalive"),
+        (
+            &["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--tcp-keepalive", "10ms", "--check-config"],
+            "--tcp-keepalive",
+        ),
         (&["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--bypass-mark", "banana"], "--bypass-mark"),
         (&["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--no-such-flag"], "--no-such-flag"),
         (&["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--admin", "localhost"], "--admin"),

@@ -110,6 +110,34 @@ fn idle_connections_are_closed_at_the_idle_timeout() {
 }
 
 #[test]
+fn idle_connections_stay_open_and_keepalive_finds_a_peer_gone_silent() {
+    let t = testworld::kernel_test!();
+    let w = world(t, &["10.77.0.1", "10.77.0.2"], &["--tcp-keepalive", "1s"]);
+    let (a, b, workload) = (&w.a, &w.b, &w.workload);
+    let _srv = server(b, "0.0.0.0", 8080, "b");
+    // No idle timeout by default: a pause of 4 s (four keepalive idle times)
+    // leaves the connection as it was.
+    let r = &peer(a, Some(workload), &["hold-verify", "10.77.0.2", "8080", "1", "4"])[0];
+    assert_eq!(r["ok"], 1, "the connection outlived the pause: {r}");
+
+    // The application's end goes silent without a word (every packet of
+    // port 8080 in its namespace dropped, as when its node is gone): the
+    // data plane's keepalive probes go unanswered, and the client's
+    // connection is closed, where it would otherwise stay open forever.
+    let waiting = std::thread::scope(|s| {
+        let waiting = s.spawn(|| peer(a, Some(workload), &["wait-close", "10.77.0.2", "8080", "30"]));
+        std::thread::sleep(Duration::from_millis(500));
+        let rules = "table inet gone { chain o { type filter hook output priority 0; \
+                     tcp dport 8080 drop; tcp sport 8080 drop; }; }";
+        assert!(b.command(None, "nft", &[rules]).status().expect("nft").success(), "the drop rules");
+        waiting.join().expect("the client")
+    });
+    let r = &waiting[0];
+    assert!(r["result"] == "eof" || r["result"] == "reset", "closed, not left open: {r}");
+    println!("a silent peer found after {:.1} s (keepalive 1 s, six probes 1 s apart)", r["seconds"]);
+}
+
+#[test]
 fn map_pressure_never_misdelivers() {
     let t = testworld::kernel_test!();
     // 16 entries per map, and bursts of 400 concurrent connects.
