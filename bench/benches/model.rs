@@ -23,7 +23,7 @@ use std::{
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dataplane::{
     model::{Change, Mode, Model, Outside, Workload},
-    services::{Endpoint, Readiness, Service, ServicePort, Slice},
+    services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice},
 };
 
 fn addr(i: usize) -> IpAddr {
@@ -57,10 +57,16 @@ fn cluster(n: usize) -> (Vec<Workload>, Vec<Service>) {
             ports: vec![ServicePort { name: "http".into(), port: 80 }],
             client_ip_affinity: false,
             node_local: false,
+            zone_hints: false,
             slices: vec![Slice {
                 ports: vec![("http".into(), 8080)],
                 endpoints: (0..10)
-                    .map(|e| Endpoint { addr: addr(s * 10 + e), state: Readiness::Ready, local: false })
+                    .map(|e| Endpoint {
+                        addr: addr(s * 10 + e),
+                        state: Readiness::Ready,
+                        local: false,
+                        hint: Hint::None,
+                    })
                     .collect(),
             }],
         })

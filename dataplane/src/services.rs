@@ -9,7 +9,10 @@
 //! kube-proxy's: the ready ones; if none is ready, those still serving while
 //! they terminate (a rollout, a drain); with `internalTrafficPolicy: Local`,
 //! only this node's, by the same rule (none: the connect fails, as kube-proxy
-//! drops it). [`choose`] picks one:
+//! drops it); with `trafficDistribution` (or the `topology-mode: Auto`
+//! annotation), only the ready endpoints whose zone hints name this node's
+//! zone, when every ready endpoint has hints and one names it. [`choose`]
+//! picks one:
 //!
 //! - `sessionAffinity: ClientIP`: rendezvous hashing of the client address
 //!   over the ready endpoints, so every executor (and every data plane)
@@ -107,6 +110,9 @@ pub struct Service {
     pub client_ip_affinity: bool,
     /// `internalTrafficPolicy: Local`: this node's endpoints only.
     pub node_local: bool,
+    /// `trafficDistribution` set (or `service.kubernetes.io/topology-mode:
+    /// Auto`): the endpoints' zone hints are followed.
+    pub zone_hints: bool,
     /// Its EndpointSlices, reduced to what routing needs.
     pub slices: Vec<Slice>,
 }
@@ -140,6 +146,20 @@ pub struct Endpoint {
     pub state: Readiness,
     /// On this node (`nodeName`): for `internalTrafficPolicy: Local`.
     pub local: bool,
+    /// Its zone hints (`hints.forZones`) against this node's zone.
+    pub hint: Hint,
+}
+
+/// An endpoint's zone hints, against this node's zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hint {
+    /// None (or this node's zone is not known).
+    #[default]
+    None,
+    /// They name this node's zone.
+    Here,
+    /// They name other zones only.
+    Elsewhere,
 }
 
 /// An endpoint's conditions, as kube-proxy reads them.
@@ -168,10 +188,16 @@ impl Readiness {
 }
 
 /// The endpoints kube-proxy would use of `all` (with their target ports):
-/// the ready ones, else those serving while they terminate.
-fn usable(all: Vec<(Endpoint, u16)>) -> Vec<(Endpoint, u16)> {
+/// the ready ones (those hinted to this zone, if `zone_hints` and every
+/// ready one has hints and one names this zone), else those serving while
+/// they terminate.
+fn usable(all: Vec<(Endpoint, u16)>, zone_hints: bool) -> Vec<(Endpoint, u16)> {
     let ready: Vec<_> = all.iter().filter(|(e, _)| e.state == Readiness::Ready).copied().collect();
     if !ready.is_empty() {
+        let hinted = !ready.iter().any(|(e, _)| e.hint == Hint::None);
+        if zone_hints && hinted && ready.iter().any(|(e, _)| e.hint == Hint::Here) {
+            return ready.into_iter().filter(|(e, _)| e.hint == Hint::Here).collect();
+        }
         return ready;
     }
     all.into_iter().filter(|(e, _)| e.state == Readiness::Terminating).collect()
@@ -195,7 +221,7 @@ pub fn frontends(svc: &Service, meshed: impl Fn(IpAddr) -> bool) -> Vec<(SocketA
             .flat_map(|(sl, target)| sl.endpoints.iter().map(move |e| (*e, target)))
             .filter(|(e, _)| e.local || !svc.node_local)
             .collect();
-        let mut backends: Vec<Backend> = usable(all)
+        let mut backends: Vec<Backend> = usable(all, svc.zone_hints)
             .into_iter()
             .map(|(e, target)| SocketAddr::new(e.addr, target))
             .map(|addr| Backend { addr, meshed: meshed(addr.ip()) })
@@ -285,6 +311,7 @@ mod tests {
             ],
             client_ip_affinity: false,
             node_local: false,
+            zone_hints: false,
             slices: vec![
                 // Two slices resolve the named port differently (two
                 // versions of a Deployment with different container ports).
@@ -298,7 +325,7 @@ mod tests {
     }
 
     fn ep(addr: &str, state: Readiness, local: bool) -> Endpoint {
-        Endpoint { addr: ip(addr), state, local }
+        Endpoint { addr: ip(addr), state, local, hint: Hint::None }
     }
 
     fn addrs(t: &Table, vip: &str) -> Vec<String> {
@@ -331,6 +358,28 @@ mod tests {
             vec![ep("10.1.0.5", Readiness::Terminating, true), ep("10.1.0.6", Readiness::Out, true)];
         let t = table(&[svc], |_| true);
         assert_eq!(addrs(&t, "10.96.0.10:80"), ["10.1.0.5:8080", "10.2.0.7:8081"], "a rollout's last ones still serve");
+    }
+
+    #[test]
+    fn zone_hints_keep_to_this_zone_only_when_every_ready_endpoint_has_them() {
+        let mut svc = web();
+        svc.zone_hints = true;
+        svc.slices[0].endpoints[0].hint = Hint::Here;
+        svc.slices[1].endpoints[0].hint = Hint::Elsewhere;
+        let all = ["10.1.0.5:8080", "10.2.0.7:8081"];
+        assert_eq!(addrs(&table(&[svc.clone()], |_| true), "10.96.0.10:80"), ["10.1.0.5:8080"], "this zone's");
+        // A ready endpoint without hints (the controller is still at it):
+        // all of them.
+        svc.slices[1].endpoints[0].hint = Hint::None;
+        assert_eq!(addrs(&table(&[svc.clone()], |_| true), "10.96.0.10:80"), all);
+        // None hinted here: all of them.
+        svc.slices[0].endpoints[0].hint = Hint::Elsewhere;
+        svc.slices[1].endpoints[0].hint = Hint::Elsewhere;
+        assert_eq!(addrs(&table(&[svc.clone()], |_| true), "10.96.0.10:80"), all);
+        // Hints, but the Service did not ask for them: all of them.
+        svc.slices[0].endpoints[0].hint = Hint::Here;
+        svc.zone_hints = false;
+        assert_eq!(addrs(&table(&[svc], |_| true), "10.96.0.10:80"), all);
     }
 
     #[test]

@@ -79,6 +79,12 @@ fn world(t: &str) -> World {
 fn world_with(t: &str, dual: bool) -> World {
     let api = ApiServer::start(t);
     api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+    // Two zones, a node in each (for zone hints).
+    for (name, zone) in [("node-a", "z1"), ("node-b", "z2")] {
+        let mut n = testworld::apiserver::node(name, &[]);
+        n["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!(zone);
+        api.put("nodes", n);
+    }
     let v6 = |ip: &str| format!("fd00:77::{}", ip.rsplit('.').next().unwrap_or_default());
     for (name, ip, node) in [("c", "10.77.0.1", "node-a"), ("e1", "10.77.0.2", "node-a"), ("e2", "10.77.0.3", "node-b")]
     {
@@ -263,7 +269,7 @@ fn endpoints_that_go_stop_getting_connections_within_a_second() {
 }
 
 #[test]
-fn endpoints_as_kube_proxy_chooses_them_terminating_ones_and_a_local_policy() {
+fn endpoints_as_kube_proxy_chooses_them_terminating_ones_a_local_policy_and_zone_hints() {
     let t = testworld::kernel_test!();
     let w = world(t);
     let both = [("10.77.0.2", true, "node-a"), ("10.77.0.3", true, "node-b")];
@@ -277,6 +283,17 @@ fn endpoints_as_kube_proxy_chooses_them_terminating_ones_and_a_local_policy() {
         spread(&seen) == [(want.to_string(), 20)].into()
     };
     assert!(eventually(Duration::from_secs(5), || only("10.96.0.13", "e1")), "node-a's client: node-a's endpoint only");
+
+    // A Service that prefers the client's zone: each endpoint hinted to its
+    // own node's zone, and node-a is in z1.
+    let mut near = service("shop", "near", "10.96.0.14", &[("http", 80, json!(8080))], false);
+    near["spec"]["trafficDistribution"] = json!("PreferClose");
+    w.api.put("services", near);
+    let mut hinted = endpoint_slice("shop", "near-1", "near", &[("http", 8080)], &both);
+    hinted["endpoints"][0]["hints"] = json!({"forZones": [{"name": "z1"}]});
+    hinted["endpoints"][1]["hints"] = json!({"forZones": [{"name": "z2"}]});
+    w.api.put("endpointslices", hinted);
+    assert!(eventually(Duration::from_secs(5), || only("10.96.0.14", "e1")), "z1's client: z1's endpoint only");
 
     // Every endpoint of web terminating but still serving (the end of a
     // rollout, a drain): kube-proxy still sends to them, so do we.

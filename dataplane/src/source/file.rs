@@ -35,7 +35,7 @@ use serde::Deserialize;
 
 use crate::{
     model::{parse_ports, Mode, Model, Outside, Workload},
-    services::{Endpoint, Readiness, Service, ServicePort, Slice},
+    services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice},
 };
 
 #[derive(Debug, Deserialize)]
@@ -196,6 +196,8 @@ pub fn parse(text: &str, node: Option<&str>) -> Result<Model, String> {
                 ports: s.ports.into_iter().map(|p| ServicePort { name: p.name, port: p.port }).collect(),
                 client_ip_affinity: affinity,
                 node_local,
+                // No zones here: a file names no node's zone.
+                zone_hints: false,
                 slices: s
                     .endpoints
                     .into_iter()
@@ -204,7 +206,11 @@ pub fn parse(text: &str, node: Option<&str>) -> Result<Model, String> {
                         let local = e.node.as_deref().is_none_or(|n| Some(n) == node);
                         Slice {
                             ports: e.ports.into_iter().map(|p| (p.name, p.port)).collect(),
-                            endpoints: e.addresses.into_iter().map(|addr| Endpoint { addr, state, local }).collect(),
+                            endpoints: e
+                                .addresses
+                                .into_iter()
+                                .map(|addr| Endpoint { addr, state, local, hint: Hint::None })
+                                .collect(),
                         }
                     })
                     .collect(),

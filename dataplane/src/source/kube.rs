@@ -31,7 +31,7 @@ use std::{
 use crossbeam_channel::Sender;
 use futures_util::{stream, Stream, StreamExt};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service as K8sService},
+    core::v1::{Namespace, Node, Pod, Service as K8sService},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -43,7 +43,7 @@ use tracing::{info, warn};
 
 use crate::{
     model::{self, membership, ObjectRef, Workload, CLIENT_ADDRESS, MESH_LABEL, SKIP_INBOUND, SKIP_OUTBOUND},
-    services::{Endpoint, Readiness, Service, ServicePort, Slice},
+    services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice},
 };
 
 /// Where the client finds the API server.
@@ -177,6 +177,8 @@ impl<V: PartialEq> Store<V> {
 #[derive(Debug, Default)]
 struct State {
     node: String,
+    /// This node's zone (`topology.kubernetes.io/zone`), read once at start.
+    zone: Option<String>,
     pods: Store<PodView>,
     namespaces: Store<BTreeMap<String, String>>,
     services: Store<ServiceView>,
@@ -202,7 +204,13 @@ struct ServiceView {
     client_ip_affinity: bool,
     /// `internalTrafficPolicy: Local`.
     node_local: bool,
+    /// `trafficDistribution` set, or `topology-mode: Auto`: zone hints
+    /// followed.
+    zone_hints: bool,
 }
+
+/// The annotation that asked for zone hints before `trafficDistribution`.
+const TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 
 fn service_view(s: &K8sService) -> Option<ServiceView> {
     let spec = s.spec.as_ref()?;
@@ -225,6 +233,8 @@ fn service_view(s: &K8sService) -> Option<ServiceView> {
         ports,
         client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
         node_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        zone_hints: spec.traffic_distribution.is_some()
+            || matches!(s.annotations().get(TOPOLOGY_MODE).map(String::as_str), Some("Auto" | "auto")),
     })
 }
 
@@ -237,7 +247,7 @@ struct SliceView {
     slice: Slice,
 }
 
-fn slice_view(s: &EndpointSlice, node: &str) -> Option<SliceView> {
+fn slice_view(s: &EndpointSlice, node: &str, zone: Option<&str>) -> Option<SliceView> {
     if s.address_type != "IPv4" && s.address_type != "IPv6" {
         return None;
     }
@@ -259,7 +269,13 @@ fn slice_view(s: &EndpointSlice, node: &str) -> Option<SliceView> {
             let state =
                 Readiness::of(c.and_then(|c| c.ready), c.and_then(|c| c.serving), c.and_then(|c| c.terminating));
             let local = e.node_name.as_deref() == Some(node);
-            e.addresses.iter().filter_map(move |a| Some(Endpoint { addr: a.parse().ok()?, state, local }))
+            let zones = e.hints.as_ref().and_then(|h| h.for_zones.as_ref()).filter(|z| !z.is_empty());
+            let hint = match (zones, zone) {
+                (Some(zones), Some(ours)) if zones.iter().any(|z| z.name == ours) => Hint::Here,
+                (Some(_), Some(_)) => Hint::Elsewhere,
+                _ => Hint::None,
+            };
+            e.addresses.iter().filter_map(move |a| Some(Endpoint { addr: a.parse().ok()?, state, local, hint }))
         })
         .collect();
     Some(SliceView { service, slice: Slice { ports, endpoints } })
@@ -287,8 +303,8 @@ impl State {
             }
             Change::Service(ev) => services.extend(self.services.apply(*ev, service_view).into_iter().map(|(k, _)| k)),
             Change::Slice(ev) => {
-                let node = &self.node;
-                for ((ns, name), old) in self.slices.apply(*ev, |s| slice_view(s, node)) {
+                let (node, zone) = (&self.node, self.zone.as_deref());
+                for ((ns, name), old) in self.slices.apply(*ev, |s| slice_view(s, node, zone)) {
                     services.extend(old.map(|v| (ns.clone(), v.service)));
                     services.extend(self.slices.items.get(&(ns.clone(), name)).map(|v| (ns, v.service.clone())));
                 }
@@ -357,6 +373,7 @@ impl State {
             ports: v.ports.clone(),
             client_ip_affinity: v.client_ip_affinity,
             node_local: v.node_local,
+            zone_hints: v.zone_hints,
             slices,
         })
     }
@@ -439,6 +456,33 @@ fn wait_after<T>(item: &watcher::Result<T>, backoff: &mut impl kube::runtime::ut
     }
 }
 
+/// The node's zone label, for Services' zone hints; read once (a node's
+/// zone does not change while it runs). `None` if it has none or cannot be
+/// read: zone hints are then not followed, as kube-proxy does.
+async fn zone_of(client: &Client, node: &str) -> Option<String> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let read = tokio::time::timeout(Duration::from_secs(10), nodes.get_opt(node)).await;
+    match read {
+        Ok(Ok(Some(n))) => {
+            let zone = n.labels().get(ZONE_LABEL).cloned();
+            info!(node, zone = zone.as_deref().unwrap_or("none"), "this node's zone (for Services' zone hints)");
+            zone
+        }
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            warn!(node, error = %e, "cannot read this node's zone: Services' zone hints are not followed");
+            None
+        }
+        Err(_) => {
+            warn!(node, "no answer for this node's zone within 10 s: Services' zone hints are not followed");
+            None
+        }
+    }
+}
+
+/// The well-known zone label.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 async fn watch(client: Client, node: String, tx: Sender<Vec<model::Change>>, counters: Arc<Counters>) {
     let pods = retried(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Pod(Box::new(e))).map_err(|e| ("pods", e)));
@@ -446,11 +490,12 @@ async fn watch(client: Client, node: String, tx: Sender<Vec<model::Change>>, cou
         .map(|r| r.map(|e| Change::Namespace(Box::new(e))).map_err(|e| ("namespaces", e)));
     let services = retried(watcher(Api::<K8sService>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Service(Box::new(e))).map_err(|e| ("services", e)));
-    let slices = retried(watcher(Api::<EndpointSlice>::all(client), watcher::Config::default()))
+    let slices = retried(watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Slice(Box::new(e))).map_err(|e| ("endpointslices", e)));
     let mut changes =
         std::pin::pin!(stream::select(stream::select(pods, namespaces), stream::select(services, slices)));
-    let mut state = State { node, ..State::default() };
+    let zone = zone_of(&client, &node).await;
+    let mut state = State { node, zone, ..State::default() };
     while let Some(first) = changes.next().await {
         // Take every change already waiting before publishing: a relist of
         // thousands of pods goes out as one update.
@@ -610,12 +655,13 @@ mod tests {
             "endpoints": [{"addresses": ["fd00::5"], "conditions": {"ready": true}}]
         }))
         .expect("a slice");
-        let v = slice_view(&slice, "a").expect("an IPv6 slice is routed");
-        let want = Endpoint { addr: "fd00::5".parse().expect("ip"), state: Readiness::Ready, local: false };
+        let v = slice_view(&slice, "a", None).expect("an IPv6 slice is routed");
+        let want =
+            Endpoint { addr: "fd00::5".parse().expect("ip"), state: Readiness::Ready, local: false, hint: Hint::None };
         assert_eq!(v.slice.endpoints, [want]);
         let mut fqdn = slice;
         fqdn.address_type = "FQDN".into();
-        assert!(slice_view(&fqdn, "a").is_none(), "FQDN slices are not");
+        assert!(slice_view(&fqdn, "a", None).is_none(), "FQDN slices are not");
     }
 
     #[test]
@@ -625,20 +671,22 @@ mod tests {
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
             "endpoints": [
-                {"addresses": ["10.0.0.2"], "nodeName": "a", "conditions": {"ready": true, "serving": true, "terminating": false}},
-                {"addresses": ["10.0.0.3"], "nodeName": "b", "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.2"], "nodeName": "a", "conditions": {"ready": true, "serving": true, "terminating": false},
+                 "hints": {"forZones": [{"name": "z1"}]}},
+                {"addresses": ["10.0.0.3"], "nodeName": "b", "conditions": {"ready": false, "serving": true, "terminating": true},
+                 "hints": {"forZones": [{"name": "z2"}]}},
                 {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": false, "terminating": true}}]
         }))
         .expect("slice");
-        let v = slice_view(&slice, "a").expect("view");
-        let got: Vec<(String, Readiness, bool)> =
-            v.slice.endpoints.iter().map(|e| (e.addr.to_string(), e.state, e.local)).collect();
+        let v = slice_view(&slice, "a", Some("z1")).expect("view");
+        let got: Vec<(String, Readiness, bool, Hint)> =
+            v.slice.endpoints.iter().map(|e| (e.addr.to_string(), e.state, e.local, e.hint)).collect();
         assert_eq!(
             got,
             [
-                ("10.0.0.2".into(), Readiness::Ready, true),
-                ("10.0.0.3".into(), Readiness::Terminating, false),
-                ("10.0.0.4".into(), Readiness::Out, false)
+                ("10.0.0.2".into(), Readiness::Ready, true, Hint::Here),
+                ("10.0.0.3".into(), Readiness::Terminating, false, Hint::Elsewhere),
+                ("10.0.0.4".into(), Readiness::Out, false, Hint::None)
             ]
         );
         let svc: K8sService = serde_json::from_value(serde_json::json!({
@@ -647,7 +695,18 @@ mod tests {
                      "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
         }))
         .expect("service");
-        assert!(service_view(&svc).expect("view").node_local);
+        let v = service_view(&svc).expect("view");
+        assert!(v.node_local && !v.zone_hints);
+        let svc: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
+            "spec": {"clusterIPs": ["10.96.0.10"], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+        }))
+        .expect("service");
+        assert!(service_view(&svc).expect("view").zone_hints, "the annotation asks for them");
+        let mut svc = svc;
+        svc.metadata.annotations = None;
+        svc.spec.as_mut().expect("spec").traffic_distribution = Some("PreferClose".into());
+        assert!(service_view(&svc).expect("view").zone_hints, "trafficDistribution too");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 use super::*;
 use crate::{
     model::Outside,
-    services::{Endpoint, Readiness, ServicePort, Slice},
+    services::{Endpoint, Hint, Readiness, ServicePort, Slice},
 };
 
 fn workload(name: &str, addr: &str, local: bool, mode: Mode) -> Workload {
@@ -53,11 +53,12 @@ fn web(endpoints: &[&str]) -> Service {
         ports: vec![ServicePort { name: "http".into(), port: 80 }],
         client_ip_affinity: false,
         node_local: false,
+        zone_hints: false,
         slices: vec![Slice {
             ports: vec![("http".into(), 8080)],
             endpoints: endpoints
                 .iter()
-                .map(|e| Endpoint { addr: ip(e), state: Readiness::Ready, local: false })
+                .map(|e| Endpoint { addr: ip(e), state: Readiness::Ready, local: false, hint: Hint::None })
                 .collect(),
         }],
     }
