@@ -70,7 +70,7 @@ pub struct Removal {
     /// When told to stop, ask the API whether this DaemonSet
     /// (NAMESPACE/NAME) is gone or being deleted; if so, take this part of
     /// the data plane off the node (see `dataplane uninstall`).
-    #[arg(long, env = "DATAPLANE_DAEMONSET", value_name = "NS/NAME", value_parser = crate::uninstall::parse_ref)]
+    #[arg(long, env = "DATAPLANE_DAEMONSET", value_name = "NS/NAME", value_parser = parse_ns_name)]
     pub daemonset: Option<(String, String)>,
 }
 
@@ -179,12 +179,7 @@ pub struct IssuerArgs {
 impl IssuerArgs {
     /// The issuer's settings.
     pub fn settings(&self) -> Result<crate::issuer::Settings, ConfigError> {
-        let pair = |s: &str| {
-            s.split_once('/')
-                .filter(|(a, b)| !a.is_empty() && !b.is_empty())
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| ConfigError::AgentAccount(s.to_string()))
-        };
+        let pair = |s: &str| parse_ns_name(s).map_err(|_| ConfigError::AgentAccount(s.to_string()));
         let (ns, name) = pair(&self.agent_service_account)?;
         let root = match &self.ca_dir {
             Some(dir) => crate::issuer::RootFrom::Dir(dir.clone()),
@@ -415,6 +410,14 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// A `NAMESPACE/NAME` flag's value.
+pub fn parse_ns_name(s: &str) -> Result<(String, String), String> {
+    s.split_once('/')
+        .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('/'))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected NAMESPACE/NAME"))
 }
 
 /// A duration, or "off" (`None`).
@@ -786,6 +789,14 @@ impl RunArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespaced_object_is_named_namespace_slash_name() {
+        assert_eq!(parse_ns_name("dataplane-system/dataplane"), Ok(("dataplane-system".into(), "dataplane".into())));
+        for bad in ["dataplane", "/x", "x/", "a/b/c", ""] {
+            assert!(parse_ns_name(bad).is_err(), "{bad}");
+        }
+    }
     use clap::CommandFactory;
 
     #[test]

@@ -15,7 +15,7 @@
 //! how to remove it by hand (`dataplane uninstall`).
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::Mutex,
     time::Duration,
 };
 
@@ -63,14 +63,6 @@ pub fn daemonset_fate(access: &Access, namespace: &str, name: &str, within: Dura
     })
 }
 
-/// A `NAMESPACE/NAME` flag's value.
-pub fn parse_ref(s: &str) -> Result<(String, String), String> {
-    s.split_once('/')
-        .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('/'))
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .ok_or_else(|| format!("{s:?}: expected NAMESPACE/NAME"))
-}
-
 /// What removing the return paths found.
 #[derive(Debug, Default)]
 pub struct Swept {
@@ -86,11 +78,11 @@ pub struct Swept {
 /// time (each is a handful of `nft` and `ip` runs).
 pub fn sweep_return_paths(dir: &Path) -> std::io::Result<Swept> {
     let files: Vec<PathBuf> = std::fs::read_dir(dir)?.flatten().map(|e| e.path()).collect();
-    let next = Arc::new(std::sync::Mutex::new(files.clone().into_iter()));
+    let next = Mutex::new(files.iter().cloned());
     let results = std::thread::scope(|s| {
         let workers: Vec<_> = (0..8)
             .map(|_| {
-                let next = next.clone();
+                let next = &next;
                 s.spawn(move || {
                     let mut out = Vec::new();
                     // The lock is held only while taking the next file.
@@ -116,17 +108,4 @@ pub fn sweep_return_paths(dir: &Path) -> std::io::Result<Swept> {
         }
     }
     Ok(swept)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_daemonset_is_named_namespace_slash_name() {
-        assert_eq!(parse_ref("dataplane-system/dataplane"), Ok(("dataplane-system".into(), "dataplane".into())));
-        for bad in ["dataplane", "/x", "x/", "a/b/c", ""] {
-            assert!(parse_ref(bad).is_err(), "{bad}");
-        }
-    }
 }
