@@ -221,6 +221,11 @@ fn build_dataplane() -> anyhow::Result<PathBuf> {
     Ok(target_dir().join("release/dataplane"))
 }
 
+/// A row of latencies in milliseconds, with no haproxy column and no CPU.
+fn ms_row(workload: String, direct: f64, proxied: f64) -> Row {
+    Row { workload, direct, proxied, haproxy: f64::NAN, unit: "ms", higher_is_better: false, cpu: None }
+}
+
 /// Runs a worker to completion and returns its last JSON line (whether
 /// it runs in the workload cgroup, `captured`, picks the path). `pids` (the
 /// proxies of this run) are in its environment, for a workload that reads
@@ -532,15 +537,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
                 } else {
                     format!("pod enrolment, address to first capture, {label} ({n} pods)")
                 };
-                t.rows.push(Row {
-                    workload,
-                    direct: f64::NAN,
-                    proxied: e.end_to_end.value_at_quantile(q / 100.0) as f64 / 1000.0,
-                    haproxy: f64::NAN,
-                    unit: "ms",
-                    higher_is_better: false,
-                    cpu: None,
-                });
+                t.rows.push(ms_row(workload, f64::NAN, e.end_to_end.value_at_quantile(q / 100.0) as f64 / 1000.0));
             }
             t.latencies.insert(
                 key.into(),
@@ -570,15 +567,11 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
                 for (q, label) in [(50.0, "p50"), (99.0, "p99")] {
                     let at = |h: &hdrhistogram::Histogram<u64>| h.value_at_quantile(q / 100.0) as f64 / 1000.0;
                     let note = if baseline.is_some() { " (direct column: the plugin's VERSION)" } else { "" };
-                    t.rows.push(Row {
-                        workload: format!("CNI ADD, {pods}, {how}, {label}{note}"),
-                        direct: baseline.map_or(f64::NAN, at),
-                        proxied: at(h),
-                        haproxy: f64::NAN,
-                        unit: "ms",
-                        higher_is_better: false,
-                        cpu: None,
-                    });
+                    t.rows.push(ms_row(
+                        format!("CNI ADD, {pods}, {how}, {label}{note}"),
+                        baseline.map_or(f64::NAN, at),
+                        at(h),
+                    ));
                 }
             }
             t.latencies.insert(
