@@ -516,6 +516,29 @@ def tls(host, port, ca, cert, key, dst, version="tls13"):
     print(json.dumps(out), flush=True)
 
 
+def tls_serve(host, port, ca, cert, key):
+    """A TLS 1.3 server speaking our ALPN with the given certificate,
+    asking for a client certificate from `ca`: prints one line per
+    connection ("served" with what it read, or the error), forever."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.set_alpn_protocols(["dataplane-tunnel/1"])
+
+    def handle(c, addr):
+        try:
+            with ctx.wrap_socket(c, server_side=True) as t:
+                t.settimeout(5)
+                got = t.recv(4096)
+                print(json.dumps({"served": len(got)}), flush=True)
+        except Exception as e:
+            print(json.dumps({"error": repr(e)}), flush=True)
+
+    accept_forever(listen(host, port), handle)
+
+
 def raise_nofile():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -631,6 +654,8 @@ if __name__ == "__main__":
         greet(a[1], a[2], a[3])
     elif cmd == "read":
         read_all(a[1], a[2], a[3])
+    elif cmd == "tls-serve":
+        tls_serve(*a[1:6])
     elif cmd == "wait-close":
         wait_close(*a[1:4])
     elif cmd == "expect-reset":

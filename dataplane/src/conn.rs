@@ -96,6 +96,11 @@ pub struct ShardCtx {
     pub orig: Option<OrigLookup>,
     /// The Services, as the control thread last sent them.
     services: RefCell<Arc<crate::services::Table>>,
+    /// With workload identities (`--node-ca`): the trust domain, and the
+    /// identity (SPIFFE path) of every meshed pod by address, as the
+    /// control thread last sent them. Without: none is checked.
+    pub trust_domain: Option<Arc<str>>,
+    workloads: RefCell<std::collections::HashMap<IpAddr, Arc<str>>>,
     /// Open connections per Service endpoint on this executor (for the two
     /// choices), and the state of the random numbers they draw.
     endpoint_load: RefCell<std::collections::HashMap<std::net::SocketAddr, u32>>,
@@ -154,6 +159,8 @@ impl ShardCtx {
             quiet: Quiet::default(),
             orig,
             services: RefCell::new(Arc::default()),
+            trust_domain: None,
+            workloads: RefCell::new(std::collections::HashMap::new()),
             endpoint_load: RefCell::new(std::collections::HashMap::new()),
             random: std::cell::Cell::new(0x9e37_79b9_7f4a_7c15 ^ (cpu as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)),
             same_node_fast_path: false,
@@ -167,6 +174,37 @@ impl ShardCtx {
     /// Counts a connection to `service` that went `route`.
     pub fn count_service(&self, service: &str, route: crate::stats::ServiceRoute) {
         self.with_stats(|s| *s.services.entry((service.to_string(), route)).or_default() += 1);
+    }
+
+    /// Changed workload identities from the control thread (`None`: no
+    /// meshed pod at that address any more).
+    pub fn set_workloads(&self, changes: &[(IpAddr, Option<Arc<str>>)]) {
+        let mut w = self.workloads.borrow_mut();
+        for (addr, id) in changes {
+            match id {
+                Some(id) => w.insert(*addr, id.clone()),
+                None => w.remove(addr),
+            };
+        }
+    }
+
+    /// Checks that `said`, a peer's verified SPIFFE ID, is the identity of
+    /// the meshed pod at `ip` (with workload identities on; otherwise any
+    /// well-formed one will do). A pod not known here yet is waited for,
+    /// looking again every 50 ms: the caller bounds the wait.
+    pub async fn check_workload(&self, ip: IpAddr, said: &str) -> Result<(), crate::identity::PeerError> {
+        let Some(domain) = &self.trust_domain else { return Ok(()) };
+        loop {
+            let expected = self.workloads.borrow().get(&ip).cloned();
+            if let Some(path) = expected {
+                let expected = format!("spiffe://{domain}/{path}");
+                return match said == expected {
+                    true => Ok(()),
+                    false => Err(crate::identity::PeerError::NotTheWorkload { ip, said: said.to_string(), expected }),
+                };
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// New Services from the control thread.

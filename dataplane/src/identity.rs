@@ -285,6 +285,20 @@ pub enum PeerError {
     /// malformed) SPIFFE ID.
     #[error("peer certificate carries no well-formed SPIFFE ID")]
     NoIdentity,
+    /// Its SPIFFE ID is not the identity the API shows for the pod at its
+    /// address (another service account, namespace or trust domain).
+    #[error("peer certificate says {said}, the pod at {ip} is {expected}")]
+    NotTheWorkload {
+        /// The address.
+        ip: IpAddr,
+        /// What the certificate says.
+        said: String,
+        /// What the API shows.
+        expected: String,
+    },
+    /// No meshed pod is known at its address (not within the wait).
+    #[error("no meshed pod is known at {0}")]
+    UnknownWorkload(IpAddr),
 }
 
 /// Checks that the (already chain-verified) end-entity certificate is valid

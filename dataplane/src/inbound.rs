@@ -107,6 +107,8 @@ impl Refusal {
             Refusal::Peer(identity::PeerError::Unreadable(_)) => Reason::BadCertificate,
             Refusal::Peer(identity::PeerError::WrongIp(..)) => Reason::ClientIpMismatch,
             Refusal::Peer(identity::PeerError::NoIdentity) => Reason::BadIdentity,
+            Refusal::Peer(identity::PeerError::NotTheWorkload { .. }) => Reason::IdentityMismatch,
+            Refusal::Peer(identity::PeerError::UnknownWorkload(_)) => Reason::UnknownWorkload,
             Refusal::Preamble(R::Invalid(P::Version(_))) => Reason::PreambleVersion,
             Refusal::Preamble(R::Invalid(P::TooLong(_))) => Reason::PreambleTooLong,
             Refusal::Preamble(R::Invalid(_)) => Reason::BadPreamble,
@@ -192,7 +194,12 @@ async fn accept(
             return Err(Refusal::Alpn);
         }
         identity::check_peer_ip(session.peer_certificates(), client.ip())?;
-        rec.peer(identity::peer_identity(session.peer_certificates())?);
+        let id = identity::peer_identity(session.peer_certificates())?;
+        // The identity the API shows for the pod at the client's address,
+        // not any the client's node chose (within the same deadline: a pod
+        // just made elsewhere may be known here a moment after it connects).
+        shard.check_workload(client.ip(), &id).await?;
+        rec.peer(id);
         let prefaced = preamble::read(&mut tls).await?;
         drop(ticket);
         Ok((tls, prefaced))

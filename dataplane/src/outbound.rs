@@ -237,8 +237,19 @@ async fn open_tunnel(
         }
     };
     rec.handshake(handshake_started.elapsed(), tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed));
-    if let Ok(id) = crate::identity::peer_identity(tls.get_ref().1.peer_certificates()) {
-        rec.peer(id);
+    let id = crate::identity::peer_identity(tls.get_ref().1.peer_certificates())
+        .map_err(|e| (Blame::Upstream, Reason::BadIdentity, format!("{tunnel}: {e}")))?;
+    // The server must be the pod the API shows at the destination (or the
+    // chosen endpoint). Its node could mint it any name in its address
+    // range; the preamble and the first bytes already went to that node,
+    // which hosts the destination's address and so sees its traffic anyway.
+    let waited = relay::within(shard.limits.handshake, shard.check_workload(orig.ip(), &id)).await;
+    match waited.unwrap_or(Err(crate::identity::PeerError::UnknownWorkload(orig.ip()))) {
+        Ok(()) => rec.peer(id),
+        Err(e @ crate::identity::PeerError::UnknownWorkload(_)) => {
+            return Err((Blame::Upstream, Reason::UnknownWorkload, format!("{tunnel}: {e}")))
+        }
+        Err(e) => return Err((Blame::Upstream, Reason::IdentityMismatch, format!("{tunnel}: {e}"))),
     }
     Ok(tls)
 }

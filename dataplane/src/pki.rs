@@ -309,7 +309,12 @@ impl NodeCa {
 
 /// `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`.
 pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+    format!("spiffe://{trust_domain}/{}", spiffe_path(namespace, service_account))
+}
+
+/// A workload's SPIFFE path: `ns/NAMESPACE/sa/SERVICE_ACCOUNT`.
+pub fn spiffe_path(namespace: &str, service_account: &str) -> String {
+    format!("ns/{namespace}/sa/{service_account}")
 }
 
 /// The SPIFFE ID a certificate carries, if it carries exactly one well-formed

@@ -45,6 +45,11 @@ pub enum Reason {
     BadCertificate,
     /// Inbound: the client's certificate carries no well-formed SPIFFE ID.
     BadIdentity,
+    /// The peer's SPIFFE ID is not the identity the API shows for the pod
+    /// at its address.
+    IdentityMismatch,
+    /// No meshed pod is known at the peer's address.
+    UnknownWorkload,
     /// Outbound: a Service with no ready endpoint.
     NoEndpoints,
     /// The peer sent a TLS alert.
@@ -105,6 +110,8 @@ impl Reason {
             Reason::ClientIpMismatch => "client_ip_mismatch",
             Reason::BadCertificate => "bad_certificate",
             Reason::BadIdentity => "bad_identity",
+            Reason::IdentityMismatch => "identity_mismatch",
+            Reason::UnknownWorkload => "unknown_workload",
             Reason::NoEndpoints => "no_endpoints",
             Reason::AlertReceived => "alert_received",
             Reason::IncompatiblePeer => "incompatible_peer",

@@ -199,6 +199,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         busy_poll: ctl.cfg.busy_poll,
         orig_pin: ctl.capture.as_ref().and_then(Capture::pinned_orig),
         same_node_fast_path: ctl.cfg.same_node_fast_path,
+        // Workload identities come with minted certificates: `--certs`
+        // names pods by address only.
+        trust_domain: ctl.cfg.minting.as_ref().map(|m| Arc::from(m.trust_domain.as_str())),
         // Loopback mode: what is captured on loopback is tunnelled to this
         // process's own inbound listeners.
         local_tunnels: ctl.cfg.capture.cidrs.iter().any(|c| c.addr.is_loopback()),
@@ -661,6 +664,14 @@ impl Control {
     /// cluster. Returns whether a local workload changed.
     fn take_effects(&mut self, fx: Effects, first: bool) -> bool {
         let Some(model) = self.model.as_ref() else { return false };
+        // Executors learn a pod's identity before `connect4` sends them its
+        // connections.
+        if !fx.identities.is_empty() {
+            let changes: Arc<[_]> = fx.identities.iter().map(|(a, id)| (*a, id.clone())).collect();
+            for s in &self.shards {
+                let _ = s.tx.send(shard::ToShard::Workloads(changes.clone()));
+            }
+        }
         if let (true, Some(capture)) = (first, self.capture.as_mut()) {
             // Adopted maps (strict mode) hold what the previous instance
             // wrote: pods and ClusterIPs deleted while no agent ran go now.

@@ -50,6 +50,9 @@ pub struct ShardSpec {
     pub orig_pin: Option<std::path::PathBuf>,
     /// Connections between two pods served here skip the tunnel.
     pub same_node_fast_path: bool,
+    /// With workload identities (`--node-ca`): their trust domain; every
+    /// peer must then prove the identity of the pod at its address.
+    pub trust_domain: Option<Arc<str>>,
     /// The splice maps, when those connections are spliced in the kernel.
     pub splice: Option<crate::ebpf::SpliceMaps>,
     /// Both ends of every tunnel are in this process (loopback mode): each
@@ -81,6 +84,8 @@ pub enum ToShard {
     Drain,
     /// New Services: route new connections to ClusterIPs with these.
     Services(Arc<crate::services::Table>),
+    /// Meshed pods' identities that changed, by address (`None`: gone).
+    Workloads(Arc<[(IpAddr, Option<Arc<str>>)]>),
     /// The kernel paused the spliced direction whose source socket has this
     /// cookie, if it is one of yours (every executor hears it).
     SplicePaused(u64),
@@ -238,6 +243,7 @@ async fn run(
     });
     let mut shard = ShardCtx::new(cpu, spec.bypass_mark, spec.limits, spec.identity.clone(), open, orig);
     shard.same_node_fast_path = spec.same_node_fast_path;
+    shard.trust_domain = spec.trust_domain.clone();
     shard.splicer = spec.splice.as_ref().and_then(|m| match m.try_clone().and_then(crate::ebpf::Splicer::open) {
         Ok(s) => Some(std::cell::RefCell::new(s)),
         Err(e) => {
@@ -272,6 +278,7 @@ async fn run(
                     }
                     ToShard::Identity(id) => shard.set_identity(id),
                     ToShard::Services(table) => shard.set_services(table),
+                    ToShard::Workloads(changes) => shard.set_workloads(&changes),
                     ToShard::SplicePaused(cookie) => crate::splice::paused(&shard, cookie),
                     ToShard::Enroll(ns, addresses) if !draining => {
                         let event = match enroll(&shard, &ns, &addresses, inbound_cpu, &mut listeners, &listening) {

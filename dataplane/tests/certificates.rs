@@ -267,6 +267,102 @@ fn base64_encode(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// A leaf for `ip` carrying `spiffe`, minted by a node CA for `node`'s
+/// `cidr` signed by the cluster `root` (what a node holding that node CA,
+/// compromised, could make): the chain and key as PEM files.
+fn node_made(
+    t: &str,
+    root: &Certs,
+    (node, cidr): (&str, &str),
+    ip: &str,
+    spiffe: &str,
+) -> (testworld::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let key_pem = fs::read_to_string(root.dir.join("ca.key")).expect("root key");
+    let root_key = rcgen::KeyPair::from_pem(&key_pem).expect("key");
+    let root_issuer =
+        rcgen::Issuer::from_ca_cert_pem(&fs::read_to_string(root.dir.join("ca.crt")).expect("root"), root_key)
+            .expect("issuer");
+    let (node_key, request) = dataplane::pki::node_request(node).expect("request");
+    let grant = dataplane::pki::Grant {
+        node: node.into(),
+        cidrs: vec![cidr.parse().expect("net")],
+        lifetime: Duration::from_secs(3600),
+    };
+    let node_ca = dataplane::pki::sign_node_ca(&request, &grant, &root_issuer).expect("node CA");
+    let ca = dataplane::pki::NodeCa::new(node_key, &node_ca, dataplane::pki::KeyType::P256).expect("node CA");
+    let (chain, key, _) = ca.mint(&[ip.parse().expect("ip")], spiffe, Duration::from_secs(600)).expect("mint");
+    let files = testworld::TempDir::new(&format!("dptest-minted-{}", testworld::unique(t, "f"))).expect("dir");
+    let pem = |der: &[u8], label: &str| {
+        let b = base64_encode(der);
+        let body: Vec<String> = b.as_bytes().chunks(64).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", body.join("\n"))
+    };
+    let chain_pem: String = chain.iter().map(|c| pem(c.as_ref(), "CERTIFICATE")).collect();
+    let (crt, keyf) = (files.0.join("leaf.crt"), files.0.join("leaf.key"));
+    fs::write(&crt, chain_pem).expect("chain");
+    fs::write(&keyf, pem(key.secret_der(), "PRIVATE KEY")).expect("key");
+    (files, crt, keyf)
+}
+
+#[test]
+fn a_node_speaks_only_for_the_identities_the_api_gives_its_pods() {
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    cluster(&api);
+    let root = Certs::new(t, &[]);
+    let _issuer = issuer(&api, Some(&root), "1h");
+    let (a, b, _) = two_pods(t);
+    let _sa = server(&a, "0.0.0.0", 8080, "a");
+    let bundle = root.dir.join("ca.crt").display().to_string();
+    let node_a = agent(t, &api, &bundle, "node-a", &[&a], &[]);
+    assert!(eventually(Duration::from_secs(5), || metric(
+        &metrics(&node_a.dp),
+        "dataplane_namespaces{state=\"served\"}"
+    ) == Some(1.0)));
+    // A compromised node-b: its genuine node CA (for 10.77.0.2/31, signed
+    // by the root), its own pod's address, and the identity of a service
+    // account the API does not give that pod.
+    let tunnel = |spiffe: &str| {
+        let (_files, crt, key) = node_made(t, &root, ("node-b", "10.77.0.2/31"), "10.77.0.2", spiffe);
+        let args = ["tls", "10.77.0.1", "18001", &bundle, &crt.display().to_string(), &key.display().to_string()];
+        testworld::peer(&b, None, &[&args[..], &["10.77.0.1:8080"]].concat())[0].clone()
+    };
+    let admin = tunnel(&dataplane::pki::spiffe_id("cluster.local", "kube-system", "admin"));
+    assert!(admin["reply"].as_str().is_none_or(|r| !r.contains("\"a\"")), "nothing reached pod a: {admin}");
+    let mismatches = || {
+        metric(
+            &metrics(&node_a.dp),
+            "dataplane_connections_failed_total{direction=\"inbound\",side=\"downstream\",reason=\"identity_mismatch\"}",
+        )
+    };
+    assert!(eventually(Duration::from_secs(3), || mismatches() == Some(1.0)), "{}", metrics(&node_a.dp));
+    // The identity the API shows for pod b (shop's default account): in.
+    let own = tunnel(&dataplane::pki::spiffe_id("cluster.local", "shop", "default"));
+    assert!(own["reply"].as_str().is_some_and(|r| r.contains("\"a\"")), "pod a answers: {own}");
+
+    // And the other way: a server at pod b's address presenting another
+    // identity (node-b's CA again) is refused by node-a before any byte
+    // of a's reaches an application.
+    let (_files, crt, key) = node_made(
+        t,
+        &root,
+        ("node-b", "10.77.0.2/31"),
+        "10.77.0.2",
+        &dataplane::pki::spiffe_id("cluster.local", "kube-system", "admin"),
+    );
+    let (crt, key) = (crt.display().to_string(), key.display().to_string());
+    let fake =
+        testworld::server_with(&b, &["tls-serve", "10.77.0.2", "18001", &bundle, &crt, &key], "a server posing as b");
+    let out = testworld::peer(&a, Some(&node_a.workload), &["expect-reset", "10.77.0.2", "8080"]);
+    assert!(out[0]["result"] == "reset" || out[0]["result"] == "eof", "refused: {out:?}");
+    let upstream = metric(
+        &metrics(&node_a.dp),
+        "dataplane_connections_failed_total{direction=\"outbound\",side=\"upstream\",reason=\"identity_mismatch\"}",
+    );
+    assert_eq!(upstream, Some(1.0), "{}", metrics(&node_a.dp));
+    drop(fake);
+}
+
 #[test]
 fn a_node_ca_minting_for_another_nodes_address_is_refused() {
     let t = testworld::kernel_test!();
@@ -282,33 +378,8 @@ fn a_node_ca_minting_for_another_nodes_address_is_refused() {
     // A compromised node-a: a genuine node CA for its own 10.77.0.0/31,
     // signed by the cluster root, minting a certificate for node-b's pod
     // address 10.77.0.2. Presented from that very address to pod a.
-    let key_pem = fs::read_to_string(root.dir.join("ca.key")).expect("root key");
-    let root_key = rcgen::KeyPair::from_pem(&key_pem).expect("key");
-    let root_issuer =
-        rcgen::Issuer::from_ca_cert_pem(&fs::read_to_string(root.dir.join("ca.crt")).expect("root"), root_key)
-            .expect("issuer");
-    let (node_key, request) = dataplane::pki::node_request("node-a").expect("request");
-    let grant = dataplane::pki::Grant {
-        node: "node-a".into(),
-        cidrs: vec!["10.77.0.0/31".parse().expect("net")],
-        lifetime: Duration::from_secs(3600),
-    };
-    let forged_ca = dataplane::pki::sign_node_ca(&request, &grant, &root_issuer).expect("node CA");
-    let ca = dataplane::pki::NodeCa::new(node_key, &forged_ca, dataplane::pki::KeyType::P256).expect("node CA");
-    let spiffe = dataplane::pki::spiffe_id("cluster.local", "shop", "b");
-    let (chain, key, _) =
-        ca.mint(&["10.77.0.2".parse().expect("ip")], &spiffe, Duration::from_secs(600)).expect("mint");
-    let files = testworld::TempDir::new(&format!("dptest-forged-{}", testworld::unique(t, "f"))).expect("dir");
-    let pem = |der: &[u8], label: &str| {
-        let b = base64_encode(der);
-        let body: Vec<String> = b.as_bytes().chunks(64).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
-        format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", body.join("\n"))
-    };
-    let chain_pem: String = chain.iter().map(|c| pem(c.as_ref(), "CERTIFICATE")).collect();
-    let crt = files.0.join("forged.crt");
-    let keyf = files.0.join("forged.key");
-    fs::write(&crt, chain_pem).expect("chain");
-    fs::write(&keyf, pem(key.secret_der(), "PRIVATE KEY")).expect("key");
+    let spiffe = dataplane::pki::spiffe_id("cluster.local", "shop", "default");
+    let (_files, crt, keyf) = node_made(t, &root, ("node-a", "10.77.0.0/31"), "10.77.0.2", &spiffe);
     let bundle = root.dir.join("ca.crt");
     let failed_before = metrics(&node_a.dp);
     let out = testworld::peer(

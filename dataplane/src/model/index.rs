@@ -45,12 +45,21 @@ pub struct Effects {
     pub vips: BTreeMap<SocketAddr, Option<bool>>,
     /// Whether the namespaces opted into the mesh changed.
     pub namespaces: bool,
+    /// Meshed addresses whose workload identity changed: the SPIFFE path
+    /// its certificate must carry (`ns/NAMESPACE/sa/SERVICE_ACCOUNT`), or
+    /// `None` for an address no longer meshed.
+    pub identities: BTreeMap<IpAddr, Option<Arc<str>>>,
 }
 
 impl Effects {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.meshed.is_empty() && !self.local && !self.services && self.vips.is_empty() && !self.namespaces
+        self.meshed.is_empty()
+            && !self.local
+            && !self.services
+            && self.vips.is_empty()
+            && !self.namespaces
+            && self.identities.is_empty()
     }
 }
 
@@ -67,6 +76,9 @@ pub struct Model {
     by_endpoint: HashMap<IpAddr, BTreeSet<ObjectRef>>,
     /// Every meshed address with the inbound ports its pod leaves alone.
     meshed: BTreeMap<IpAddr, Vec<u16>>,
+    /// Every meshed address with the identity its pod's certificate must
+    /// carry (a SPIFFE path).
+    identities: HashMap<IpAddr, Arc<str>>,
     table: Arc<Table>,
     /// The table entries each Service wrote.
     vips_of: HashMap<ObjectRef, Vec<SocketAddr>>,
@@ -150,6 +162,16 @@ impl Model {
                     self.set_service(&key, new);
                     touched_services.insert(key);
                 }
+            }
+        }
+        for addr in &addrs {
+            let id = self.meshed_identity(*addr);
+            if self.identities.get(addr) != id.as_ref() {
+                match &id {
+                    Some(id) => self.identities.insert(*addr, id.clone()),
+                    None => self.identities.remove(addr),
+                };
+                effects.identities.insert(*addr, id);
             }
         }
         for addr in addrs {
@@ -236,6 +258,22 @@ impl Model {
             Mode::Meshed { skip_inbound, .. } => Some(skip_inbound.clone()),
             Mode::Outside(_) => None,
         })
+    }
+
+    /// The identity an address's certificate must carry: that of the
+    /// workload [`Model::meshed_ports`] takes the address's entry from.
+    fn meshed_identity(&self, addr: IpAddr) -> Option<Arc<str>> {
+        let keys = self.by_addr.get(&addr)?;
+        keys.iter().rev().find_map(|k| {
+            let w = self.workloads.get(k)?;
+            matches!(w.mode, Mode::Meshed { .. })
+                .then(|| crate::pki::spiffe_path(&w.namespace, &w.service_account).into())
+        })
+    }
+
+    /// Every meshed address with the identity its certificate must carry.
+    pub fn identities(&self) -> impl Iterator<Item = (IpAddr, &Arc<str>)> {
+        self.identities.iter().map(|(a, id)| (*a, id))
     }
 
     /// Recomputes these Services' entries of the table; whether any

@@ -82,7 +82,8 @@ fn one_pods_change_touches_only_its_addresses_and_the_services_it_serves() {
     // the table the executors hold is still the one they have.
     let c = workload("c", "10.0.1.9", false, meshed());
     let fx = m.apply([Change::Workload(c.object(), Some(c.clone()))]);
-    assert_eq!(fx, Effects { meshed: [(ip("10.0.1.9"), Some(vec![9090]))].into(), ..Effects::default() });
+    let identities = [(ip("10.0.1.9"), Some(Arc::from("ns/ns/sa/default")))].into();
+    assert_eq!(fx, Effects { meshed: [(ip("10.0.1.9"), Some(vec![9090]))].into(), identities, ..Effects::default() });
     assert!(Arc::ptr_eq(&table, m.service_table()), "the table was not copied");
 
     // The same object again changes nothing.
@@ -99,7 +100,8 @@ fn one_pods_change_touches_only_its_addresses_and_the_services_it_serves() {
     // told to look.
     let mut a = workload("a", "10.0.0.1", true, Mode::Outside(Outside::OptedOut));
     let fx = m.apply([Change::Workload(a.object(), Some(a.clone()))]);
-    assert_eq!(fx, Effects { meshed: [(ip("10.0.0.1"), None)].into(), local: true, ..Effects::default() });
+    let identities = [(ip("10.0.0.1"), None)].into();
+    assert_eq!(fx, Effects { meshed: [(ip("10.0.0.1"), None)].into(), local: true, identities, ..Effects::default() });
     // ...and moves to another address, then goes.
     a.addresses = vec![ip("10.0.0.7")];
     assert!(m.apply([Change::Workload(a.object(), Some(a.clone()))]).local);
@@ -112,6 +114,25 @@ fn one_pods_change_touches_only_its_addresses_and_the_services_it_serves() {
     let fx = m.apply([Change::Service(ObjectRef::new("ns", "web"), None)]);
     assert!(fx.services && m.service_table().is_empty());
     assert_eq!(fx.vips, [("10.96.0.10:80".parse().expect("vip"), None)].into(), "connect4 forgets it");
+}
+
+#[test]
+fn every_meshed_address_has_the_identity_of_its_pod() {
+    let mut m = Model::new(vec![workload("a", "10.0.1.1", false, meshed())]);
+    let id = |m: &Model| m.identities().find(|(a, _)| *a == ip("10.0.1.1")).map(|(_, id)| id.to_string());
+    assert_eq!(id(&m).as_deref(), Some("ns/ns/sa/default"));
+    // Its service account changes (a pod re-created under the same name
+    // and address): the executors are told, connect4 is not.
+    let mut a = workload("a", "10.0.1.1", false, meshed());
+    a.service_account = "web".into();
+    let fx = m.apply([Change::Workload(a.object(), Some(a.clone()))]);
+    assert_eq!(fx.identities, [(ip("10.0.1.1"), Some(Arc::from("ns/ns/sa/web")))].into());
+    assert!(fx.meshed.is_empty());
+    // It leaves the mesh: no identity any more (a peer at that address is
+    // not a meshed pod).
+    a.mode = Mode::Outside(Outside::OptedOut);
+    assert_eq!(m.apply([Change::Workload(a.object(), Some(a))]).identities, [(ip("10.0.1.1"), None)].into());
+    assert_eq!(id(&m), None);
 }
 
 #[test]
