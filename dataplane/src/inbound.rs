@@ -49,6 +49,8 @@ pub enum Phase {
     Queued,
     /// In the TLS handshake.
     Handshake,
+    /// Handshake done, waiting to learn the pod at the client's address.
+    Identity,
     /// Handshake done, preamble not complete.
     Preamble,
 }
@@ -69,6 +71,7 @@ pub enum Refusal {
         Phase::FirstBytes => "before the first byte of a TLS handshake",
         Phase::Queued => "waiting for a handshake slot (too many handshakes in flight, from this address or in all)",
         Phase::Handshake => "in the TLS handshake",
+        Phase::Identity => "waiting to learn which pod holds the client's address",
         Phase::Preamble => "in the preamble",
     })]
     Timeout(Phase),
@@ -101,6 +104,7 @@ impl Refusal {
             Refusal::Timeout(Phase::FirstBytes) => Reason::FirstBytesTimeout,
             Refusal::Timeout(Phase::Queued) => Reason::Shed,
             Refusal::Timeout(Phase::Handshake) => Reason::HandshakeTimeout,
+            Refusal::Timeout(Phase::Identity) => Reason::UnknownWorkload,
             Refusal::Timeout(Phase::Preamble) => Reason::PreambleTimeout,
             Refusal::Alpn => Reason::NoAlpn,
             Refusal::Peer(identity::PeerError::Missing) => Reason::NoClientCertificate,
@@ -189,7 +193,6 @@ async fn accept(
         let mut tls = TlsAcceptor::from(config).accept(conn).await.map_err(Refusal::Handshake)?;
         let (_, session) = tls.get_ref();
         rec.handshake(started.elapsed(), session.handshake_kind() == Some(HandshakeKind::Resumed));
-        phase.set(Phase::Preamble);
         if session.alpn_protocol() != Some(preamble::ALPN) {
             return Err(Refusal::Alpn);
         }
@@ -198,8 +201,10 @@ async fn accept(
         // The identity the API shows for the pod at the client's address,
         // not any the client's node chose (within the same deadline: a pod
         // just made elsewhere may be known here a moment after it connects).
+        phase.set(Phase::Identity);
         shard.check_workload(client.ip(), &id).await?;
         rec.peer(id);
+        phase.set(Phase::Preamble);
         let prefaced = preamble::read(&mut tls).await?;
         drop(ticket);
         Ok((tls, prefaced))
