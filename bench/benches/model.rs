@@ -44,6 +44,7 @@ fn pod(i: usize) -> Workload {
         } else {
             Mode::Outside(Outside::NotOptedIn)
         },
+        labels: Default::default(),
     }
 }
 

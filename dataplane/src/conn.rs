@@ -101,6 +101,9 @@ pub struct ShardCtx {
     /// control thread last sent them. Without: none is checked.
     pub trust_domain: Option<Arc<str>>,
     workloads: RefCell<std::collections::HashMap<IpAddr, Arc<str>>>,
+    /// The authorization policies of this node's pods, as the control
+    /// thread last sent them.
+    policies: RefCell<Arc<crate::policy::Table>>,
     /// Open connections per Service endpoint on this executor (for the two
     /// choices), and the state of the random numbers they draw.
     endpoint_load: RefCell<std::collections::HashMap<std::net::SocketAddr, u32>>,
@@ -161,6 +164,7 @@ impl ShardCtx {
             services: RefCell::new(Arc::default()),
             trust_domain: None,
             workloads: RefCell::new(std::collections::HashMap::new()),
+            policies: RefCell::new(Arc::default()),
             endpoint_load: RefCell::new(std::collections::HashMap::new()),
             random: std::cell::Cell::new(0x9e37_79b9_7f4a_7c15 ^ (cpu as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)),
             same_node_fast_path: false,
@@ -205,6 +209,17 @@ impl ShardCtx {
             }
             glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
         }
+    }
+
+    /// New authorization policies from the control thread.
+    pub fn set_policies(&self, table: Arc<crate::policy::Table>) {
+        *self.policies.borrow_mut() = table;
+    }
+
+    /// Whether the policies of the pod at `c.dst` let `c` in.
+    pub fn authorize(&self, c: &crate::policy::Conn<'_>) -> Result<(), crate::policy::Denied> {
+        let policies = self.policies.borrow().get(&c.dst.ip()).cloned();
+        policies.map_or(Ok(()), |p| crate::policy::decide(&p, c))
     }
 
     /// New Services from the control thread.

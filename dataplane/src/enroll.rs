@@ -441,6 +441,7 @@ mod tests {
             netns: None,
             client_address: true,
             mode,
+            labels: Default::default(),
         };
         let meshed = || Mode::Meshed { skip_outbound: vec![5432], skip_inbound: vec![] };
         let model = Model::new(vec![
@@ -480,6 +481,7 @@ mod tests {
             netns: None,
             client_address: true,
             mode: Mode::Meshed { skip_outbound: vec![], skip_inbound: vec![] },
+            labels: Default::default(),
         };
         let model = Model::new(vec![web]);
         let all = |_| true;

@@ -131,7 +131,7 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream, mut 
     };
     let (client, local) = (ClientAddr(peer), LocalAddr(local));
     rec.client(client);
-    let (mut tls, dst, early) = match accept(&shard, &mut rec, conn, client, local).await {
+    let Accepted { mut tls, dst, early, peer } = match accept(&shard, &mut rec, conn, client, local).await {
         Ok(t) => t,
         // Dropping the stream closes it: the peer gets the TLS alert, if
         // any, then EOF. Nothing was forwarded.
@@ -141,6 +141,11 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream, mut 
         }
     };
     rec.dst(dst.0);
+    // Who may talk to whom: decided before the application hears a thing.
+    let principal = peer.strip_prefix("spiffe://").unwrap_or(&peer);
+    if let Err(denied) = shard.authorize(&crate::policy::Conn { principal, source: client.ip(), dst: dst.0 }) {
+        return rec.refuse(Blame::Downstream, Reason::PolicyDenied, &denied);
+    }
     // From the client's own address: the certificate proved it.
     let mut app = match shard.connect_app(&netns, dst.0, client.0) {
         Ok(fd) => sys::glommio_stream(fd),
@@ -174,7 +179,7 @@ async fn accept(
     conn: TcpStream,
     client: ClientAddr,
     local: LocalAddr,
-) -> Result<(Tls, OrigDstAddr, Vec<u8>), Refusal> {
+) -> Result<Accepted, Refusal> {
     let config = shard.server_config(local.ip())?;
     let phase = Cell::new(Phase::FirstBytes);
     let steps = async {
@@ -203,16 +208,26 @@ async fn accept(
         // just made elsewhere may be known here a moment after it connects).
         phase.set(Phase::Identity);
         shard.check_workload(client.ip(), &id).await?;
-        rec.peer(id);
+        rec.peer(id.clone());
         phase.set(Phase::Preamble);
         let prefaced = preamble::read(&mut tls).await?;
         drop(ticket);
-        Ok((tls, prefaced))
+        Ok((tls, prefaced, id))
     };
-    let (tls, prefaced) = relay::within(shard.limits.handshake, steps).await.ok_or(Refusal::Timeout(phase.get()))??;
+    let (tls, prefaced, id) =
+        relay::within(shard.limits.handshake, steps).await.ok_or(Refusal::Timeout(phase.get()))??;
     let dst = OrigDstAddr(prefaced.preamble.dst);
     if dst.ip() != local.ip() || dst.port() == INBOUND_PORT || dst.port() == OUTBOUND_PORT {
         return Err(Refusal::Elsewhere { dst, local });
     }
-    Ok((tls, dst, prefaced.early))
+    Ok(Accepted { tls, dst, early: prefaced.early, peer: id })
+}
+
+/// A tunnel through the checks: the stream, where it goes, the client's
+/// bytes read past the preamble, and the client's SPIFFE ID.
+struct Accepted {
+    tls: Tls,
+    dst: OrigDstAddr,
+    early: Vec<u8>,
+    peer: String,
 }

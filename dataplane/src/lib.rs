@@ -33,6 +33,7 @@ pub mod model;
 pub mod netns;
 pub mod outbound;
 pub mod pki;
+pub mod policy;
 pub mod reason;
 pub mod relay;
 pub mod reload;

@@ -58,6 +58,9 @@ pub struct Workload {
     pub client_address: bool,
     /// Whether and how it is in the mesh.
     pub mode: Mode,
+    /// Its labels, for the authorization policies that select pods by
+    /// them: a local pod's only (policies are enforced where the pod runs).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A workload's membership.

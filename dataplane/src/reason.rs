@@ -50,6 +50,8 @@ pub enum Reason {
     IdentityMismatch,
     /// No meshed pod is known at the peer's address.
     UnknownWorkload,
+    /// Inbound: an authorization policy refuses the connection.
+    PolicyDenied,
     /// Outbound: a Service with no ready endpoint.
     NoEndpoints,
     /// The peer sent a TLS alert.
@@ -112,6 +114,7 @@ impl Reason {
             Reason::BadIdentity => "bad_identity",
             Reason::IdentityMismatch => "identity_mismatch",
             Reason::UnknownWorkload => "unknown_workload",
+            Reason::PolicyDenied => "policy_denied",
             Reason::NoEndpoints => "no_endpoints",
             Reason::AlertReceived => "alert_received",
             Reason::IncompatiblePeer => "incompatible_peer",

@@ -169,6 +169,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         watch_counters,
         minter,
         return_paths,
+        policies: Arc::default(),
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
     if ctl.cfg.same_node_fast_path {
@@ -483,6 +484,8 @@ struct Control {
     /// Sets up the return paths that let applications see clients'
     /// addresses, off this thread.
     return_paths: crate::return_path::Installer,
+    /// The authorization policies the executors hold.
+    policies: Arc<crate::policy::Table>,
 }
 
 /// A namespace whose listeners are opening.
@@ -730,6 +733,16 @@ impl Control {
         } else {
             tracing::debug!(destinations = fx.meshed.len(), local = fx.local, "model of the workloads updated");
         }
+        if first || fx.policies || fx.local {
+            let table = model.policy_table();
+            if *self.policies != table {
+                self.policies = Arc::new(table);
+                for s in &self.shards {
+                    let _ = s.tx.send(shard::ToShard::Policies(self.policies.clone()));
+                }
+                tracing::debug!(pods = self.policies.len(), "authorization policies updated");
+            }
+        }
         if let (true, Some(socket)) = (first || fx.namespaces, &self.cfg.cni_socket) {
             if let Err(e) = crate::cni::write_namespaces(socket, model.meshed_namespaces()) {
                 error!(socket = %socket.display(), error = %e, "could not write the meshed namespaces for the CNI plugin");
@@ -847,7 +860,12 @@ impl Control {
                     pods: self.model.as_ref().map(|m| m.local_counts()).unwrap_or_default(),
                     watch_errors: self.watch_counters.as_ref().map(|(c, _)| {
                         use std::sync::atomic::Ordering::Relaxed;
-                        (c.pods.load(Relaxed), c.namespaces.load(Relaxed))
+                        vec![
+                            ("pods", c.pods.load(Relaxed)),
+                            ("namespaces", c.namespaces.load(Relaxed)),
+                            ("services", c.services.load(Relaxed)),
+                            ("authorizationpolicies", c.policies.load(Relaxed)),
+                        ]
                     }),
                     certificates: self.minter.as_ref().zip(self.watch_counters.as_ref()).map(|(m, (_, ca))| {
                         use std::sync::atomic::Ordering::Relaxed;

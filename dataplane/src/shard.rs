@@ -86,6 +86,8 @@ pub enum ToShard {
     Services(Arc<crate::services::Table>),
     /// Meshed pods' identities that changed, by address (`None`: gone).
     Workloads(Arc<[(IpAddr, Option<Arc<str>>)]>),
+    /// The authorization policies of this node's pods.
+    Policies(Arc<crate::policy::Table>),
     /// The kernel paused the spliced direction whose source socket has this
     /// cookie, if it is one of yours (every executor hears it).
     SplicePaused(u64),
@@ -279,6 +281,7 @@ async fn run(
                     ToShard::Identity(id) => shard.set_identity(id),
                     ToShard::Services(table) => shard.set_services(table),
                     ToShard::Workloads(changes) => shard.set_workloads(&changes),
+                    ToShard::Policies(table) => shard.set_policies(table),
                     ToShard::SplicePaused(cookie) => crate::splice::paused(&shard, cookie),
                     ToShard::Enroll(ns, addresses) if !draining => {
                         let event = match enroll(&shard, &ns, &addresses, inbound_cpu, &mut listeners, &listening) {

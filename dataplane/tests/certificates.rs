@@ -364,6 +364,74 @@ fn a_node_speaks_only_for_the_identities_the_api_gives_its_pods() {
 }
 
 #[test]
+fn authorization_policies_decide_who_may_talk_to_whom() {
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    cluster(&api);
+    api.put("pods", pod("shop", "b", "node-b", Some("10.77.0.2"), json!({"app": "db"}), json!({})));
+    let root = Certs::new(t, &[]);
+    let _issuer = issuer(&api, Some(&root), "1h");
+    let (a, b, _) = two_pods(t);
+    let _db = [server(&b, "0.0.0.0", 8080, "b"), server(&b, "0.0.0.0", 9090, "b-admin")];
+    let bundle = root.dir.join("ca.crt").display().to_string();
+    let node_a = agent(t, &api, &bundle, "node-a", &[&a], &[]);
+    let node_b = agent(t, &api, &bundle, "node-b", &[&b], &[]);
+    for n in [&node_a, &node_b] {
+        let served = || metric(&metrics(&n.dp), "dataplane_namespaces{state=\"served\"}") == Some(1.0);
+        assert!(eventually(Duration::from_secs(5), served));
+    }
+    // Pod a is shop's default service account; pod b is app=db.
+    let reaches = |port: u16| {
+        let out = testworld::peer(&a, Some(&node_a.workload), &["expect-reset", "10.77.0.2", &port.to_string()]);
+        out[0]["result"] == "data"
+    };
+    assert!(reaches(8080) && reaches(9090), "no policy: all allowed");
+    let denied = || {
+        metric(
+            &metrics(&node_b.dp),
+            "dataplane_connections_failed_total{direction=\"inbound\",side=\"downstream\",reason=\"policy_denied\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let policy = |name: &str, spec: Value| {
+        api.put("authorizationpolicies", testworld::apiserver::authorization_policy("shop", name, spec))
+    };
+
+    // Only the frontend's account may reach db: a may not.
+    policy(
+        "db",
+        json!({"selector": {"matchLabels": {"app": "db"}},
+               "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend"]}}]}]}),
+    );
+    assert!(eventually(Duration::from_secs(5), || !reaches(8080)), "refused once the policy is in");
+    assert!(denied() >= 1.0, "counted on the destination's node: {}", metrics(&node_b.dp));
+    // a's account, on the application's port only.
+    policy(
+        "db",
+        json!({"selector": {"matchLabels": {"app": "db"}},
+               "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/default"]}}],
+                          "to": [{"operation": {"ports": ["8080"]}}]}]}),
+    );
+    assert!(eventually(Duration::from_secs(5), || reaches(8080)), "allowed by principal and port");
+    assert!(!reaches(9090), "not the admin port");
+    // A DENY by address comes first, whatever ALLOW says.
+    policy("no-a", json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.77.0.1/32"]}}]}]}));
+    assert!(eventually(Duration::from_secs(5), || !reaches(8080)), "denied by address");
+    // A policy that needs HTTP is applied the safe way, and said so.
+    api.delete("authorizationpolicies", "shop", "no-a");
+    policy(
+        "db",
+        json!({"selector": {"matchLabels": {"app": "db"}},
+               "rules": [{"to": [{"operation": {"ports": ["8080"], "methods": ["GET"]}}]}]}),
+    );
+    assert!(eventually(Duration::from_secs(5), || node_b.dp.proc.output().iter().any(|l| l.contains("methods"))));
+    assert!(!reaches(8080), "an ALLOW rule naming HTTP methods allows nothing");
+    // Gone: all allowed again.
+    api.delete("authorizationpolicies", "shop", "db");
+    assert!(eventually(Duration::from_secs(5), || reaches(8080) && reaches(9090)));
+}
+
+#[test]
 fn a_node_ca_minting_for_another_nodes_address_is_refused() {
     let t = testworld::kernel_test!();
     let api = ApiServer::start(t);

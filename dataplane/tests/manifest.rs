@@ -38,6 +38,11 @@ fn the_manifest_is_schema_valid() {
     for kind in ["namespace/", "serviceaccount/", "configmap/", "daemonset/"] {
         assert!(text.contains(&format!("passed for resource {kind}")), "{kind} validated: {text}");
     }
+    // The AuthorizationPolicy CRD shipped for clusters without Istio.
+    let crd = format!("{}/../deploy/authorizationpolicy-crd.yaml", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3").args(["-m", "kubernetes_validate", "--strict"]).arg(&crd).output().expect("run");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("customresourcedefinition/"), "{text}");
 }
 
 /// Runs `dataplane ARGS --check-config` with exactly the manifest's

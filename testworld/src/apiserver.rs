@@ -50,7 +50,7 @@ struct Resource {
     api_version: &'static str,
 }
 
-const RESOURCES: [Resource; 9] = [
+const RESOURCES: [Resource; 10] = [
     Resource { plural: "pods", kind: "Pod", namespaced: true, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "namespaces", kind: "Namespace", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
     Resource { plural: "nodes", kind: "Node", namespaced: false, prefix: "/api/v1/", api_version: "v1" },
@@ -70,6 +70,13 @@ const RESOURCES: [Resource; 9] = [
         namespaced: true,
         prefix: "/apis/apps/v1/",
         api_version: "apps/v1",
+    },
+    Resource {
+        plural: "authorizationpolicies",
+        kind: "AuthorizationPolicy",
+        namespaced: true,
+        prefix: "/apis/security.istio.io/v1/",
+        api_version: "security.istio.io/v1",
     },
     Resource {
         plural: "certificatesigningrequests",
@@ -430,6 +437,11 @@ pub fn daemonset(namespace: &str, name: &str) -> Value {
                               "spec": {"containers": [{"name": "dataplane", "image": "dataplane/dataplane:dev"}]}}},
         "status": {"currentNumberScheduled": 1, "desiredNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1},
     })
+}
+
+/// An Istio `AuthorizationPolicy` with this `spec`.
+pub fn authorization_policy(namespace: &str, name: &str, spec: Value) -> Value {
+    json!({"metadata": {"name": name, "namespace": namespace}, "spec": spec})
 }
 
 /// A namespace with labels.

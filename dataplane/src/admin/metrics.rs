@@ -67,8 +67,8 @@ pub struct Extra {
     /// This node's workloads in the model, by membership (`meshed`,
     /// `namespace_not_opted_in`...).
     pub pods: std::collections::BTreeMap<&'static str, u64>,
-    /// Kubernetes watch interruptions (pods, namespaces), when watching.
-    pub watch_errors: Option<(u64, u64)>,
+    /// Kubernetes watch interruptions by resource, when watching.
+    pub watch_errors: Option<Vec<(&'static str, u64)>>,
     /// From a namespace's address appearing to its listeners open on every
     /// executor and `connect4` told (µs).
     pub enrolment: Option<hdrhistogram::Histogram<u64>>,
@@ -267,10 +267,11 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
             HdrExport::from(&cni.decision),
         );
     }
-    if let Some((p, n)) = extra.watch_errors {
+    if let Some(by_resource) = &extra.watch_errors {
         let errors = Family::<Labels, Counter>::default();
-        errors.get_or_create(&vec![("resource", "pods".into())]).inc_by(p);
-        errors.get_or_create(&vec![("resource", "namespaces".into())]).inc_by(n);
+        for (resource, n) in by_resource {
+            errors.get_or_create(&vec![("resource", (*resource).into())]).inc_by(*n);
+        }
         reg.register(
             "watch_restarts",
             "Kubernetes watches interrupted and resumed (or relisted after 410 Gone)",

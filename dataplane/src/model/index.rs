@@ -27,6 +27,8 @@ pub enum Change {
     Namespace(String, Option<bool>),
     /// A local pod's sandbox, as the CNI plugin reported it.
     Sandbox(ObjectRef, Option<Sandbox>),
+    /// An authorization policy (`None`: gone, or not applied here).
+    Policy(ObjectRef, Option<Arc<crate::policy::Policy>>),
 }
 
 /// What an update changed, for the eBPF maps and the executors.
@@ -49,6 +51,8 @@ pub struct Effects {
     /// its certificate must carry (`ns/NAMESPACE/sa/SERVICE_ACCOUNT`), or
     /// `None` for an address no longer meshed.
     pub identities: BTreeMap<IpAddr, Option<Arc<str>>>,
+    /// Whether an authorization policy came, went or changed.
+    pub policies: bool,
 }
 
 impl Effects {
@@ -60,6 +64,7 @@ impl Effects {
             && self.vips.is_empty()
             && !self.namespaces
             && self.identities.is_empty()
+            && !self.policies
     }
 }
 
@@ -88,6 +93,8 @@ pub struct Model {
     /// workloads in `workloads` carry the sandbox's addresses).
     sandboxes: HashMap<ObjectRef, Sandbox>,
     api_of_sandboxed: HashMap<ObjectRef, Workload>,
+    /// Authorization policies, by namespace and name.
+    policies: BTreeMap<ObjectRef, Arc<crate::policy::Policy>>,
 }
 
 impl Model {
@@ -161,6 +168,13 @@ impl Model {
                 Change::Service(key, new) => {
                     self.set_service(&key, new);
                     touched_services.insert(key);
+                }
+                Change::Policy(key, new) => {
+                    let changed = match new {
+                        Some(p) => self.policies.insert(key, p.clone()).as_ref() != Some(&p),
+                        None => self.policies.remove(&key).is_some(),
+                    };
+                    effects.policies |= changed;
                 }
             }
         }
@@ -372,6 +386,29 @@ impl Model {
     /// alone: what `connect4` tunnels to.
     pub fn meshed_destinations(&self) -> &BTreeMap<IpAddr, Vec<u16>> {
         &self.meshed
+    }
+
+    /// The authorization policies that apply to each meshed local pod, by
+    /// its addresses (pods no policy selects are not in it).
+    pub fn policy_table(&self) -> crate::policy::Table {
+        let mut table = crate::policy::Table::new();
+        for w in self.local().filter(|w| matches!(w.mode, Mode::Meshed { .. })) {
+            let from = ObjectRef::new(&w.namespace, "");
+            let selecting: Vec<Arc<crate::policy::Policy>> = self
+                .policies
+                .range(from..)
+                .take_while(|(k, _)| k.namespace == w.namespace)
+                .filter(|(_, p)| p.selects(&w.namespace, &w.labels))
+                .map(|(_, p)| p.clone())
+                .collect();
+            if !selecting.is_empty() {
+                let selecting: Arc<[_]> = selecting.into();
+                for a in &w.addresses {
+                    table.insert(*a, selecting.clone());
+                }
+            }
+        }
+        table
     }
 
     /// The service table: every ClusterIP:port and its ready endpoints,

@@ -29,7 +29,7 @@
 //! not silently leave a pod out of the mesh. The file is re-read when it
 //! changes; a file that does not parse is refused and the previous model
 //! stays in service.
-use std::{net::IpAddr, path::Path, path::PathBuf};
+use std::{collections::BTreeMap, net::IpAddr, path::Path, path::PathBuf};
 
 use serde::Deserialize;
 
@@ -103,6 +103,8 @@ struct Entry {
     skip_outbound_ports: Vec<u16>,
     #[serde(default)]
     skip_inbound_ports: Vec<u16>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +173,7 @@ pub fn parse(text: &str, node: Option<&str>) -> Result<Model, String> {
             netns: e.netns,
             client_address: true,
             mode,
+            labels: if local { e.labels } else { BTreeMap::new() },
         });
     }
     let services = file

@@ -35,6 +35,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use kube::{
+    api::{ApiResource, DynamicObject},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::watcher,
     Api, Client, ResourceExt,
@@ -43,6 +44,7 @@ use tracing::{info, warn};
 
 use crate::{
     model::{self, membership, ObjectRef, Workload, CLIENT_ADDRESS, MESH_LABEL, SKIP_INBOUND, SKIP_OUTBOUND},
+    policy::{Parsed, Policy},
     services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice},
 };
 
@@ -65,6 +67,8 @@ pub struct Counters {
     pub namespaces: AtomicU64,
     /// Services and EndpointSlices watches.
     pub services: AtomicU64,
+    /// AuthorizationPolicies watch.
+    pub policies: AtomicU64,
 }
 
 /// What a pod contributes to the model: only the fields we use, and of its
@@ -85,7 +89,10 @@ fn ours(all: &BTreeMap<String, String>, keys: &[&str]) -> BTreeMap<String, Strin
     keys.iter().filter_map(|k| Some((k.to_string(), all.get(*k)?.clone()))).collect()
 }
 
-fn view(pod: &Pod) -> Option<PodView> {
+/// What the model keeps of a pod: of one of another node, only our label
+/// (the cluster's pods are many); of one of `node`, every label, for the
+/// authorization policies that select it.
+fn view(pod: &Pod, node: &str) -> Option<PodView> {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     // A finished pod's address goes back to the pool: never trust it.
@@ -103,7 +110,10 @@ fn view(pod: &Pod) -> Option<PodView> {
         node: spec.and_then(|s| s.node_name.clone()),
         addresses,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        labels: ours(pod.labels(), &[MESH_LABEL]),
+        labels: match spec.and_then(|s| s.node_name.as_deref()) == Some(node) {
+            true => pod.labels().clone(),
+            false => ours(pod.labels(), &[MESH_LABEL]),
+        },
         annotations: ours(pod.annotations(), &[SKIP_OUTBOUND, SKIP_INBOUND, CLIENT_ADDRESS]),
     })
 }
@@ -183,6 +193,7 @@ struct State {
     namespaces: Store<BTreeMap<String, String>>,
     services: Store<ServiceView>,
     slices: Store<SliceView>,
+    policies: Store<Arc<Policy>>,
     /// Whether the whole model has gone out once (after every first list).
     published: bool,
 }
@@ -193,6 +204,41 @@ enum Change {
     Namespace(Box<watcher::Event<Namespace>>),
     Service(Box<watcher::Event<K8sService>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
+    Policy(Box<watcher::Event<DynamicObject>>),
+    /// The cluster has no AuthorizationPolicy resource: there are none.
+    NoPolicies,
+}
+
+/// Istio's `security.istio.io/v1` `AuthorizationPolicy` (its CRD ships in
+/// `deploy/`, for clusters without Istio).
+fn authorization_policies() -> ApiResource {
+    ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: "AuthorizationPolicy".into(),
+        plural: "authorizationpolicies".into(),
+    }
+}
+
+/// A policy as applied here (`None`: not applied: `AUDIT`, `CUSTOM`,
+/// waypoints). What cannot be enforced is logged with the policy's name.
+fn policy_view(o: &DynamicObject) -> Option<Arc<Policy>> {
+    let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+    let spec = o.data.get("spec").cloned().unwrap_or(serde_json::Value::Null);
+    match crate::policy::parse(&ns, &name, &spec) {
+        Parsed::Policy(p) => {
+            if !p.unsupported.is_empty() {
+                warn!(policy = p.name, unsupported = ?p.unsupported,
+                      "authorization policy: what needs L7 (or does not parse) is applied the safe way: an ALLOW rule naming it allows nothing, a DENY rule denies by its L4 fields");
+            }
+            Some(Arc::new(p))
+        }
+        Parsed::Ignored(why) => {
+            info!(policy = %format!("{ns}/{name}"), why, "authorization policy not applied here");
+            None
+        }
+    }
 }
 
 /// What a Service contributes: its ClusterIPs (none for a headless one),
@@ -290,8 +336,12 @@ impl State {
         let mut pods: BTreeSet<Key> = BTreeSet::new();
         let mut services: BTreeSet<Key> = BTreeSet::new();
         let mut namespaces: BTreeSet<String> = BTreeSet::new();
+        let mut policies: Vec<model::Change> = Vec::new();
         match change {
-            Change::Pod(ev) => pods.extend(self.pods.apply(*ev, view).into_iter().map(|(k, _)| k)),
+            Change::Pod(ev) => {
+                let node = &self.node;
+                pods.extend(self.pods.apply(*ev, |p| view(p, node)).into_iter().map(|(k, _)| k))
+            }
             Change::Namespace(ev) => {
                 let ns_view = |n: &Namespace| Some(ours(n.labels(), &[MESH_LABEL]));
                 for ((_, ns), _) in self.namespaces.apply(*ev, ns_view) {
@@ -302,6 +352,13 @@ impl State {
                 }
             }
             Change::Service(ev) => services.extend(self.services.apply(*ev, service_view).into_iter().map(|(k, _)| k)),
+            Change::Policy(ev) => {
+                for ((ns, name), _) in self.policies.apply(*ev, policy_view) {
+                    let now = self.policies.items.get(&(ns.clone(), name.clone())).cloned();
+                    policies.push(model::Change::Policy(ObjectRef { namespace: ns, name }, now));
+                }
+            }
+            Change::NoPolicies => self.policies.listed = true,
             Change::Slice(ev) => {
                 let (node, zone) = (&self.node, self.zone.as_deref());
                 for ((ns, name), old) in self.slices.apply(*ev, |s| slice_view(s, node, zone)) {
@@ -311,13 +368,24 @@ impl State {
             }
         }
         if !self.published {
-            if !(self.pods.listed && self.namespaces.listed && self.services.listed && self.slices.listed) {
+            // The policies too (or word that there are none): a pod served
+            // before its policies are in would be open to every client.
+            let lists = [self.pods.listed, self.namespaces.listed, self.services.listed, self.slices.listed];
+            if !(lists.iter().all(|l| *l) && self.policies.listed) {
                 return Vec::new();
             }
             self.published = true;
             pods = self.pods.items.keys().cloned().collect();
             services = self.services.items.keys().cloned().collect();
             namespaces = self.namespaces.items.keys().map(|(_, n)| n.clone()).collect();
+            policies = self
+                .policies
+                .items
+                .iter()
+                .map(|((ns, name), p)| {
+                    model::Change::Policy(ObjectRef { namespace: ns.clone(), name: name.clone() }, Some(p.clone()))
+                })
+                .collect();
         }
         let namespaces = namespaces.into_iter().map(|ns| {
             let labels = self.namespaces.items.get(&(String::new(), ns.clone()));
@@ -332,8 +400,8 @@ impl State {
             model::Change::Service(ObjectRef { namespace: k.0, name: k.1 }, s)
         });
         // Namespaces first: a sandbox the API has not shown yet is known by
-        // its namespace's membership.
-        namespaces.chain(pods).chain(services).collect()
+        // its namespace's membership. Policies before the pods they guard.
+        namespaces.chain(policies).chain(pods).chain(services).collect()
     }
 
     /// The workload a pod is now.
@@ -349,6 +417,7 @@ impl State {
             netns: None,
             client_address: p.annotations.get(CLIENT_ADDRESS).map(String::as_str) != Some("off"),
             mode: membership(p.host_network, ns_labels, &p.labels, &p.annotations),
+            labels: p.labels.clone(),
         })
     }
 
@@ -492,8 +561,36 @@ async fn watch(client: Client, node: String, tx: Sender<Vec<model::Change>>, cou
         .map(|r| r.map(|e| Change::Service(Box::new(e))).map_err(|e| ("services", e)));
     let slices = retried(watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Slice(Box::new(e))).map_err(|e| ("endpointslices", e)));
-    let mut changes =
-        std::pin::pin!(stream::select(stream::select(pods, namespaces), stream::select(services, slices)));
+    // A cluster without the resource (no Istio, our CRD not applied) has no
+    // policies: said once, then the watch stops asking.
+    let policies = retried(watcher(
+        Api::<DynamicObject>::all_with(client.clone(), &authorization_policies()),
+        watcher::Config::default(),
+    ))
+    .map(|r| match r {
+        Ok(e) => Ok(Change::Policy(Box::new(e))),
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.is_not_found() => Ok(Change::NoPolicies),
+        // Not ours to read (RBAC without the rule deployment.yaml grants):
+        // none can be applied, and pods must not wait for them forever.
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.code == 403 => {
+            tracing::error!("AuthorizationPolicies cannot be read (forbidden): none is applied; grant list and watch on authorizationpolicies.security.istio.io");
+            Ok(Change::NoPolicies)
+        }
+        Err(e) => Err(("authorizationpolicies", e)),
+    })
+    .scan(false, |said, r| {
+        // "None" once per stretch of 404s (the watch asks again after its
+        // back-off); a CRD applied later brings its policies in as usual.
+        let none = matches!(r, Ok(Change::NoPolicies));
+        let again = none && *said;
+        *said = none;
+        futures_util::future::ready(Some((!again).then_some(r)))
+    })
+    .filter_map(futures_util::future::ready);
+    let mut changes = std::pin::pin!(stream::select(
+        stream::select(stream::select(pods, namespaces), stream::select(services, slices)),
+        policies
+    ));
     let zone = zone_of(&client, &node).await;
     let mut state = State { node, zone, ..State::default() };
     while let Some(first) = changes.next().await {
@@ -512,6 +609,7 @@ async fn watch(client: Client, node: String, tx: Sender<Vec<model::Change>>, cou
                     let counter = match resource {
                         "pods" => &counters.pods,
                         "namespaces" => &counters.namespaces,
+                        "authorizationpolicies" => &counters.policies,
                         _ => &counters.services,
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
@@ -571,6 +669,9 @@ mod tests {
         apply(&mut s, Change::Namespace(Box::new(watcher::Event::InitApply(ns("shop", true)))));
         let (n, _) = apply(&mut s, Change::Namespace(Box::new(watcher::Event::InitDone)));
         assert_eq!(n, 0, "services and slices not listed yet");
+        // A cluster without the AuthorizationPolicy resource: none (the
+        // model waits for that word too).
+        assert_eq!(apply(&mut s, Change::NoPolicies).0, 0);
         // A service with a named target port, and its slice.
         let svc: K8sService = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "web", "namespace": "shop"},
@@ -628,15 +729,15 @@ mod tests {
     fn finished_pods_and_host_network_pods_are_read_as_such() {
         let mut done = shop_pod("job", "10.0.0.9", "a");
         done.status.as_mut().expect("status").phase = Some("Succeeded".into());
-        assert!(view(&done).is_none(), "its address may already be another pod's");
+        assert!(view(&done, "a").is_none(), "its address may already be another pod's");
         let mut host = shop_pod("agent", "192.168.0.10", "a");
         host.spec.as_mut().expect("spec").host_network = Some(true);
-        let v = view(&host).expect("view");
+        let v = view(&host, "a").expect("view");
         assert!(v.host_network);
         let pending = pod(serde_json::json!({
             "metadata": {"name": "p", "namespace": "shop"}, "spec": {"containers": []}
         }));
-        let v = view(&pending).expect("a pod with no address yet");
+        let v = view(&pending, "a").expect("a pod with no address yet");
         assert!(v.addresses.is_empty() && v.node.is_none());
     }
 
@@ -645,7 +746,7 @@ mod tests {
         let mut dual = shop_pod("web", "10.0.0.5", "a");
         dual.status.as_mut().expect("status").pod_ips =
             Some(["10.0.0.5", "fd00::5"].map(|ip| k8s_openapi::api::core::v1::PodIP { ip: ip.into() }).to_vec());
-        let v = view(&dual).expect("view");
+        let v = view(&dual, "a").expect("view");
         let want: Vec<IpAddr> = vec!["10.0.0.5".parse().expect("ip"), "fd00::5".parse().expect("ip")];
         assert_eq!(v.addresses, want);
         let slice: EndpointSlice = serde_json::from_value(serde_json::json!({

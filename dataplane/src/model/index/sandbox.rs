@@ -97,6 +97,7 @@ impl Model {
                 netns: None,
                 client_address: true,
                 mode: Mode::Outside(Outside::NotOptedIn),
+                labels: std::collections::BTreeMap::new(),
             },
             None => return None,
         };

@@ -15,6 +15,7 @@ fn workload(name: &str, addr: &str, local: bool, mode: Mode) -> Workload {
         netns: None,
         client_address: true,
         mode,
+        labels: BTreeMap::new(),
     }
 }
 
