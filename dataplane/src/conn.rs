@@ -216,6 +216,16 @@ impl ShardCtx {
         *self.policies.borrow_mut() = table;
     }
 
+    /// The principal a pod served here proves with its certificate: its
+    /// workload identity (`--node-ca`), or the address form `--certs`
+    /// certificates carry.
+    pub fn local_principal(&self, ip: IpAddr) -> String {
+        match (&self.trust_domain, self.workloads.borrow().get(&ip)) {
+            (Some(domain), Some(path)) => format!("{domain}/{path}"),
+            _ => format!("{}/ip/{}", crate::ca::TRUST_DOMAIN, ip.to_string().replace(':', "-")),
+        }
+    }
+
     /// Whether the policies of the pod at `c.dst` let `c` in.
     pub fn authorize(&self, c: &crate::policy::Conn<'_>) -> Result<(), crate::policy::Denied> {
         let policies = self.policies.borrow().get(&c.dst.ip()).cloned();

@@ -148,6 +148,14 @@ async fn same_node(
         return rec.refuse(Blame::Downstream, Reason::NotThisPod, &format!("{} is the data plane's own port", to.0));
     }
     shard.with_stats(|s| s.same_node += 1);
+    // No tunnel, so no inbound side: the destination's policies are
+    // decided here, with the identity the client pod would have proved.
+    let principal = shard.local_principal(client.ip());
+    if let Err(denied) = shard.authorize(&crate::policy::Conn { principal: &principal, source: client.ip(), dst: to.0 })
+    {
+        socket::reset_on_close(&downstream);
+        return rec.refuse(Blame::Downstream, Reason::PolicyDenied, &denied);
+    }
     let mut app = match shard.connect_app(dst_ns, to.0, client) {
         Ok(fd) => sys::glommio_stream(fd),
         Err(e) => {

@@ -375,3 +375,35 @@ fn a_restarted_agent_rebuilds_from_the_api_and_forgets_what_went_meanwhile() {
     assert_eq!(client(&a, Some(&workload), "10.77.0.2", 8080, &[])[0].peer, "10.77.0.2:8080");
     drop(second);
 }
+
+#[test]
+fn policies_hold_on_the_same_node_fast_path_too() {
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+    api.put("pods", shop_pod("a", Some("10.77.0.1"), json!({}), json!({})));
+    api.put("pods", shop_pod("b", Some("10.77.0.2"), json!({"app": "db"}), json!({})));
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2"]);
+    let (workload, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
+    let (a, b, _) = two_pods(t);
+    let _sb = server(&b, "0.0.0.0", 8080, "b");
+    dir.add(&a);
+    dir.add(&b);
+    let dp = start(&api, &certs, &workload, &own, &dir, &["--same-node-fast-path"]);
+    assert!(eventually(Duration::from_secs(5), || namespaces_in(&dp, "served") == Some(2.0)), "{}", metrics(&dp));
+    let reaches =
+        || testworld::peer(&a, Some(&workload), &["expect-reset", "10.77.0.2", "8080"])[0]["result"] == "data";
+    assert!(reaches(), "no policy");
+    // No tunnel between the two pods, so no inbound side: the policy of the
+    // destination pod is decided on the way out, by the client's address.
+    let deny = json!({"action": "DENY", "selector": {"matchLabels": {"app": "db"}},
+                      "rules": [{"from": [{"source": {"ipBlocks": ["10.77.0.1"]}}]}]});
+    api.put("authorizationpolicies", testworld::apiserver::authorization_policy("shop", "no-a", deny));
+    assert!(eventually(Duration::from_secs(5), || !reaches()), "denied");
+    let denied =
+        "dataplane_connections_failed_total{direction=\"outbound\",side=\"downstream\",reason=\"policy_denied\"}";
+    assert!(metric(&metrics(&dp), denied) >= Some(1.0), "{}", metrics(&dp));
+    assert!(metric(&metrics(&dp), "dataplane_same_node_connections_total") >= Some(1.0), "the fast path was taken");
+    api.delete("authorizationpolicies", "shop", "no-a");
+    assert!(eventually(Duration::from_secs(5), reaches), "allowed again");
+}
