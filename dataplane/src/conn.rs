@@ -104,6 +104,10 @@ pub struct ShardCtx {
     /// The authorization policies of this node's pods, as the control
     /// thread last sent them.
     policies: RefCell<Arc<crate::policy::Table>>,
+    /// The open connections a policy let in, decided again when the
+    /// policies change (see [`ShardCtx::admitted`]).
+    admitted: RefCell<std::collections::HashMap<u64, Admitted>>,
+    next_admitted: std::cell::Cell<u64>,
     /// Open connections per Service endpoint on this executor (for the two
     /// choices), and the state of the random numbers they draw.
     endpoint_load: RefCell<std::collections::HashMap<std::net::SocketAddr, u32>>,
@@ -119,6 +123,28 @@ pub struct ShardCtx {
     /// Spliced directions waiting to hear that the kernel paused them, by
     /// their source socket's cookie (see [`crate::splice`]).
     pub splice_notices: RefCell<std::collections::HashMap<u64, Rc<glommio::channels::local_channel::LocalSender<()>>>>,
+}
+
+/// An open connection a policy let in.
+#[derive(Debug)]
+struct Admitted {
+    principal: String,
+    source: IpAddr,
+    dst: std::net::SocketAddr,
+    stop: glommio::channels::local_channel::LocalSender<String>,
+}
+
+/// Keeps a connection in [`ShardCtx::admitted`] while it lives.
+#[derive(Debug)]
+pub struct AdmittedGuard<'a> {
+    shard: &'a ShardCtx,
+    id: u64,
+}
+
+impl Drop for AdmittedGuard<'_> {
+    fn drop(&mut self) {
+        self.shard.admitted.borrow_mut().remove(&self.id);
+    }
 }
 
 /// One open connection to a Service endpoint, counted in the executor's
@@ -165,6 +191,8 @@ impl ShardCtx {
             trust_domain: None,
             workloads: RefCell::new(std::collections::HashMap::new()),
             policies: RefCell::new(Arc::default()),
+            admitted: RefCell::new(std::collections::HashMap::new()),
+            next_admitted: std::cell::Cell::new(0),
             endpoint_load: RefCell::new(std::collections::HashMap::new()),
             random: std::cell::Cell::new(0x9e37_79b9_7f4a_7c15 ^ (cpu as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)),
             same_node_fast_path: false,
@@ -211,9 +239,37 @@ impl ShardCtx {
         }
     }
 
-    /// New authorization policies from the control thread.
+    /// New authorization policies from the control thread: the open
+    /// connections they now refuse are closed (as ztunnel does).
     pub fn set_policies(&self, table: Arc<crate::policy::Table>) {
         *self.policies.borrow_mut() = table;
+        for a in self.admitted.borrow().values() {
+            let c = crate::policy::Conn { principal: &a.principal, source: a.source, dst: a.dst };
+            if let Err(denied) = self.authorize(&c) {
+                let _ = a.stop.try_send(denied.to_string());
+            }
+        }
+    }
+
+    /// Keeps `c`, just let in, to be decided again when the policies
+    /// change: the returned future gives the end to relay until, and the
+    /// entry goes when the guard drops.
+    pub fn admitted(
+        &self,
+        c: &crate::policy::Conn<'_>,
+    ) -> (AdmittedGuard<'_>, impl std::future::Future<Output = crate::relay::End>) {
+        let (stop, stopped) = glommio::channels::local_channel::new_bounded(1);
+        let id = self.next_admitted.get();
+        self.next_admitted.set(id + 1);
+        let entry = Admitted { principal: c.principal.to_string(), source: c.source, dst: c.dst, stop };
+        self.admitted.borrow_mut().insert(id, entry);
+        let end = async move {
+            match stopped.recv().await {
+                Some(why) => crate::relay::End::Denied(why),
+                None => std::future::pending().await,
+            }
+        };
+        (AdmittedGuard { shard: self, id }, end)
     }
 
     /// The principal a pod served here proves with its certificate: its

@@ -143,9 +143,12 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream, mut 
     rec.dst(dst.0);
     // Who may talk to whom: decided before the application hears a thing.
     let principal = peer.strip_prefix("spiffe://").unwrap_or(&peer);
-    if let Err(denied) = shard.authorize(&crate::policy::Conn { principal, source: client.ip(), dst: dst.0 }) {
+    let conn = crate::policy::Conn { principal, source: client.ip(), dst: dst.0 };
+    if let Err(denied) = shard.authorize(&conn) {
         return rec.refuse(Blame::Downstream, Reason::PolicyDenied, &denied);
     }
+    // Decided again if the policies change while it is open.
+    let (_admitted, revoked) = shard.admitted(&conn);
     // From the client's own address: the certificate proved it.
     let mut app = match shard.connect_app(&netns, dst.0, client.0) {
         Ok(fd) => sys::glommio_stream(fd),
@@ -164,7 +167,7 @@ pub async fn serve(shard: Rc<ShardCtx>, netns: Arc<Netns>, conn: TcpStream, mut 
             return rec.relayed(0, Err(failed), tls.get_ref().0, &app);
         }
     }
-    let result = relay::relay(&mut tls, &mut app, shard.limits.idle).await;
+    let result = relay::relay_until(&mut tls, &mut app, shard.limits.idle, revoked).await;
     rec.relayed(early.len() as u64, result, tls.get_ref().0, &app);
 }
 

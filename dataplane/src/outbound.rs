@@ -151,11 +151,14 @@ async fn same_node(
     // No tunnel, so no inbound side: the destination's policies are
     // decided here, with the identity the client pod would have proved.
     let principal = shard.local_principal(client.ip());
-    if let Err(denied) = shard.authorize(&crate::policy::Conn { principal: &principal, source: client.ip(), dst: to.0 })
-    {
+    let conn = crate::policy::Conn { principal: &principal, source: client.ip(), dst: to.0 };
+    if let Err(denied) = shard.authorize(&conn) {
         socket::reset_on_close(&downstream);
         return rec.refuse(Blame::Downstream, Reason::PolicyDenied, &denied);
     }
+    // Decided again if the policies change while it is open (relayed
+    // here; one the kernel splices keeps going until it ends).
+    let (_admitted, revoked) = shard.admitted(&conn);
     let mut app = match shard.connect_app(dst_ns, to.0, client) {
         Ok(fd) => sys::glommio_stream(fd),
         Err(e) => {
@@ -171,7 +174,7 @@ async fn same_node(
             rec.relayed(0, result, &downstream, &app);
         }
         Start::UserSpace { early } => {
-            let result = relay::relay(&mut downstream, &mut app, idle).await;
+            let result = relay::relay_until(&mut downstream, &mut app, idle, revoked).await;
             rec.relayed(early, result, &downstream, &app);
         }
         Start::Failed(e) => rec.relayed(0, Err(e), &downstream, &app),

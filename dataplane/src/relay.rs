@@ -61,6 +61,9 @@ pub enum End {
     /// Nothing moved in either direction for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// An authorization policy that came since refuses the connection.
+    #[error("closed: {0}")]
+    Denied(String),
 }
 
 /// A relay that ended early, with what it carried before.
@@ -256,6 +259,20 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_until(downstream, upstream, idle, future::pending()).await
+}
+
+/// [`relay`], also ended when `stop` gives an end (a policy change).
+pub async fn relay_until<D, U>(
+    downstream: &mut D,
+    upstream: &mut U,
+    idle: Duration,
+    stop: impl std::future::Future<Output = End>,
+) -> Result<Bytes, RelayError>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let (dr, dw) = futures_lite::io::split(downstream);
     let (ur, uw) = futures_lite::io::split(upstream);
     let now = Instant::now();
@@ -263,7 +280,8 @@ where
     let received = Progress::new(now);
     let up = copy_half(dr, uw, (Side::Downstream, Side::Upstream), &sent);
     let down = copy_half(ur, dw, (Side::Upstream, Side::Downstream), &received);
-    let result = future::or(both(up, down), async { Err(idle_watch(idle, &sent, &received).await) }).await;
+    let ends = future::or(async { Err(idle_watch(idle, &sent, &received).await) }, async { Err(stop.await) });
+    let result = future::or(both(up, down), ends).await;
     let bytes = Bytes { sent: sent.bytes.get(), received: received.bytes.get(), first_received: received.first.get() };
     result.map(|()| bytes).map_err(|end| RelayError { end, bytes })
 }

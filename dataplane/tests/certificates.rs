@@ -429,6 +429,19 @@ fn authorization_policies_decide_who_may_talk_to_whom() {
     // Gone: all allowed again.
     api.delete("authorizationpolicies", "shop", "db");
     assert!(eventually(Duration::from_secs(5), || reaches(8080) && reaches(9090)));
+
+    // A connection already open that a new policy refuses is closed, as
+    // ztunnel closes it.
+    let before = denied();
+    let open = thread::scope(|s| {
+        let waiting =
+            s.spawn(|| testworld::peer(&a, Some(&node_a.workload), &["wait-close", "10.77.0.2", "8080", "30"]));
+        thread::sleep(Duration::from_millis(500));
+        policy("no-a", json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": ["10.77.0.1/32"]}}]}]}));
+        waiting.join().expect("the client")
+    });
+    assert!(open[0]["result"] == "eof" || open[0]["result"] == "reset", "closed: {}", open[0]);
+    assert!(denied() > before, "counted: {}", metrics(&node_b.dp));
 }
 
 #[test]

@@ -164,6 +164,7 @@ impl Record {
         let (blame, reason) = match &end {
             End::Io { side, source } => (Blame::from(*side), Reason::of(source)),
             End::Idle(_) => (Blame::Ours, Reason::IdleTimeout),
+            End::Denied(_) => (Blame::Downstream, Reason::PolicyDenied),
         };
         self.end(blame, reason);
         debug!(client = ?self.client, dst = ?self.dst, service = ?self.service, peer = ?self.peer, side = %blame, %reason, error = %end,
@@ -171,7 +172,7 @@ impl Record {
         match end {
             End::Io { side: Side::Upstream, .. } => socket::reset_on_close(down),
             End::Io { side: Side::Downstream, .. } => socket::reset_on_close(up),
-            End::Idle(_) => {
+            End::Idle(_) | End::Denied(_) => {
                 socket::reset_on_close(down);
                 socket::reset_on_close(up);
             }
