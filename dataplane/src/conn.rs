@@ -229,10 +229,15 @@ impl ShardCtx {
         loop {
             let expected = self.workloads.borrow().get(&ip).cloned();
             if let Some(path) = expected {
-                let expected = format!("spiffe://{domain}/{path}");
-                return match said == expected {
+                // `spiffe://DOMAIN/PATH`, compared without building it.
+                let rest = said.strip_prefix("spiffe://").and_then(|r| r.strip_prefix(&**domain));
+                return match rest.and_then(|r| r.strip_prefix('/')) == Some(&*path) {
                     true => Ok(()),
-                    false => Err(crate::identity::PeerError::NotTheWorkload { ip, said: said.to_string(), expected }),
+                    false => Err(crate::identity::PeerError::NotTheWorkload {
+                        ip,
+                        said: said.to_string(),
+                        expected: format!("spiffe://{domain}/{path}"),
+                    }),
                 };
             }
             glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
