@@ -131,12 +131,11 @@ fn any(patterns: &[String], value: Option<&str>) -> bool {
 
 impl Source {
     fn matches(&self, c: &Conn<'_>) -> bool {
-        let ns = c.namespace();
         let ip = |blocks: &[IpNet]| blocks.iter().any(|b| b.contains(&c.source));
         (self.principals.is_empty() || any(&self.principals, Some(c.principal)))
             && !any(&self.not_principals, Some(c.principal))
-            && (self.namespaces.is_empty() || any(&self.namespaces, ns))
-            && !any(&self.not_namespaces, ns)
+            && (self.namespaces.is_empty() || any(&self.namespaces, c.namespace()))
+            && (self.not_namespaces.is_empty() || !any(&self.not_namespaces, c.namespace()))
             && (self.ip_blocks.is_empty() || ip(&self.ip_blocks))
             && !ip(&self.not_ip_blocks)
     }
@@ -186,11 +185,12 @@ pub fn decide(policies: &[Arc<Policy>], c: &Conn<'_>) -> Result<(), Denied> {
     if let Some(p) = policies.iter().find(|p| p.action == Action::Deny && p.matches(c)) {
         return Err(Denied::ByPolicy(p.name.clone()));
     }
-    let allows: Vec<&Arc<Policy>> = policies.iter().filter(|p| p.action == Action::Allow).collect();
-    if allows.is_empty() || allows.iter().any(|p| p.matches(c)) {
+    let mut allows = policies.iter().filter(|p| p.action == Action::Allow).peekable();
+    if allows.peek().is_none() || allows.any(|p| p.matches(c)) {
         return Ok(());
     }
-    Err(Denied::NotAllowed(allows.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")))
+    let names: Vec<&str> = policies.iter().filter(|p| p.action == Action::Allow).map(|p| p.name.as_str()).collect();
+    Err(Denied::NotAllowed(names.join(", ")))
 }
 
 /// The policies that apply to each of this node's meshed pods, by address.
