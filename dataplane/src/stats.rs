@@ -164,6 +164,11 @@ pub struct Snapshot {
     pub logs_suppressed: u64,
     /// Connections to Services, by `namespace/name` and how they went.
     pub services: BTreeMap<(String, ServiceRoute), u64>,
+    /// Tunnelled connections by the workload at the other end (the
+    /// namespace and service account its certificate proved) and whether
+    /// they failed; at most [`MAX_PEERS`] pairs per executor, the rest
+    /// counted under `other`.
+    pub peers: BTreeMap<(Direction, String, String, bool), u64>,
     /// Inbound connections delivered from the pod's own address because the
     /// transparent socket was refused.
     pub client_address_fallbacks: u64,
@@ -204,6 +209,19 @@ impl ServiceRoute {
 
 const MAX_MICROS: u64 = 3_600_000_000;
 
+/// Peer workload series per executor (see [`Snapshot::peers`]): a cluster's
+/// service accounts are many, a scrape must stay small.
+pub const MAX_PEERS: usize = 1000;
+
+/// The namespace and service account of a workload SPIFFE ID.
+fn workload_of(spiffe: &str) -> Option<(&str, &str)> {
+    let path = spiffe.strip_prefix("spiffe://")?.split_once('/')?.1;
+    match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["ns", ns, "sa", sa] => Some((ns, sa)),
+        _ => None,
+    }
+}
+
 /// An empty histogram of microseconds, 1 µs to an hour, 3 significant digits.
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("static histogram bounds are valid")
@@ -218,6 +236,7 @@ impl Default for Snapshot {
             hist: std::array::from_fn(|_| histogram()),
             logs_suppressed: 0,
             services: BTreeMap::new(),
+            peers: BTreeMap::new(),
             client_address_fallbacks: 0,
             same_node: 0,
             spliced: 0,
@@ -271,10 +290,27 @@ impl Snapshot {
         for (k, v) in &other.services {
             *self.services.entry(k.clone()).or_default() += v;
         }
+        for (k, v) in &other.peers {
+            *self.peers.entry(k.clone()).or_default() += v;
+        }
         for (mine, theirs) in self.hist.iter_mut().zip(&other.hist) {
             // Same bounds on both sides: cannot fail.
             let _ = mine.add(theirs);
         }
+    }
+
+    /// Counts a tunnelled connection of `d` with the peer `spiffe` (a
+    /// workload's `spiffe://DOMAIN/ns/NS/sa/SA`; any other form counts as
+    /// `-`), completed or `failed`. Bounded: past [`MAX_PEERS`] pairs, new
+    /// ones are counted as `other`.
+    pub fn count_peer(&mut self, d: Direction, spiffe: &str, failed: bool) {
+        let (ns, sa) = workload_of(spiffe).unwrap_or(("-", "-"));
+        let key = (d, ns.to_string(), sa.to_string(), failed);
+        let key = match self.peers.contains_key(&key) || self.peers.len() < MAX_PEERS {
+            true => key,
+            false => (d, "other".into(), "other".into(), failed),
+        };
+        *self.peers.entry(key).or_default() += 1;
     }
 
     /// Failures of `d` for `reason`, whoever was blamed.
@@ -286,6 +322,23 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_are_counted_by_workload_and_bounded() {
+        let mut s = Snapshot::default();
+        s.count_peer(Direction::Inbound, "spiffe://cluster.local/ns/shop/sa/web", false);
+        s.count_peer(Direction::Inbound, "spiffe://cluster.local/ns/shop/sa/web", true);
+        s.count_peer(Direction::Inbound, "spiffe://cluster.local/ip/10.0.0.1", false);
+        let key = |ns: &str, sa: &str, failed| (Direction::Inbound, ns.to_string(), sa.to_string(), failed);
+        assert_eq!(s.peers[&key("shop", "web", false)], 1);
+        assert_eq!(s.peers[&key("shop", "web", true)], 1);
+        assert_eq!(s.peers[&key("-", "-", false)], 1, "an address-form ID names no workload");
+        for i in 0..2 * MAX_PEERS {
+            s.count_peer(Direction::Outbound, &format!("spiffe://cluster.local/ns/n{i}/sa/a"), false);
+        }
+        assert_eq!(s.peers.len(), MAX_PEERS + 1, "bounded, plus the overflow");
+        assert!(s.peers[&(Direction::Outbound, "other".into(), "other".into(), false)] > 0);
+    }
 
     #[test]
     fn merge_adds_counts_and_histograms() {

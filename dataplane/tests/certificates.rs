@@ -114,6 +114,16 @@ fn pods_on_two_nodes_talk_with_certificates_minted_on_their_nodes() {
     assert_eq!((ab[0].peer.as_str(), ab[0].server.as_str()), ("127.0.0.1:18000", "b"), "node-a to node-b");
     let ba = client(&b, Some(&node_b.workload), "10.77.0.1", 8080, &[]);
     assert_eq!((ba[0].peer.as_str(), ba[0].server.as_str()), ("127.0.0.1:18000", "a"), "node-b to node-a");
+    // Each side counts the connection by the workload at the other end.
+    let by_peer = |n: &NodeAgent, direction: &str| {
+        let series = format!(
+            "dataplane_workload_connections_total{{direction=\"{direction}\",peer_namespace=\"shop\",\
+             peer_service_account=\"default\",outcome=\"completed\"}}"
+        );
+        metric(&metrics(&n.dp), &series).unwrap_or(0.0)
+    };
+    assert!(eventually(Duration::from_secs(3), || by_peer(&node_b, "inbound") >= 1.0), "{}", metrics(&node_b.dp));
+    assert!(eventually(Duration::from_secs(3), || by_peer(&node_a, "outbound") >= 1.0), "{}", metrics(&node_a.dp));
 
     // One node CA per node, approved and signed; nothing else.
     let csrs = api.all("certificatesigningrequests");

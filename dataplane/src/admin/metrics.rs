@@ -224,6 +224,24 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
             services,
         );
     }
+    if !stats.peers.is_empty() {
+        let peers = Family::<Labels, Counter>::default();
+        for ((d, ns, sa, failed), n) in &stats.peers {
+            let outcome = if *failed { "failed" } else { "completed" };
+            let labels = vec![
+                ("direction", d.to_string()),
+                ("peer_namespace", ns.clone()),
+                ("peer_service_account", sa.clone()),
+                ("outcome", outcome.into()),
+            ];
+            peers.get_or_create(&labels).inc_by(*n);
+        }
+        reg.register(
+            "workload_connections",
+            "Tunnelled connections by the workload at the other end (the namespace and service account its certificate proved: the client's inbound, the server's outbound) and outcome; at most 1,000 pairs per executor, the rest under \"other\"",
+            peers,
+        );
+    }
     let namespaces = Family::<Labels, Gauge>::default();
     for state in [
         "served",

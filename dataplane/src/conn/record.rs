@@ -155,6 +155,7 @@ impl Record {
         let (duration_us, handshake_us) = (lifetime.as_micros() as u64, self.handshake.map(|h| h.as_micros() as u64));
         let Some(end) = end else {
             self.done = true;
+            self.count_peer(false);
             self.shard.with_stats(|s| s.flow(self.direction).completed += 1);
             self.shard.open.down();
             debug!(client = ?self.client, dst = ?self.dst, service = ?self.service, peer = ?self.peer, sent, received, duration_us,
@@ -179,7 +180,15 @@ impl Record {
         }
     }
 
+    /// Counts the connection by its peer's workload, if it was proved.
+    fn count_peer(&self, failed: bool) {
+        if let Some(peer) = &self.peer {
+            self.shard.with_stats(|s| s.count_peer(self.direction, peer, failed));
+        }
+    }
+
     fn end(&mut self, blame: Blame, reason: Reason) {
+        self.count_peer(true);
         self.done = true;
         self.shard.with_stats(|s| s.fail(self.direction, blame, reason));
         self.shard.open.down();
