@@ -45,6 +45,7 @@ fn pod(i: usize) -> Workload {
             Mode::Outside(Outside::NotOptedIn)
         },
         labels: Default::default(),
+        strict: false,
     }
 }
 

@@ -63,6 +63,7 @@ fn compile(c: &mut Criterion) {
             client_address: true,
             mode: Mode::Meshed { skip_outbound: vec![], skip_inbound: vec![] },
             labels: BTreeMap::new(),
+            strict: false,
         });
         let mut model = Model::new(pods.collect());
         model.apply((0..n).map(|i| {

@@ -310,6 +310,13 @@ pub struct RunArgs {
     /// off the node as it stops (needs --kube or --kubeconfig).
     #[command(flatten)]
     pub removal: Removal,
+    /// Where the kubelet's probes come from, let into pods of strict
+    /// namespaces (`dataplane.dev/mtls=strict`) without a tunnel
+    /// (repeatable, or comma-separated in the env var; default: this node's
+    /// own addresses, as the agent sees them).
+    #[arg(long = "probe-source", env = "DATAPLANE_PROBE_SOURCES", value_name = "CIDR",
+          value_delimiter = ',', value_parser = parse_net)]
+    pub probe_sources: Vec<IpNet>,
     /// Check the flags and values, print the effective configuration, and
     /// exit (0 if valid); nothing on the host is touched or required.
     #[arg(long)]
@@ -431,6 +438,13 @@ fn duration_or_off(s: &str) -> Result<OrOff, humantime::DurationError> {
     humantime::parse_duration(s).map(|d| OrOff(Some(d)))
 }
 
+/// A CIDR, or an address alone (a /32 or /128).
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address or a CIDR"))
+}
+
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let net: IpNet = s.parse().map_err(|_| format!("not a CIDR such as 10.0.0.0/8 or fd00::/8: {s:?}"))?;
     if net.trunc() != net {
@@ -527,6 +541,9 @@ pub struct Config {
     pub cni_socket: Option<PathBuf>,
     /// TCP keepalive idle time of every connection socket (`None`: off).
     pub tcp_keepalive: Option<Duration>,
+    /// Where the kubelet's probes come from (empty: this node's addresses,
+    /// read at start).
+    pub probe_sources: Vec<IpNet>,
     /// The DaemonSet (namespace, name) whose deletion takes the agent's
     /// pins and return paths off the node as it stops.
     pub daemonset: Option<(String, String)>,
@@ -756,6 +773,7 @@ impl RunArgs {
             cni_socket: self.cni_socket,
             daemonset: self.removal.daemonset,
             tcp_keepalive: self.tcp_keepalive.0,
+            probe_sources: self.probe_sources,
             source,
             minting,
             client_address: !self.no_client_address,

@@ -140,6 +140,14 @@ impl Registry {
         self.entries.values().filter(|e| e.state == State::Served).filter_map(|e| Some(e.netns.as_ref()?.id()))
     }
 
+    /// The served namespaces, with their addresses.
+    pub fn served_pods(&self) -> impl Iterator<Item = (&Arc<Netns>, &[IpAddr])> + '_ {
+        self.entries
+            .values()
+            .filter(|e| e.state == State::Served)
+            .filter_map(|e| Some((e.netns.as_ref()?, e.addresses.as_slice())))
+    }
+
     /// The cookies of every namespace found, whatever its state.
     pub fn cookies(&self) -> Vec<NetnsCookie> {
         self.entries.values().filter_map(|e| e.cookie).collect()
@@ -442,6 +450,7 @@ mod tests {
             client_address: true,
             mode,
             labels: Default::default(),
+            strict: false,
         };
         let meshed = || Mode::Meshed { skip_outbound: vec![5432], skip_inbound: vec![] };
         let model = Model::new(vec![
@@ -482,6 +491,7 @@ mod tests {
             client_address: true,
             mode: Mode::Meshed { skip_outbound: vec![], skip_inbound: vec![] },
             labels: Default::default(),
+            strict: false,
         };
         let model = Model::new(vec![web]);
         let all = |_| true;

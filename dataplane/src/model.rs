@@ -26,6 +26,10 @@ pub use membership::{membership, opted_in, parse_ports};
 
 /// Namespace label (`enabled`) and pod label (`disabled`) of mesh membership.
 pub const MESH_LABEL: &str = "dataplane.dev/mesh";
+
+/// Namespace label: `strict` refuses plaintext connections from outside the
+/// mesh to its meshed pods (as Istio's PeerAuthentication STRICT).
+pub const MTLS_LABEL: &str = "dataplane.dev/mtls";
 /// Pod annotation: destination ports its connects are never captured for
 /// (comma-separated).
 pub const SKIP_OUTBOUND: &str = "dataplane.dev/skip-outbound-ports";
@@ -61,6 +65,9 @@ pub struct Workload {
     /// Its labels, for the authorization policies that select pods by
     /// them: a local pod's only (policies are enforced where the pod runs).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its namespace carries [`MTLS_LABEL`]`=strict`: only tunnels (and
+    /// the node's probes) reach it.
+    pub strict: bool,
 }
 
 /// A workload's membership.

@@ -133,16 +133,66 @@ pub fn install(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) -> Result<(),
     Ok(())
 }
 
+/// The table that keeps plaintext out of a pod of a strict namespace
+/// (`dataplane.dev/mtls=strict`): in the pod's namespace, a new TCP
+/// connection is let in only over loopback (the data plane's deliveries,
+/// the pod's own connections), to the tunnel port, to the ports the pod
+/// leaves alone, and from `probe_sources` (the node, whose kubelet probes
+/// the pod); any other is reset before the application sees it. Packets of
+/// connections already open, and everything not TCP, pass.
+pub fn strict_ruleset(probe_sources: &[ipnet::IpNet], skip_inbound: &[u16]) -> String {
+    let set = |items: Vec<String>| format!("{{ {} }}", items.join(", "));
+    let mut rules = vec![
+        "iif lo accept".to_string(),
+        "tcp flags & (syn | ack) != syn accept".to_string(),
+        format!("tcp dport {} accept", dataplane_common::INBOUND_PORT),
+    ];
+    if !skip_inbound.is_empty() {
+        rules.push(format!("tcp dport {} accept", set(skip_inbound.iter().map(u16::to_string).collect())));
+    }
+    for (family, v6) in [("ip", false), ("ip6", true)] {
+        let nets: Vec<String> =
+            probe_sources.iter().filter(|n| n.addr().is_ipv6() == v6).map(ToString::to_string).collect();
+        if !nets.is_empty() {
+            rules.push(format!("{family} saddr {} accept", set(nets)));
+        }
+    }
+    rules.push("meta l4proto tcp reject with tcp reset".into());
+    format!(
+        "table inet {STRICT}\ndelete table inet {STRICT}\ntable inet {STRICT} {{\n\tchain input {{\n\t\ttype filter hook input priority filter; policy accept;\n{}\t}}\n}}\n",
+        rules.iter().map(|r| format!("\t\t{r}\n")).collect::<String>()
+    )
+}
+
+/// The strict table's name.
+const STRICT: &str = "dataplane_strict";
+
+/// Installs (`Some`: a ruleset from [`strict_ruleset`]) or removes the
+/// strict table in `ns`.
+pub fn set_strict(ns: &Netns, ruleset: Option<&str>) -> Result<(), String> {
+    match ruleset {
+        Some(r) => run(ns, "nft", &["-f", "-"], Some(r)).map(|_| ()),
+        None => {
+            let tables = run(ns, "nft", &["list", "tables"], None)?;
+            if tables.lines().any(|l| l.trim() == format!("table inet {STRICT}")) {
+                run(ns, "nft", &["delete", "table", "inet", STRICT], None)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Takes the return path out of `ns` (uninstall): our nftables tables,
 /// our rules and our routing table's routes, of both families; what is not
 /// there is not an error. Returns whether anything was there.
 pub fn remove(ns: &Netns) -> Result<bool, String> {
     let mut found = false;
     let tables = run(ns, "nft", &["list", "tables"], None)?;
-    let script: String = ["ip", "ip6"]
+    let ours = [("ip", "dataplane"), ("ip6", "dataplane"), ("inet", STRICT)];
+    let script: String = ours
         .iter()
-        .filter(|f| tables.lines().any(|l| l.trim() == format!("table {f} dataplane")))
-        .map(|f| format!("delete table {f} dataplane\n"))
+        .filter(|(f, t)| tables.lines().any(|l| l.trim() == format!("table {f} {t}")))
+        .map(|(f, t)| format!("delete table {f} {t}\n"))
         .collect();
     if !script.is_empty() {
         run(ns, "nft", &["-f", "-"], Some(&script))?;
@@ -174,7 +224,7 @@ pub fn remove(ns: &Netns) -> Result<bool, String> {
 /// its return path is in.
 #[derive(Debug)]
 pub struct Installer {
-    jobs: Sender<(Arc<Netns>, Vec<IpAddr>)>,
+    jobs: Sender<Job>,
     failures: Arc<AtomicU64>,
     bypass_mark: u32,
 }
@@ -184,7 +234,7 @@ impl Installer {
     /// thread holds its own namespace open (it comes back to it after each
     /// pod's), so that it opens nothing later.
     pub fn start(bypass_mark: u32) -> std::io::Result<Self> {
-        let (jobs, rx) = crossbeam_channel::unbounded::<(Arc<Netns>, Vec<IpAddr>)>();
+        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
         let failures = Arc::new(AtomicU64::new(0));
         let counted = failures.clone();
         let (ready_tx, ready) = crossbeam_channel::bounded(1);
@@ -193,8 +243,17 @@ impl Installer {
             let ok = home.is_ok();
             let _ = ready_tx.send(home);
             if ok {
-                for (ns, addresses) in rx {
-                    set_up(&ns, &addresses, bypass_mark, &counted);
+                for job in rx {
+                    match job {
+                        Job::ReturnPath(ns, addresses) => set_up(&ns, &addresses, bypass_mark, &counted),
+                        Job::Strict(ns, ruleset) => {
+                            let on = ruleset.is_some();
+                            match set_strict(&ns, ruleset.as_deref()) {
+                                Ok(()) => tracing::info!(netns = %ns.name(), on, "strict mTLS: plaintext from outside the mesh refused"),
+                                Err(e) => warn!(netns = %ns.name(), on, error = %e, "strict mTLS: could not change the rules"),
+                            }
+                        }
+                    }
                 }
             }
         })?;
@@ -206,7 +265,13 @@ impl Installer {
     pub fn request(&self, ns: Arc<Netns>, addresses: Vec<IpAddr>) {
         // The thread ends only with the process (it holds the receiver
         // until every sender is gone).
-        let _ = self.jobs.send((ns, addresses));
+        let _ = self.jobs.send(Job::ReturnPath(ns, addresses));
+    }
+
+    /// Installs (`Some`) or removes the strict table in `ns` soon, after
+    /// what was asked before.
+    pub fn strict(&self, ns: Arc<Netns>, ruleset: Option<String>) {
+        let _ = self.jobs.send(Job::Strict(ns, ruleset));
     }
 
     /// Sets up the return path in `ns` before returning (start-up: the
@@ -220,6 +285,15 @@ impl Installer {
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
+}
+
+/// What the thread does, in order.
+#[derive(Debug)]
+enum Job {
+    /// The return path for a pod with these addresses.
+    ReturnPath(Arc<Netns>, Vec<IpAddr>),
+    /// The strict table: installed, or removed.
+    Strict(Arc<Netns>, Option<String>),
 }
 
 /// Installs, and turns clients' addresses on for `ns`; or counts and logs
@@ -237,6 +311,25 @@ fn set_up(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32, failures: &AtomicU
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_strict_ruleset_lets_in_tunnels_loopback_skipped_ports_and_probes() {
+        let r = strict_ruleset(&["10.0.0.1/32".parse().expect("net"), "fd00::1/128".parse().expect("net")], &[9090]);
+        for want in [
+            "table inet dataplane_strict {",
+            "type filter hook input priority filter; policy accept;",
+            "iif lo accept",
+            "tcp flags & (syn | ack) != syn accept",
+            "tcp dport 18001 accept",
+            "tcp dport { 9090 } accept",
+            "ip saddr { 10.0.0.1/32 } accept",
+            "ip6 saddr { fd00::1/128 } accept",
+            "meta l4proto tcp reject with tcp reset",
+        ] {
+            assert!(r.contains(want), "{want} in\n{r}");
+        }
+        assert!(!strict_ruleset(&[], &[]).contains("saddr"), "no probe source named: none let in by address");
+    }
 
     #[test]
     fn the_ruleset_marks_only_our_sockets_that_speak_for_another_address() {

@@ -170,6 +170,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         minter,
         return_paths,
         policies: Arc::default(),
+        strict: HashMap::new(),
+        strict_swept: false,
+        probe_sources: Vec::new(),
+    };
+    ctl.probe_sources = match ctl.cfg.probe_sources.is_empty() {
+        false => ctl.cfg.probe_sources.clone(),
+        true => crate::netns::Netns::current()
+            .and_then(|n| n.addresses())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| !a.is_loopback())
+            .map(ipnet::IpNet::from)
+            .collect(),
     };
     ctl.capture = Some(Capture::load(&ctl.cfg.capture)?);
     if ctl.cfg.same_node_fast_path {
@@ -486,6 +499,14 @@ struct Control {
     return_paths: crate::return_path::Installer,
     /// The authorization policies the executors hold.
     policies: Arc<crate::policy::Table>,
+    /// The strict tables installed, by namespace (with their ruleset).
+    strict: HashMap<NetnsId, (Arc<crate::netns::Netns>, String)>,
+    /// Whether the pods served were looked at once for strict tables left
+    /// by a previous agent.
+    strict_swept: bool,
+    /// Where the kubelet's probes come from (`--probe-source`, or this
+    /// node's addresses).
+    probe_sources: Vec<ipnet::IpNet>,
 }
 
 /// A namespace whose listeners are opening.
@@ -572,10 +593,46 @@ impl Control {
             }
         }
         self.health.set_enrolled(self.enrolled());
+        self.sync_strict();
         if let Err(e) = self.sync_own_netns() {
             error!(error = %e, "could not update the capture verdict of our own namespace");
         }
         self.answer_cni();
+    }
+
+    /// Keeps the strict tables as the served pods' namespaces want them
+    /// (`dataplane.dev/mtls=strict`): installed in those pods, removed from
+    /// pods no longer served or no longer strict. Changes go to the
+    /// return-path thread, in order.
+    fn sync_strict(&mut self) {
+        let (Some(registry), Some(model)) = (&self.registry, &self.model) else { return };
+        let mut want = HashMap::new();
+        for (ns, addresses) in registry.served_pods() {
+            let Some(w) = addresses.first().and_then(|a| model.local_with(*a).ok().flatten()) else { continue };
+            if let (true, model::Mode::Meshed { skip_inbound, .. }) = (w.strict, &w.mode) {
+                let ruleset = crate::return_path::strict_ruleset(&self.probe_sources, skip_inbound);
+                want.insert(ns.id(), (ns.clone(), ruleset));
+            }
+        }
+        for (id, (ns, _)) in &self.strict {
+            if !want.contains_key(id) {
+                self.return_paths.strict(ns.clone(), None);
+            }
+        }
+        // A previous agent may have left one in a pod whose namespace is no
+        // longer strict: the first look removes any it does not want.
+        if !self.strict_swept {
+            self.strict_swept = true;
+            for (ns, _) in registry.served_pods().filter(|(ns, _)| !want.contains_key(&ns.id())) {
+                self.return_paths.strict(ns.clone(), None);
+            }
+        }
+        for (id, (ns, ruleset)) in &want {
+            if self.strict.get(id).map(|(_, r)| r) != Some(ruleset) {
+                self.return_paths.strict(ns.clone(), Some(ruleset.clone()));
+            }
+        }
+        self.strict = want;
     }
 
     /// Drops what `connect4` knows of namespaces we do not (adopted from a

@@ -407,3 +407,54 @@ fn policies_hold_on_the_same_node_fast_path_too() {
     api.delete("authorizationpolicies", "shop", "no-a");
     assert!(eventually(Duration::from_secs(5), reaches), "allowed again");
 }
+
+/// A plaintext connect from `ns` outside the captured cgroup (from `src` if
+/// given): "data" if the server greeted, else what went wrong.
+fn plaintext(ns: &Netns, src: Option<&str>, host: &str, port: u16) -> String {
+    let bind = src.map(|s| format!("s.bind(('{s}', 0))")).unwrap_or_default();
+    let code = format!(
+        "import socket\ns = socket.socket()\n{bind}\ns.settimeout(3)\ntry:\n    s.connect(('{host}', {port}))\n    \
+         print('data' if s.recv(100) else 'eof')\nexcept Exception as e:\n    print(type(e).__name__)"
+    );
+    let out = ns.command(None, "python3", &["-c", &code]).output().expect("python3");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_strict_namespace_refuses_plaintext_from_outside_the_mesh_but_not_probes() {
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    api.put("namespaces", namespace("shop", json!({MESH: "enabled", "dataplane.dev/mtls": "strict"})));
+    api.put("pods", shop_pod("a", Some("10.77.0.1"), json!({}), json!({})));
+    let skip = json!({"dataplane.dev/skip-inbound-ports": "9090"});
+    api.put("pods", shop_pod("b", Some("10.77.0.2"), json!({}), skip));
+    // (a's namespace gets the probe's address too: a certificate for it.)
+    let certs = Certs::new(t, &["10.77.0.1", "10.77.0.2", "10.77.0.99"]);
+    let (workload, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
+    let (a, b, _) = two_pods(t);
+    let _servers = [server(&b, "0.0.0.0", 8080, "b"), server(&b, "0.0.0.0", 9090, "b-metrics")];
+    // The node, whose kubelet probes pods: here an address of a's.
+    a.ip(&["addr", "add", "10.77.0.99/32", "dev", "lo"]);
+    dir.add(&a);
+    dir.add(&b);
+    let dp = start(&api, &certs, &workload, &own, &dir, &["--probe-source", "10.77.0.99"]);
+    assert!(eventually(Duration::from_secs(5), || namespaces_in(&dp, "served") == Some(2.0)), "{}", metrics(&dp));
+
+    // Plaintext from a process outside the mesh (not in the captured
+    // cgroup) to b's application: reset before the application sees it.
+    assert!(
+        eventually(Duration::from_secs(5), || plaintext(&a, None, "10.77.0.2", 8080) == "ConnectionRefusedError"),
+        "refused: {}",
+        plaintext(&a, None, "10.77.0.2", 8080)
+    );
+    // Through the mesh it is served, and the port b leaves alone, and the
+    // node's probes, are reached in plaintext as before.
+    let seen = client(&a, Some(&workload), "10.77.0.2", 8080, &[]);
+    assert_eq!((seen[0].peer.as_str(), seen[0].server.as_str()), ("127.0.0.1:18000", "b"), "tunnelled");
+    assert_eq!(plaintext(&a, None, "10.77.0.2", 9090), "data", "the skipped inbound port");
+    assert_eq!(plaintext(&a, Some("10.77.0.99"), "10.77.0.2", 8080), "data", "the node's probe");
+
+    // Permissive again (the label goes): plaintext is accepted again.
+    api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+    assert!(eventually(Duration::from_secs(5), || plaintext(&a, None, "10.77.0.2", 8080) == "data"), "permissive");
+}

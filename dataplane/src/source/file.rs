@@ -105,6 +105,8 @@ struct Entry {
     skip_inbound_ports: Vec<u16>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    strict: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,6 +176,7 @@ pub fn parse(text: &str, node: Option<&str>) -> Result<Model, String> {
             client_address: true,
             mode,
             labels: if local { e.labels } else { BTreeMap::new() },
+            strict: e.strict,
         });
     }
     let services = file

@@ -43,7 +43,9 @@ use kube::{
 use tracing::{info, warn};
 
 use crate::{
-    model::{self, membership, ObjectRef, Workload, CLIENT_ADDRESS, MESH_LABEL, SKIP_INBOUND, SKIP_OUTBOUND},
+    model::{
+        self, membership, ObjectRef, Workload, CLIENT_ADDRESS, MESH_LABEL, MTLS_LABEL, SKIP_INBOUND, SKIP_OUTBOUND,
+    },
     policy::{Parsed, Policy},
     services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice},
 };
@@ -343,7 +345,7 @@ impl State {
                 pods.extend(self.pods.apply(*ev, |p| view(p, node)).into_iter().map(|(k, _)| k))
             }
             Change::Namespace(ev) => {
-                let ns_view = |n: &Namespace| Some(ours(n.labels(), &[MESH_LABEL]));
+                let ns_view = |n: &Namespace| Some(ours(n.labels(), &[MESH_LABEL, MTLS_LABEL]));
                 for ((_, ns), _) in self.namespaces.apply(*ev, ns_view) {
                     // Every pod of the namespace: its membership may follow.
                     let from = (ns.clone(), String::new());
@@ -418,6 +420,7 @@ impl State {
             client_address: p.annotations.get(CLIENT_ADDRESS).map(String::as_str) != Some("off"),
             mode: membership(p.host_network, ns_labels, &p.labels, &p.annotations),
             labels: p.labels.clone(),
+            strict: ns_labels.and_then(|l| l.get(MTLS_LABEL)).map(String::as_str) == Some("strict"),
         })
     }
 

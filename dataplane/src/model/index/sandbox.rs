@@ -98,6 +98,7 @@ impl Model {
                 client_address: true,
                 mode: Mode::Outside(Outside::NotOptedIn),
                 labels: std::collections::BTreeMap::new(),
+                strict: false,
             },
             None => return None,
         };

@@ -16,6 +16,7 @@ fn workload(name: &str, addr: &str, local: bool, mode: Mode) -> Workload {
         client_address: true,
         mode,
         labels: BTreeMap::new(),
+        strict: false,
     }
 }
 
