@@ -57,6 +57,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 const QUICK_LOOK: Duration = Duration::from_millis(5);
 
 mod cni;
+mod removal;
+mod strict;
 
 /// Runs until SIGTERM or SIGINT, then drains.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -337,7 +339,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 Ok(SIGUSR1) => ctl.dump(),
                 Ok(signal) => {
                     info!(signal, "stopping: draining");
-                    fate = ask_fate(&ctl.cfg);
+                    fate = removal::ask_fate(&ctl.cfg);
                     break;
                 }
                 Err(_) => break,
@@ -389,53 +391,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let (pin_dir, netns_dir) = (ctl.cfg.capture.pin_dir.clone(), ctl.cfg.netns_dir.clone());
     ctl.drain(&admin_rx);
     if let Some(fate) = fate {
-        take_off(fate.join().unwrap_or_else(|_| Fate::Unknown("the check panicked".into())), &pin_dir, netns_dir);
+        removal::take_off(
+            fate.join().unwrap_or_else(|_| Fate::Unknown("the check panicked".into())),
+            &pin_dir,
+            netns_dir,
+        );
     }
     Ok(())
-}
-
-/// Starts asking the API, while the drain runs, whether the DaemonSet is
-/// being deleted (`--daemonset`).
-fn ask_fate(cfg: &Config) -> Option<thread::JoinHandle<Fate>> {
-    let ((ns, name), Some(Source::Kube { access, .. })) = (cfg.daemonset.clone()?, cfg.source.clone()) else {
-        return None;
-    };
-    let ask = move || crate::uninstall::daemonset_fate(&access, &ns, &name, crate::uninstall::ASK_WITHIN);
-    thread::Builder::new().name("fate".into()).spawn(ask).ok()
-}
-
-/// After the drain: if the DaemonSet is being deleted, takes the agent's
-/// part off the node (the pins, so that nothing refuses once we exit; the
-/// return path in every pod namespace). The CNI files are the
-/// `cni-install` container's part.
-fn take_off(fate: Fate, pin_dir: &std::path::Path, netns_dir: Option<std::path::PathBuf>) {
-    match fate {
-        Fate::Staying => info!("the DaemonSet stays (an update or a restart): pins and return paths stay"),
-        Fate::Unknown(why) => warn!(
-            why,
-            "could not tell whether the DaemonSet is being deleted: pins and return paths stay \
-             (if it is, run `dataplane uninstall` on this node)"
-        ),
-        Fate::Removed(why) => {
-            info!(why, "taking the data plane off the node");
-            match crate::ebpf::unpin_all(pin_dir) {
-                Ok(removed) => {
-                    info!(removed = removed.len(), pin_dir = %pin_dir.display(), "unpinned: capture detached")
-                }
-                Err(e) => error!(error = %e, "could not remove the pins: run `dataplane uninstall` on this node"),
-            }
-            let Some(dir) = netns_dir else { return };
-            match crate::uninstall::sweep_return_paths(&dir) {
-                Ok(swept) => {
-                    info!(namespaces = swept.looked, cleaned = swept.cleaned.len(), "return paths removed");
-                    for (path, why) in swept.failed {
-                        error!(netns = %path.display(), why, "could not remove the return path");
-                    }
-                }
-                Err(e) => error!(dir = %dir.display(), error = %e, "could not list the namespaces"),
-            }
-        }
-    }
 }
 
 /// Lets a closing listener hand its queued connections to the next instance
@@ -598,41 +560,6 @@ impl Control {
             error!(error = %e, "could not update the capture verdict of our own namespace");
         }
         self.answer_cni();
-    }
-
-    /// Keeps the strict tables as the served pods' namespaces want them
-    /// (`dataplane.dev/mtls=strict`): installed in those pods, removed from
-    /// pods no longer served or no longer strict. Changes go to the
-    /// return-path thread, in order.
-    fn sync_strict(&mut self) {
-        let (Some(registry), Some(model)) = (&self.registry, &self.model) else { return };
-        let mut want = HashMap::new();
-        for (ns, addresses) in registry.served_pods() {
-            let Some(w) = addresses.first().and_then(|a| model.local_with(*a).ok().flatten()) else { continue };
-            if let (true, model::Mode::Meshed { skip_inbound, .. }) = (w.strict, &w.mode) {
-                let ruleset = crate::return_path::strict_ruleset(&self.probe_sources, skip_inbound);
-                want.insert(ns.id(), (ns.clone(), ruleset));
-            }
-        }
-        for (id, (ns, _)) in &self.strict {
-            if !want.contains_key(id) {
-                self.return_paths.strict(ns.clone(), None);
-            }
-        }
-        // A previous agent may have left one in a pod whose namespace is no
-        // longer strict: the first look removes any it does not want.
-        if !self.strict_swept {
-            self.strict_swept = true;
-            for (ns, _) in registry.served_pods().filter(|(ns, _)| !want.contains_key(&ns.id())) {
-                self.return_paths.strict(ns.clone(), None);
-            }
-        }
-        for (id, (ns, ruleset)) in &want {
-            if self.strict.get(id).map(|(_, r)| r) != Some(ruleset) {
-                self.return_paths.strict(ns.clone(), Some(ruleset.clone()));
-            }
-        }
-        self.strict = want;
     }
 
     /// Drops what `connect4` knows of namespaces we do not (adopted from a
