@@ -138,15 +138,18 @@ impl Health {
 /// Binds `addr` and serves it from a new thread. SO_REUSEPORT, like the
 /// data path's listeners: during a rolling update the new instance starts
 /// beside the old one on the same node.
+/// With `metrics_token`, `/metrics` answers only a request that carries
+/// the file's token (`Authorization: Bearer`); the probes answer anyone.
 pub fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     control: crossbeam_channel::Sender<Request>,
+    metrics_token: Option<std::path::PathBuf>,
 ) -> std::io::Result<SocketAddr> {
     let listener: std::net::TcpListener = crate::socket::listener(addr, None)?.into();
     let bound = listener.local_addr()?;
     std::thread::Builder::new().name("admin".into()).spawn(move || {
-        if let Err(e) = http::run(listener, health, control) {
+        if let Err(e) = http::run(listener, health, control, metrics_token) {
             tracing::error!(error = %e, "the admin endpoint stopped");
         }
     })?;

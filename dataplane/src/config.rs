@@ -317,6 +317,11 @@ pub struct RunArgs {
     #[arg(long = "probe-source", env = "DATAPLANE_PROBE_SOURCES", value_name = "CIDR",
           value_delimiter = ',', value_parser = parse_net)]
     pub probe_sources: Vec<IpNet>,
+    /// `/metrics` on the admin endpoint answers only requests carrying this
+    /// file's token (`Authorization: Bearer TOKEN`; the file is read at each
+    /// scrape); `/ready` and `/live` answer anyone.
+    #[arg(long, env = "DATAPLANE_METRICS_TOKEN_FILE", value_name = "FILE")]
+    pub metrics_token_file: Option<PathBuf>,
     /// Check the flags and values, print the effective configuration, and
     /// exit (0 if valid); nothing on the host is touched or required.
     #[arg(long)]
@@ -512,6 +517,14 @@ pub enum ConfigError {
     /// A zero timeout.
     #[error("--{0} 0s: must be longer than zero")]
     ZeroTimeout(&'static str),
+    /// `--metrics-token-file` unreadable or empty.
+    #[error("--metrics-token-file {file}: {why}")]
+    MetricsToken {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        why: String,
+    },
     /// `--tcp-keepalive` under a second.
     #[error("--tcp-keepalive {0:?}: at least 1s (the kernel counts it in whole seconds)")]
     KeepaliveTooShort(Duration),
@@ -544,6 +557,8 @@ pub struct Config {
     /// Where the kubelet's probes come from (empty: this node's addresses,
     /// read at start).
     pub probe_sources: Vec<IpNet>,
+    /// The token `/metrics` asks for, by file.
+    pub metrics_token: Option<PathBuf>,
     /// The DaemonSet (namespace, name) whose deletion takes the agent's
     /// pins and return paths off the node as it stops.
     pub daemonset: Option<(String, String)>,
@@ -698,6 +713,13 @@ impl RunArgs {
     /// Checks the arguments as a whole, against this host.
     pub fn validate(self) -> Result<Config, ConfigError> {
         self.check_values()?;
+        if let Some(f) = &self.metrics_token_file {
+            match std::fs::read_to_string(f) {
+                Ok(t) if !t.trim().is_empty() => {}
+                Ok(_) => return Err(ConfigError::MetricsToken { file: f.display().to_string(), why: "empty".into() }),
+                Err(e) => return Err(ConfigError::MetricsToken { file: f.display().to_string(), why: e.to_string() }),
+            }
+        }
         let workload_cgroup = match self.workload_cgroup {
             Some(dir) if cgroup::is_cgroup2_dir(&dir) => dir,
             Some(dir) => return Err(ConfigError::WorkloadCgroup(dir)),
@@ -774,6 +796,7 @@ impl RunArgs {
             daemonset: self.removal.daemonset,
             tcp_keepalive: self.tcp_keepalive.0,
             probe_sources: self.probe_sources,
+            metrics_token: self.metrics_token_file,
             source,
             minting,
             client_address: !self.no_client_address,

@@ -103,7 +103,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let (admin_tx, admin_rx) = crossbeam_channel::unbounded();
     let health = Arc::new(admin::Health::default());
     if let Some(addr) = cfg.admin {
-        let bound = admin::serve(addr, health.clone(), admin_tx).with_context(|| format!("--admin {addr}: binding"))?;
+        let bound = admin::serve(addr, health.clone(), admin_tx, cfg.metrics_token.clone())
+            .with_context(|| format!("--admin {addr}: binding"))?;
         info!(%bound, "admin endpoint listening");
     }
     let registry = cfg.netns_dir.as_deref().map(enroll::Registry::new);

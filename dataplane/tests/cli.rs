@@ -27,6 +27,10 @@ fn bad_command_lines_get_one_line_naming_the_flag() {
         (&["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--idle-timeout", "soon"], "--idle-timeout"),
         (&["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--tcp-keepalive", "never"], "--tcp-keepalive"),
         (
+            &["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--metrics-token-file", "/nonexistent/token"],
+            "--metrics-token-file",
+        ),
+        (
             &["run", "--capture-cidr", "10.0.0.0/8", "--certs", "/x", "--tcp-keepalive", "10ms", "--check-config"],
             "--tcp-keepalive",
         ),

@@ -173,6 +173,33 @@ fn metrics_pass_promtool_and_match_the_traffic() {
 }
 
 #[test]
+fn metrics_need_the_token_when_one_is_set_and_probes_never_do() {
+    let t = testworld::kernel_test!();
+    let certs = Certs::new(t, IPS);
+    let (workload, own) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"));
+    let (a, b, _) = two_pods(t);
+    let token = testworld::TempFile(std::env::temp_dir().join(format!("{}.token", testworld::unique(t, "t"))));
+    std::fs::write(&token.0, "s3cret-scrape-token\n").expect("token");
+    let token_s = token.0.display().to_string();
+    let args = ["--admin", "127.0.0.1:0", "--metrics-token-file", &token_s];
+    let dp = Dataplane::start(&own, &run_args(&workload, "10.77.0.2/32", &certs, &[&a, &b], &args));
+    let get = |path: &str, auth: Option<&str>| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(dp.admin()).expect("admin");
+        let header = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n{header}Connection: close\r\n\r\n").expect("request");
+        let mut text = String::new();
+        c.read_to_string(&mut text).expect("answer");
+        text
+    };
+    assert!(get("/metrics", None).starts_with("HTTP/1.1 401"), "no token: {}", get("/metrics", None));
+    assert!(get("/metrics", Some("guess")).starts_with("HTTP/1.1 401"));
+    let ok = get("/metrics", Some("s3cret-scrape-token"));
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.contains("dataplane_connections_accepted_total"), "{ok}");
+    assert!(get("/ready", None).starts_with("HTTP/1.1 200") && get("/live", None).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
 fn readiness_follows_the_lifecycle_and_drain_lets_connections_finish() {
     let t = testworld::kernel_test!();
     let certs = Certs::new(t, IPS);

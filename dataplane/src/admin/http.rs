@@ -15,6 +15,22 @@ struct Shared {
     health: Arc<Health>,
     control: crossbeam_channel::Sender<Request>,
     scrapes: Semaphore,
+    /// The file whose token `/metrics` asks for, read at each scrape (a
+    /// rotated Secret is seen at once).
+    token: Option<std::path::PathBuf>,
+}
+
+/// Whether `req` carries the token in `path` (compared in constant time).
+fn authorized(req: &hyper::Request<hyper::body::Incoming>, path: &std::path::Path) -> Result<bool, String> {
+    let want = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let want = want.trim().as_bytes();
+    if want.is_empty() {
+        return Err(format!("{}: empty", path.display()));
+    }
+    let given = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let given = given.strip_prefix("Bearer ").unwrap_or("").trim().as_bytes();
+    let differ = want.iter().zip(given).fold(0u8, |d, (a, b)| d | (a ^ b));
+    Ok(given.len() == want.len() && differ == 0)
 }
 
 /// Serves `listener` until the process ends.
@@ -22,13 +38,14 @@ pub(super) fn run(
     listener: StdListener,
     health: Arc<Health>,
     control: crossbeam_channel::Sender<Request>,
+    token: Option<std::path::PathBuf>,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
     rt.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let shared = Arc::new(Shared { health, control, scrapes: Semaphore::new(MAX_SCRAPES) });
+        let shared = Arc::new(Shared { health, control, scrapes: Semaphore::new(MAX_SCRAPES), token });
         let mut failures = 0u32;
         loop {
             let stream = match listener.accept().await {
@@ -99,6 +116,19 @@ async fn answer(
             reply(status, "text/plain", body)
         }
         "/metrics" => {
+            match shared.token.as_deref().map(|p| authorized(&req, p)) {
+                None | Some(Ok(true)) => {}
+                Some(Ok(false)) => {
+                    let mut r = reply(401, "text/plain", "a bearer token is needed for /metrics\n");
+                    r.headers_mut()
+                        .insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+                    return Ok(r);
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "--metrics-token-file unreadable: /metrics refused");
+                    return Ok(reply(503, "text/plain", "the metrics token is unreadable\n"));
+                }
+            }
             let Ok(_turn) = tokio::time::timeout(ANSWER_TIMEOUT, shared.scrapes.acquire()).await else {
                 return Ok(reply(503, "text/plain", "too many scrapes at once\n"));
             };
