@@ -360,7 +360,14 @@ impl State {
                     policies.push(model::Change::Policy(ObjectRef { namespace: ns, name }, now));
                 }
             }
-            Change::NoPolicies => self.policies.listed = true,
+            Change::NoPolicies => {
+                // No such resource (any more: a CRD deleted takes its
+                // objects with it).
+                self.policies.listed = true;
+                for ((ns, name), _) in std::mem::take(&mut self.policies.items) {
+                    policies.push(model::Change::Policy(ObjectRef { namespace: ns, name }, None));
+                }
+            }
             Change::Slice(ev) => {
                 let (node, zone) = (&self.node, self.zone.as_deref());
                 for ((ns, name), old) in self.slices.apply(*ev, |s| slice_view(s, node, zone)) {
@@ -766,6 +773,32 @@ mod tests {
         let mut fqdn = slice;
         fqdn.address_type = "FQDN".into();
         assert!(slice_view(&fqdn, "a", None).is_none(), "FQDN slices are not");
+    }
+
+    #[test]
+    fn policies_come_with_the_model_and_go_with_their_resource() {
+        let mut s = State { node: "a".into(), ..State::default() };
+        for c in [
+            Change::Pod(Box::new(watcher::Event::InitDone)),
+            Change::Namespace(Box::new(watcher::Event::InitDone)),
+            Change::Service(Box::new(watcher::Event::InitDone)),
+            Change::Slice(Box::new(watcher::Event::InitDone)),
+        ] {
+            assert!(s.apply(c).is_empty(), "the policies are not listed yet");
+        }
+        let policy: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "db", "namespace": "shop"}, "spec": {"action": "DENY", "rules": [{}]}
+        }))
+        .expect("a policy");
+        s.apply(Change::Policy(Box::new(watcher::Event::Init)));
+        s.apply(Change::Policy(Box::new(watcher::Event::InitApply(policy))));
+        let first = s.apply(Change::Policy(Box::new(watcher::Event::InitDone)));
+        let key = ObjectRef { namespace: "shop".into(), name: "db".into() };
+        assert!(first.iter().any(|c| matches!(c, model::Change::Policy(k, Some(_)) if *k == key)), "{first:?}");
+        // The resource goes (its CRD deleted): so do its policies.
+        let gone = s.apply(Change::NoPolicies);
+        assert_eq!(gone, [model::Change::Policy(key, None)]);
     }
 
     #[test]
