@@ -269,6 +269,7 @@ def wait_close(host, port, limit):
     c = socket.create_connection((host, int(port)), timeout=10)
     f = c.makefile("rb")
     read_line(f)
+    print(json.dumps({"open": True}), flush=True)  # the caller may act now
     c.settimeout(float(limit))
     t = time.time()
     try:

@@ -183,14 +183,20 @@ async fn handle(
     policy: &pki::Policy,
     csr: &CertificateSigningRequest,
 ) -> anyhow::Result<()> {
-    if csr.spec.signer_name != pki::SIGNER {
+    if csr.spec.signer_name != pki::SIGNER || answered(csr).1 {
         return Ok(());
     }
+    // The event may be older than the request: our own approval comes back
+    // as an event while we sign, and a certificate once issued cannot be
+    // replaced (the API server answers 422). So act on the request as it is
+    // now.
+    let name = csr.name_any();
+    let Some(csr) = csrs.get_opt(&name).await? else { return Ok(()) };
+    let csr = &csr;
     let (approved_unsigned, done) = answered(csr);
     if done {
         return Ok(());
     }
-    let name = csr.name_any();
     let req = request_of(csr);
     // The node the request names, looked up only if the rest holds.
     let named = pki::named_node(&req.pem).ok();

@@ -5,7 +5,11 @@
 //! (`--kubeconfig` to the test API server, `--cni-socket`), and each pod's
 //! process starts the moment ADD returns. The kubelet never writes a pod's
 //! status here: the sandbox alone must be enough.
-use std::{thread, time::Duration};
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    thread,
+    time::Duration,
+};
 
 use serde_json::{json, Value};
 use testworld::{
@@ -229,13 +233,14 @@ fn sandbox_on(net: &Network, dir: &NetnsDir, t: &str, ns: &str, name: &str, id: 
 /// ADD as the kubelet drives it: a sandbox that fails with "try again
 /// later" (11) is deleted and made again, with a new container ID, until it
 /// succeeds (at most a minute); how many attempts it took.
-fn add_until_admitted(net: &Network, netns: &Netns, ns: &str, name: &str) -> usize {
+fn add_until_admitted(net: &Network, netns: &Netns, ns: &str, name: &str, refused: &AtomicUsize) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     for attempt in 1.. {
         let id = format!("c-{name}-{attempt}");
         match net.add(netns, ns, name, &id) {
             Ok(_) => return attempt,
             Err(e) if code(&e) == 11 && std::time::Instant::now() < deadline => {
+                refused.fetch_add(1, Ordering::Relaxed);
                 net.del(netns, ns, name, &id).expect("DEL of a failed sandbox");
                 thread::sleep(Duration::from_millis(200));
             }
@@ -267,34 +272,41 @@ fn runtime_retries_agent_restarts_and_api_restarts_lose_no_pod_and_leak_no_plain
     // The agent killed while sandboxes are being added: each ADD is
     // answered, or fails with 11 and the kubelet's retry is served by the
     // next agent; none starts unprotected.
-    let pods: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+    let pods: Vec<&'static str> = vec!["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9", "k10", "k11"];
     for name in &pods {
         n.schedule("shop", name);
     }
+    // Refusals of the sandboxes added while the agent is down, and of the
+    // others.
+    static REFUSED_DOWN: AtomicUsize = AtomicUsize::new(0);
+    static REFUSED_ELSE: AtomicUsize = AtomicUsize::new(0);
+    let (refused_down, refused_else) = (&REFUSED_DOWN, &REFUSED_ELSE);
     let made: Vec<(Netns, usize)> = thread::scope(|s| {
         let Node { net, dir, dp: agent, own, args, .. } = &mut n;
         let (net, dir) = (&*net, &*dir);
-        let adding: Vec<_> = pods
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                s.spawn(move || {
-                    // One every 100 ms, before, while and after the agent
-                    // is down.
-                    thread::sleep(Duration::from_millis(100) * i as u32);
-                    let netns = Netns::new(t, name);
-                    dir.add(&netns);
-                    let attempts = add_until_admitted(net, &netns, "shop", name);
-                    (netns, attempts)
-                })
+        let add = |name: &'static str, refused: &'static AtomicUsize| {
+            s.spawn(move || {
+                let netns = Netns::new(t, name);
+                dir.add(&netns);
+                let attempts = add_until_admitted(net, &netns, "shop", name, refused);
+                (netns, attempts)
             })
-            .collect();
-        thread::sleep(Duration::from_millis(250));
+        };
+        // Four while the agent runs (some may be mid-ADD as it dies), four
+        // while it is down (each refused, then retried), four as it comes
+        // back; the agent returns only once the second four have each been
+        // refused at least once.
+        let mut adding: Vec<_> = pods[..4].iter().map(|n| add(n, refused_else)).collect();
         let mut dp = agent.take().expect("the agent");
         dp.proc.signal("KILL");
         dp.proc.wait(Duration::from_secs(5));
-        thread::sleep(Duration::from_millis(500));
+        adding.extend(pods[4..8].iter().map(|n| add(n, refused_down)));
+        let down = std::time::Instant::now();
+        while refused_down.load(Ordering::Relaxed) < 4 && down.elapsed() < Duration::from_secs(60) {
+            thread::sleep(Duration::from_millis(20));
+        }
         *agent = Some(Dataplane::start(own, args));
+        adding.extend(pods[8..].iter().map(|n| add(n, refused_else)));
         adding.into_iter().map(|h| h.join().expect("a sandbox's thread")).collect()
     });
     for (netns, attempts) in &made {
@@ -302,8 +314,7 @@ fn runtime_retries_agent_restarts_and_api_restarts_lose_no_pod_and_leak_no_plain
     }
     let attempts: Vec<usize> = made.iter().map(|m| m.1).collect();
     println!("agent killed mid-ADD: attempts per sandbox {attempts:?}");
-    // At least the half second it was down fell between two sandboxes.
-    assert!(attempts.iter().any(|a| *a > 1), "no sandbox met the agent down: {attempts:?}");
+    assert!(attempts[4..8].iter().all(|a| *a > 1), "those added while it was down were refused first: {attempts:?}");
 
     // The API server restarts while pods are being added: pods it showed
     // only just before going down wait for it (a meshed namespace) or

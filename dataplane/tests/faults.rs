@@ -124,15 +124,11 @@ fn idle_connections_stay_open_and_keepalive_finds_a_peer_gone_silent() {
     // port 8080 in its namespace dropped, as when its node is gone): the
     // data plane's keepalive probes go unanswered, and the client's
     // connection is closed, where it would otherwise stay open forever.
-    let waiting = std::thread::scope(|s| {
-        let waiting = s.spawn(|| peer(a, Some(workload), &["wait-close", "10.77.0.2", "8080", "30"]));
-        std::thread::sleep(Duration::from_millis(500));
-        let rules = "table inet gone { chain o { type filter hook output priority 0; \
-                     tcp dport 8080 drop; tcp sport 8080 drop; }; }";
-        assert!(b.command(None, "nft", &[rules]).status().expect("nft").success(), "the drop rules");
-        waiting.join().expect("the client")
-    });
-    let r = &waiting[0];
+    let open = testworld::open_quiet(a, Some(workload), "10.77.0.2", 8080, 30);
+    let rules = "table inet gone { chain o { type filter hook output priority 0; \
+                 tcp dport 8080 drop; tcp sport 8080 drop; }; }";
+    assert!(b.command(None, "nft", &[rules]).status().expect("nft").success(), "the drop rules");
+    let r = &testworld::how_it_ended(open, Duration::from_secs(40));
     assert!(r["result"] == "eof" || r["result"] == "reset", "closed, not left open: {r}");
     println!("a silent peer found after {:.1} s (keepalive 1 s, six probes 1 s apart)", r["seconds"]);
 }

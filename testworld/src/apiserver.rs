@@ -752,6 +752,17 @@ async fn handle(req: Request<hyper::body::Incoming>, shared: &Arc<Shared>) -> Re
                     return full(StatusCode::NOT_FOUND, status(404, "NotFound", &format!("no subresource {other}")))
                 }
             };
+            // A CSR's certificate, once issued, cannot be changed (the real
+            // server's validation: "updates may not modify existing
+            // certificate content").
+            let issued = object["status"]["certificate"].as_str().filter(|c| !c.is_empty()).map(str::to_string);
+            let new = patch["status"]["certificate"].as_str();
+            if let (Some(old), Some(new)) = (issued, new) {
+                if q.resource == "certificatesigningrequests" && old != new {
+                    let why = "status.certificate: Forbidden: updates may not modify existing certificate content";
+                    return full(StatusCode::UNPROCESSABLE_ENTITY, status(422, "Invalid", why));
+                }
+            }
             merge(&mut object, &patch);
             store_object(shared, q.r, object);
             full(StatusCode::OK, shared.store().objects.get(&key(name)).cloned().unwrap_or_default())

@@ -44,7 +44,7 @@ pub use certs::Certs;
 pub use cgroup::{cgroup2_mount, Cgroup};
 pub use dataplane::{attached, dataplane_binary, node_args, run_args, Dataplane};
 pub use netns::{bridge, bridge_port, capture, plug, two_pods, veth, Netns, NetnsDir};
-pub use peers::{client, peer, peers_py, server, server_with, transfer_exact, Seen};
+pub use peers::{client, how_it_ended, open_quiet, peer, peers_py, server, server_with, transfer_exact, Seen};
 pub use proc::Proc;
 pub use world::{world, World};
 

@@ -90,3 +90,22 @@ pub fn client(ns: &Netns, cgroup: Option<&Cgroup>, host: &str, port: u16, extra:
         })
         .collect()
 }
+
+/// A connection from `ns` (in `cgroup`) to `host:port`, open and quiet
+/// (`peers.py wait-close`): returned once the server has greeted it, so the
+/// caller can change the world under an established connection.
+pub fn open_quiet(ns: &Netns, cgroup: Option<&Cgroup>, host: &str, port: u16, limit_secs: u32) -> Proc {
+    let py = peers_py();
+    let (port, limit) = (port.to_string(), limit_secs.to_string());
+    let mut p = Proc::spawn(ns.command(cgroup, "python3", &[&py, "wait-close", host, &port, &limit]), "wait-close");
+    p.wait_for("\"open\"", Duration::from_secs(30));
+    p
+}
+
+/// How an [`open_quiet`] connection ended (`{"result": "eof" | "reset" |
+/// "open", "seconds": ...}`), once it has.
+pub fn how_it_ended(mut p: Proc, within: Duration) -> serde_json::Value {
+    p.wait(within);
+    let last = p.output().into_iter().rev().find(|l| l.contains("result")).unwrap_or_default();
+    serde_json::from_str(&last).unwrap_or_else(|e| panic!("wait-close printed {last:?}: {e}"))
+}
