@@ -124,14 +124,19 @@ pub fn issue(dir: &Path, ip: IpAddr, validity: Validity) -> Result<(), Error> {
     write(&dir.join(format!("{ip}.crt")), &cert, 0o644)
 }
 
+/// The SPIFFE ID of a certificate minted here for `ip`
+/// (`spiffe://TRUST_DOMAIN/ip/<ip>`). SPIFFE path segments allow no ':': an
+/// IPv6 address is written with '-' instead (fd00::1 is ip/fd00--1).
+pub fn ip_spiffe_id(ip: IpAddr) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ip/{}", ip.to_string().replace(':', "-"))
+}
+
 /// A leaf certificate and key (PEM) for `ip`, signed by `issuer`.
 pub fn leaf(ip: IpAddr, issuer: &Issuer<'_, KeyPair>, validity: Validity) -> Result<(String, String), Error> {
     let key = KeyPair::generate().map_err(cert_err(format!("generating the key for {ip}")))?;
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("leaf parameters"))?;
     p.distinguished_name.push(DnType::CommonName, ip.to_string());
-    // SPIFFE path segments allow no ':': an IPv6 address is written with
-    // '-' instead (fd00::1 is ip/fd00--1).
-    let spiffe = format!("spiffe://{TRUST_DOMAIN}/ip/{}", ip.to_string().replace(':', "-"));
+    let spiffe = ip_spiffe_id(ip);
     p.subject_alt_names =
         vec![SanType::IpAddress(ip), SanType::URI(spiffe.try_into().map_err(cert_err(format!("SPIFFE ID for {ip}")))?)];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];

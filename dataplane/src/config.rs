@@ -191,10 +191,9 @@ impl IssuerArgs {
         if self.max_lifetime < Duration::from_secs(1) {
             return Err(ConfigError::ZeroTimeout("max-lifetime"));
         }
-        let access = match &self.kubeconfig {
-            Some(path) => crate::source::kube::Access::Kubeconfig(path.clone()),
-            None => crate::source::kube::Access::InCluster,
-        };
+        // clap requires one of --kube and --kubeconfig.
+        let access = crate::source::kube::Access::from_flags(self.kube, self.kubeconfig.as_deref())
+            .unwrap_or(crate::source::kube::Access::InCluster);
         Ok(crate::issuer::Settings {
             access,
             root,
@@ -444,7 +443,7 @@ fn duration_or_off(s: &str) -> Result<OrOff, humantime::DurationError> {
 }
 
 /// A CIDR, or an address alone (a /32 or /128).
-fn parse_net(s: &str) -> Result<IpNet, String> {
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| format!("{s:?} is not an address or a CIDR"))
@@ -750,15 +749,10 @@ impl RunArgs {
         };
         let identity = Arc::new(identity);
         let node = self.node_name.clone();
-        let source = match (self.kube, &self.kubeconfig, &self.workloads) {
-            (true, _, _) => {
-                Some(Source::Kube { access: crate::source::kube::Access::InCluster, node: node.unwrap_or_default() })
-            }
-            (_, Some(path), _) => Some(Source::Kube {
-                access: crate::source::kube::Access::Kubeconfig(path.clone()),
-                node: node.unwrap_or_default(),
-            }),
-            (_, _, Some(path)) => {
+        let access = crate::source::kube::Access::from_flags(self.kube, self.kubeconfig.as_deref());
+        let source = match (access, &self.workloads) {
+            (Some(access), _) => Some(Source::Kube { access, node: node.unwrap_or_default() }),
+            (None, Some(path)) => {
                 // Read once now: a broken file fails start-up with its reason.
                 crate::source::file::load(path, node.as_deref())?;
                 Some(Source::File { path: path.clone(), node })

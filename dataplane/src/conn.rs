@@ -283,7 +283,7 @@ impl ShardCtx {
     pub fn local_principal(&self, ip: IpAddr) -> String {
         match (&self.trust_domain, self.workloads.borrow().get(&ip)) {
             (Some(domain), Some(path)) => format!("{domain}/{path}"),
-            _ => format!("{}/ip/{}", crate::ca::TRUST_DOMAIN, ip.to_string().replace(':', "-")),
+            _ => crate::ca::ip_spiffe_id(ip).trim_start_matches("spiffe://").to_string(),
         }
     }
 

@@ -172,11 +172,7 @@ fn cni(cmd: CniCommand) -> anyhow::Result<()> {
                 None => std::env::current_exe()?.with_file_name(install::PLUGIN),
             };
             let node = node(n);
-            let access = match (kube, kubeconfig) {
-                (_, Some(path)) => Some(dataplane::source::kube::Access::Kubeconfig(path)),
-                (true, None) => Some(dataplane::source::kube::Access::InCluster),
-                (false, None) => None,
-            };
+            let access = dataplane::source::kube::Access::from_flags(kube, kubeconfig.as_deref());
             let daemonset = match (removal.daemonset, access) {
                 (Some(ds), Some(access)) => Some((ds, access)),
                 (Some(_), None) => anyhow::bail!("--daemonset needs --kube or --kubeconfig"),

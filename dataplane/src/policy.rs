@@ -318,14 +318,7 @@ fn string_map(v: Option<&Value>) -> Result<BTreeMap<String, String>, String> {
 }
 
 fn blocks(v: Option<&Value>) -> Result<Vec<IpNet>, String> {
-    strings(v)?
-        .iter()
-        .map(|s| {
-            s.parse::<IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| format!("{s:?} is not an address or a CIDR"))
-        })
-        .collect()
+    strings(v)?.iter().map(|s| crate::config::parse_net(s)).collect()
 }
 
 fn ports(v: Option<&Value>) -> Result<Vec<u16>, String> {

@@ -78,6 +78,29 @@ fn cluster(api: &ApiServer) {
     api.put("pods", pod("shop", "b", "node-b", Some("10.77.0.2"), json!({}), json!({})));
 }
 
+/// The cluster with a root of the test's own (so the test can mint what a
+/// node could) and its issuer (node CAs living `max_lifetime`), and the two
+/// pods, not served yet.
+struct Rooted {
+    api: ApiServer,
+    root: Certs,
+    issuer: Proc,
+    a: Netns,
+    b: Netns,
+    /// The trust bundle, as the agents mount it.
+    bundle: String,
+}
+
+fn rooted(t: &str, max_lifetime: &str) -> Rooted {
+    let api = ApiServer::start(t);
+    cluster(&api);
+    let root = Certs::new(t, &[]);
+    let issuer = issuer(&api, Some(&root), max_lifetime);
+    let (a, b, _) = two_pods(t);
+    let bundle = root.dir.join("ca.crt").display().to_string();
+    Rooted { api, root, issuer, a, b, bundle }
+}
+
 fn condition(csr: &Value) -> (String, String) {
     let c = &csr["status"]["conditions"][0];
     (c["type"].as_str().unwrap_or_default().to_string(), c["message"].as_str().unwrap_or_default().to_string())
@@ -321,13 +344,8 @@ fn node_made(
 #[test]
 fn a_node_speaks_only_for_the_identities_the_api_gives_its_pods() {
     let t = testworld::kernel_test!();
-    let api = ApiServer::start(t);
-    cluster(&api);
-    let root = Certs::new(t, &[]);
-    let _issuer = issuer(&api, Some(&root), "1h");
-    let (a, b, _) = two_pods(t);
+    let Rooted { api, root, issuer: _issuer, a, b, bundle } = rooted(t, "1h");
     let _sa = server(&a, "0.0.0.0", 8080, "a");
-    let bundle = root.dir.join("ca.crt").display().to_string();
     let node_a = agent(t, &api, &bundle, "node-a", &[&a], &[]);
     assert!(eventually(Duration::from_secs(5), || metric(
         &metrics(&node_a.dp),
@@ -380,14 +398,9 @@ fn a_node_speaks_only_for_the_identities_the_api_gives_its_pods() {
 #[test]
 fn authorization_policies_decide_who_may_talk_to_whom() {
     let t = testworld::kernel_test!();
-    let api = ApiServer::start(t);
-    cluster(&api);
+    let Rooted { api, root: _root, issuer: _issuer, a, b, bundle } = rooted(t, "1h");
     api.put("pods", pod("shop", "b", "node-b", Some("10.77.0.2"), json!({"app": "db"}), json!({})));
-    let root = Certs::new(t, &[]);
-    let _issuer = issuer(&api, Some(&root), "1h");
-    let (a, b, _) = two_pods(t);
     let _db = [server(&b, "0.0.0.0", 8080, "b"), server(&b, "0.0.0.0", 9090, "b-admin")];
-    let bundle = root.dir.join("ca.crt").display().to_string();
     let node_a = agent(t, &api, &bundle, "node-a", &[&a], &[]);
     let node_b = agent(t, &api, &bundle, "node-b", &[&b], &[]);
     for n in [&node_a, &node_b] {
@@ -457,13 +470,8 @@ fn authorization_policies_decide_who_may_talk_to_whom() {
 #[test]
 fn a_node_ca_minting_for_another_nodes_address_is_refused() {
     let t = testworld::kernel_test!();
-    let api = ApiServer::start(t);
-    cluster(&api);
-    let root = Certs::new(t, &[]);
-    let _issuer = issuer(&api, Some(&root), "1h");
-    let (a, b, _) = two_pods(t);
+    let Rooted { api, root, issuer: _issuer, a, b, bundle } = rooted(t, "1h");
     let _sa = server(&a, "0.0.0.0", 8080, "a");
-    let bundle = root.dir.join("ca.crt").display().to_string();
     let node_a = agent(t, &api, &bundle, "node-a", &[&a], &[]);
 
     // A compromised node-a: a genuine node CA for its own 10.77.0.0/31,
@@ -513,14 +521,9 @@ fn a_node_ca_minting_for_another_nodes_address_is_refused() {
 #[test]
 fn certificates_rotate_every_few_seconds_without_a_failed_handshake() {
     let t = testworld::kernel_test!();
-    let api = ApiServer::start(t);
-    cluster(&api);
-    let root = Certs::new(t, &[]);
     // Node CAs live 6 s (renewed at 4 s), pod certificates 2 s.
-    let mut iss = issuer(&api, Some(&root), "6s");
-    let (a, b, _) = two_pods(t);
+    let Rooted { api, root, issuer: mut iss, a, b, bundle } = rooted(t, "6s");
     let _sb = server(&b, "0.0.0.0", 8080, "b");
-    let bundle = root.dir.join("ca.crt").display().to_string();
     let node_a = agent(t, &api, &bundle, "node-a", &[&a], &["--pod-cert-lifetime", "2s", "--no-tls-resumption"]);
     let node_b = agent(t, &api, &bundle, "node-b", &[&b], &["--pod-cert-lifetime", "2s", "--no-tls-resumption"]);
     let start = Instant::now();

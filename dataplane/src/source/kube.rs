@@ -59,6 +59,18 @@ pub enum Access {
     Kubeconfig(PathBuf),
 }
 
+impl Access {
+    /// From the `--kube` and `--kubeconfig` flags (which exclude each
+    /// other): `None` when neither is given.
+    pub fn from_flags(kube: bool, kubeconfig: Option<&std::path::Path>) -> Option<Self> {
+        match (kube, kubeconfig) {
+            (true, _) => Some(Self::InCluster),
+            (false, Some(path)) => Some(Self::Kubeconfig(path.to_path_buf())),
+            (false, None) => None,
+        }
+    }
+}
+
 /// Watch errors (each followed by a retry, relist or resumed watch), per
 /// resource, for `/metrics`.
 #[derive(Debug, Default)]
