@@ -22,8 +22,8 @@ use std::{
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dataplane::{
-    model::{Change, Mode, Model, Outside, Workload},
-    services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice},
+    cluster::model::{Change, Mode, Model, Outside, Workload},
+    cluster::services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice},
 };
 
 fn addr(i: usize) -> IpAddr {

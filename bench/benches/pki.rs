@@ -6,8 +6,8 @@ use std::{hint::black_box, net::IpAddr, time::Duration};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use dataplane::{
+    identity::pki::{self, KeyType, NodeCa},
     identity::Identity,
-    pki::{self, KeyType, NodeCa},
 };
 use rustls::{ClientConnection, ServerConnection};
 use rustls_pki_types::ServerName;
@@ -23,7 +23,7 @@ fn node_ca(root: &rcgen::Issuer<'static, rcgen::KeyPair>, leaf: KeyType) -> Node
 }
 
 fn root() -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
-    let (cert, key) = dataplane::ca::root().expect("root");
+    let (cert, key) = dataplane::identity::ca::root().expect("root");
     let key = rcgen::KeyPair::from_pem(&key).expect("key");
     (rcgen::Issuer::from_ca_cert_pem(&cert, key).expect("issuer"), cert)
 }

@@ -17,8 +17,8 @@ use std::{
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use dataplane::{
-    model::{Change, Mode, Model, ObjectRef, Workload},
-    policy::{self, Parsed, Policy},
+    cluster::model::{Change, Mode, Model, ObjectRef, Workload},
+    cluster::policy::{self, Parsed, Policy},
 };
 use serde_json::json;
 

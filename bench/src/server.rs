@@ -28,7 +28,7 @@ pub enum Kind {
 /// Starts a server on `addr` inside the namespace at `netns`.
 /// Returns the server thread's id, for pinning it ([`crate::setup::Nodes::serve`]).
 pub fn start(netns: &Path, addr: SocketAddr, kind: Kind) -> anyhow::Result<i32> {
-    let ns = dataplane::netns::Netns::open(netns)?;
+    let ns = dataplane::node::netns::Netns::open(netns)?;
     let std_listener = ns.run(|| std::net::TcpListener::bind(addr))?.with_context(|| format!("binding {addr}"))?;
     std_listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(std_listener);

@@ -13,7 +13,7 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
-use crate::{cgroup, conn::Limits, cores, ebpf, identity::Identity, netns::Netns};
+use crate::{identity::Identity, node::cgroup, node::cores, node::ebpf, node::netns::Netns, proxy::conn::Limits};
 use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
 
 /// Default SO_MARK of the data plane's own sockets ("dp" in ASCII, high bit
@@ -192,12 +192,12 @@ impl IssuerArgs {
             return Err(ConfigError::ZeroTimeout("max-lifetime"));
         }
         // clap requires one of --kube and --kubeconfig.
-        let access = crate::source::kube::Access::from_flags(self.kube, self.kubeconfig.as_deref())
-            .unwrap_or(crate::source::kube::Access::InCluster);
+        let access = crate::cluster::source::kube::Access::from_flags(self.kube, self.kubeconfig.as_deref())
+            .unwrap_or(crate::cluster::source::kube::Access::InCluster);
         Ok(crate::issuer::Settings {
             access,
             root,
-            policy: crate::pki::Policy {
+            policy: crate::identity::pki::Policy {
                 agent: format!("system:serviceaccount:{ns}:{name}"),
                 max_lifetime: self.max_lifetime,
             },
@@ -291,8 +291,8 @@ pub struct RunArgs {
     pub trust_domain: String,
     /// Pod key type: Ed25519 mints and handshakes about 1.2x faster than
     /// P-256 here (`cargo bench -p bench --bench pki`).
-    #[arg(long, env = "DATAPLANE_LEAF_KEY", value_enum, default_value_t = crate::pki::KeyType::Ed25519)]
-    pub leaf_key: crate::pki::KeyType,
+    #[arg(long, env = "DATAPLANE_LEAF_KEY", value_enum, default_value_t = crate::identity::pki::KeyType::Ed25519)]
+    pub leaf_key: crate::identity::pki::KeyType,
     /// Network namespace files to serve (default, without --netns-dir: the
     /// current namespace).
     #[arg(long = "netns", value_name = "NETNS_FILE")]
@@ -351,7 +351,7 @@ pub struct RunArgs {
     /// Handshakes in flight from one source address, per executor; the rest
     /// wait for a slot within the handshake timeout, then are shed.
     #[arg(long, env = "DATAPLANE_MAX_HANDSHAKES_PER_SOURCE", value_name = "N",
-          default_value_t = crate::conn::MAX_IN_FLIGHT_PER_SOURCE)]
+          default_value_t = crate::proxy::conn::MAX_IN_FLIGHT_PER_SOURCE)]
     pub max_handshakes_per_source: u64,
     /// Close connections on which no byte moved either way for this long
     /// ("off", the default: connections whose peers are alive stay open as
@@ -485,7 +485,7 @@ pub enum ConfigError {
     Needs(&'static str, &'static str),
     /// `--workloads` does not load.
     #[error(transparent)]
-    Workloads(#[from] crate::source::file::Error),
+    Workloads(#[from] crate::cluster::source::file::Error),
     /// `--netns-dir` is not a directory.
     #[error("--netns-dir {}: not a directory", .0.display())]
     NetnsDir(PathBuf),
@@ -528,7 +528,7 @@ pub enum ConfigError {
     #[error("--tcp-keepalive {0:?}: at least 1s (the kernel counts it in whole seconds)")]
     KeepaliveTooShort(Duration),
     /// `--max-handshakes-per-source` outside 1 to the executor's bound.
-    #[error("--max-handshakes-per-source {0}: must be 1 to {max} (the handshakes one executor holds)", max = crate::conn::MAX_IN_FLIGHT)]
+    #[error("--max-handshakes-per-source {0}: must be 1 to {max} (the handshakes one executor holds)", max = crate::proxy::conn::MAX_IN_FLIGHT)]
     HandshakesPerSource(u64),
     /// `--busy-poll` zero or too long.
     #[error("--busy-poll {0:?}: must be longer than zero and at most 10ms (leave it out to sleep at once)")]
@@ -599,7 +599,7 @@ pub struct Minting {
     /// SPIFFE trust domain.
     pub trust_domain: String,
     /// Pod key type.
-    pub leaf_key: crate::pki::KeyType,
+    pub leaf_key: crate::identity::pki::KeyType,
 }
 
 /// Where the model of the workloads comes from.
@@ -608,7 +608,7 @@ pub enum Source {
     /// The Kubernetes API, as this node.
     Kube {
         /// How to reach it.
-        access: crate::source::kube::Access,
+        access: crate::cluster::source::kube::Access,
         /// This node's name.
         node: String,
     },
@@ -659,7 +659,7 @@ impl RunArgs {
         if let Some(d) = self.tcp_keepalive.0.filter(|d| *d < Duration::from_secs(1)) {
             return Err(ConfigError::KeepaliveTooShort(d));
         }
-        if !(1..=crate::conn::MAX_IN_FLIGHT).contains(&self.max_handshakes_per_source) {
+        if !(1..=crate::proxy::conn::MAX_IN_FLIGHT).contains(&self.max_handshakes_per_source) {
             return Err(ConfigError::HandshakesPerSource(self.max_handshakes_per_source));
         }
         if self.cores == Some(0) {
@@ -749,12 +749,12 @@ impl RunArgs {
         };
         let identity = Arc::new(identity);
         let node = self.node_name.clone();
-        let access = crate::source::kube::Access::from_flags(self.kube, self.kubeconfig.as_deref());
+        let access = crate::cluster::source::kube::Access::from_flags(self.kube, self.kubeconfig.as_deref());
         let source = match (access, &self.workloads) {
             (Some(access), _) => Some(Source::Kube { access, node: node.unwrap_or_default() }),
             (None, Some(path)) => {
                 // Read once now: a broken file fails start-up with its reason.
-                crate::source::file::load(path, node.as_deref())?;
+                crate::cluster::source::file::load(path, node.as_deref())?;
                 Some(Source::File { path: path.clone(), node })
             }
             _ => None,
@@ -811,7 +811,7 @@ impl RunArgs {
             identity,
             limits: Limits {
                 handshake: self.handshake_timeout,
-                idle: self.idle_timeout.0.unwrap_or(crate::conn::NO_IDLE_TIMEOUT),
+                idle: self.idle_timeout.0.unwrap_or(crate::proxy::conn::NO_IDLE_TIMEOUT),
                 handshakes_per_source: self.max_handshakes_per_source,
             },
             admin: self.admin,
@@ -942,7 +942,7 @@ mod tests {
         }
         let argv = ["dataplane", "run", "--certs", "/c", "--capture-cidr", "10.0.0.0/8"];
         let Command::Run(args) = Cli::try_parse_from(argv).expect("parses").command else { panic!("run") };
-        assert_eq!(args.max_handshakes_per_source, crate::conn::MAX_IN_FLIGHT_PER_SOURCE, "the default");
+        assert_eq!(args.max_handshakes_per_source, crate::proxy::conn::MAX_IN_FLIGHT_PER_SOURCE, "the default");
     }
 
     #[test]

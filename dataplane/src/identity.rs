@@ -12,6 +12,15 @@
 //!   client's source address ([`check_peer_ip`]).
 //!
 //! ALPN carries the tunnel version ([`preamble::ALPN`]).
+//!
+//! Below it: the certificate formats the agent and the issuer agree on
+//! ([`pki`]), pod certificates minted from the node CA ([`mint`]), demo and
+//! test CAs ([`ca`]), and watching a certificate directory ([`reload`]).
+pub mod ca;
+pub mod mint;
+pub mod pki;
+pub mod reload;
+
 use std::{collections::HashMap, fs, net::IpAddr, path::Path, path::PathBuf, sync::Arc};
 
 use dataplane_common::preamble;
@@ -313,13 +322,13 @@ pub fn check_peer_ip(certs: Option<&[CertificateDer<'_>]>, ip: IpAddr) -> Result
 /// identity comes later; today it names the peer in logs).
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<String, PeerError> {
     let leaf = certs.and_then(|c| c.first()).ok_or(PeerError::Missing)?;
-    crate::pki::spiffe_of(leaf).ok_or(PeerError::NoIdentity)
+    crate::identity::pki::spiffe_of(leaf).ok_or(PeerError::NoIdentity)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca;
+    use crate::identity::ca;
 
     fn temp_dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("dp-identity-{name}-{}", std::process::id()));
@@ -334,7 +343,7 @@ mod tests {
     fn a_new_minted_identity_keeps_what_did_not_change() {
         use std::time::Duration;
 
-        use crate::pki;
+        use crate::identity::pki;
         /// Removed even when an assertion fails.
         struct Gone(PathBuf);
         impl Drop for Gone {

@@ -1,52 +1,36 @@
 //! The node data plane: captures pods' outbound TCP connects with eBPF and
 //! serves them on one pinned glommio executor per CPU.
 //!
-//! - [`config`]: the command line, validated as a whole;
-//! - [`run`]: the control thread (`dataplane-demo`, the one-command demo, is
-//!   a binary of its own over the `testworld` crate);
-//! - [`ebpf`]: the typed door to the capture programs;
-//! - [`shard`]: the per-core executors and their listeners;
-//! - [`outbound`], [`inbound`]: the two sides of the data path, over
-//!   [`conn`] (per-executor state, one record per connection, TLS configs),
-//!   [`relay`], [`reason`] and [`addrs`];
-//! - [`identity`], [`ca`]: certificates and TLS configurations;
-//! - [`stats`], [`dump`], [`admin`], [`reload`]: measurements and operations;
-//! - [`model`], [`source`]: the workloads, from the Kubernetes API or a file;
-//! - [`netns`], [`enroll`], [`socket`], [`cgroup`], [`cores`], [`rlimit`]: the node plumbing; `sys`
-//!   holds every `unsafe` block.
-pub mod addrs;
-pub mod admin;
-pub mod ca;
-pub mod cgroup;
-pub mod cni;
+//! The folders are the architecture:
+//!
+//! - [`proxy`]: the data path. The executors, the outbound and inbound sides
+//!   of a connection, the relay and the same-node splice, the one record of
+//!   each connection, its failure reasons and its measurements;
+//! - [`control`]: the control thread. Start-up, the run loop, pods' enrolment
+//!   (from a namespace directory or the CNI plugin), the return path, and
+//!   taking everything off the node;
+//! - [`cluster`]: what we know of the cluster. The model (workloads and
+//!   Services, updated in place), the Services' endpoint choice, the
+//!   authorization policies, and where changes come from (the Kubernetes
+//!   API or a file);
+//! - [`identity`]: certificates. The TLS configurations of every address, the
+//!   node CA's minting of pod certificates, their formats, reload;
+//! - [`node`]: the host. eBPF programs and maps, network namespaces,
+//!   sockets, cgroups, cores, limits; `sys` holds every `unsafe` block;
+//! - [`ops`]: what operators read. The admin endpoint and the SIGUSR1 dump;
+//! - [`config`]: the command line, validated as a whole; [`issuer`]: the
+//!   cluster's node-CA signer, a Deployment of its own.
+//!
+//! Imports go one way: `control` drives `proxy`, `cluster` and `identity`;
+//! `proxy` reads `cluster` (Services, policies) and `identity`; all use
+//! `node`; nothing below imports `control`.
+pub mod cluster;
 pub mod config;
-pub mod conn;
-pub mod cores;
-pub mod dump;
-pub mod ebpf;
-pub mod enroll;
+pub mod control;
 pub mod identity;
-pub mod inbound;
 pub mod issuer;
-pub mod mint;
-pub mod model;
-pub mod netns;
-pub mod outbound;
-pub mod pki;
-pub mod policy;
-pub mod reason;
-pub mod relay;
-pub mod reload;
-pub mod return_path;
-pub mod rlimit;
-pub mod run;
-pub mod services;
-pub mod shard;
-pub mod socket;
-pub mod source;
-pub mod splice;
-pub mod stats;
-mod sys;
-pub mod uninstall;
+pub mod node;
+pub mod ops;
+pub mod proxy;
 
-pub use rlimit::raise_open_file_limit;
+pub use node::rlimit::raise_open_file_limit;

@@ -3,8 +3,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dataplane::{
-    ca,
     config::{CaCommand, Cli, CniCommand, Command, LogFormat},
+    identity::ca,
 };
 
 fn main() -> ExitCode {
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match dataplane::run::run(cfg) {
+            match dataplane::control::run::run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -123,7 +123,7 @@ fn main() -> ExitCode {
 
 /// `dataplane uninstall`: every part, each reported; whether all went.
 fn uninstall(args: dataplane::config::UninstallArgs) -> anyhow::Result<bool> {
-    use dataplane::cni::install;
+    use dataplane::control::cni::install;
     let n = args.node;
     let node = install::Node { bin_dir: n.bin_dir, conf_dir: n.conf_dir, socket: n.socket };
     let mut ok = true;
@@ -134,14 +134,14 @@ fn uninstall(args: dataplane::config::UninstallArgs) -> anyhow::Result<bool> {
             eprintln!("error: the CNI plugin: {e}");
         }
     }
-    match dataplane::ebpf::unpin_all(&args.pin_dir) {
+    match dataplane::node::ebpf::unpin_all(&args.pin_dir) {
         Ok(removed) => removed.iter().for_each(|p| println!("removed {}", p.display())),
         Err(e) => {
             ok = false;
             eprintln!("error: the pins: {e}");
         }
     }
-    match dataplane::uninstall::sweep_return_paths(&args.netns_dir) {
+    match dataplane::control::uninstall::sweep_return_paths(&args.netns_dir) {
         Ok(swept) => {
             for p in &swept.cleaned {
                 println!("removed the return path in {}", p.display());
@@ -162,7 +162,7 @@ fn uninstall(args: dataplane::config::UninstallArgs) -> anyhow::Result<bool> {
 
 /// `dataplane cni install|uninstall`.
 fn cni(cmd: CniCommand) -> anyhow::Result<()> {
-    use dataplane::cni::install;
+    use dataplane::control::cni::install;
     let node =
         |n: dataplane::config::CniNode| install::Node { bin_dir: n.bin_dir, conf_dir: n.conf_dir, socket: n.socket };
     match cmd {
@@ -172,7 +172,7 @@ fn cni(cmd: CniCommand) -> anyhow::Result<()> {
                 None => std::env::current_exe()?.with_file_name(install::PLUGIN),
             };
             let node = node(n);
-            let access = dataplane::source::kube::Access::from_flags(kube, kubeconfig.as_deref());
+            let access = dataplane::cluster::source::kube::Access::from_flags(kube, kubeconfig.as_deref());
             let daemonset = match (removal.daemonset, access) {
                 (Some(ds), Some(access)) => Some((ds, access)),
                 (Some(_), None) => anyhow::bail!("--daemonset needs --kube or --kubeconfig"),
@@ -186,7 +186,7 @@ fn cni(cmd: CniCommand) -> anyhow::Result<()> {
                 let every = std::time::Duration::from_secs(2);
                 install::watch(&node, &plugin, every, || stop.load(std::sync::atomic::Ordering::Relaxed))?;
                 if let Some(((ns, name), access)) = daemonset {
-                    use dataplane::uninstall::{daemonset_fate, Fate, ASK_WITHIN};
+                    use dataplane::control::uninstall::{daemonset_fate, Fate, ASK_WITHIN};
                     match daemonset_fate(&access, &ns, &name, ASK_WITHIN) {
                         Fate::Removed(why) => {
                             tracing::info!(daemonset = %format!("{ns}/{name}"), why, "taking the CNI plugin off the node");

@@ -246,7 +246,7 @@ fn the_issuer_denies_every_request_it_cannot_prove() {
     let root = Certs::new(t, &[]);
     let _issuer = issuer(&api, Some(&root), "1h");
     let request = |cn_node: &str, annotations: Value| {
-        let (_, pem) = dataplane::pki::node_request(cn_node).expect("request");
+        let (_, pem) = dataplane::identity::pki::node_request(cn_node).expect("request");
         json!({
             "metadata": {"annotations": annotations},
             "spec": {
@@ -319,14 +319,15 @@ fn node_made(
     let root_issuer =
         rcgen::Issuer::from_ca_cert_pem(&fs::read_to_string(root.dir.join("ca.crt")).expect("root"), root_key)
             .expect("issuer");
-    let (node_key, request) = dataplane::pki::node_request(node).expect("request");
-    let grant = dataplane::pki::Grant {
+    let (node_key, request) = dataplane::identity::pki::node_request(node).expect("request");
+    let grant = dataplane::identity::pki::Grant {
         node: node.into(),
         cidrs: vec![cidr.parse().expect("net")],
         lifetime: Duration::from_secs(3600),
     };
-    let node_ca = dataplane::pki::sign_node_ca(&request, &grant, &root_issuer).expect("node CA");
-    let ca = dataplane::pki::NodeCa::new(node_key, &node_ca, dataplane::pki::KeyType::P256).expect("node CA");
+    let node_ca = dataplane::identity::pki::sign_node_ca(&request, &grant, &root_issuer).expect("node CA");
+    let ca = dataplane::identity::pki::NodeCa::new(node_key, &node_ca, dataplane::identity::pki::KeyType::P256)
+        .expect("node CA");
     let (chain, key, _) = ca.mint(&[ip.parse().expect("ip")], spiffe, Duration::from_secs(600)).expect("mint");
     let files = testworld::TempDir::new(&format!("dptest-minted-{}", testworld::unique(t, "f"))).expect("dir");
     let pem = |der: &[u8], label: &str| {
@@ -359,7 +360,7 @@ fn a_node_speaks_only_for_the_identities_the_api_gives_its_pods() {
         let args = ["tls", "10.77.0.1", "18001", &bundle, &crt.display().to_string(), &key.display().to_string()];
         testworld::peer(&b, None, &[&args[..], &["10.77.0.1:8080"]].concat())[0].clone()
     };
-    let admin = tunnel(&dataplane::pki::spiffe_id("cluster.local", "kube-system", "admin"));
+    let admin = tunnel(&dataplane::identity::pki::spiffe_id("cluster.local", "kube-system", "admin"));
     assert!(admin["reply"].as_str().is_none_or(|r| !r.contains("\"a\"")), "nothing reached pod a: {admin}");
     let mismatches = || {
         metric(
@@ -369,7 +370,7 @@ fn a_node_speaks_only_for_the_identities_the_api_gives_its_pods() {
     };
     assert!(eventually(Duration::from_secs(3), || mismatches() == Some(1.0)), "{}", metrics(&node_a.dp));
     // The identity the API shows for pod b (shop's default account): in.
-    let own = tunnel(&dataplane::pki::spiffe_id("cluster.local", "shop", "default"));
+    let own = tunnel(&dataplane::identity::pki::spiffe_id("cluster.local", "shop", "default"));
     assert!(own["reply"].as_str().is_some_and(|r| r.contains("\"a\"")), "pod a answers: {own}");
 
     // And the other way: a server at pod b's address presenting another
@@ -380,7 +381,7 @@ fn a_node_speaks_only_for_the_identities_the_api_gives_its_pods() {
         &root,
         ("node-b", "10.77.0.2/31"),
         "10.77.0.2",
-        &dataplane::pki::spiffe_id("cluster.local", "kube-system", "admin"),
+        &dataplane::identity::pki::spiffe_id("cluster.local", "kube-system", "admin"),
     );
     let (crt, key) = (crt.display().to_string(), key.display().to_string());
     let fake =
@@ -477,7 +478,7 @@ fn a_node_ca_minting_for_another_nodes_address_is_refused() {
     // A compromised node-a: a genuine node CA for its own 10.77.0.0/31,
     // signed by the cluster root, minting a certificate for node-b's pod
     // address 10.77.0.2. Presented from that very address to pod a.
-    let spiffe = dataplane::pki::spiffe_id("cluster.local", "shop", "default");
+    let spiffe = dataplane::identity::pki::spiffe_id("cluster.local", "shop", "default");
     let (_files, crt, keyf) = node_made(t, &root, ("node-a", "10.77.0.0/31"), "10.77.0.2", &spiffe);
     let bundle = root.dir.join("ca.crt");
     let failed_before = metrics(&node_a.dp);

@@ -237,8 +237,8 @@ mod tests {
     #[test]
     fn the_agents_log_lines_give_its_decisions() {
         let log = [
-            r#"2026-12-07T21:00:00Z  INFO dataplane::run::cni: CNI ADD answered pod=shop/a verdict="served" took=4.25ms"#,
-            r#"2026-12-07T21:00:00Z  INFO dataplane::run::cni: CNI ADD answered pod=plain/b verdict="passed" took=120.5µs"#,
+            r#"2026-12-07T21:00:00Z  INFO dataplane::control::run::cni: CNI ADD answered pod=shop/a verdict="served" took=4.25ms"#,
+            r#"2026-12-07T21:00:00Z  INFO dataplane::control::run::cni: CNI ADD answered pod=plain/b verdict="passed" took=120.5µs"#,
             "something else took=1s",
         ]
         .map(String::from);

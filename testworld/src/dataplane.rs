@@ -131,9 +131,13 @@ impl Dataplane {
         if !args.iter().any(|a| a == "--admin" || a.starts_with("--admin=")) {
             cmd.args(["--admin", "127.0.0.1:0"]);
         }
-        // The admin endpoint's address is logged at info by `dataplane::run`
+        // The admin endpoint's address is logged at info by `dataplane::control::run`
         // (which logs nothing finer), whatever the caller's filter.
-        let log = if log.contains("dataplane::run") { log.to_string() } else { format!("{log},dataplane::run=info") };
+        let log = if log.contains("dataplane::control::run") {
+            log.to_string()
+        } else {
+            format!("{log},dataplane::control::run=info")
+        };
         cmd.env("RUST_LOG", log).env("NO_COLOR", "1").envs(env.iter().copied());
         let mut proc = Proc::try_spawn(cmd, "dataplane")?;
         // The one line read from the log: where the kernel put the admin

@@ -1,0 +1,535 @@
+//! Enrolment of pod network namespaces found in a directory (node mode).
+//!
+//! The control thread looks at `--netns-dir` (e.g. `/var/run/netns`, where
+//! containerd, CRI-O and `ip netns` pin namespaces) whenever inotify says it
+//! changed, and again every few milliseconds while a namespace waits for its
+//! address. A file names a namespace (by nsfs inode, so a pod re-created
+//! under the same name or with the same IP is a new namespace), which goes
+//! through:
+//!
+//! - waiting for an address: the CNI adds the pod's address after it creates
+//!   the namespace (a meshed dual-stack pod waits for every address the model
+//!   shows for it, so that both families get listeners);
+//! - with a model (the Kubernetes API or `--workloads`), its address is
+//!   matched to a local workload: none yet is *unclaimed* (the API has not
+//!   shown the pod's address yet: its connects to meshed destinations are
+//!   refused meanwhile); a workload outside the mesh is *passed* (never
+//!   captured); a meshed one goes on. Without a model every namespace goes
+//!   on (the mode before the cluster layer);
+//! - waiting for a certificate: an address with no `<ip>.crt` in `--certs`;
+//! - served: every executor opens its listeners in it; once all have
+//!   answered, the control thread tells `connect4` (see `run.rs`).
+//!
+//! Every look re-decides every namespace against the current model, so a
+//! label flipped in the API enrols or withdraws a pod without a restart. A
+//! file that disappears (or now names another namespace) is withdrawn: the
+//! executors close its listeners, its eBPF entries are deleted, and our
+//! handle on the namespace is dropped.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::IpAddr,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use tracing::{info, warn};
+
+use crate::{
+    cluster::model::{Mode, Model},
+    identity::Identity,
+    node::netns::{Netns, NetnsId},
+};
+use dataplane_common::maps::NetnsCookie;
+
+/// Where an enrolled namespace stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// No address yet (or not all the addresses its workload has).
+    WaitingForAddress,
+    /// No local workload holds this address (yet).
+    Unclaimed(IpAddr),
+    /// Two workloads claim the address: neither is trusted.
+    Conflict(String),
+    /// Its workload is outside the mesh (the reason's label): never captured.
+    Passed(&'static str),
+    /// An address without a certificate.
+    WaitingForCertificate(IpAddr),
+    /// Listeners open (or opening) on every executor.
+    Served,
+    /// Not a namespace we can enter (reported once, ignored until it changes).
+    Broken(String),
+}
+
+impl State {
+    /// A label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            State::WaitingForAddress => "waiting_for_address",
+            State::Unclaimed(_) => "unclaimed",
+            State::Conflict(_) => "address_conflict",
+            State::Passed(_) => "passed",
+            State::WaitingForCertificate(_) => "waiting_for_certificate",
+            State::Served => "served",
+            State::Broken(_) => "unusable",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    ino: u64,
+    netns: Option<Arc<Netns>>,
+    cookie: Option<NetnsCookie>,
+    /// Its addresses, once it has all it will have (a pod's never change).
+    addresses: Vec<IpAddr>,
+    /// When the file was first seen, and its address.
+    seen: Instant,
+    addressed: Option<Instant>,
+    state: State,
+    /// Destination ports its connects go direct to (its workload's
+    /// annotation).
+    skip_outbound: Vec<u16>,
+}
+
+/// A change for the executors and the eBPF maps.
+#[derive(Debug)]
+pub enum Change {
+    /// Open listeners in this namespace; once every executor has, tell
+    /// `connect4` it is served.
+    Enroll {
+        /// The namespace.
+        ns: Arc<Netns>,
+        /// Its cookie.
+        cookie: NetnsCookie,
+        /// Destination ports its connects go direct to.
+        skip_outbound: Vec<u16>,
+        /// When its address appeared (for the enrolment latency).
+        since: Instant,
+        /// Its addresses.
+        addresses: Vec<IpAddr>,
+        /// Whether its application should see clients' addresses.
+        client_address: bool,
+    },
+    /// A served namespace's skipped ports changed.
+    Ports(NetnsId, NetnsCookie, Vec<u16>),
+    /// Close the listeners of this namespace, forget its clients and what
+    /// `connect4` knew of it.
+    Withdraw(Arc<Netns>, Option<NetnsCookie>),
+    /// Never capture this namespace's connects (`true`), or forget that.
+    Pass(NetnsCookie, bool),
+}
+
+/// The namespaces found in one directory (and those the model names).
+#[derive(Debug)]
+pub struct Registry {
+    dir: PathBuf,
+    entries: BTreeMap<PathBuf, Entry>,
+}
+
+impl Registry {
+    /// Watches `dir` (nothing is enrolled until the first [`Registry::scan`]).
+    pub fn new(dir: &Path) -> Self {
+        Self { dir: dir.to_path_buf(), entries: BTreeMap::new() }
+    }
+
+    /// The served namespaces.
+    pub fn served(&self) -> impl Iterator<Item = NetnsId> + '_ {
+        self.entries.values().filter(|e| e.state == State::Served).filter_map(|e| Some(e.netns.as_ref()?.id()))
+    }
+
+    /// The served namespaces, with their addresses.
+    pub fn served_pods(&self) -> impl Iterator<Item = (&Arc<Netns>, &[IpAddr])> + '_ {
+        self.entries
+            .values()
+            .filter(|e| e.state == State::Served)
+            .filter_map(|e| Some((e.netns.as_ref()?, e.addresses.as_slice())))
+    }
+
+    /// The cookies of every namespace found, whatever its state.
+    pub fn cookies(&self) -> Vec<NetnsCookie> {
+        self.entries.values().filter_map(|e| e.cookie).collect()
+    }
+
+    /// Whether a namespace waits for its address, or was not yet one a
+    /// moment ago (a file about to be mounted over): look again soon.
+    pub fn waiting(&self) -> bool {
+        self.entries.values().any(|e| {
+            e.state == State::WaitingForAddress
+                || (matches!(e.state, State::Broken(_)) && e.seen.elapsed() < std::time::Duration::from_secs(2))
+        })
+    }
+
+    /// Where the namespace whose file has inode `ino` stands, and its id
+    /// once opened.
+    pub fn state_of(&self, ino: u64) -> Option<(&State, Option<NetnsId>)> {
+        self.entries.values().find(|e| e.ino == ino).map(|e| (&e.state, e.netns.as_ref().map(|n| n.id())))
+    }
+
+    /// How many namespaces are in each state.
+    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut m = BTreeMap::new();
+        for e in self.entries.values() {
+            *m.entry(e.state.label()).or_default() += 1;
+        }
+        m
+    }
+
+    /// Looks at the directory again and re-decides every namespace against
+    /// `model` (`None`: no model, every namespace with a certificate is
+    /// served); returns what must change.
+    pub fn scan(&mut self, identity: &Identity, model: Option<&Model>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let mut present = BTreeMap::new();
+        let named = model.into_iter().flat_map(|m| m.named_netns().cloned());
+        let listed = fs::read_dir(&self.dir).into_iter().flatten().flatten().map(|e| e.path());
+        let mut seen = std::collections::HashSet::new();
+        for path in listed.chain(named) {
+            // Follows symlinks: the inode is the namespace's. One namespace
+            // is one entry: a file the model names (the CNI's) that the
+            // directory also shows, under another path, is not a second.
+            if let Ok(m) = fs::metadata(&path) {
+                if seen.insert((m.dev(), m.ino())) {
+                    present.insert(path, m.ino());
+                }
+            }
+        }
+        for path in stale(&self.entries, &present) {
+            if let Some(e) = self.entries.remove(&path) {
+                match (&e.state, &e.netns) {
+                    (State::Served, Some(ns)) => {
+                        info!(netns = %path.display(), "namespace gone: withdrawing");
+                        changes.push(Change::Withdraw(ns.clone(), e.cookie));
+                    }
+                    (State::Passed(_), _) => changes.extend(e.cookie.map(|c| Change::Pass(c, false))),
+                    _ => {}
+                }
+            }
+        }
+        for (path, ino) in present {
+            self.look(path, ino, identity, model, &mut changes);
+        }
+        changes
+    }
+
+    /// Decides the namespace at `path` alone: a sandbox the CNI plugin has
+    /// just handed over, while the rest of the directory is as the last
+    /// scan left it (the next scan looks at everything again). Under the
+    /// path the scan knows it by, if it lists it under another.
+    pub fn look_at(&mut self, path: &Path, identity: &Identity, model: Option<&Model>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let Ok(m) = fs::metadata(path) else { return changes };
+        let same = |p: &Path| fs::metadata(p).is_ok_and(|o| (o.dev(), o.ino()) == (m.dev(), m.ino()));
+        let listed = path.file_name().map(|n| self.dir.join(n)).filter(|p| same(p));
+        let known = self.entries.iter().find(|(p, e)| e.ino == m.ino() && same(p)).map(|(p, _)| p.clone());
+        let path = known.or(listed).unwrap_or_else(|| path.to_path_buf());
+        self.look(path, m.ino(), identity, model, &mut changes);
+        changes
+    }
+
+    /// (Re-)decides one namespace, found at `path` with inode `ino`.
+    fn look(&mut self, path: PathBuf, ino: u64, identity: &Identity, model: Option<&Model>, changes: &mut Vec<Change>) {
+        let entry = self.entries.entry(path.clone()).or_insert_with(|| open(&path, ino));
+        let Some(ns) = entry.netns.clone() else { return };
+        // Read until served: the CNI may add a dual-stack pod's two
+        // addresses one after the other, and the model says how many
+        // to wait for.
+        if matches!(entry.state, State::WaitingForAddress | State::Unclaimed(_) | State::WaitingForCertificate(_)) {
+            match ns.addresses() {
+                Ok(a) if !a.is_empty() => {
+                    entry.addressed = entry.addressed.or(Some(Instant::now()));
+                    entry.addresses = a;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !matches!(entry.state, State::Broken(_)) {
+                        warn!(netns = %path.display(), error = %e, "cannot read the namespace's addresses");
+                    }
+                    entry.state = State::Broken(format!("reading its addresses: {e}"));
+                    return;
+                }
+            }
+        }
+        let Decision { state: next, skip_outbound: skip, client_address } =
+            decide(&entry.addresses, model, |a| identity.holds(a));
+        let (Some(cookie), before) = (entry.cookie, entry.state.clone()) else { return };
+        if next == before {
+            if next == State::Served && skip != entry.skip_outbound {
+                changes.push(Change::Ports(ns.id(), cookie, skip.clone()));
+                entry.skip_outbound = skip;
+            }
+            return;
+        }
+        let name = path.display();
+        match &before {
+            State::Served => {
+                info!(netns = %name, now = next.label(), "namespace no longer meshed: withdrawing");
+                changes.push(Change::Withdraw(ns.clone(), Some(cookie)));
+            }
+            State::Passed(_) => changes.push(Change::Pass(cookie, false)),
+            _ => {}
+        }
+        match &next {
+            State::WaitingForCertificate(ip) => match identity.dir() {
+                Some(certs) => warn!(netns = %name, %ip, certs = %certs.display(),
+                                     "pod address has no certificate: not serving it until {ip}.crt appears"),
+                None => info!(netns = %name, %ip, "waiting for the node CA to mint the pod's certificate"),
+            },
+            State::Unclaimed(ip) => {
+                info!(netns = %name, %ip, "no local workload holds this address yet: its connects to meshed destinations are refused until one does")
+            }
+            State::Conflict(why) => warn!(netns = %name, why, "address conflict: not serving it"),
+            State::Passed(why) => {
+                info!(netns = %name, addresses = ?entry.addresses, why, "outside the mesh: never captured");
+                changes.push(Change::Pass(cookie, true));
+            }
+            State::Served => {
+                info!(netns = %name, addresses = ?entry.addresses, "enrolling namespace");
+                let since = entry.addressed.unwrap_or_else(Instant::now);
+                changes.push(Change::Enroll {
+                    ns,
+                    cookie,
+                    skip_outbound: skip.clone(),
+                    since,
+                    addresses: entry.addresses.clone(),
+                    client_address,
+                });
+            }
+            State::WaitingForAddress | State::Broken(_) => {}
+        }
+        entry.state = next;
+        entry.skip_outbound = skip;
+    }
+}
+
+/// Sends a unit on `tx` whenever an entry of `dir` is created, removed or
+/// renamed (coalesced: one message may stand for many), from a thread of its
+/// own. Mounting a namespace onto a file raises no event, so the control
+/// thread still looks every few hundred milliseconds, and quickly while a
+/// namespace is not ready.
+pub fn watch_dir(dir: &Path, tx: crossbeam_channel::Sender<()>) -> std::io::Result<()> {
+    use inotify::{Inotify, WatchMask};
+    let mut inotify = Inotify::init()?;
+    inotify.watches().add(
+        dir,
+        WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM | WatchMask::ATTRIB,
+    )?;
+    std::thread::Builder::new().name("netns-watch".into()).spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match inotify.read_events_blocking(&mut buf) {
+                Ok(_) => {
+                    if tx.try_send(()).is_err() && tx.is_empty() {
+                        return; // the control thread is gone
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!(error = %e, "reading inotify events: falling back to periodic looks");
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn open(path: &Path, ino: u64) -> Entry {
+    let opened = Netns::open(path).and_then(|ns| Ok((ns.cookie()?, ns)));
+    let (netns, cookie, state) = match opened {
+        Ok((cookie, ns)) => (Some(Arc::new(ns)), Some(cookie), State::WaitingForAddress),
+        Err(e) => {
+            // Often a file the runtime has created but not mounted the
+            // namespace onto yet: looked at again shortly (a new inode then).
+            info!(netns = %path.display(), error = %e, "not a namespace (yet); ignoring it until it changes");
+            (None, None, State::Broken(e.to_string()))
+        }
+    };
+    Entry {
+        ino,
+        netns,
+        cookie,
+        addresses: Vec::new(),
+        seen: Instant::now(),
+        addressed: None,
+        state,
+        skip_outbound: Vec::new(),
+    }
+}
+
+/// Entries whose file is gone, or now names another namespace (another
+/// inode) under the same name.
+fn stale(entries: &BTreeMap<PathBuf, Entry>, present: &BTreeMap<PathBuf, u64>) -> Vec<PathBuf> {
+    entries.iter().filter(|(p, e)| present.get(*p) != Some(&e.ino)).map(|(p, _)| p.clone()).collect()
+}
+
+/// Where a namespace stands, from its addresses (as read inside it), the
+/// model, and whether a certificate exists for an address; with what its
+/// workload asks of the data plane.
+fn decide(addresses: &[IpAddr], model: Option<&Model>, has_cert: impl Fn(IpAddr) -> bool) -> Decision {
+    let mut d = Decision { state: State::Served, skip_outbound: Vec::new(), client_address: true };
+    let Some(first) = addresses.first() else { return d.now(State::WaitingForAddress) };
+    if let Some(model) = model {
+        let mut owner = None;
+        for a in addresses {
+            match model.local_with(*a) {
+                Err(why) => return d.now(State::Conflict(why)),
+                Ok(Some(w)) => owner = owner.or(Some(w)),
+                Ok(None) => {}
+            }
+        }
+        let Some(w) = owner else { return d.now(State::Unclaimed(*first)) };
+        match &w.mode {
+            Mode::Outside(why) => return d.now(State::Passed(why.label())),
+            Mode::Meshed { skip_outbound, .. } => d.skip_outbound.clone_from(skip_outbound),
+        }
+        d.client_address = w.client_address;
+        // A dual-stack pod whose second address the CNI has not added yet:
+        // serving it now would leave that family without listeners.
+        if !w.addresses.iter().all(|a| addresses.contains(a)) {
+            return d.now(State::WaitingForAddress);
+        }
+    }
+    match addresses.iter().find(|a| !has_cert(**a)) {
+        Some(missing) => d.now(State::WaitingForCertificate(*missing)),
+        None => d,
+    }
+}
+
+/// What [`decide`] found: the namespace's state, the destination ports its
+/// connects go direct to, and whether its application sees clients'
+/// addresses (both from the workload that owns it; none without a model).
+#[derive(Debug, PartialEq, Eq)]
+struct Decision {
+    state: State,
+    skip_outbound: Vec<u16>,
+    client_address: bool,
+}
+
+impl Decision {
+    fn now(self, state: State) -> Self {
+        Self { state, ..self }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn without_a_model_a_pod_moves_from_no_address_to_no_certificate_to_served() {
+        let certs = [ip("10.0.0.1")];
+        let has = |a: IpAddr| certs.contains(&a);
+        // Looks as the CNI and the certificate issuer catch up.
+        assert_eq!(decide(&[], None, has).state, State::WaitingForAddress);
+        assert_eq!(decide(&[ip("10.0.0.2")], None, has).state, State::WaitingForCertificate(ip("10.0.0.2")));
+        assert_eq!(decide(&[ip("10.0.0.1")], None, has).state, State::Served);
+        // Every address needs its certificate (dual-homed pods).
+        assert_eq!(
+            decide(&[ip("10.0.0.1"), ip("10.0.0.3")], None, has).state,
+            State::WaitingForCertificate(ip("10.0.0.3"))
+        );
+    }
+
+    #[test]
+    fn with_a_model_only_meshed_local_workloads_are_served() {
+        use crate::cluster::model::{Outside, Workload};
+        let w = |name: &str, addr: &str, local, mode| Workload {
+            namespace: "ns".into(),
+            name: name.into(),
+            service_account: "sa".into(),
+            addresses: vec![ip(addr)],
+            local,
+            netns: None,
+            client_address: true,
+            mode,
+            labels: Default::default(),
+            strict: false,
+        };
+        let meshed = || Mode::Meshed { skip_outbound: vec![5432], skip_inbound: vec![] };
+        let model = Model::new(vec![
+            w("web", "10.0.0.1", true, meshed()),
+            w("agent", "10.0.0.2", true, Mode::Outside(Outside::NotOptedIn)),
+            w("far", "10.0.0.3", false, meshed()),
+        ]);
+        let all = |_| true;
+        let served = decide(&[ip("10.0.0.1")], Some(&model), all);
+        assert_eq!(served, Decision { state: State::Served, skip_outbound: vec![5432], client_address: true });
+        // The workload's own choice of client address comes with it.
+        let mut direct = w("web", "10.0.0.1", true, meshed());
+        direct.client_address = false;
+        let served = decide(&[ip("10.0.0.1")], Some(&Model::new(vec![direct])), all);
+        assert_eq!((served.state, served.client_address), (State::Served, false));
+        assert!(decide(&[ip("10.0.0.1")], None, all).client_address, "without a model: on");
+        assert_eq!(
+            decide(&[ip("10.0.0.1")], Some(&model), |_| false).state,
+            State::WaitingForCertificate(ip("10.0.0.1"))
+        );
+        assert_eq!(decide(&[ip("10.0.0.2")], Some(&model), all).state, State::Passed("namespace_not_opted_in"));
+        // Another node's pod, or one the API has not shown yet: unclaimed.
+        assert_eq!(decide(&[ip("10.0.0.3")], Some(&model), all).state, State::Unclaimed(ip("10.0.0.3")));
+        assert_eq!(decide(&[ip("10.0.0.9")], Some(&model), all).state, State::Unclaimed(ip("10.0.0.9")));
+        assert_eq!(State::Passed("x").label(), "passed");
+    }
+
+    #[test]
+    fn a_dual_stack_pod_waits_for_every_address_its_workload_has() {
+        use crate::cluster::model::Workload;
+        let web = Workload {
+            namespace: "ns".into(),
+            name: "web".into(),
+            service_account: "sa".into(),
+            addresses: vec![ip("10.0.0.1"), ip("fd00::1")],
+            local: true,
+            netns: None,
+            client_address: true,
+            mode: Mode::Meshed { skip_outbound: vec![], skip_inbound: vec![] },
+            labels: Default::default(),
+            strict: false,
+        };
+        let model = Model::new(vec![web]);
+        let all = |_| true;
+        // The CNI has added the IPv4 address only (so far).
+        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), all).state, State::WaitingForAddress);
+        assert_eq!(decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), all).state, State::Served);
+        // Outside the mesh, it is passed at once: its connects must not be
+        // refused while the second address comes.
+        let mut outside = model.workloads().next().expect("web").clone();
+        outside.mode = Mode::Outside(crate::cluster::model::Outside::NotOptedIn);
+        let model_outside = Model::new(vec![outside]);
+        assert_eq!(decide(&[ip("10.0.0.1")], Some(&model_outside), all).state, State::Passed("namespace_not_opted_in"));
+        // Both need a certificate.
+        let v4_only = |a: IpAddr| a.is_ipv4();
+        assert_eq!(
+            decide(&[ip("10.0.0.1"), ip("fd00::1")], Some(&model), v4_only).state,
+            State::WaitingForCertificate(ip("fd00::1"))
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_gone_or_names_a_new_namespace_is_stale() {
+        let entry = |ino| Entry {
+            ino,
+            netns: None,
+            cookie: None,
+            addresses: vec![],
+            seen: Instant::now(),
+            addressed: None,
+            state: State::Served,
+            skip_outbound: vec![],
+        };
+        let entries: BTreeMap<PathBuf, Entry> =
+            [("/n/a", 1), ("/n/b", 2), ("/n/c", 3)].into_iter().map(|(p, i)| (PathBuf::from(p), entry(i))).collect();
+        // a unchanged, b re-created (new inode: a new pod under the same
+        // name), c deleted, d new (not stale: it is enrolled by the scan).
+        let present: BTreeMap<PathBuf, u64> =
+            [("/n/a", 1), ("/n/b", 20), ("/n/d", 4)].into_iter().map(|(p, i)| (PathBuf::from(p), i)).collect();
+        assert_eq!(stale(&entries, &present), [PathBuf::from("/n/b"), PathBuf::from("/n/c")]);
+    }
+}

@@ -1,0 +1,473 @@
+//! The executors: one glommio `LocalExecutor` per chosen CPU, pinned. Each
+//! builds its own state inside its own thread (listeners in every enrolled
+//! namespace: `127.0.0.1:18000` and `0.0.0.0:18001`, and `[::1]:18000` and
+//! `[::]:18001` where the pod has an IPv6 address; TLS configurations;
+//! per-connection tasks) and handles every connection it accepts start to
+//! finish: no locks and no cross-core hand-off on the data path.
+//!
+//! Executors report to the control thread over a crossbeam channel and never
+//! wait on it.
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    rc::Rc,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crossbeam_channel::Sender;
+use glommio::{net::TcpListener, Latency, LocalExecutorBuilder, Placement, Shares};
+use tracing::{error, info, warn};
+
+use crate::{
+    identity::Identity,
+    node::ebpf::OrigLookup,
+    node::netns::{Netns, NetnsId},
+    node::socket,
+    node::sys,
+    proxy::conn::{ExecutorCtx, Limits, Open, Record},
+    proxy::inbound,
+    proxy::outbound,
+    proxy::stats::{Direction, Snapshot},
+};
+use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
+
+/// What every executor is started with.
+#[derive(Debug)]
+pub struct ExecutorSpec {
+    /// Namespaces to open listeners in, with their pods' addresses.
+    pub namespaces: Vec<(Arc<Netns>, Vec<IpAddr>)>,
+    /// SO_MARK of our own sockets.
+    pub bypass_mark: u32,
+    /// Certificates and TLS configurations.
+    pub identity: Arc<Identity>,
+    /// Limits.
+    pub limits: Limits,
+    /// How long an executor polls for I/O before it sleeps (none: at once).
+    pub busy_poll: Option<std::time::Duration>,
+    /// The pinned original-destination map, if any (strict mode): for the
+    /// sockets `SO_ORIGINAL_DST` cannot answer for.
+    pub orig_pin: Option<std::path::PathBuf>,
+    /// Connections between two pods served here skip the tunnel.
+    pub same_node_fast_path: bool,
+    /// With workload identities (`--node-ca`): their trust domain; every
+    /// peer must then prove the identity of the pod at its address.
+    pub trust_domain: Option<Arc<str>>,
+    /// The splice maps, when those connections are spliced in the kernel.
+    pub splice: Option<crate::node::ebpf::SpliceMaps>,
+    /// Both ends of every tunnel are in this process (loopback mode): each
+    /// executor's inbound listeners take the tunnels the previous executor
+    /// opens (`inbound_cpu`).
+    pub local_tunnels: bool,
+}
+
+/// The namespaces an executor has listeners in, written by the executor
+/// when it enrols or withdraws one, read by the control thread for
+/// readiness. Never touched on the data path.
+pub type Listening = Mutex<BTreeSet<NetnsId>>;
+
+/// What the control thread tells an executor.
+#[derive(Debug)]
+pub enum ToExecutor {
+    /// Send a copy of your measurements (histograms included) on this
+    /// channel: for dumps and scrapes only.
+    Snapshot(Sender<ExecutorReport>),
+    /// New certificates: use them for new handshakes.
+    Identity(Arc<Identity>),
+    /// Serve this namespace too, whose pod has these addresses: open its
+    /// listeners in it.
+    Enroll(Arc<Netns>, Vec<IpAddr>),
+    /// Stop serving this namespace: close its listeners (open connections
+    /// finish on their own).
+    Withdraw(NetnsId),
+    /// Close your listeners; keep serving open connections.
+    Drain,
+    /// New Services: route new connections to ClusterIPs with these.
+    Services(Arc<crate::cluster::services::Table>),
+    /// Meshed pods' identities that changed, by address (`None`: gone).
+    Workloads(Arc<[(IpAddr, Option<Arc<str>>)]>),
+    /// The authorization policies of this node's pods.
+    Policies(Arc<crate::cluster::policy::Table>),
+    /// The kernel paused the spliced direction whose source socket has this
+    /// cookie, if it is one of yours (every executor hears it).
+    SplicePaused(u64),
+}
+
+/// An executor's answer to [`ToExecutor::Snapshot`].
+#[derive(Debug)]
+pub struct ExecutorReport {
+    /// The CPU it is pinned to.
+    pub cpu: usize,
+    /// Its measurements.
+    pub stats: Snapshot,
+}
+
+/// What an executor tells the control thread.
+#[derive(Debug)]
+pub enum ExecutorEvent {
+    /// Listening on both ports in every namespace.
+    Ready {
+        /// The CPU it is pinned to.
+        cpu: usize,
+    },
+    /// Listening on both ports in a namespace enrolled after start-up.
+    Listening {
+        /// The CPU it is pinned to.
+        cpu: usize,
+        /// The namespace.
+        netns: NetnsId,
+    },
+    /// Could not listen in a namespace; the message names it and the port.
+    Failed {
+        /// The CPU it is pinned to.
+        cpu: usize,
+        /// The namespace.
+        netns: NetnsId,
+        /// What failed.
+        error: String,
+    },
+}
+
+/// An executor thread.
+pub type ExecutorHandle = glommio::ExecutorJoinHandle<()>;
+
+/// A running executor, as the control thread sees it.
+#[derive(Debug)]
+pub struct Executor {
+    /// The CPU it is pinned to.
+    pub cpu: usize,
+    /// Its control channel (a message wakes it: it never polls).
+    pub tx: flume::Sender<ToExecutor>,
+    /// Connections open on it now.
+    pub open: Arc<Open>,
+    /// The namespaces it listens in now.
+    pub listening: Arc<Listening>,
+    /// Its thread.
+    pub handle: ExecutorHandle,
+}
+
+/// Starts one pinned executor per CPU in `cpus`.
+pub fn spawn(cpus: &[usize], spec: Arc<ExecutorSpec>, events: Sender<ExecutorEvent>) -> std::io::Result<Vec<Executor>> {
+    cpus.iter()
+        .enumerate()
+        .map(|(i, &cpu)| {
+            let inbound_cpu = inbound_cpu(cpus, i, spec.local_tunnels);
+            let spec = spec.clone();
+            let events = events.clone();
+            let (tx, rx) = flume::unbounded();
+            let (open, listening) = (Arc::new(Open::default()), Arc::new(Listening::default()));
+            let ctx = (open.clone(), listening.clone());
+            let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu)).name(&format!("executor-{cpu}"));
+            if let Some(spin) = spec.busy_poll {
+                // The vendored glommio yields the CPU on each turn of the
+                // spin (vendor/README.md): a thread that shares the CPU
+                // runs at once instead of after the spin.
+                builder = builder.spin_before_park(spin);
+            }
+            let handle = builder
+                .spawn(move || async move {
+                    let _fatal = DieTogether(cpu);
+                    run((cpu, inbound_cpu), spec, events, rx, ctx).await
+                })
+                .map_err(|e| std::io::Error::other(format!("starting the executor on CPU {cpu}: {e}")))?;
+            Ok(Executor { cpu, tx, open, listening, handle })
+        })
+        .collect()
+}
+
+/// The CPU whose new connections the inbound listeners of executor `i`
+/// (of those on `cpus`) ask the kernel for, if any. In loopback mode a
+/// tunnel's connection is set up on the CPU of the executor that opens it
+/// (the outbound half): the next executor's inbound listener takes it, so
+/// the tunnel's two halves, each with its own TLS work, always run on two
+/// executors. Left to the kernel's hash they shared one whenever it chose
+/// the opener's (half the tunnels, with two executors), and such a stream
+/// used at most one core. Otherwise the hash decides: a tunnel from another
+/// node is set up on whatever CPU received it.
+fn inbound_cpu(cpus: &[usize], i: usize, local_tunnels: bool) -> Option<usize> {
+    (local_tunnels && cpus.len() > 1).then(|| cpus[(i + cpus.len() - 1) % cpus.len()])
+}
+
+/// Takes the process down when an executor thread unwinds: half a node
+/// that answers `/live` with 200 while a core serves nothing is worse than
+/// a restart by the kubelet.
+struct DieTogether(usize);
+
+impl Drop for DieTogether {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!(cpu = self.0, "an executor died; stopping the data plane so that it is restarted whole");
+            std::process::abort();
+        }
+    }
+}
+
+const OUTBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT);
+const INBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT);
+const OUTBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT);
+const INBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT);
+
+/// A listener on `addr` inside `ns`, and its fd (glommio does not expose it).
+fn bind_in(
+    ns: &Netns,
+    addr: SocketAddr,
+    incoming_cpu: Option<usize>,
+) -> Result<(TcpListener, std::os::fd::RawFd), String> {
+    match ns.run(|| socket::listener(addr, incoming_cpu)) {
+        Ok(Ok(fd)) => {
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            Ok((sys::glommio_listener(fd), raw))
+        }
+        Ok(Err(e)) | Err(e) => Err(format!("listening on {addr} in {}: {e}", ns.name())),
+    }
+}
+
+/// Priority of the control task: a message (drain, new certificates, a
+/// new pod) is handled within this even while connections keep the
+/// executor busy.
+const CONTROL_LATENCY: Duration = Duration::from_millis(1);
+
+type Listeners = BTreeMap<NetnsId, Vec<AcceptLoop>>;
+
+async fn run(
+    (cpu, inbound_cpu): (usize, Option<usize>),
+    spec: Arc<ExecutorSpec>,
+    events: Sender<ExecutorEvent>,
+    control: flume::Receiver<ToExecutor>,
+    (open, listening): (Arc<Open>, Arc<Listening>),
+) {
+    let orig = spec.orig_pin.as_deref().and_then(|p| match OrigLookup::open(p) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            warn!(cpu, error = %e, "cannot open the pinned original-destination map: no fallback lookup");
+            None
+        }
+    });
+    let mut executor = ExecutorCtx::new(cpu, spec.bypass_mark, spec.limits, spec.identity.clone(), open, orig);
+    executor.same_node_fast_path = spec.same_node_fast_path;
+    executor.trust_domain = spec.trust_domain.clone();
+    executor.splicer =
+        spec.splice.as_ref().and_then(|m| match m.try_clone().and_then(crate::node::ebpf::Splicer::open) {
+            Ok(s) => Some(std::cell::RefCell::new(s)),
+            Err(e) => {
+                warn!(cpu, error = %e, "cannot open the splice maps: same-node connections relayed in user space");
+                None
+            }
+        });
+    let executor = Rc::new(executor);
+    let mut listeners = Listeners::new();
+    if let Err(e) = Netns::pin_home() {
+        let error = e.to_string();
+        let _ = events.send(ExecutorEvent::Failed { cpu, netns: NetnsId(0), error });
+        return;
+    }
+    for (ns, addresses) in &spec.namespaces {
+        if let Err(error) = enroll(&executor, ns, addresses, inbound_cpu, &mut listeners, &listening) {
+            let _ = events.send(ExecutorEvent::Failed { cpu, netns: ns.id(), error });
+            return;
+        }
+    }
+    info!(cpu, namespaces = spec.namespaces.len(), "executor listening");
+    let _ = events.send(ExecutorEvent::Ready { cpu });
+    let queue = glommio::executor().create_task_queue(Shares::default(), Latency::Matters(CONTROL_LATENCY), "control");
+    let task = glommio::spawn_local_into(
+        async move {
+            let mut draining = false;
+            // Woken by each message; ends when the control thread is gone.
+            while let Ok(msg) = control.recv_async().await {
+                match msg {
+                    ToExecutor::Snapshot(reply) => {
+                        let _ = reply.send(ExecutorReport { cpu, stats: executor.snapshot() });
+                    }
+                    ToExecutor::Identity(id) => executor.set_identity(id),
+                    ToExecutor::Services(table) => executor.set_services(table),
+                    ToExecutor::Workloads(changes) => executor.set_workloads(&changes),
+                    ToExecutor::Policies(table) => executor.set_policies(table),
+                    ToExecutor::SplicePaused(cookie) => crate::proxy::splice::paused(&executor, cookie),
+                    ToExecutor::Enroll(ns, addresses) if !draining => {
+                        let event = match enroll(&executor, &ns, &addresses, inbound_cpu, &mut listeners, &listening) {
+                            Ok(()) => ExecutorEvent::Listening { cpu, netns: ns.id() },
+                            Err(error) => ExecutorEvent::Failed { cpu, netns: ns.id(), error },
+                        };
+                        let _ = events.send(event);
+                    }
+                    ToExecutor::Enroll(..) => {}
+                    ToExecutor::Withdraw(id) => {
+                        executor.forget(id);
+                        if let Some(loops) = listeners.remove(&id) {
+                            lock(&listening).remove(&id);
+                            for l in loops {
+                                l.stop(cpu).await;
+                            }
+                        }
+                    }
+                    ToExecutor::Drain => {
+                        // Once our listeners stop listening, the kernel sends
+                        // new connections to the other sockets of the
+                        // SO_REUSEPORT group (a new instance), or refuses
+                        // them. The listening set empties only once no
+                        // accept loop is left: the control thread waits for
+                        // that before it counts open connections.
+                        draining = true;
+                        executor.forget_all();
+                        for (_, loops) in std::mem::take(&mut listeners) {
+                            for l in loops {
+                                l.stop(cpu).await;
+                            }
+                        }
+                        lock(&listening).clear();
+                        info!(cpu, "listeners closed; draining");
+                    }
+                }
+            }
+        },
+        queue,
+    );
+    match task {
+        Ok(task) => task.await,
+        Err(e) => panic!("executor on CPU {cpu}: spawning its control task: {e}"),
+    }
+}
+
+/// Locks a listening set. A holder that panicked took the process down
+/// first (executors abort on unwinding), so poisoning is ignored.
+pub fn lock(listening: &Listening) -> std::sync::MutexGuard<'_, BTreeSet<NetnsId>> {
+    listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Opens the listeners of `ns` (both families' where the pod has an IPv6
+/// address) and starts their accept loops; records the pod's `addresses`.
+/// The inbound listeners prefer connections set up on `inbound_cpu`.
+fn enroll(
+    executor: &Rc<ExecutorCtx>,
+    ns: &Arc<Netns>,
+    addresses: &[IpAddr],
+    inbound_cpu: Option<usize>,
+    listeners: &mut Listeners,
+    listening: &Listening,
+) -> Result<(), String> {
+    if listeners.contains_key(&ns.id()) {
+        return Ok(());
+    }
+    let mut addrs = vec![(OUTBOUND_ADDR, Direction::Outbound), (INBOUND_ADDR, Direction::Inbound)];
+    if addresses.iter().any(IpAddr::is_ipv6) {
+        addrs.extend([(OUTBOUND_ADDR6, Direction::Outbound), (INBOUND_ADDR6, Direction::Inbound)]);
+    }
+    // All or none: the sockets bound so far close if one fails.
+    let bound = addrs
+        .iter()
+        .map(|&(a, d)| {
+            let cpu = if d == Direction::Inbound { inbound_cpu } else { None };
+            Ok((bind_in(ns, a, cpu)?, d))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let loops = bound.into_iter().map(|(l, d)| AcceptLoop::start(l, executor, ns, d)).collect();
+    listeners.insert(ns.id(), loops);
+    lock(listening).insert(ns.id());
+    executor.serve(ns, addresses);
+    Ok(())
+}
+
+/// A listener's accept loop, and the way to stop it without losing a
+/// connection. glommio accepts through io_uring: cancelling the loop could
+/// drop an accept the kernel had already completed, and that connection would
+/// never be served. Instead the listening socket is shut down for reading: it
+/// stops listening at once (its queue moves to another listener of the
+/// SO_REUSEPORT group, `tcp_migrate_req`), the accept in flight returns an
+/// error, and the loop serves every connection it was handed, then ends.
+struct AcceptLoop {
+    task: glommio::Task<()>,
+    fd: std::os::fd::RawFd,
+    stop: Rc<Cell<bool>>,
+}
+
+/// How long a stopped accept loop gets to end by itself.
+const ACCEPT_STOP: Duration = Duration::from_secs(1);
+
+impl AcceptLoop {
+    fn start(
+        (listener, fd): (TcpListener, std::os::fd::RawFd),
+        executor: &Rc<ExecutorCtx>,
+        ns: &Arc<Netns>,
+        direction: Direction,
+    ) -> Self {
+        let stop = Rc::new(Cell::new(false));
+        let task = glommio::spawn_local(accept_loop(listener, executor.clone(), ns.clone(), direction, stop.clone()));
+        Self { task, fd, stop }
+    }
+
+    async fn stop(mut self, cpu: usize) {
+        self.stop.set(true);
+        // The fd is open: the loop owns the listener until it ends, and it
+        // ends only once `stop` is set.
+        let shut = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Read);
+        if shut.is_ok() && crate::proxy::relay::within(ACCEPT_STOP, &mut self.task).await.is_some() {
+            return;
+        }
+        warn!(cpu, shutdown = ?shut, "an accept loop did not end by itself; cancelling it");
+        self.task.cancel().await;
+    }
+}
+
+/// Pause after an accept error (EMFILE and the like), doubled on each error
+/// in a row up to [`ACCEPT_BACKOFF_MAX`], so a full fd table does not turn
+/// into a busy loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// How often a waiting accept is re-polled (see `relay::repolled`).
+const ACCEPT_REPOLL: Duration = Duration::from_secs(1);
+
+async fn accept_loop(
+    listener: TcpListener,
+    executor: Rc<ExecutorCtx>,
+    ns: Arc<Netns>,
+    direction: Direction,
+    stop: Rc<Cell<bool>>,
+) {
+    let mut backoff = ACCEPT_BACKOFF;
+    loop {
+        // Re-polled every second: an accept whose wake-up went missing
+        // would otherwise wait for the next connection (a tunnel handshake
+        // was seen to wait out its 10 s with no trace on the accepting side).
+        match crate::proxy::relay::repolled(ACCEPT_REPOLL, listener.accept()).await {
+            Ok(conn) => {
+                backoff = ACCEPT_BACKOFF;
+                // Counted as open from the moment it is accepted, before its
+                // task first runs: a drain that waits for open connections
+                // must never miss one that is only queued.
+                let rec = Record::accepted(&executor, direction, &ns);
+                let (executor, ns) = (executor.clone(), ns.clone());
+                match direction {
+                    Direction::Outbound => glommio::spawn_local(outbound::serve(executor, ns, conn, rec)).detach(),
+                    Direction::Inbound => glommio::spawn_local(inbound::serve(executor, ns, conn, rec)).detach(),
+                };
+            }
+            Err(_) if stop.get() => return,
+            Err(e) => {
+                executor.with_stats(|s| s.flow(direction).accept_errors += 1);
+                if let Some(left_out) = executor.may_log("accept_failed") {
+                    warn!(netns = %ns.name(), %direction, error = %e, ?backoff, left_out, "accept failed; backing off");
+                }
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inbound_cpu;
+
+    #[test]
+    fn each_inbound_listener_takes_the_previous_executors_tunnels() {
+        let cpus = [2, 5, 7];
+        let chosen: Vec<_> = (0..cpus.len()).map(|i| inbound_cpu(&cpus, i, true)).collect();
+        assert_eq!(chosen, [Some(7), Some(2), Some(5)]);
+        // Every CPU is asked for by exactly one other executor.
+        assert!(chosen.iter().zip(cpus).all(|(c, own)| *c != Some(own)));
+        assert_eq!(inbound_cpu(&cpus, 1, false), None, "tunnels from elsewhere: the kernel's hash");
+        assert_eq!(inbound_cpu(&[3], 0, true), None, "one executor: nothing to spread");
+    }
+}

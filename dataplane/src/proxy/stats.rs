@@ -1,0 +1,371 @@
+//! Per-executor measurements: latency histograms and counters, owned by the
+//! executor that records them (no locks, no atomics on the data path), and
+//! merged on the control thread from snapshots sent on request.
+//!
+//! Histograms hold microseconds with 3 significant figures, up to one hour
+//! (longer values saturate at the top).
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use hdrhistogram::Histogram;
+
+use crate::proxy::reason::Reason;
+
+/// The latency histograms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hist {
+    /// Outbound: accept to tunnel ready (original destination, TCP connect,
+    /// TLS handshake, preamble sent).
+    TunnelConnect,
+    /// Outbound: the TLS client handshake (it overlaps the TCP connect, which
+    /// is started non-blocking just before).
+    TlsHandshake,
+    /// Outbound: accept to the first byte from the destination.
+    FirstByte,
+    /// Outbound: accept to close.
+    Lifetime,
+    /// Inbound: the TLS server handshake.
+    InboundTlsHandshake,
+    /// Inbound: accept to the first byte from the application.
+    InboundFirstByte,
+    /// Inbound: accept to close.
+    InboundLifetime,
+}
+
+/// How many histograms there are.
+pub const HISTS: usize = Hist::ALL.len();
+
+impl Hist {
+    /// Every histogram, in index order.
+    pub const ALL: [Hist; 7] = [
+        Hist::TunnelConnect,
+        Hist::TlsHandshake,
+        Hist::FirstByte,
+        Hist::Lifetime,
+        Hist::InboundTlsHandshake,
+        Hist::InboundFirstByte,
+        Hist::InboundLifetime,
+    ];
+
+    /// A stable snake_case name (JSON keys, metric names, log tags).
+    pub fn name(self) -> &'static str {
+        match self {
+            Hist::TunnelConnect => "tunnel_connect",
+            Hist::TlsHandshake => "tls_handshake",
+            Hist::FirstByte => "first_byte",
+            Hist::Lifetime => "connection_lifetime",
+            Hist::InboundTlsHandshake => "inbound_tls_handshake",
+            Hist::InboundFirstByte => "inbound_first_byte",
+            Hist::InboundLifetime => "inbound_connection_lifetime",
+        }
+    }
+
+    /// What it measures, for `/metrics` help text.
+    pub fn help(self) -> &'static str {
+        match self {
+            Hist::TunnelConnect => "Outbound: accept to tunnel ready (connect, mutual TLS, preamble)",
+            Hist::TlsHandshake => "Outbound: TLS client handshake, overlapping the TCP connect",
+            Hist::FirstByte => "Outbound: accept to the first byte from the destination",
+            Hist::Lifetime => "Outbound: connection lifetime",
+            Hist::InboundTlsHandshake => "Inbound: TLS server handshake",
+            Hist::InboundFirstByte => "Inbound: accept to the first byte from the application",
+            Hist::InboundLifetime => "Inbound: connection lifetime",
+        }
+    }
+}
+
+/// Where a connection came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// Captured at 18000, leaving the pod.
+    Outbound,
+    /// Arrived at 18001 for the pod.
+    Inbound,
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        })
+    }
+}
+
+/// Which side a failure is blamed on (pingora's `ErrorSource`): the peer
+/// that connected to us, the one we connected to, or ourselves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Blame {
+    /// The client (outbound) or the remote data plane (inbound).
+    Downstream,
+    /// The tunnel (outbound) or the application (inbound).
+    Upstream,
+    /// Us: no certificate, a socket we could not make.
+    Ours,
+}
+
+impl fmt::Display for Blame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Blame::Downstream => "downstream",
+            Blame::Upstream => "upstream",
+            Blame::Ours => "ours",
+        })
+    }
+}
+
+impl From<crate::proxy::relay::Side> for Blame {
+    fn from(s: crate::proxy::relay::Side) -> Self {
+        match s {
+            crate::proxy::relay::Side::Downstream => Blame::Downstream,
+            crate::proxy::relay::Side::Upstream => Blame::Upstream,
+        }
+    }
+}
+
+/// Counters of one direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections that ended normally (both directions saw EOF).
+    pub completed: u64,
+    /// Connections that ended otherwise (refused, reset, timed out).
+    pub failed: u64,
+    /// Bytes from downstream to upstream.
+    pub bytes_up: u64,
+    /// Bytes from upstream to downstream.
+    pub bytes_down: u64,
+    /// Accepts that failed (EMFILE and the like).
+    pub accept_errors: u64,
+    /// TLS handshakes that resumed an earlier session (no certificates
+    /// exchanged, no signatures).
+    pub resumed: u64,
+}
+
+impl Flow {
+    /// Connections open now.
+    pub fn active(&self) -> u64 {
+        self.accepted.saturating_sub(self.completed + self.failed)
+    }
+}
+
+/// Everything an executor counts.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Outbound counters.
+    pub outbound: Flow,
+    /// Inbound counters.
+    pub inbound: Flow,
+    /// Failures by direction, blamed side and reason.
+    pub failures: BTreeMap<(Direction, Blame, Reason), u64>,
+    /// Latency histograms, indexed like [`Hist::ALL`].
+    pub hist: [Histogram<u64>; HISTS],
+    /// Log lines left out by the limiter.
+    pub logs_suppressed: u64,
+    /// Connections to Services, by `namespace/name` and how they went.
+    pub services: BTreeMap<(String, ServiceRoute), u64>,
+    /// Tunnelled connections by the workload at the other end (the
+    /// namespace and service account its certificate proved) and whether
+    /// they failed; at most [`MAX_PEERS`] pairs per executor, the rest
+    /// counted under `other`.
+    pub peers: BTreeMap<(Direction, String, String, bool), u64>,
+    /// Inbound connections delivered from the pod's own address because the
+    /// transparent socket was refused.
+    pub client_address_fallbacks: u64,
+    /// Outbound connections between two pods served here that skipped the
+    /// tunnel (`--same-node-fast-path`).
+    pub same_node: u64,
+    /// Of those, the ones the kernel carried (spliced socket to socket).
+    pub spliced: u64,
+    /// Of those, the ones relayed in user space because the kernel did not
+    /// take the pair.
+    pub splice_fallbacks: u64,
+    /// Directions of spliced connections the kernel handed back to user
+    /// space (bytes piled up: a receiver slower than its sender).
+    pub splice_paused: u64,
+}
+
+/// How a connection to a Service went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceRoute {
+    /// Tunnelled to a meshed endpoint.
+    Tunnelled,
+    /// Connected directly to an endpoint outside the mesh.
+    Passthrough,
+    /// Refused: no ready endpoint.
+    NoEndpoint,
+}
+
+impl ServiceRoute {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ServiceRoute::Tunnelled => "tunnelled",
+            ServiceRoute::Passthrough => "passthrough",
+            ServiceRoute::NoEndpoint => "no_endpoint",
+        }
+    }
+}
+
+const MAX_MICROS: u64 = 3_600_000_000;
+
+/// Peer workload series per executor (see [`Snapshot::peers`]): a cluster's
+/// service accounts are many, a scrape must stay small.
+pub const MAX_PEERS: usize = 1000;
+
+/// The namespace and service account of a workload SPIFFE ID.
+fn workload_of(spiffe: &str) -> Option<(&str, &str)> {
+    let path = spiffe.strip_prefix("spiffe://")?.split_once('/')?.1;
+    match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["ns", ns, "sa", sa] => Some((ns, sa)),
+        _ => None,
+    }
+}
+
+/// An empty histogram of microseconds, 1 µs to an hour, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("static histogram bounds are valid")
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            outbound: Flow::default(),
+            inbound: Flow::default(),
+            failures: BTreeMap::new(),
+            hist: std::array::from_fn(|_| histogram()),
+            logs_suppressed: 0,
+            services: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            client_address_fallbacks: 0,
+            same_node: 0,
+            spliced: 0,
+            splice_fallbacks: 0,
+            splice_paused: 0,
+        }
+    }
+}
+
+impl Snapshot {
+    /// Records a duration in a histogram.
+    pub fn record(&mut self, h: Hist, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(MAX_MICROS).clamp(1, MAX_MICROS);
+        self.hist[h as usize].saturating_record(us);
+    }
+
+    /// The counters of one direction.
+    pub fn flow(&mut self, d: Direction) -> &mut Flow {
+        match d {
+            Direction::Outbound => &mut self.outbound,
+            Direction::Inbound => &mut self.inbound,
+        }
+    }
+
+    /// Counts a failed connection.
+    pub fn fail(&mut self, d: Direction, blame: Blame, reason: Reason) {
+        self.flow(d).failed += 1;
+        *self.failures.entry((d, blame, reason)).or_default() += 1;
+    }
+
+    /// Adds `other` into this one.
+    pub fn merge(&mut self, other: &Snapshot) {
+        for (mine, theirs) in [(&mut self.outbound, &other.outbound), (&mut self.inbound, &other.inbound)] {
+            mine.accepted += theirs.accepted;
+            mine.completed += theirs.completed;
+            mine.failed += theirs.failed;
+            mine.bytes_up += theirs.bytes_up;
+            mine.bytes_down += theirs.bytes_down;
+            mine.accept_errors += theirs.accept_errors;
+            mine.resumed += theirs.resumed;
+        }
+        self.logs_suppressed += other.logs_suppressed;
+        self.client_address_fallbacks += other.client_address_fallbacks;
+        self.same_node += other.same_node;
+        self.spliced += other.spliced;
+        self.splice_fallbacks += other.splice_fallbacks;
+        self.splice_paused += other.splice_paused;
+        for (k, v) in &other.failures {
+            *self.failures.entry(*k).or_default() += v;
+        }
+        for (k, v) in &other.services {
+            *self.services.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.peers {
+            *self.peers.entry(k.clone()).or_default() += v;
+        }
+        for (mine, theirs) in self.hist.iter_mut().zip(&other.hist) {
+            // Same bounds on both sides: cannot fail.
+            let _ = mine.add(theirs);
+        }
+    }
+
+    /// Counts a tunnelled connection of `d` with the peer `spiffe` (a
+    /// workload's `spiffe://DOMAIN/ns/NS/sa/SA`; any other form counts as
+    /// `-`), completed or `failed`. Bounded: past [`MAX_PEERS`] pairs, new
+    /// ones are counted as `other`.
+    pub fn count_peer(&mut self, d: Direction, spiffe: &str, failed: bool) {
+        let (ns, sa) = workload_of(spiffe).unwrap_or(("-", "-"));
+        let key = (d, ns.to_string(), sa.to_string(), failed);
+        let key = match self.peers.contains_key(&key) || self.peers.len() < MAX_PEERS {
+            true => key,
+            false => (d, "other".into(), "other".into(), failed),
+        };
+        *self.peers.entry(key).or_default() += 1;
+    }
+
+    /// Failures of `d` for `reason`, whoever was blamed.
+    pub fn failures_of(&self, d: Direction, reason: Reason) -> u64 {
+        self.failures.iter().filter(|((dd, _, r), _)| *dd == d && *r == reason).map(|(_, v)| v).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_counted_by_workload_and_bounded() {
+        let mut s = Snapshot::default();
+        s.count_peer(Direction::Inbound, "spiffe://cluster.local/ns/shop/sa/web", false);
+        s.count_peer(Direction::Inbound, "spiffe://cluster.local/ns/shop/sa/web", true);
+        s.count_peer(Direction::Inbound, "spiffe://cluster.local/ip/10.0.0.1", false);
+        let key = |ns: &str, sa: &str, failed| (Direction::Inbound, ns.to_string(), sa.to_string(), failed);
+        assert_eq!(s.peers[&key("shop", "web", false)], 1);
+        assert_eq!(s.peers[&key("shop", "web", true)], 1);
+        assert_eq!(s.peers[&key("-", "-", false)], 1, "an address-form ID names no workload");
+        for i in 0..2 * MAX_PEERS {
+            s.count_peer(Direction::Outbound, &format!("spiffe://cluster.local/ns/n{i}/sa/a"), false);
+        }
+        assert_eq!(s.peers.len(), MAX_PEERS + 1, "bounded, plus the overflow");
+        assert!(s.peers[&(Direction::Outbound, "other".into(), "other".into(), false)] > 0);
+    }
+
+    #[test]
+    fn merge_adds_counts_and_histograms() {
+        let mut a = Snapshot::default();
+        a.outbound.accepted = 2;
+        a.outbound.completed = 1;
+        a.record(Hist::Lifetime, Duration::from_millis(5));
+        a.fail(Direction::Inbound, Blame::Downstream, Reason::UnknownCa);
+        let mut b = Snapshot::default();
+        b.outbound.accepted = 3;
+        b.record(Hist::Lifetime, Duration::from_millis(7));
+        b.fail(Direction::Inbound, Blame::Downstream, Reason::UnknownCa);
+        a.merge(&b);
+        assert_eq!(a.outbound.accepted, 5);
+        assert_eq!(a.outbound.active(), 4);
+        assert_eq!(a.hist[Hist::Lifetime as usize].len(), 2);
+        assert_eq!(a.failures_of(Direction::Inbound, Reason::UnknownCa), 2);
+        assert_eq!(a.inbound.failed, 2);
+    }
+
+    #[test]
+    fn durations_beyond_the_top_saturate() {
+        let mut s = Snapshot::default();
+        s.record(Hist::Lifetime, Duration::from_secs(10 * 3600));
+        s.record(Hist::Lifetime, Duration::ZERO);
+        let h = &s.hist[Hist::Lifetime as usize];
+        assert_eq!(h.len(), 2);
+        assert!(h.max() >= MAX_MICROS / 2 && h.min() == 1);
+    }
+}
