@@ -6,7 +6,7 @@ use std::process::Command;
 fn the_demo_tells_its_story_and_cleans_up() {
     let _t = testworld::kernel_test!();
     let out = Command::new(env!("CARGO_BIN_EXE_dataplane-demo"))
-        .env("DP_BINARY", env!("CARGO_BIN_EXE_dataplane"))
+        .env("DP_BINARY", testworld::dataplane_binary())
         .output()
         .expect("running dataplane-demo");
     let text = String::from_utf8_lossy(&out.stdout);
