@@ -12,7 +12,7 @@ RUN cargo build --release --locked -p dataplane --bin dataplane -p dataplane-cni
 
 FROM debian:bookworm-slim
 # nft and ip write the return path that lets applications see their clients'
-# addresses (see dataplane/src/return_path.rs).
+# addresses (see dataplane/src/control/return_path.rs).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends nftables iproute2 \
  && rm -rf /var/lib/apt/lists/*

@@ -39,7 +39,7 @@ pub enum Command {
     Ca(CaCommand),
     /// Sign the node agents' node CAs (CertificateSigningRequests for
     /// dataplane.dev/node-ca); runs until killed.
-    Issuer(IssuerArgs),
+    Issuer(dataplane_issuer::IssuerArgs),
     /// Put the CNI plugin on this node, or take it off.
     #[command(subcommand)]
     Cni(CniCommand),
@@ -123,86 +123,6 @@ pub struct CniNode {
     /// reaches it.
     #[arg(long, env = "DATAPLANE_CNI_SOCKET", value_name = "PATH", default_value = "/var/lib/dataplane/cni.sock")]
     pub socket: PathBuf,
-}
-
-/// `dataplane issuer`.
-#[derive(Debug, Clone, Args)]
-pub struct IssuerArgs {
-    /// Use the pod's in-cluster configuration.
-    #[arg(long, env = "DATAPLANE_KUBE")]
-    pub kube: bool,
-    /// Use this kubeconfig file instead.
-    #[arg(
-        long,
-        env = "DATAPLANE_KUBECONFIG",
-        value_name = "FILE",
-        conflicts_with = "kube",
-        required_unless_present = "kube"
-    )]
-    pub kubeconfig: Option<PathBuf>,
-    /// The cluster root from a directory (ca.crt, ca.key), instead of
-    /// --ca-secret.
-    #[arg(long, env = "DATAPLANE_CA_DIR", value_name = "DIR", conflicts_with = "ca_secret")]
-    pub ca_dir: Option<PathBuf>,
-    /// The Secret (NAMESPACE/NAME) that keeps the cluster root, made on the
-    /// first start if absent; only the issuer may read it.
-    #[arg(long, env = "DATAPLANE_CA_SECRET", value_name = "NS/NAME", default_value = "dataplane-system/dataplane-ca")]
-    pub ca_secret: String,
-    /// The ConfigMap (NAMESPACE/NAME) the root is published in (key
-    /// ca.crt): the agents' --trust-bundle.
-    #[arg(
-        long,
-        env = "DATAPLANE_TRUST_BUNDLE_CONFIGMAP",
-        value_name = "NS/NAME",
-        default_value = "dataplane-system/dataplane-trust-bundle"
-    )]
-    pub trust_bundle_configmap: String,
-    /// The node agents' ServiceAccount (NAMESPACE/NAME): only its requests
-    /// are signed.
-    #[arg(
-        long,
-        env = "DATAPLANE_AGENT_SERVICE_ACCOUNT",
-        value_name = "NS/NAME",
-        default_value = "dataplane-system/dataplane"
-    )]
-    pub agent_service_account: String,
-    /// Longest node CA lifetime granted.
-    #[arg(long, env = "DATAPLANE_MAX_LIFETIME", value_name = "DURATION", default_value = "24h",
-          value_parser = humantime::parse_duration)]
-    pub max_lifetime: Duration,
-    /// Check the flags and values, print the settings, and exit (0 if
-    /// valid); nothing is contacted.
-    #[arg(long)]
-    pub check_config: bool,
-}
-
-impl IssuerArgs {
-    /// The issuer's settings.
-    pub fn settings(&self) -> Result<crate::issuer::Settings, ConfigError> {
-        let pair = |s: &str| parse_ns_name(s).map_err(|_| ConfigError::AgentAccount(s.to_string()));
-        let (ns, name) = pair(&self.agent_service_account)?;
-        let root = match &self.ca_dir {
-            Some(dir) => crate::issuer::RootFrom::Dir(dir.clone()),
-            None => crate::issuer::RootFrom::Cluster {
-                secret: pair(&self.ca_secret)?,
-                bundle: pair(&self.trust_bundle_configmap)?,
-            },
-        };
-        if self.max_lifetime < Duration::from_secs(1) {
-            return Err(ConfigError::ZeroTimeout("max-lifetime"));
-        }
-        // clap requires one of --kube and --kubeconfig.
-        let access = crate::cluster::source::kube::Access::from_flags(self.kube, self.kubeconfig.as_deref())
-            .unwrap_or(crate::cluster::source::kube::Access::InCluster);
-        Ok(crate::issuer::Settings {
-            access,
-            root,
-            policy: crate::identity::pki::Policy {
-                agent: format!("system:serviceaccount:{ns}:{name}"),
-                max_lifetime: self.max_lifetime,
-            },
-        })
-    }
 }
 
 /// `dataplane ca ...`.
@@ -423,13 +343,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// A `NAMESPACE/NAME` flag's value.
-pub fn parse_ns_name(s: &str) -> Result<(String, String), String> {
-    s.split_once('/')
-        .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains('/'))
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .ok_or_else(|| format!("{s:?}: expected NAMESPACE/NAME"))
-}
+pub use dataplane_pki::api::parse_ns_name;
 
 /// A duration, or "off" (`None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -474,9 +388,6 @@ pub enum ConfigError {
     /// No cgroup v2 mount.
     #[error("--workload-cgroup: {0} (cgroup v2 is required)")]
     NoCgroup2(#[source] std::io::Error),
-    /// A NAMESPACE/NAME flag of the issuer is not one.
-    #[error("{0:?}: expected NAMESPACE/NAME")]
-    AgentAccount(String),
     /// No model and no capture CIDR: nothing would ever be captured.
     #[error("--capture-cidr is required without a model (--kube, --kubeconfig or --workloads)")]
     NoDestinations,
@@ -608,7 +519,7 @@ pub enum Source {
     /// The Kubernetes API, as this node.
     Kube {
         /// How to reach it.
-        access: crate::cluster::source::kube::Access,
+        access: dataplane_pki::api::Access,
         /// This node's name.
         node: String,
     },
@@ -749,7 +660,7 @@ impl RunArgs {
         };
         let identity = Arc::new(identity);
         let node = self.node_name.clone();
-        let access = crate::cluster::source::kube::Access::from_flags(self.kube, self.kubeconfig.as_deref());
+        let access = dataplane_pki::api::Access::from_flags(self.kube, self.kubeconfig.as_deref());
         let source = match (access, &self.workloads) {
             (Some(access), _) => Some(Source::Kube { access, node: node.unwrap_or_default() }),
             (None, Some(path)) => {

@@ -13,13 +13,15 @@
 //!
 //! ALPN carries the tunnel version ([`preamble::ALPN`]).
 //!
-//! Below it: the certificate formats the agent and the issuer agree on
-//! ([`pki`]), pod certificates minted from the node CA ([`mint`]), demo and
-//! test CAs ([`ca`]), and watching a certificate directory ([`reload`]).
-pub mod ca;
+//! Below it: pod certificates minted from the node CA ([`mint`]) and
+//! watching a certificate directory ([`reload`]). The certificate formats
+//! the agent and the issuer agree on ([`pki`]) and the demo and test CAs
+//! ([`ca`]) are the `dataplane-pki` crate's, which the issuer shares
+//! without linking the agent.
 pub mod mint;
-pub mod pki;
 pub mod reload;
+
+pub use dataplane_pki::{self as pki, ca};
 
 use std::{collections::HashMap, fs, net::IpAddr, path::Path, path::PathBuf, sync::Arc};
 

@@ -18,8 +18,9 @@
 //! - [`node`]: the host. eBPF programs and maps, network namespaces,
 //!   sockets, cgroups, cores, limits; `sys` holds every `unsafe` block;
 //! - [`ops`]: what operators read. The admin endpoint and the SIGUSR1 dump;
-//! - [`config`]: the command line, validated as a whole; [`issuer`]: the
-//!   cluster's node-CA signer, a Deployment of its own.
+//! - [`config`]: the command line, validated as a whole (`dataplane issuer`,
+//!   the cluster's node-CA signer and a Deployment of its own, is the
+//!   `dataplane-issuer` crate, which does not link this one).
 //!
 //! Imports go one way: `control` drives `proxy`, `cluster` and `identity`;
 //! `proxy` reads `cluster` (Services, policies) and `identity`; all use
@@ -28,7 +29,6 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod identity;
-pub mod issuer;
 pub mod node;
 pub mod ops;
 pub mod proxy;

@@ -80,7 +80,7 @@ fn main() -> ExitCode {
                 println!("configuration OK (flags and values; nothing was contacted): {settings:#?}");
                 return ExitCode::SUCCESS;
             }
-            match dataplane::issuer::run(settings) {
+            match dataplane_issuer::run(settings) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -172,7 +172,7 @@ fn cni(cmd: CniCommand) -> anyhow::Result<()> {
                 None => std::env::current_exe()?.with_file_name(install::PLUGIN),
             };
             let node = node(n);
-            let access = dataplane::cluster::source::kube::Access::from_flags(kube, kubeconfig.as_deref());
+            let access = dataplane_pki::api::Access::from_flags(kube, kubeconfig.as_deref());
             let daemonset = match (removal.daemonset, access) {
                 (Some(ds), Some(access)) => Some((ds, access)),
                 (Some(_), None) => anyhow::bail!("--daemonset needs --kube or --kubeconfig"),

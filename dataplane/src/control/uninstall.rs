@@ -22,7 +22,9 @@ use std::{
 use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::Api;
 
-use crate::{cluster::source::kube::Access, node::netns::Netns};
+use dataplane_pki::api::Access;
+
+use crate::node::netns::Netns;
 
 /// How long a stopping container waits for the API's answer.
 pub const ASK_WITHIN: Duration = Duration::from_secs(5);

@@ -19,7 +19,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -36,7 +35,6 @@ use k8s_openapi::api::{
 };
 use kube::{
     api::{ApiResource, DynamicObject},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::watcher,
     Api, Client, ResourceExt,
 };
@@ -50,26 +48,7 @@ use crate::{
     cluster::services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice},
 };
 
-/// Where the client finds the API server.
-#[derive(Debug, Clone)]
-pub enum Access {
-    /// The ServiceAccount token and `KUBERNETES_SERVICE_*` of a pod.
-    InCluster,
-    /// A kubeconfig file (its current context).
-    Kubeconfig(PathBuf),
-}
-
-impl Access {
-    /// From the `--kube` and `--kubeconfig` flags (which exclude each
-    /// other): `None` when neither is given.
-    pub fn from_flags(kube: bool, kubeconfig: Option<&std::path::Path>) -> Option<Self> {
-        match (kube, kubeconfig) {
-            (true, _) => Some(Self::InCluster),
-            (false, Some(path)) => Some(Self::Kubeconfig(path.to_path_buf())),
-            (false, None) => None,
-        }
-    }
-}
+pub use dataplane_pki::api::{client, Access};
 
 /// Watch errors (each followed by a retry, relist or resumed watch), per
 /// resource, for `/metrics`.
@@ -499,21 +478,6 @@ pub fn start(
         })
     })?;
     Ok((counters, ca_counters))
-}
-
-/// A client for the API server `access` names.
-pub async fn client(access: &Access) -> anyhow::Result<Client> {
-    use anyhow::Context;
-    let config = match access {
-        Access::InCluster => kube::Config::incluster().context("in-cluster Kubernetes configuration")?,
-        Access::Kubeconfig(path) => {
-            let kc = Kubeconfig::read_from(path).with_context(|| format!("--kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("--kubeconfig {}", path.display()))?
-        }
-    };
-    Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// A watch whose failures are retried after a back-off (exponential from

@@ -7,6 +7,10 @@
 //! `Denied` condition. It keeps no state but the CA: a request approved but
 //! not yet signed when it stopped is signed by the next instance, and one
 //! already answered is never touched again.
+mod args;
+
+pub use args::{IssuerArgs, SettingsError};
+
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
@@ -21,7 +25,7 @@ use kube::{
 use rcgen::{Issuer, KeyPair};
 use tracing::{error, info, warn};
 
-use crate::{cluster::source::kube::Access, identity::pki};
+use dataplane_pki::{self as pki, api::Access};
 
 /// `dataplane issuer`'s settings.
 #[derive(Debug)]
@@ -54,7 +58,7 @@ pub enum RootFrom {
 pub fn run(settings: Settings) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
-        let client = crate::cluster::source::kube::client(&settings.access).await?;
+        let client = dataplane_pki::api::client(&settings.access).await?;
         let (cert, key) = match &settings.root {
             RootFrom::Dir(dir) => {
                 let read = |name: &str| {
@@ -111,7 +115,7 @@ async fn cluster_root(client: &Client, (ns, name): &(String, String)) -> anyhow:
         info!(secret = format!("{ns}/{name}"), "using the cluster root kept in the Secret");
         return read(s);
     }
-    let (cert, key) = crate::identity::ca::root()?;
+    let (cert, key) = pki::ca::root()?;
     let secret: Secret = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name, "namespace": ns, "labels": {"app.kubernetes.io/name": "dataplane"}},
         "type": "Opaque",

@@ -14,6 +14,13 @@
 //! Peers trust the cluster root only; rustls-webpki enforces the name
 //! constraints while it builds the chain, so a node CA for node A's pod CIDR
 //! that mints a certificate for an address of node B is refused.
+//!
+//! The crate is what the agent and the issuer share, so the issuer does not
+//! link the agent: these formats, the cluster root and demo CAs ([`ca`]),
+//! and how either reaches the API server ([`api`]).
+pub mod api;
+pub mod ca;
+
 use std::{net::IpAddr, time::SystemTime};
 
 use ipnet::IpNet;
