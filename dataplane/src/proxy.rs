@@ -11,5 +11,6 @@ pub mod inbound;
 pub mod outbound;
 pub mod reason;
 pub mod relay;
+pub mod route;
 pub mod splice;
 pub mod stats;

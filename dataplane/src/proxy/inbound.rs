@@ -27,12 +27,12 @@ use rustls::HandshakeKind;
 use crate::{
     identity,
     node::netns::Netns,
-    node::socket,
     node::sys,
     proxy::addrs::{ClientAddr, LocalAddr, OrigDstAddr},
     proxy::conn::{ExecutorCtx, Record},
     proxy::reason::Reason,
     proxy::relay,
+    proxy::route::Refused,
     proxy::stats::Blame,
 };
 
@@ -154,8 +154,8 @@ pub async fn serve(executor: Rc<ExecutorCtx>, netns: Arc<Netns>, conn: TcpStream
     let mut app = match executor.connect_app(&netns, dst.0, client.0) {
         Ok(fd) => sys::glommio_stream(fd),
         Err(e) => {
-            socket::reset_on_close(tls.get_ref().0);
-            return rec.refuse(Blame::Ours, Reason::Socket, &format!("the socket to the application: {e}"));
+            let why = format!("the socket to the application: {e}");
+            return rec.reset(tls.get_ref().0, Refused::new(Blame::Ours, Reason::Socket, why));
         }
     };
     // Client bytes that arrived with the preamble go first.

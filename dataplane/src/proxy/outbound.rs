@@ -18,100 +18,122 @@
 //! A connection whose original destination is unknown, or that cannot be
 //! tunnelled, is refused with a reset, never sent anywhere else. Every
 //! connection is counted and timed on this executor.
-use std::{io::Write, net::SocketAddr, rc::Rc, sync::Arc, time::Instant};
+use std::{
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    rc::Rc,
+    sync::Arc,
+    time::Instant,
+};
 
-use dataplane_common::{preamble, INBOUND_PORT, OUTBOUND_PORT};
+use dataplane_common::{preamble, INBOUND_PORT};
 use futures_rustls::TlsConnector;
 use glommio::net::TcpStream;
 use rustls::HandshakeKind;
 use rustls_pki_types::ServerName;
 
 use crate::{
+    cluster::services::{Backend, Frontend},
     node::netns::Netns,
     node::socket,
     node::sys,
     proxy::addrs::{ClientAddr, OrigDstAddr},
-    proxy::conn::{ExecutorCtx, Record},
+    proxy::conn::{EndpointLoad, ExecutorCtx, Record},
     proxy::reason::Reason,
     proxy::relay,
+    proxy::route::{route, Known, Refused, Route, Routed},
     proxy::splice::Start,
-    proxy::stats::{Blame, ServiceRoute},
+    proxy::stats::Blame,
 };
 
 type Tls = futures_rustls::client::TlsStream<TcpStream>;
 
 /// Serves one captured connection, start to finish, on this executor
-/// (`rec` was opened when it was accepted).
+/// (`rec` was opened when it was accepted): its original destination read,
+/// its [`route`] decided, then carried out.
 pub async fn serve(executor: Rc<ExecutorCtx>, netns: Arc<Netns>, mut downstream: TcpStream, mut rec: Record) {
     let peer = downstream.peer_addr().ok();
     if let Some(client) = peer {
         rec.client(ClientAddr(client));
     }
+    let orig = match original_destination(&executor, &netns, &downstream) {
+        Ok(orig) => orig,
+        Err(refused) => return rec.reset(&downstream, refused),
+    };
+    rec.dst(orig.0);
+    let Routed { route, service } = route(&Here { executor: &executor, netns: &netns }, orig, peer);
+    // The load guard counts this connection against the endpoint until it
+    // ends.
+    let _load = service.map(|via| {
+        executor.count_service(&via.name, via.how);
+        if let Some(endpoint) = via.endpoint {
+            rec.service(&via.name, endpoint);
+        }
+        via.load
+    });
+    match route {
+        Route::Refuse(refused) => rec.reset(&downstream, refused),
+        Route::Passthrough { to } => passthrough(&executor, &netns, downstream, rec, to).await,
+        Route::SameNode { to, from, pod } => same_node(&executor, &pod, downstream, rec, to, from).await,
+        Route::Tunnel { to } => {
+            // Freed once rustls has taken a copy, not held for the connection.
+            let early = relay::ready_bytes(&downstream);
+            let early_len = early.len() as u64;
+            let mut tls = match open_tunnel(&executor, &mut rec, &netns, to, early).await {
+                Ok(tls) => tls,
+                Err(refused) => return rec.reset(&downstream, refused),
+            };
+            rec.tunnel_ready();
+            let result = relay::relay(&mut downstream, &mut tls, executor.limits.idle).await;
+            rec.relayed(early_len, result, &downstream, tls.get_ref().0);
+        }
+    }
+}
+
+/// Where the client was going: `SO_ORIGINAL_DST`, answered by our
+/// `cgroup/getsockopt` program, or the pinned map when no program answered.
+fn original_destination(executor: &ExecutorCtx, netns: &Netns, downstream: &TcpStream) -> Result<OrigDstAddr, Refused> {
     // With conntrack active in the namespace (any nftables or iptables rule
     // using it, our own return path among them), the kernel answers
     // SO_ORIGINAL_DST for a connection that was never redirected with the
     // address it was made to: this very listener. That is no destination.
     let own = downstream.local_addr().ok();
     let ipv6 = own.is_some_and(|a| a.is_ipv6());
-    let orig = match socket::original_dst(&downstream, ipv6)
+    socket::original_dst(downstream, ipv6)
         .and_then(|o| if Some(o) == own { Err(std::io::Error::from_raw_os_error(libc::ENOENT)) } else { Ok(o) })
-        .or_else(|e| from_pinned_map(&executor, &netns, &downstream).ok_or(e))
-    {
-        Ok(orig) => OrigDstAddr(orig),
-        Err(e) => {
-            socket::reset_on_close(&downstream);
+        .or_else(|e| from_pinned_map(executor, netns, downstream).ok_or(e))
+        .map(OrigDstAddr)
+        .map_err(|e| {
             let why = format!("no original destination (not captured by us): {e}");
-            return rec.refuse(Blame::Downstream, Reason::NoOriginalDestination, &why);
-        }
-    };
-    rec.dst(orig.0);
-    // A Service's ClusterIP: the endpoint is ours to pick. The guard counts
-    // this connection against the endpoint until it ends.
-    let mut orig = orig;
-    let mut _load = None;
-    if let Some(fe) = executor.service(orig.0) {
-        let vip = orig.0;
-        // The client's own address is loopback (it connected to our
-        // listener): affinity goes by its pod's address.
-        let client_ip = executor
-            .pod_address(netns.id(), vip.ip())
-            .or(peer.map(|p| p.ip()))
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-        let Some((endpoint, load)) = executor.choose_endpoint(&fe, client_ip) else {
-            executor.count_service(&fe.service, ServiceRoute::NoEndpoint);
-            socket::reset_on_close(&downstream);
-            let why = format!("service {} ({vip}) has no ready endpoint", fe.service);
-            return rec.refuse(Blame::Upstream, Reason::NoEndpoints, &why);
-        };
-        _load = Some(load);
-        rec.service(&fe.service, endpoint.addr);
-        orig = OrigDstAddr(endpoint.addr);
-        if !endpoint.meshed {
-            executor.count_service(&fe.service, ServiceRoute::Passthrough);
-            return passthrough(&executor, &netns, downstream, rec, orig).await;
-        }
-        executor.count_service(&fe.service, ServiceRoute::Tunnelled);
+            Refused::new(Blame::Downstream, Reason::NoOriginalDestination, why)
+        })
+}
+
+/// What this executor knows, for a connection from the pod in `netns`.
+struct Here<'a> {
+    executor: &'a ExecutorCtx,
+    netns: &'a Netns,
+}
+
+impl<'a> Known for Here<'a> {
+    type Load = EndpointLoad<'a>;
+    type Pod = Arc<Netns>;
+
+    fn service(&self, vip: SocketAddr) -> Option<Arc<Frontend>> {
+        self.executor.service(vip)
     }
-    if executor.same_node_fast_path {
-        if let Some((src, dst_ns)) = executor.same_node(&netns, orig.ip()) {
-            // The pod's address, and the client's own port.
-            let from = SocketAddr::new(src, peer.map_or(0, |p| p.port()));
-            return same_node(&executor, &dst_ns, downstream, rec, orig, from).await;
-        }
+
+    fn client_pod_address(&self, like: IpAddr) -> Option<IpAddr> {
+        self.executor.pod_address(self.netns.id(), like)
     }
-    // Freed once rustls has taken a copy, not held for the connection.
-    let early = relay::ready_bytes(&downstream);
-    let early_len = early.len() as u64;
-    let mut tls = match open_tunnel(&executor, &mut rec, &netns, orig, early).await {
-        Ok(tls) => tls,
-        Err((blame, reason, why)) => {
-            socket::reset_on_close(&downstream);
-            return rec.refuse(blame, reason, &why);
-        }
-    };
-    rec.tunnel_ready();
-    let result = relay::relay(&mut downstream, &mut tls, executor.limits.idle).await;
-    rec.relayed(early_len, result, &downstream, tls.get_ref().0);
+
+    fn choose_endpoint(&self, fe: &Frontend, client: IpAddr) -> Option<(Backend, EndpointLoad<'a>)> {
+        self.executor.choose_endpoint(fe, client)
+    }
+
+    fn same_node(&self, dst: IpAddr) -> Option<(IpAddr, Arc<Netns>)> {
+        self.executor.same_node_fast_path.then(|| self.executor.same_node(self.netns, dst)).flatten()
+    }
 }
 
 /// A Service endpoint outside the mesh: connected to directly from the
@@ -121,8 +143,8 @@ async fn passthrough(executor: &ExecutorCtx, netns: &Netns, mut downstream: TcpS
     let mut upstream = match netns.run(|| socket::upstream(to.0, executor.bypass_mark)) {
         Ok(Ok(fd)) => sys::glommio_stream(fd),
         Ok(Err(e)) | Err(e) => {
-            socket::reset_on_close(&downstream);
-            return rec.refuse(Blame::Ours, Reason::Socket, &format!("connecting to {}: {e}", to.0));
+            return rec
+                .reset(&downstream, Refused::new(Blame::Ours, Reason::Socket, format!("connecting to {}: {e}", to.0)))
         }
     };
     let result = relay::relay(&mut downstream, &mut upstream, executor.limits.idle).await;
@@ -144,18 +166,13 @@ async fn same_node(
     to: OrigDstAddr,
     client: SocketAddr,
 ) {
-    if to.port() == INBOUND_PORT || to.port() == OUTBOUND_PORT {
-        socket::reset_on_close(&downstream);
-        return rec.refuse(Blame::Downstream, Reason::NotThisPod, &format!("{} is the data plane's own port", to.0));
-    }
     executor.with_stats(|s| s.same_node += 1);
     // No tunnel, so no inbound side: the destination's policies are
     // decided here, with the identity the client pod would have proved.
     let principal = executor.local_principal(client.ip());
     let conn = crate::cluster::policy::Conn { principal: &principal, source: client.ip(), dst: to.0 };
     if let Err(denied) = executor.authorize(&conn) {
-        socket::reset_on_close(&downstream);
-        return rec.refuse(Blame::Downstream, Reason::PolicyDenied, &denied);
+        return rec.reset(&downstream, Refused::new(Blame::Downstream, Reason::PolicyDenied, denied.to_string()));
     }
     // Decided again if the policies change while it is open (relayed
     // here; one the kernel splices keeps going until it ends).
@@ -163,8 +180,8 @@ async fn same_node(
     let mut app = match executor.connect_app(dst_ns, to.0, client) {
         Ok(fd) => sys::glommio_stream(fd),
         Err(e) => {
-            socket::reset_on_close(&downstream);
-            return rec.refuse(Blame::Ours, Reason::Socket, &format!("connecting to {} in its pod: {e}", to.0));
+            let why = format!("connecting to {} in its pod: {e}", to.0);
+            return rec.reset(&downstream, Refused::new(Blame::Ours, Reason::Socket, why));
         }
     };
     tracing::debug!(%client, dst = %to.0, netns = %dst_ns.name(), "same-node fast path");
@@ -194,8 +211,6 @@ fn from_pinned_map(executor: &ExecutorCtx, netns: &Netns, downstream: &TcpStream
     found
 }
 
-type Refused = (Blame, Reason, String);
-
 /// Connects to `<orig ip>:18001` from `netns`, runs the mutual-TLS handshake
 /// and sends the preamble, then `early` (the client's first bytes), all
 /// within the handshake timeout.
@@ -209,7 +224,9 @@ async fn open_tunnel(
     let tunnel = SocketAddr::new(orig.ip(), INBOUND_PORT);
     let fd = match netns.run(|| socket::upstream(tunnel, executor.bypass_mark)) {
         Ok(Ok(fd)) => fd,
-        Ok(Err(e)) | Err(e) => return Err((Blame::Ours, Reason::Socket, format!("connecting to {tunnel}: {e}"))),
+        Ok(Err(e)) | Err(e) => {
+            return Err(Refused::new(Blame::Ours, Reason::Socket, format!("connecting to {tunnel}: {e}")))
+        }
     };
     // The source address is chosen at connect(): it names our identity.
     let src = socket2::SockRef::from(&fd)
@@ -217,8 +234,9 @@ async fn open_tunnel(
         .ok()
         .and_then(|a| a.as_socket())
         .map(|a| a.ip())
-        .ok_or_else(|| (Blame::Ours, Reason::Socket, "upstream socket has no local address".to_string()))?;
-    let config = executor.client_config(src).map_err(|e| (Blame::Ours, Reason::NoCertificate, e.to_string()))?;
+        .ok_or_else(|| Refused::new(Blame::Ours, Reason::Socket, "upstream socket has no local address"))?;
+    let config =
+        executor.client_config(src).map_err(|e| Refused::new(Blame::Ours, Reason::NoCertificate, e.to_string()))?;
     // The preamble and the client's first bytes are handed to rustls before
     // the handshake: it holds them until the handshake is done (the server
     // verified) and sends them with the client's last flight, one segment
@@ -237,20 +255,28 @@ async fn open_tunnel(
     );
     drop(early); // rustls has its own copy
     if let Err(e) = queued {
-        return Err((Blame::Ours, Reason::Socket, format!("queueing the preamble for {tunnel}: {e}")));
+        return Err(Refused::new(Blame::Ours, Reason::Socket, format!("queueing the preamble for {tunnel}: {e}")));
     }
     let tls = match relay::within(executor.limits.handshake, connect).await {
         Some(Ok(tls)) => tls,
         Some(Err(e)) => {
-            return Err((Blame::Upstream, Reason::of(&e), format!("TLS handshake with {tunnel} (from {src}): {e}")))
+            return Err(Refused::new(
+                Blame::Upstream,
+                Reason::of(&e),
+                format!("TLS handshake with {tunnel} (from {src}): {e}"),
+            ))
         }
         None => {
-            return Err((Blame::Upstream, Reason::HandshakeTimeout, format!("TLS handshake with {tunnel} timed out")))
+            return Err(Refused::new(
+                Blame::Upstream,
+                Reason::HandshakeTimeout,
+                format!("TLS handshake with {tunnel} timed out"),
+            ))
         }
     };
     rec.handshake(handshake_started.elapsed(), tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed));
     let id = crate::identity::peer_identity(tls.get_ref().1.peer_certificates())
-        .map_err(|e| (Blame::Upstream, Reason::BadIdentity, format!("{tunnel}: {e}")))?;
+        .map_err(|e| Refused::new(Blame::Upstream, Reason::BadIdentity, format!("{tunnel}: {e}")))?;
     // The server must be the pod the API shows at the destination (or the
     // chosen endpoint). Its node could mint it any name in its address
     // range; the preamble and the first bytes already went to that node,
@@ -259,9 +285,9 @@ async fn open_tunnel(
     match waited.unwrap_or(Err(crate::identity::PeerError::UnknownWorkload(orig.ip()))) {
         Ok(()) => rec.peer(id),
         Err(e @ crate::identity::PeerError::UnknownWorkload(_)) => {
-            return Err((Blame::Upstream, Reason::UnknownWorkload, format!("{tunnel}: {e}")))
+            return Err(Refused::new(Blame::Upstream, Reason::UnknownWorkload, format!("{tunnel}: {e}")))
         }
-        Err(e) => return Err((Blame::Upstream, Reason::IdentityMismatch, format!("{tunnel}: {e}"))),
+        Err(e) => return Err(Refused::new(Blame::Upstream, Reason::IdentityMismatch, format!("{tunnel}: {e}"))),
     }
     Ok(tls)
 }

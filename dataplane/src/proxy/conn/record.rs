@@ -115,8 +115,16 @@ impl Record {
         self.executor.with_stats(|s| s.record(Hist::TunnelConnect, took));
     }
 
+    /// Refused before anything was relayed, with `sock` reset (the client
+    /// sees the refusal as an error, never as an empty answer): counted,
+    /// logged as a warning.
+    pub fn reset(self, sock: &impl std::os::fd::AsRawFd, refused: crate::proxy::route::Refused) {
+        socket::reset_on_close(sock);
+        self.refuse(refused.blame, refused.reason, &refused.why);
+    }
+
     /// Refused before anything was relayed: counted, logged as a warning.
-    /// The caller closes (or resets) the sockets. The warning is limited per
+    /// The caller closes the sockets (or calls [`Record::reset`] instead). The warning is limited per
     /// reason ([`Quiet`](super::Quiet)); the counters are not.
     pub fn refuse(mut self, blame: Blame, reason: Reason, error: &dyn fmt::Display) {
         self.end(blame, reason);
