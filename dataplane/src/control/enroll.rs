@@ -64,7 +64,18 @@ pub enum State {
 }
 
 impl State {
-    /// A label for metrics.
+    /// Every state's label, in the order `/metrics` lists them.
+    pub const LABELS: [&'static str; 7] = [
+        "served",
+        "passed",
+        "unclaimed",
+        "address_conflict",
+        "waiting_for_address",
+        "waiting_for_certificate",
+        "unusable",
+    ];
+
+    /// A label for metrics (one of [`State::LABELS`]).
     pub fn label(&self) -> &'static str {
         match self {
             State::WaitingForAddress => "waiting_for_address",
@@ -168,13 +179,13 @@ impl Registry {
         self.entries.values().find(|e| e.ino == ino).map(|e| (&e.state, e.netns.as_ref().map(|n| n.id())))
     }
 
-    /// How many namespaces are in each state.
-    pub fn counts(&self) -> BTreeMap<&'static str, u64> {
-        let mut m = BTreeMap::new();
-        for e in self.entries.values() {
-            *m.entry(e.state.label()).or_default() += 1;
-        }
-        m
+    /// How many namespaces are in each state, every state named (for
+    /// `/metrics`, where a state that empties must read 0, not vanish).
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        State::LABELS
+            .iter()
+            .map(|label| (*label, self.entries.values().filter(|e| e.state.label() == *label).count() as u64))
+            .collect()
     }
 
     /// Looks at the directory again and re-decides every namespace against
@@ -417,6 +428,22 @@ impl Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_state_is_listed_once_for_metrics() {
+        let states = [
+            State::WaitingForAddress,
+            State::Unclaimed(ip("10.0.0.1")),
+            State::Conflict("a, b".into()),
+            State::Passed("namespace_not_opted_in"),
+            State::WaitingForCertificate(ip("10.0.0.1")),
+            State::Served,
+            State::Broken("gone".into()),
+        ];
+        let labels: std::collections::BTreeSet<_> = states.iter().map(State::label).collect();
+        assert_eq!(labels.len(), State::LABELS.len(), "a state without a label of its own, or one listed twice");
+        assert!(labels.iter().all(|l| State::LABELS.contains(l)), "{labels:?} against {:?}", State::LABELS);
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")

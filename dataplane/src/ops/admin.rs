@@ -25,7 +25,7 @@ use std::{
     time::Duration,
 };
 
-pub use metrics::{render, CniFigures, Extra};
+pub use metrics::{render, AdminClosed, Certificates, CniFigures, Extra, Reloads};
 
 use crate::{node::netns::NetnsId, proxy::executor::Listening};
 
@@ -104,8 +104,8 @@ impl Health {
     }
 
     /// Admin connections closed by us: (too many, too slow).
-    pub fn closed(&self) -> (u64, u64) {
-        (self.closed.0.load(Ordering::Relaxed), self.closed.1.load(Ordering::Relaxed))
+    pub fn closed(&self) -> AdminClosed {
+        AdminClosed { too_many: self.closed.0.load(Ordering::Relaxed), too_slow: self.closed.1.load(Ordering::Relaxed) }
     }
 
     /// Admin connections open now (the control thread gives freed memory

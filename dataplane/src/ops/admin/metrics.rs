@@ -57,13 +57,13 @@ type Labels = Vec<(&'static str, String)>;
 /// What the control thread adds to the executors' figures.
 #[derive(Debug, Default)]
 pub struct Extra {
-    /// Certificate reloads that took effect, and that were refused.
-    pub reloads: (u64, u64),
-    /// Watched namespaces by state (`served`, `waiting_for_certificate`...).
-    pub namespaces: std::collections::BTreeMap<&'static str, u64>,
-    /// Admin connections closed at once because too many were open, and
-    /// closed for being too slow.
-    pub admin: (u64, u64),
+    /// Certificate reloads.
+    pub reloads: Reloads,
+    /// Watched namespaces by state (`served`, `waiting_for_certificate`...),
+    /// every state named, zero or not.
+    pub namespaces: Vec<(&'static str, u64)>,
+    /// Admin connections closed early.
+    pub admin: AdminClosed,
     /// This node's workloads in the model, by membership (`meshed`,
     /// `namespace_not_opted_in`...).
     pub pods: std::collections::BTreeMap<&'static str, u64>,
@@ -72,13 +72,43 @@ pub struct Extra {
     /// From a namespace's address appearing to its listeners open on every
     /// executor and `connect4` told (µs).
     pub enrolment: Option<hdrhistogram::Histogram<u64>>,
-    /// With `--node-ca`: node CAs issued, node CA requests failed, pod
-    /// certificates minted, mints failed.
-    pub certificates: Option<[u64; 4]>,
+    /// With `--node-ca`: node CAs and pod certificates.
+    pub certificates: Option<Certificates>,
     /// Namespaces where the client-address return path could not be set up.
     pub return_path_failures: u64,
     /// With `--cni-socket`: what the CNI plugin's sandboxes were told.
     pub cni: Option<CniFigures>,
+}
+
+/// Certificate reloads (`--certs`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Reloads {
+    /// Reloads that took effect.
+    pub applied: u64,
+    /// Reloads refused (the previous certificates stayed in service).
+    pub refused: u64,
+}
+
+/// Admin connections the admin thread closed early.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AdminClosed {
+    /// At once, because too many were open.
+    pub too_many: u64,
+    /// For being too slow.
+    pub too_slow: u64,
+}
+
+/// Node CAs from the issuer and pod certificates minted with them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Certificates {
+    /// Node CAs received from the issuer.
+    pub node_ca_issued: u64,
+    /// Node CA requests denied, unanswered or failed.
+    pub node_ca_failed: u64,
+    /// Pod certificates minted.
+    pub minted: u64,
+    /// Pod certificates that could not be minted.
+    pub mint_failed: u64,
 }
 
 /// The CNI plugin's sandboxes, as the control thread answered them.
@@ -136,10 +166,10 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
     reg.register("bpf_decisions", "Capture decisions of the eBPF programs", decisions);
 
     let reload_ok = Counter::<u64>::default();
-    reload_ok.inc_by(reloads.0);
+    reload_ok.inc_by(reloads.applied);
     reg.register("cert_reloads", "Certificate directory reloads that took effect", reload_ok);
     let reload_failed = Counter::<u64>::default();
-    reload_failed.inc_by(reloads.1);
+    reload_failed.inc_by(reloads.refused);
     reg.register(
         "cert_reload_failures",
         "Certificate directory reloads refused (the old certificates stay)",
@@ -147,8 +177,8 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
     );
 
     let admin = Family::<Labels, Counter>::default();
-    admin.get_or_create(&vec![("why", "too_many".into())]).inc_by(extra.admin.0);
-    admin.get_or_create(&vec![("why", "too_slow".into())]).inc_by(extra.admin.1);
+    admin.get_or_create(&vec![("why", "too_many".into())]).inc_by(extra.admin.too_many);
+    admin.get_or_create(&vec![("why", "too_slow".into())]).inc_by(extra.admin.too_slow);
     reg.register(
         "admin_connections_closed",
         "Admin endpoint connections closed by us: too many open at once, or too slow to send a request",
@@ -243,17 +273,8 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
         );
     }
     let namespaces = Family::<Labels, Gauge>::default();
-    for state in [
-        "served",
-        "passed",
-        "unclaimed",
-        "address_conflict",
-        "waiting_for_address",
-        "waiting_for_certificate",
-        "unusable",
-    ] {
-        let n = extra.namespaces.get(state).copied().unwrap_or(0);
-        namespaces.get_or_create(&vec![("state", state.to_string())]).set(n as i64);
+    for (state, n) in &extra.namespaces {
+        namespaces.get_or_create(&vec![("state", state.to_string())]).set(*n as i64);
     }
     reg.register(
         "namespaces",
@@ -296,16 +317,16 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
             errors,
         );
     }
-    if let Some([issued, failed, minted, mint_failed]) = extra.certificates {
+    if let Some(c) = extra.certificates {
         for (name, help, n) in [
-            ("node_ca_issued", "Node CAs received from the issuer", issued),
+            ("node_ca_issued", "Node CAs received from the issuer", c.node_ca_issued),
             (
                 "node_ca_request_failures",
                 "Node CA requests denied, unanswered or failed (retried with backoff)",
-                failed,
+                c.node_ca_failed,
             ),
-            ("pod_certificates_minted", "Pod certificates minted on this node (in memory)", minted),
-            ("pod_certificate_failures", "Pod certificates that could not be minted", mint_failed),
+            ("pod_certificates_minted", "Pod certificates minted on this node (in memory)", c.minted),
+            ("pod_certificate_failures", "Pod certificates that could not be minted", c.mint_failed),
         ] {
             let c = Counter::<u64>::default();
             c.inc_by(n);
@@ -382,7 +403,11 @@ mod tests {
         s.outbound.accepted = 2;
         s.fail(Direction::Inbound, crate::proxy::stats::Blame::Downstream, crate::proxy::reason::Reason::UnknownCa);
         s.record(Hist::Lifetime, Duration::from_millis(3));
-        let text = render(&s, &[(StatIndex::Captured, 5)], &Extra { reloads: (1, 2), ..Extra::default() });
+        let text = render(
+            &s,
+            &[(StatIndex::Captured, 5)],
+            &Extra { reloads: Reloads { applied: 1, refused: 2 }, ..Extra::default() },
+        );
         for want in [
             "dataplane_connections_accepted_total{direction=\"outbound\"} 2",
             "dataplane_connections_failed_total{direction=\"inbound\",side=\"downstream\",reason=\"unknown_ca\"} 1",

@@ -1,0 +1,146 @@
+//! The cluster's changes carried out: what a model update changed, written
+//! to `connect4` and sent to the executors, and the pods' certificates
+//! minted again when a local pod changed.
+use std::sync::Arc;
+
+use tracing::{error, info};
+
+use super::Control;
+use crate::{
+    cluster::model::{self, Effects, Model},
+    proxy::executor,
+};
+use dataplane_common::maps::MeshedDst;
+
+impl Control {
+    /// Takes the cluster's changes (the first: the whole model); returns
+    /// whether a local workload changed (enrolment must look again).
+    pub(super) fn update(&mut self, changes: Vec<model::Change>) -> bool {
+        let first = self.model.is_none();
+        let fx = self.model.get_or_insert_with(Model::default).apply(changes);
+        self.take_effects(fx, first)
+    }
+
+    /// Takes a reloaded workloads file: what differs from the model in
+    /// service is applied. Returns whether a local workload changed.
+    pub(super) fn reload_model(&mut self, loaded: Model) -> bool {
+        let first = self.model.is_none();
+        let (workloads, services) = loaded.into_parts();
+        let fx = self.model.get_or_insert_with(Model::default).replace(workloads, services);
+        self.take_effects(fx, first)
+    }
+
+    /// Carries what a model update changed to `connect4` and the executors,
+    /// and lets certificates look again when a local pod changed. Only what
+    /// changed is written: the cost of an update does not grow with the
+    /// cluster. Returns whether a local workload changed.
+    pub(super) fn take_effects(&mut self, fx: Effects, first: bool) -> bool {
+        let Some(model) = self.model.as_ref() else { return false };
+        // Executors learn a pod's identity before `connect4` sends them its
+        // connections.
+        if !fx.identities.is_empty() {
+            let changes: Arc<[_]> = fx.identities.iter().map(|(a, id)| (*a, id.clone())).collect();
+            for s in &self.executors {
+                let _ = s.tx.send(executor::ToExecutor::Workloads(changes.clone()));
+            }
+        }
+        if let (true, Some(capture)) = (first, self.capture.as_mut()) {
+            // Adopted maps (strict mode) hold what the previous instance
+            // wrote: pods and ClusterIPs deleted while no agent ran go now.
+            let want = model.meshed_destinations();
+            for addr in capture.meshed_addresses().unwrap_or_default() {
+                if !want.contains_key(&addr) {
+                    let _ = capture.set_meshed(addr, None);
+                }
+            }
+            let table = model.service_table();
+            for vip in capture.service_vips().unwrap_or_default() {
+                if table.get(vip).is_none() {
+                    let _ = capture.set_service_vip(vip, None);
+                }
+            }
+        }
+        if let Some(capture) = self.capture.as_mut() {
+            // Added before removed, so a pod moving between addresses is
+            // never missed.
+            let mut failed = 0;
+            for (addr, ports) in &fx.meshed {
+                if let Some(ports) = ports {
+                    failed += usize::from(capture.set_meshed(*addr, Some(MeshedDst::new(ports))).is_err());
+                }
+            }
+            for addr in fx.meshed.iter().filter(|(_, p)| p.is_none()).map(|(a, _)| a) {
+                let _ = capture.set_meshed(*addr, None);
+            }
+            if failed > 0 {
+                error!(failed, "meshed destinations not written (map full?): connects to them go direct");
+            }
+        }
+        if fx.services || first {
+            // Executors learn a ClusterIP before `connect4` starts capturing
+            // it.
+            let table = model.service_table().clone();
+            for s in &self.executors {
+                let _ = s.tx.send(executor::ToExecutor::Services(table.clone()));
+            }
+            tracing::debug!(service_ports = table.len(), "services updated");
+        }
+        if let Some(capture) = self.capture.as_mut() {
+            let mut failed = 0;
+            for (vip, held) in &fx.vips {
+                failed += usize::from(capture.set_service_vip(*vip, *held).is_err() && held.is_some());
+            }
+            if failed > 0 {
+                error!(failed, "Service ClusterIPs not written (map full?): connects to them go around the mesh");
+            }
+        }
+        // Every pod change in the cluster lands here: the first model is
+        // worth a line, the rest only at debug.
+        if first {
+            let (destinations, local) = (model.meshed_destinations().len(), model.local_counts());
+            info!(destinations, ?local, "model of the workloads in");
+        } else {
+            tracing::debug!(destinations = fx.meshed.len(), local = fx.local, "model of the workloads updated");
+        }
+        if first || fx.policies || fx.local {
+            let table = model.policy_table();
+            if *self.policies != table {
+                self.policies = Arc::new(table);
+                for s in &self.executors {
+                    let _ = s.tx.send(executor::ToExecutor::Policies(self.policies.clone()));
+                }
+                tracing::debug!(pods = self.policies.len(), "authorization policies updated");
+            }
+        }
+        if let (true, Some(socket)) = (first || fx.namespaces, &self.cfg.cni_socket) {
+            if let Err(e) = crate::control::cni::write_namespaces(socket, model.meshed_namespaces()) {
+                error!(socket = %socket.display(), error = %e, "could not write the meshed namespaces for the CNI plugin");
+            }
+        }
+        if first || fx.local {
+            self.refresh_certificates();
+        }
+        fx.local
+    }
+
+    /// A node CA from the cluster: every pod is re-minted with it.
+    pub(super) fn set_node_ca(&mut self, ca: Arc<crate::identity::pki::NodeCa>) {
+        if let Some(m) = self.minter.as_mut() {
+            m.set_ca(ca);
+        }
+        self.refresh_certificates();
+    }
+
+    /// Mints what is missing or due, and hands a changed identity to the
+    /// executors (new handshakes use it; those in flight finish with theirs).
+    pub(super) fn refresh_certificates(&mut self) {
+        let Some(minter) = self.minter.as_mut() else { return };
+        let Some(id) = minter.refresh(self.model.as_ref(), &self.cfg.identity) else { return };
+        let id = Arc::new(id);
+        tracing::debug!(identities = ?id.addresses().collect::<Vec<_>>(), "pod certificates minted");
+        self.cfg.identity = id.clone();
+        for s in &self.executors {
+            let _ = s.tx.send(executor::ToExecutor::Identity(id.clone()));
+        }
+    }
+}
