@@ -17,8 +17,13 @@
 //!   captured); a meshed one goes on. Without a model every namespace goes
 //!   on (the mode before the cluster layer);
 //! - waiting for a certificate: an address with no `<ip>.crt` in `--certs`;
-//! - served: every executor opens its listeners in it; once all have
-//!   answered, the control thread tells `connect4` (see `run.rs`).
+//! - served, opening: every executor opens its listeners in it; once all
+//!   have said so ([`Registry::listening`]), it is open and the control
+//!   thread tells `connect4` (see `run/enrolment.rs`).
+//!
+//! The registry is the one place that knows where a namespace stands,
+//! opening included; it decides, and the control thread carries out the
+//! [`Change`]s and the [`Opened`] it returns.
 //!
 //! Every look re-decides every namespace against the current model, so a
 //! label flipped in the API enrols or withdraws a pod without a restart. A
@@ -26,13 +31,13 @@
 //! executors close its listeners, its eBPF entries are deleted, and our
 //! handle on the namespace is dropped.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     net::IpAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tracing::{info, warn};
@@ -103,28 +108,50 @@ struct Entry {
     /// Destination ports its connects go direct to (its workload's
     /// annotation).
     skip_outbound: Vec<u16>,
+    /// Served, with listeners still opening on some executors.
+    opening: Option<Opening>,
+}
+
+/// A served namespace whose listeners are opening.
+#[derive(Debug)]
+struct Opening {
+    /// The executors (by CPU) listening in it so far.
+    listening: BTreeSet<usize>,
+    /// When its address appeared (for the enrolment latency).
+    since: Instant,
+    /// Whether its application should see clients' addresses.
+    client_address: bool,
+}
+
+/// A namespace now open on every executor: what `connect4` must be told.
+#[derive(Debug)]
+pub struct Opened {
+    /// The namespace.
+    pub ns: Arc<Netns>,
+    /// Its cookie.
+    pub cookie: NetnsCookie,
+    /// Destination ports its connects go direct to.
+    pub skip_outbound: Vec<u16>,
+    /// Its addresses.
+    pub addresses: Vec<IpAddr>,
+    /// From its address appearing to now.
+    pub took: Duration,
+    /// Whether its application should see clients' addresses.
+    pub client_address: bool,
 }
 
 /// A change for the executors and the eBPF maps.
 #[derive(Debug)]
 pub enum Change {
-    /// Open listeners in this namespace; once every executor has, tell
-    /// `connect4` it is served.
+    /// Open listeners in this namespace (each executor says when it has:
+    /// [`Registry::listening`]).
     Enroll {
         /// The namespace.
         ns: Arc<Netns>,
-        /// Its cookie.
-        cookie: NetnsCookie,
-        /// Destination ports its connects go direct to.
-        skip_outbound: Vec<u16>,
-        /// When its address appeared (for the enrolment latency).
-        since: Instant,
         /// Its addresses.
         addresses: Vec<IpAddr>,
-        /// Whether its application should see clients' addresses.
-        client_address: bool,
     },
-    /// A served namespace's skipped ports changed.
+    /// An open namespace's skipped ports changed.
     Ports(NetnsId, NetnsCookie, Vec<u16>),
     /// Close the listeners of this namespace, forget its clients and what
     /// `connect4` knew of it.
@@ -159,6 +186,33 @@ impl Registry {
             .filter_map(|e| Some((e.netns.as_ref()?, e.addresses.as_slice())))
     }
 
+    /// An executor listens in `netns`; once all `executors` do, the
+    /// namespace is open: returned once, with what `connect4` must be told.
+    /// News of a namespace no longer opening (withdrawn meanwhile) is
+    /// ignored.
+    pub fn listening(&mut self, netns: NetnsId, cpu: usize, executors: usize) -> Option<Opened> {
+        let entry = self.entries.values_mut().find(|e| e.netns.as_ref().is_some_and(|n| n.id() == netns))?;
+        let opening = entry.opening.as_mut()?;
+        opening.listening.insert(cpu);
+        if opening.listening.len() < executors {
+            return None;
+        }
+        let opening = entry.opening.take()?;
+        Some(Opened {
+            ns: entry.netns.clone()?,
+            cookie: entry.cookie?,
+            skip_outbound: entry.skip_outbound.clone(),
+            addresses: entry.addresses.clone(),
+            took: opening.since.elapsed(),
+            client_address: opening.client_address,
+        })
+    }
+
+    /// Whether a served namespace still waits for an executor's listeners.
+    pub fn opening(&self) -> bool {
+        self.entries.values().any(|e| e.opening.is_some())
+    }
+
     /// The cookies of every namespace found, whatever its state.
     pub fn cookies(&self) -> Vec<NetnsCookie> {
         self.entries.values().filter_map(|e| e.cookie).collect()
@@ -173,10 +227,10 @@ impl Registry {
         })
     }
 
-    /// Where the namespace whose file has inode `ino` stands, and its id
-    /// once opened.
-    pub fn state_of(&self, ino: u64) -> Option<(&State, Option<NetnsId>)> {
-        self.entries.values().find(|e| e.ino == ino).map(|e| (&e.state, e.netns.as_ref().map(|n| n.id())))
+    /// Where the namespace whose file has inode `ino` stands, and whether
+    /// its listeners are still opening.
+    pub fn state_of(&self, ino: u64) -> Option<(&State, bool)> {
+        self.entries.values().find(|e| e.ino == ino).map(|e| (&e.state, e.opening.is_some()))
     }
 
     /// How many namespaces are in each state, every state named (for
@@ -268,7 +322,10 @@ impl Registry {
         let (Some(cookie), before) = (entry.cookie, entry.state.clone()) else { return };
         if next == before {
             if next == State::Served && skip != entry.skip_outbound {
-                changes.push(Change::Ports(ns.id(), cookie, skip.clone()));
+                // While opening, the ports go out with [`Opened`].
+                if entry.opening.is_none() {
+                    changes.push(Change::Ports(ns.id(), cookie, skip.clone()));
+                }
                 entry.skip_outbound = skip;
             }
             return;
@@ -277,6 +334,7 @@ impl Registry {
         match &before {
             State::Served => {
                 info!(netns = %name, now = next.label(), "namespace no longer meshed: withdrawing");
+                entry.opening = None;
                 changes.push(Change::Withdraw(ns.clone(), Some(cookie)));
             }
             State::Passed(_) => changes.push(Change::Pass(cookie, false)),
@@ -299,14 +357,8 @@ impl Registry {
             State::Served => {
                 info!(netns = %name, addresses = ?entry.addresses, "enrolling namespace");
                 let since = entry.addressed.unwrap_or_else(Instant::now);
-                changes.push(Change::Enroll {
-                    ns,
-                    cookie,
-                    skip_outbound: skip.clone(),
-                    since,
-                    addresses: entry.addresses.clone(),
-                    client_address,
-                });
+                entry.opening = Some(Opening { listening: BTreeSet::new(), since, client_address });
+                changes.push(Change::Enroll { ns, addresses: entry.addresses.clone() });
             }
             State::WaitingForAddress | State::Broken(_) => {}
         }
@@ -367,6 +419,7 @@ fn open(path: &Path, ino: u64) -> Entry {
         addressed: None,
         state,
         skip_outbound: Vec::new(),
+        opening: None,
     }
 }
 
@@ -428,6 +481,63 @@ impl Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry holding one served namespace (any file stands for it:
+    /// its inode is its id) whose listeners are opening.
+    fn opening_one(file: &Path) -> (Registry, NetnsId) {
+        let ns = Arc::new(Netns::open(file).expect("a file"));
+        let id = ns.id();
+        let entry = Entry {
+            ino: id.0,
+            netns: Some(ns),
+            cookie: Some(NetnsCookie(7)),
+            addresses: vec![ip("10.0.0.1")],
+            seen: Instant::now(),
+            addressed: Some(Instant::now()),
+            state: State::Served,
+            skip_outbound: vec![5432],
+            opening: Some(Opening { listening: BTreeSet::new(), since: Instant::now(), client_address: true }),
+        };
+        let mut registry = Registry::new(Path::new("/nonexistent"));
+        registry.entries.insert(file.to_path_buf(), entry);
+        (registry, id)
+    }
+
+    #[test]
+    fn a_namespace_opens_when_every_executor_listens_and_says_so_once() {
+        let file = std::env::current_exe().expect("this test's binary");
+        let (mut registry, id) = opening_one(&file);
+        assert!(registry.opening());
+        assert_eq!(registry.state_of(id.0).map(|(s, o)| (s.clone(), o)), Some((State::Served, true)));
+        // Three executors; one says so twice.
+        assert!(registry.listening(id, 0, 3).is_none());
+        assert!(registry.listening(id, 0, 3).is_none(), "the same executor twice is not two");
+        assert!(registry.listening(id, 2, 3).is_none());
+        let open = registry.listening(id, 1, 3).expect("open once all three listen");
+        assert_eq!(
+            (open.cookie, open.skip_outbound.as_slice(), open.client_address),
+            (NetnsCookie(7), &[5432][..], true)
+        );
+        assert_eq!(open.addresses, [ip("10.0.0.1")]);
+        assert!(!registry.opening());
+        assert_eq!(registry.state_of(id.0).map(|(s, o)| (s.clone(), o)), Some((State::Served, false)));
+        // Late or repeated news changes nothing.
+        assert!(registry.listening(id, 1, 3).is_none());
+    }
+
+    #[test]
+    fn news_of_a_namespace_not_opening_is_ignored() {
+        let file = std::env::current_exe().expect("this test's binary");
+        let (mut registry, id) = opening_one(&file);
+        assert!(registry.listening(NetnsId(id.0 + 1), 0, 1).is_none(), "another namespace");
+        // Withdrawn while opening: no longer opening, and never told open.
+        registry.entries.values_mut().for_each(|e| {
+            e.state = State::WaitingForCertificate(ip("10.0.0.1"));
+            e.opening = None;
+        });
+        assert!(registry.listening(id, 0, 1).is_none());
+        assert!(!registry.opening());
+    }
 
     #[test]
     fn every_state_is_listed_once_for_metrics() {
@@ -550,6 +660,7 @@ mod tests {
             addressed: None,
             state: State::Served,
             skip_outbound: vec![],
+            opening: None,
         };
         let entries: BTreeMap<PathBuf, Entry> =
             [("/n/a", 1), ("/n/b", 2), ("/n/c", 3)].into_iter().map(|(p, i)| (PathBuf::from(p), entry(i))).collect();

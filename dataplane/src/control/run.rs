@@ -21,11 +21,10 @@
 //! up to `--drain-timeout`, then the programs are detached and we exit 0;
 //! whatever is still open is closed with the process.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
+    collections::{BTreeMap, HashMap},
     sync::Arc,
     thread,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context;
@@ -182,24 +181,28 @@ impl Inputs {
                 warn!(dir = %dir.display(), error = %e, "cannot watch the namespace directory with inotify: looking every 250 ms");
             }
         }
-        let (model_tx, models) = crossbeam_channel::unbounded();
-        let (ca_tx, node_cas) = crossbeam_channel::unbounded();
+        // Channels nothing sends on never deliver (a dropped sender would
+        // make the loop's `select!` spin).
         let mut inputs = Inputs {
             signals,
             admin,
             cni_asks,
             netns_events,
-            models,
-            node_cas,
+            models: crossbeam_channel::never(),
+            node_cas: crossbeam_channel::never(),
             loaded: None,
             workloads_watch: None,
             watch_counters: None,
         };
         match &cfg.source {
             Some(Source::Kube { access, node }) => {
+                let (model_tx, models) = crossbeam_channel::unbounded();
+                inputs.models = models;
                 let node_ca = cfg.minting.as_ref().map(|m| {
                     let spec =
                         source::nodeca::Spec { node: node.clone(), lifetime: m.node_ca_lifetime, leaf_key: m.leaf_key };
+                    let (ca_tx, node_cas) = crossbeam_channel::unbounded();
+                    inputs.node_cas = node_cas;
                     (spec, ca_tx)
                 });
                 inputs.watch_counters = Some(source::kube::start(access.clone(), node.clone(), model_tx, node_ca)?);
@@ -258,9 +261,6 @@ struct Control {
     own_netns: Option<(NetnsId, NetnsCookie, Option<bool>)>,
     /// The workloads, once a source has reported them.
     model: Option<Model>,
-    /// Namespaces being enrolled: what `connect4` is told once every
-    /// executor listens in them.
-    pending: HashMap<NetnsId, Pending>,
     /// Sandboxes the CNI plugin handed over, waiting for their decision.
     cni_waiting: Vec<cni::Wait>,
     /// The plugin's sandboxes answered: by verdict, and how long each took.
@@ -284,18 +284,6 @@ struct Control {
     /// Where the kubelet's probes come from (`--probe-source`, or this
     /// node's addresses).
     probe_sources: Vec<ipnet::IpNet>,
-}
-
-/// A namespace whose listeners are opening.
-#[derive(Debug)]
-struct Pending {
-    cookie: NetnsCookie,
-    skip_outbound: Vec<u16>,
-    listening: BTreeSet<usize>,
-    since: Instant,
-    ns: Arc<crate::node::netns::Netns>,
-    /// The pod's addresses, when its application should see clients'.
-    return_path: Option<Vec<IpAddr>>,
 }
 
 impl Control {
@@ -343,7 +331,6 @@ impl Control {
             started: SystemTime::now(),
             own_netns,
             model: None,
-            pending: HashMap::new(),
             cni_waiting: Vec::new(),
             cni_figures: admin::CniFigures { answered: BTreeMap::new(), decision: crate::proxy::stats::histogram() },
             enrolment: crate::proxy::stats::histogram(),

@@ -185,9 +185,9 @@ impl Control {
         // Not shown by the API yet, in a namespace that is opted in (or not
         // known): its own labels may still opt it out.
         self.model.as_ref()?.workload(&w.pod)?;
-        let (state, id) = self.registry.as_ref()?.state_of(w.ino)?;
+        let (state, opening) = self.registry.as_ref()?.state_of(w.ino)?;
         match state {
-            State::Served if id.is_some_and(|id| !self.pending.contains_key(&id)) => Some(Response::Served),
+            State::Served if !opening => Some(Response::Served),
             State::Passed(why) => Some(Response::Passed { why: why.to_string() }),
             State::Conflict(why) => Some(Response::Refused { why: why.clone() }),
             _ => None,

@@ -2,11 +2,11 @@
 //! decided for each namespace (listeners opened on every executor, then
 //! `connect4` told; withdrawn in the reverse order), the executors' news,
 //! and what `connect4` knows of our own namespace.
-use std::{collections::BTreeSet, net::IpAddr};
+use std::net::IpAddr;
 
 use tracing::{error, info, warn};
 
-use super::{migrate_requests, Control, Pending};
+use super::{migrate_requests, Control};
 use crate::{control::enroll::Change, node::netns::NetnsId, proxy::executor};
 use dataplane_common::maps::{NetnsCookie, NetnsEntry, Verdict};
 
@@ -31,29 +31,15 @@ impl Control {
     pub(super) fn enrolment_changes(&mut self, changes: Vec<Change>) {
         for change in changes {
             match change {
-                Change::Enroll { ns, cookie, skip_outbound, since, addresses, client_address } => {
+                Change::Enroll { ns, addresses } => {
                     migrate_requests(&ns);
                     for s in &self.executors {
                         let _ = s.tx.send(executor::ToExecutor::Enroll(ns.clone(), addresses.clone()));
                     }
-                    let return_path = client_address.then_some(addresses);
-                    let pending = Pending {
-                        cookie,
-                        skip_outbound,
-                        listening: BTreeSet::new(),
-                        since,
-                        ns: ns.clone(),
-                        return_path,
-                    };
-                    self.pending.insert(ns.id(), pending);
                 }
-                Change::Ports(id, cookie, skip) => match self.pending.get_mut(&id) {
-                    Some(p) => p.skip_outbound = skip,
-                    None => self.set_netns(cookie, Some(NetnsEntry::new(Verdict::Served, &skip))),
-                },
+                Change::Ports(_, cookie, skip) => self.set_netns(cookie, Some(NetnsEntry::new(Verdict::Served, &skip))),
                 Change::Withdraw(ns, cookie) => {
                     let id = ns.id();
-                    self.pending.remove(&id);
                     // The return path stays: connections still open through
                     // it keep working to their end (without it the
                     // application's replies would leave the pod). No new
@@ -119,23 +105,20 @@ impl Control {
     pub(super) fn executor_event(&mut self, ev: executor::ExecutorEvent) {
         match ev {
             executor::ExecutorEvent::Listening { cpu, netns } => {
-                let Some(p) = self.pending.get_mut(&netns) else { return };
-                p.listening.insert(cpu);
-                if p.listening.len() < self.executors.len() {
+                let executors = self.executors.len();
+                let Some(open) = self.registry.as_mut().and_then(|r| r.listening(netns, cpu, executors)) else {
                     return;
-                }
-                if let Some(p) = self.pending.remove(&netns) {
-                    self.set_netns(p.cookie, Some(NetnsEntry::new(Verdict::Served, &p.skip_outbound)));
-                    let took = p.since.elapsed();
-                    let _ = self.enrolment.record(took.as_micros().max(1) as u64);
-                    info!(?netns, ?took, "namespace served: its connects are captured");
-                    self.answer_cni();
-                    // Then the return path (some milliseconds of nft and ip,
-                    // on its own thread): the pod is served meanwhile, from
-                    // its own address.
-                    if let Some(addresses) = p.return_path.filter(|a| self.wants_return_path(a)) {
-                        self.return_paths.request(p.ns, addresses);
-                    }
+                };
+                self.set_netns(open.cookie, Some(NetnsEntry::new(Verdict::Served, &open.skip_outbound)));
+                let took = open.took;
+                let _ = self.enrolment.record(took.as_micros().max(1) as u64);
+                info!(?netns, ?took, "namespace served: its connects are captured");
+                self.answer_cni();
+                // Then the return path (some milliseconds of nft and ip, on
+                // its own thread): the pod is served meanwhile, from its own
+                // address.
+                if open.client_address && self.wants_return_path(&open.addresses) {
+                    self.return_paths.request(open.ns, open.addresses);
                 }
             }
             executor::ExecutorEvent::Failed { cpu, netns, error } => {

@@ -86,6 +86,9 @@ impl Control {
         let mut open_before = 0;
         let (no_cni, no_models, no_cas, no_netns, no_ticks) = (never(), never(), never(), never(), never());
         loop {
+            // A source whose thread ended is not listened to again: a
+            // disconnected channel is always ready, and the loop would spin.
+            let mut gone = (false, false);
             let ready = gate == Gate::Ready;
             let timeout = match (gate.deadline(), &self.registry) {
                 (Some(deadline), _) => crossbeam_channel::at(deadline),
@@ -125,14 +128,20 @@ impl Control {
                         self.scan_namespaces();
                     }
                 },
-                recv(node_cas) -> ca => if let Ok(ca) = ca {
-                    self.set_node_ca(ca);
-                    if ready {
-                        self.scan_namespaces();
+                recv(node_cas) -> ca => match ca {
+                    Ok(ca) => {
+                        self.set_node_ca(ca);
+                        if ready {
+                            self.scan_namespaces();
+                        }
                     }
+                    Err(_) => gone.0 = true,
                 },
                 recv(while_on(ready, &io.cni_asks, &no_cni)) -> ask => if let Ok(ask) = ask { self.cni(ask) },
-                recv(while_on(ready, &io.netns_events, &no_netns)) -> _ => self.scan_namespaces(),
+                recv(while_on(ready, &io.netns_events, &no_netns)) -> event => match event {
+                    Ok(()) => self.scan_namespaces(),
+                    Err(_) => gone.1 = true,
+                },
                 recv(while_on(ready, &tick, &no_ticks)) -> _ => {
                     if identity_watch.as_mut().is_some_and(reload::Watch::changed) {
                         self.reload();
@@ -156,6 +165,13 @@ impl Control {
                     _ if ready => self.scan_namespaces(),
                     _ => {}
                 },
+            }
+            if gone.0 {
+                error!("the node CA requests stopped: certificates are no longer renewed");
+                io.node_cas = never();
+            }
+            if gone.1 {
+                io.netns_events = never();
             }
             gate = self.pass(gate, io)?;
         }
@@ -190,7 +206,7 @@ impl Control {
                     self.scan_namespaces();
                     Gate::Enrolling { deadline: Instant::now() + STARTUP_TIMEOUT }
                 }
-                Gate::Enrolling { .. } if late || self.pending.is_empty() => {
+                Gate::Enrolling { .. } if late || !self.registry.as_ref().is_some_and(|r| r.opening()) => {
                     self.forget_unknown_namespaces();
                     if let Some(c) = self.capture.as_mut() {
                         c.attach(&self.cfg.workload_cgroup, &self.cfg.own_cgroup)?;
