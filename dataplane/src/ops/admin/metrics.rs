@@ -379,44 +379,4 @@ fn openmetrics_to_prometheus(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[test]
-    fn counters_are_named_after_their_samples() {
-        let om = "# HELP x_bytes Bytes.\n# TYPE x_bytes counter\nx_bytes_total 3\n\
-                  # HELP x_lat_seconds Lat.\n# TYPE x_lat_seconds histogram\n# UNIT x_lat_seconds seconds\n\
-                  x_lat_seconds_count 1\n# EOF\n";
-        let p = openmetrics_to_prometheus(om);
-        assert_eq!(
-            p,
-            "# HELP x_bytes_total Bytes.\n# TYPE x_bytes_total counter\nx_bytes_total 3\n\
-             # HELP x_lat_seconds Lat.\n# TYPE x_lat_seconds histogram\nx_lat_seconds_count 1\n"
-        );
-    }
-
-    #[test]
-    fn every_family_renders() {
-        let mut s = Snapshot::default();
-        s.outbound.accepted = 2;
-        s.fail(Direction::Inbound, crate::proxy::stats::Blame::Downstream, crate::proxy::reason::Reason::UnknownCa);
-        s.record(Hist::Lifetime, Duration::from_millis(3));
-        let text = render(
-            &s,
-            &[(StatIndex::Captured, 5)],
-            &Extra { reloads: Reloads { applied: 1, refused: 2 }, ..Extra::default() },
-        );
-        for want in [
-            "dataplane_connections_accepted_total{direction=\"outbound\"} 2",
-            "dataplane_connections_failed_total{direction=\"inbound\",side=\"downstream\",reason=\"unknown_ca\"} 1",
-            "dataplane_bpf_decisions_total{decision=\"captured\"} 5",
-            "dataplane_cert_reload_failures_total 2",
-            "dataplane_connection_lifetime_seconds_count 1",
-            "dataplane_connection_lifetime_seconds_bucket{le=\"0.005\"} 1",
-        ] {
-            assert!(text.contains(want), "{want} in\n{text}");
-        }
-    }
-}
+mod tests;

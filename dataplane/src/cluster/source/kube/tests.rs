@@ -1,0 +1,221 @@
+//! Unit tests of [`super`].
+use super::*;
+use crate::cluster::model::{Mode, Model, Outside};
+
+fn pod(json: serde_json::Value) -> Pod {
+    serde_json::from_value(json).expect("a pod")
+}
+
+fn shop_pod(name: &str, ip: &str, node: &str) -> Pod {
+    pod(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "resourceVersion": "1"},
+        "spec": {"nodeName": node, "serviceAccountName": "web", "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
+    }))
+}
+
+fn ns(name: &str, meshed: bool) -> Namespace {
+    let labels = if meshed { serde_json::json!({MESH_LABEL: "enabled"}) } else { serde_json::json!({}) };
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}
+    }))
+    .expect("a namespace")
+}
+
+#[test]
+fn nothing_is_published_before_both_lists_and_a_relist_replaces_the_whole() {
+    let mut s = State { node: "a".into(), ..State::default() };
+    let mut m = Model::default();
+    let mut apply = |s: &mut State, c: Change| {
+        let changes = s.apply(c);
+        let n = changes.len();
+        m.apply(changes);
+        (n, m.clone())
+    };
+    apply(&mut s, Change::Pod(Box::new(watcher::Event::Init)));
+    apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-1", "10.0.0.2", "a")))));
+    apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
+    assert_eq!(apply(&mut s, Change::Pod(Box::new(watcher::Event::InitDone))).0, 0, "namespaces not listed yet");
+    apply(&mut s, Change::Namespace(Box::new(watcher::Event::Init)));
+    apply(&mut s, Change::Namespace(Box::new(watcher::Event::InitApply(ns("shop", true)))));
+    let (n, _) = apply(&mut s, Change::Namespace(Box::new(watcher::Event::InitDone)));
+    assert_eq!(n, 0, "services and slices not listed yet");
+    // A cluster without the AuthorizationPolicy resource: none (the
+    // model waits for that word too).
+    assert_eq!(apply(&mut s, Change::NoPolicies).0, 0);
+    // A service with a named target port, and its slice.
+    let svc: K8sService = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "sessionAffinity": "ClientIP",
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
+                           {"name": "dns", "port": 53, "protocol": "UDP"}]}
+    }))
+    .expect("service");
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-abc", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.0.0.2"], "conditions": {"ready": true}},
+                      {"addresses": ["10.0.1.2"]},
+                      {"addresses": ["10.0.1.3"], "conditions": {"ready": false}}]
+    }))
+    .expect("slice");
+    apply(&mut s, Change::Service(Box::new(watcher::Event::Init)));
+    apply(&mut s, Change::Service(Box::new(watcher::Event::InitApply(svc))));
+    apply(&mut s, Change::Service(Box::new(watcher::Event::InitDone)));
+    apply(&mut s, Change::Slice(Box::new(watcher::Event::Init)));
+    apply(&mut s, Change::Slice(Box::new(watcher::Event::InitApply(slice.clone()))));
+    let (n, m) = apply(&mut s, Change::Slice(Box::new(watcher::Event::InitDone)));
+    assert_eq!(n, 4, "all listed: the whole model, once (a namespace, two pods, one Service)");
+    let table = m.service_table();
+    let web = table.get("10.96.0.10:80".parse().expect("vip")).expect("the TCP port");
+    assert!(web.client_ip_affinity);
+    let backends: Vec<String> = web.backends.iter().map(|b| format!("{} {}", b.addr, b.meshed)).collect();
+    assert_eq!(backends, ["10.0.0.2:8080 true", "10.0.1.2:8080 true"], "ready (or unsaid) only; both pods meshed");
+    assert_eq!(table.len(), 1, "the UDP port is not ours");
+    assert_eq!(m.meshed_destinations().len(), 2, "both nodes' pods are destinations");
+    let local: Vec<_> = m.local().map(|w| w.name.as_str()).collect();
+    assert_eq!(local, ["web-1"]);
+    // The same slice again (a resync) changes nothing.
+    assert_eq!(apply(&mut s, Change::Slice(Box::new(watcher::Event::Apply(slice)))).0, 0);
+    // A relist after 410 Gone in which web-1 is gone: it goes, even
+    // though no Delete event was seen; web-2, unchanged, is not sent.
+    apply(&mut s, Change::Pod(Box::new(watcher::Event::Init)));
+    let (_, m) =
+        apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
+    assert_eq!(m.workloads().count(), 2, "the old view serves until the relist ends");
+    let (n, m) = apply(&mut s, Change::Pod(Box::new(watcher::Event::InitDone)));
+    assert_eq!((n, m.workloads().count()), (1, 1), "only web-1's removal");
+    // The namespace loses its label: its pods leave the mesh.
+    let (_, m) = apply(&mut s, Change::Namespace(Box::new(watcher::Event::Apply(ns("shop", false)))));
+    assert_eq!(m.workloads().next().expect("web-2").mode, Mode::Outside(Outside::NotOptedIn));
+    assert!(m.meshed_destinations().is_empty());
+    // Another pod's labels or annotations we do not read change nothing.
+    let mut noisy = shop_pod("web-2", "10.0.1.2", "b");
+    noisy.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
+    assert_eq!(apply(&mut s, Change::Pod(Box::new(watcher::Event::Apply(noisy)))).0, 0);
+}
+
+#[test]
+fn finished_pods_and_host_network_pods_are_read_as_such() {
+    let mut done = shop_pod("job", "10.0.0.9", "a");
+    done.status.as_mut().expect("status").phase = Some("Succeeded".into());
+    assert!(view(&done, "a").is_none(), "its address may already be another pod's");
+    let mut host = shop_pod("agent", "192.168.0.10", "a");
+    host.spec.as_mut().expect("spec").host_network = Some(true);
+    let v = view(&host, "a").expect("view");
+    assert!(v.host_network);
+    let pending = pod(serde_json::json!({
+        "metadata": {"name": "p", "namespace": "shop"}, "spec": {"containers": []}
+    }));
+    let v = view(&pending, "a").expect("a pod with no address yet");
+    assert!(v.addresses.is_empty() && v.node.is_none());
+}
+
+#[test]
+fn a_dual_stack_pod_has_both_addresses_and_an_ipv6_slice_its_endpoints() {
+    let mut dual = shop_pod("web", "10.0.0.5", "a");
+    dual.status.as_mut().expect("status").pod_ips =
+        Some(["10.0.0.5", "fd00::5"].map(|ip| k8s_openapi::api::core::v1::PodIP { ip: ip.into() }).to_vec());
+    let v = view(&dual, "a").expect("view");
+    let want: Vec<IpAddr> = vec!["10.0.0.5".parse().expect("ip"), "fd00::5".parse().expect("ip")];
+    assert_eq!(v.addresses, want);
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-v6", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv6",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["fd00::5"], "conditions": {"ready": true}}]
+    }))
+    .expect("a slice");
+    let v = slice_view(&slice, "a", None).expect("an IPv6 slice is routed");
+    let want =
+        Endpoint { addr: "fd00::5".parse().expect("ip"), state: Readiness::Ready, local: false, hint: Hint::None };
+    assert_eq!(v.slice.endpoints, [want]);
+    let mut fqdn = slice;
+    fqdn.address_type = "FQDN".into();
+    assert!(slice_view(&fqdn, "a", None).is_none(), "FQDN slices are not");
+}
+
+#[test]
+fn policies_come_with_the_model_and_go_with_their_resource() {
+    let mut s = State { node: "a".into(), ..State::default() };
+    for c in [
+        Change::Pod(Box::new(watcher::Event::InitDone)),
+        Change::Namespace(Box::new(watcher::Event::InitDone)),
+        Change::Service(Box::new(watcher::Event::InitDone)),
+        Change::Slice(Box::new(watcher::Event::InitDone)),
+    ] {
+        assert!(s.apply(c).is_empty(), "the policies are not listed yet");
+    }
+    let policy: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "db", "namespace": "shop"}, "spec": {"action": "DENY", "rules": [{}]}
+    }))
+    .expect("a policy");
+    s.apply(Change::Policy(Box::new(watcher::Event::Init)));
+    s.apply(Change::Policy(Box::new(watcher::Event::InitApply(policy))));
+    let first = s.apply(Change::Policy(Box::new(watcher::Event::InitDone)));
+    let key = ObjectRef { namespace: "shop".into(), name: "db".into() };
+    assert!(first.iter().any(|c| matches!(c, model::Change::Policy(k, Some(_)) if *k == key)), "{first:?}");
+    // The resource goes (its CRD deleted): so do its policies.
+    let gone = s.apply(Change::NoPolicies);
+    assert_eq!(gone, [model::Change::Policy(key, None)]);
+}
+
+#[test]
+fn endpoint_conditions_and_nodes_are_read_as_kube_proxy_reads_them() {
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web-abc", "namespace": "shop", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [
+            {"addresses": ["10.0.0.2"], "nodeName": "a", "conditions": {"ready": true, "serving": true, "terminating": false},
+             "hints": {"forZones": [{"name": "z1"}]}},
+            {"addresses": ["10.0.0.3"], "nodeName": "b", "conditions": {"ready": false, "serving": true, "terminating": true},
+             "hints": {"forZones": [{"name": "z2"}]}},
+            {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": false, "terminating": true}}]
+    }))
+    .expect("slice");
+    let v = slice_view(&slice, "a", Some("z1")).expect("view");
+    let got: Vec<(String, Readiness, bool, Hint)> =
+        v.slice.endpoints.iter().map(|e| (e.addr.to_string(), e.state, e.local, e.hint)).collect();
+    assert_eq!(
+        got,
+        [
+            ("10.0.0.2".into(), Readiness::Ready, true, Hint::Here),
+            ("10.0.0.3".into(), Readiness::Terminating, false, Hint::Elsewhere),
+            ("10.0.0.4".into(), Readiness::Out, false, Hint::None)
+        ]
+    );
+    let svc: K8sService = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"clusterIPs": ["10.96.0.10"], "internalTrafficPolicy": "Local",
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    }))
+    .expect("service");
+    let v = service_view(&svc).expect("view");
+    assert!(v.node_local && !v.zone_hints);
+    let svc: K8sService = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "shop", "annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
+        "spec": {"clusterIPs": ["10.96.0.10"], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    }))
+    .expect("service");
+    assert!(service_view(&svc).expect("view").zone_hints, "the annotation asks for them");
+    let mut svc = svc;
+    svc.metadata.annotations = None;
+    svc.spec.as_mut().expect("spec").traffic_distribution = Some("PreferClose".into());
+    assert!(service_view(&svc).expect("view").zone_hints, "trafficDistribution too");
+}
+
+#[test]
+fn a_410_is_relisted_at_once_and_other_failures_back_off() {
+    let mut backoff = watcher::DefaultBackoff::default();
+    let gone = kube::core::Status { code: 410, reason: "Expired".into(), ..kube::core::Status::default() };
+    let expired: watcher::Result<()> = Err(watcher::Error::WatchError(Box::new(gone)));
+    assert_eq!(wait_after(&expired, &mut backoff), None, "relisted at once");
+    let down: watcher::Result<()> = Err(watcher::Error::NoResourceVersion);
+    let first = wait_after(&down, &mut backoff).expect("a back-off");
+    assert!(first > Duration::ZERO);
+    assert_eq!(wait_after(&Ok(()), &mut backoff), None);
+}
