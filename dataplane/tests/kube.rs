@@ -458,3 +458,23 @@ fn a_strict_namespace_refuses_plaintext_from_outside_the_mesh_but_not_probes() {
     api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
     assert!(eventually(Duration::from_secs(5), || plaintext(&a, None, "10.77.0.2", 8080) == "data"), "permissive");
 }
+
+#[test]
+fn an_agent_on_the_api_without_node_ca_idles_without_spinning() {
+    // Without --node-ca nothing sends node CAs: a channel with no sender
+    // is always ready to the control loop's select, which then spun a
+    // core for as long as the agent ran.
+    let t = testworld::kernel_test!();
+    let api = ApiServer::start(t);
+    api.put("namespaces", namespace("shop", json!({MESH: "enabled"})));
+    let certs = Certs::new(t, &["10.77.0.1"]);
+    let (workload, own, dir) = (Cgroup::new(t, "w"), Cgroup::new(t, "d"), NetnsDir::new(t));
+    let dp = start(&api, &certs, &workload, &own, &dir, &[]);
+    let cpu = || testworld::cpu_time(dp.pid()).expect("the data plane's /proc/PID/stat");
+    thread::sleep(Duration::from_millis(500));
+    let before = cpu();
+    thread::sleep(Duration::from_secs(3));
+    let idle = cpu() - before;
+    eprintln!("idle agent on the API: {idle:?} of CPU in 3 s");
+    assert!(idle < Duration::from_millis(900), "{idle:?} of CPU in 3 s with nothing to do");
+}
