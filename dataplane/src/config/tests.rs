@@ -75,10 +75,7 @@ fn a_model_needs_its_companions_and_no_model_needs_a_cidr() {
     assert_eq!(check(&["--workloads", "/w", "--netns-dir", "/d"]), Ok(()), "a file needs no node name");
     let cni = ["--cni-socket", "/run/dp/cni.sock"];
     let file = check(&[&["--workloads", "/w", "--netns-dir", "/d"][..], &cni].concat());
-    assert_eq!(
-        file.expect_err("a file cannot say a namespace's label"),
-        "--cni-socket needs --kube or --kubeconfig"
-    );
+    assert_eq!(file.expect_err("a file cannot say a namespace's label"), "--cni-socket needs --kube or --kubeconfig");
     assert_eq!(check(&[&["--kube", "--netns-dir", "/d", "--node-name", "n"][..], &cni].concat()), Ok(()));
     let both = ["dataplane", "run", "--certs", "/c", "--kube", "--workloads", "/w"];
     assert!(Cli::try_parse_from(both).is_err(), "one source of the model");

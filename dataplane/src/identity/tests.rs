@@ -53,8 +53,8 @@ fn a_new_minted_identity_keeps_what_did_not_change() {
     };
     let first = Identity::minted(roots.clone(), &bundle, &[again(&pa), pod(b)], true, None).expect("first");
     // Pod c arrives and pod b gets a new certificate: a keeps its own.
-    let second = Identity::minted(roots.clone(), &bundle, &[again(&pa), pod(b), pod(c)], true, Some(&first))
-        .expect("second");
+    let second =
+        Identity::minted(roots.clone(), &bundle, &[again(&pa), pod(b), pod(c)], true, Some(&first)).expect("second");
     let same = |x: &Identity, y: &Identity, ip: IpAddr| {
         let (cx, cy) = (x.client_config(ip).expect("client"), y.client_config(ip).expect("client"));
         let (sx, sy) = (x.server_config(ip).expect("server"), y.server_config(ip).expect("server"));
@@ -91,10 +91,7 @@ fn minted_certificates_load_and_check_ips() {
         Err(PeerError::WrongIp(..))
     ));
     assert!(matches!(check_peer_ip(None, ip), Err(PeerError::Missing)));
-    assert_eq!(
-        peer_identity(Some(std::slice::from_ref(&der))).ok(),
-        Some(format!("spiffe://cluster.local/ip/{ip}"))
-    );
+    assert_eq!(peer_identity(Some(std::slice::from_ref(&der))).ok(), Some(format!("spiffe://cluster.local/ip/{ip}")));
     // Right CA, right address, no SPIFFE ID: not accepted as a peer.
     let key = rcgen::KeyPair::generate().expect("key");
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");

@@ -74,9 +74,7 @@ fn l7_is_never_half_applied() {
 fn selectors_and_bad_input() {
     let p = policy(json!({"selector": {"matchLabels": {"app": "db"}}}));
     let labels = |app: &str| [("app".to_string(), app.to_string())].into();
-    assert!(
-        p.selects("shop", &labels("db")) && !p.selects("shop", &labels("web")) && !p.selects("ops", &labels("db"))
-    );
+    assert!(p.selects("shop", &labels("db")) && !p.selects("shop", &labels("web")) && !p.selects("ops", &labels("db")));
     assert!(policy(json!({})).selects("shop", &BTreeMap::new()), "no selector: the whole namespace");
     // What does not parse refuses everything to the pods it selects
     // (its namespace, when the selector itself is bad): never skipped.
@@ -91,8 +89,5 @@ fn selectors_and_bad_input() {
         assert!(p.unsupported[0].starts_with("malformed"), "{bad}: {:?}", p.unsupported);
         assert!(decide(&[p], &conn(WEB, "10.1.0.1", 80)).is_err(), "{bad}");
     }
-    assert_eq!(
-        policy(json!({"selector": {"matchLabels": {"app": "db"}}, "rules": 3})).selector,
-        Some(labels("db"))
-    );
+    assert_eq!(policy(json!({"selector": {"matchLabels": {"app": "db"}}, "rules": 3})).selector, Some(labels("db")));
 }

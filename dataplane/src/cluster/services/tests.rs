@@ -10,10 +10,7 @@ fn web() -> Service {
         namespace: "shop".into(),
         name: "web".into(),
         cluster_ips: vec![ip("10.96.0.10")],
-        ports: vec![
-            ServicePort { name: "http".into(), port: 80 },
-            ServicePort { name: "admin".into(), port: 9000 },
-        ],
+        ports: vec![ServicePort { name: "http".into(), port: 80 }, ServicePort { name: "admin".into(), port: 9000 }],
         client_ip_affinity: false,
         node_local: false,
         zone_hints: false,
@@ -59,8 +56,7 @@ fn terminating_endpoints_serve_only_when_none_is_ready() {
     let mut svc = web();
     svc.slices[1].endpoints = vec![ep("10.2.0.7", Readiness::Terminating, false)];
     assert_eq!(addrs(&table(&[svc.clone()], |_| true), "10.96.0.10:80"), ["10.1.0.5:8080"], "one is ready");
-    svc.slices[0].endpoints =
-        vec![ep("10.1.0.5", Readiness::Terminating, true), ep("10.1.0.6", Readiness::Out, true)];
+    svc.slices[0].endpoints = vec![ep("10.1.0.5", Readiness::Terminating, true), ep("10.1.0.6", Readiness::Out, true)];
     let t = table(&[svc], |_| true);
     assert_eq!(addrs(&t, "10.96.0.10:80"), ["10.1.0.5:8080", "10.2.0.7:8081"], "a rollout's last ones still serve");
 }

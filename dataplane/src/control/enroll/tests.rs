@@ -33,10 +33,7 @@ fn a_namespace_opens_when_every_executor_listens_and_says_so_once() {
     assert!(registry.listening(id, 0, 3).is_none(), "the same executor twice is not two");
     assert!(registry.listening(id, 2, 3).is_none());
     let open = registry.listening(id, 1, 3).expect("open once all three listen");
-    assert_eq!(
-        (open.cookie, open.skip_outbound.as_slice(), open.client_address),
-        (NetnsCookie(7), &[5432][..], true)
-    );
+    assert_eq!((open.cookie, open.skip_outbound.as_slice(), open.client_address), (NetnsCookie(7), &[5432][..], true));
     assert_eq!(open.addresses, [ip("10.0.0.1")]);
     assert!(!registry.opening());
     assert_eq!(registry.state_of(id.0).map(|(s, o)| (s.clone(), o)), Some((State::Served, false)));
@@ -123,10 +120,7 @@ fn with_a_model_only_meshed_local_workloads_are_served() {
     let served = decide(&[ip("10.0.0.1")], Some(&Model::new(vec![direct])), all);
     assert_eq!((served.state, served.client_address), (State::Served, false));
     assert!(decide(&[ip("10.0.0.1")], None, all).client_address, "without a model: on");
-    assert_eq!(
-        decide(&[ip("10.0.0.1")], Some(&model), |_| false).state,
-        State::WaitingForCertificate(ip("10.0.0.1"))
-    );
+    assert_eq!(decide(&[ip("10.0.0.1")], Some(&model), |_| false).state, State::WaitingForCertificate(ip("10.0.0.1")));
     assert_eq!(decide(&[ip("10.0.0.2")], Some(&model), all).state, State::Passed("namespace_not_opted_in"));
     // Another node's pod, or one the API has not shown yet: unclaimed.
     assert_eq!(decide(&[ip("10.0.0.3")], Some(&model), all).state, State::Unclaimed(ip("10.0.0.3")));

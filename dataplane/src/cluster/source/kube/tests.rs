@@ -82,8 +82,7 @@ fn nothing_is_published_before_both_lists_and_a_relist_replaces_the_whole() {
     // A relist after 410 Gone in which web-1 is gone: it goes, even
     // though no Delete event was seen; web-2, unchanged, is not sent.
     apply(&mut s, Change::Pod(Box::new(watcher::Event::Init)));
-    let (_, m) =
-        apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
+    let (_, m) = apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
     assert_eq!(m.workloads().count(), 2, "the old view serves until the relist ends");
     let (n, m) = apply(&mut s, Change::Pod(Box::new(watcher::Event::InitDone)));
     assert_eq!((n, m.workloads().count()), (1, 1), "only web-1's removal");

@@ -2,6 +2,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::proxy::stats::{Direction, Hist};
 
 #[test]
 fn counters_are_named_after_their_samples() {
