@@ -1,5 +1,7 @@
 //! Unit tests of [`super`].
 use super::*;
+use clap::Parser;
+use cli::{parse_cidr, parse_mark};
 
 #[test]
 fn a_namespaced_object_is_named_namespace_slash_name() {
