@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dataplane::{
-    config::{CaCommand, Cli, CniCommand, Command, LogFormat},
+    config::{CaCommand, Cli, CniCommand, Command, LogFormat, RunArgs},
     identity::ca,
 };
 
@@ -21,7 +21,38 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let json = matches!(&cli.command, Command::Run(a) if a.log_format == LogFormat::Json);
+    init_logs(matches!(&cli.command, Command::Run(a) if a.log_format == LogFormat::Json));
+    match cli.command {
+        Command::Run(args) if args.check_config => check_config(&args),
+        Command::Run(args) => run(*args),
+        Command::Issuer(args) => issuer(args),
+        Command::Uninstall(args) => match uninstall(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => failed(e),
+        },
+        Command::Cni(cmd) => cni(cmd).map_or_else(failed, |()| ExitCode::SUCCESS),
+        Command::Ca(cmd) => {
+            let result = match cmd {
+                CaCommand::Init { dir } => ca::init(&dir),
+                CaCommand::Issue { dir, ip, days, not_before_days } => {
+                    ca::issue(&dir, ip, ca::Validity { not_before_days, days })
+                }
+            };
+            result.map_or_else(
+                |e| {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                },
+                |()| ExitCode::SUCCESS,
+            )
+        }
+    }
+}
+
+/// Logs to stderr, as JSON lines or text (coloured on a terminal unless
+/// `NO_COLOR`), filtered by `RUST_LOG` (default info).
+fn init_logs(json: bool) {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr);
@@ -31,94 +62,58 @@ fn main() -> ExitCode {
         let color = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
         logs.with_ansi(color).init();
     }
-    match cli.command {
-        Command::Run(args) if args.check_config => match args.check_values() {
-            Ok(()) if !dataplane::config::unknown_env_settings().is_empty() => {
-                eprintln!(
-                    "error: {}: no such setting (see dataplane run --help for the DATAPLANE_* variables)",
-                    dataplane::config::unknown_env_settings().join(", ")
-                );
-                ExitCode::from(2)
-            }
-            Ok(()) => {
-                println!("configuration OK (flags and values; host paths are checked at start-up): {args:#?}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(2)
-            }
-        },
-        Command::Run(args) => {
-            for name in dataplane::config::unknown_env_settings() {
-                tracing::warn!(variable = %name, "ignoring an environment variable no setting reads");
-            }
-            let cfg = match (*args).validate() {
-                Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            match dataplane::control::run::run(cfg) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+}
+
+/// A failure after start: its chain on one line, exit code 1.
+fn failed(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}
+
+/// A configuration refused: exit code 2.
+fn refused(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}
+
+/// `dataplane run --check-config`: the flags and values, nothing contacted.
+fn check_config(args: &RunArgs) -> ExitCode {
+    let unknown = dataplane::config::unknown_env_settings();
+    match args.check_values() {
+        Ok(()) if !unknown.is_empty() => refused(format_args!(
+            "{}: no such setting (see dataplane run --help for the DATAPLANE_* variables)",
+            unknown.join(", ")
+        )),
+        Ok(()) => {
+            println!("configuration OK (flags and values; host paths are checked at start-up): {args:#?}");
+            ExitCode::SUCCESS
         }
-        Command::Issuer(args) => {
-            let settings = match args.settings() {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            if args.check_config {
-                println!("configuration OK (flags and values; nothing was contacted): {settings:#?}");
-                return ExitCode::SUCCESS;
-            }
-            match dataplane_issuer::run(settings) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Uninstall(args) => match uninstall(args) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Cni(cmd) => match cni(cmd) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Ca(cmd) => {
-            let result = match cmd {
-                CaCommand::Init { dir } => ca::init(&dir),
-                CaCommand::Issue { dir, ip, days, not_before_days } => {
-                    ca::issue(&dir, ip, ca::Validity { not_before_days, days })
-                }
-            };
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Err(e) => refused(e),
     }
+}
+
+/// `dataplane run`.
+fn run(args: RunArgs) -> ExitCode {
+    for name in dataplane::config::unknown_env_settings() {
+        tracing::warn!(variable = %name, "ignoring an environment variable no setting reads");
+    }
+    match args.validate() {
+        Ok(cfg) => dataplane::control::run::run(cfg).map_or_else(failed, |()| ExitCode::SUCCESS),
+        Err(e) => refused(e),
+    }
+}
+
+/// `dataplane issuer`.
+fn issuer(args: dataplane_issuer::IssuerArgs) -> ExitCode {
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => return refused(e),
+    };
+    if args.check_config {
+        println!("configuration OK (flags and values; nothing was contacted): {settings:#?}");
+        return ExitCode::SUCCESS;
+    }
+    dataplane_issuer::run(settings).map_or_else(failed, |()| ExitCode::SUCCESS)
 }
 
 /// `dataplane uninstall`: every part, each reported; whether all went.
