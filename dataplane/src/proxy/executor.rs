@@ -8,30 +8,24 @@
 //! Executors report to the control thread over a crossbeam channel and never
 //! wait on it.
 use std::{
-    cell::Cell,
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::IpAddr,
     rc::Rc,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use crossbeam_channel::Sender;
-use glommio::{net::TcpListener, Latency, LocalExecutorBuilder, Placement, Shares};
+use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
 use tracing::{error, info, warn};
 
 use crate::{
     identity::Identity,
     node::ebpf::OrigLookup,
     node::netns::{Netns, NetnsId},
-    node::socket,
-    node::sys,
-    proxy::conn::{ExecutorCtx, Limits, Open, Record},
-    proxy::inbound,
-    proxy::outbound,
-    proxy::stats::{Direction, Snapshot},
+    proxy::conn::{ExecutorCtx, Limits, Open},
+    proxy::stats::Snapshot,
 };
-use dataplane_common::{INBOUND_PORT, OUTBOUND_PORT};
 
 /// What every executor is started with.
 #[derive(Debug)]
@@ -203,32 +197,14 @@ impl Drop for DieTogether {
     }
 }
 
-const OUTBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), OUTBOUND_PORT);
-const INBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), INBOUND_PORT);
-const OUTBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT);
-const INBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT);
-
-/// A listener on `addr` inside `ns`, and its fd (glommio does not expose it).
-fn bind_in(
-    ns: &Netns,
-    addr: SocketAddr,
-    incoming_cpu: Option<usize>,
-) -> Result<(TcpListener, std::os::fd::RawFd), String> {
-    match ns.run(|| socket::listener(addr, incoming_cpu)) {
-        Ok(Ok(fd)) => {
-            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-            Ok((sys::glommio_listener(fd), raw))
-        }
-        Ok(Err(e)) | Err(e) => Err(format!("listening on {addr} in {}: {e}", ns.name())),
-    }
-}
-
 /// Priority of the control task: a message (drain, new certificates, a
 /// new pod) is handled within this even while connections keep the
 /// executor busy.
 const CONTROL_LATENCY: Duration = Duration::from_millis(1);
 
-type Listeners = BTreeMap<NetnsId, Vec<AcceptLoop>>;
+type Listeners = BTreeMap<NetnsId, Vec<listeners::AcceptLoop>>;
+
+mod listeners;
 
 async fn run(
     (cpu, inbound_cpu): (usize, Option<usize>),
@@ -237,6 +213,40 @@ async fn run(
     control: flume::Receiver<ToExecutor>,
     (open, listening): (Arc<Open>, Arc<Listening>),
 ) {
+    let executor = Rc::new(context(cpu, &spec, open));
+    let mut commands =
+        Commands { cpu, inbound_cpu, executor, listeners: Listeners::new(), listening, events, draining: false };
+    if let Err(e) = Netns::pin_home() {
+        let error = e.to_string();
+        let _ = commands.events.send(ExecutorEvent::Failed { cpu, netns: NetnsId(0), error });
+        return;
+    }
+    for (ns, addresses) in &spec.namespaces {
+        if let Err(error) = commands.enroll(ns, addresses) {
+            let _ = commands.events.send(ExecutorEvent::Failed { cpu, netns: ns.id(), error });
+            return;
+        }
+    }
+    info!(cpu, namespaces = spec.namespaces.len(), "executor listening");
+    let _ = commands.events.send(ExecutorEvent::Ready { cpu });
+    let queue = glommio::executor().create_task_queue(Shares::default(), Latency::Matters(CONTROL_LATENCY), "control");
+    // Woken by each message; ends when the control thread is gone.
+    let task = glommio::spawn_local_into(
+        async move {
+            while let Ok(msg) = control.recv_async().await {
+                commands.handle(msg).await;
+            }
+        },
+        queue,
+    );
+    match task {
+        Ok(task) => task.await,
+        Err(e) => panic!("executor on CPU {cpu}: spawning its control task: {e}"),
+    }
+}
+
+/// This executor's state, built inside its own thread.
+fn context(cpu: usize, spec: &ExecutorSpec, open: Arc<Open>) -> ExecutorCtx {
     let orig = spec.orig_pin.as_deref().and_then(|p| match OrigLookup::open(p) {
         Ok(o) => Some(o),
         Err(e) => {
@@ -255,78 +265,82 @@ async fn run(
                 None
             }
         });
-    let executor = Rc::new(executor);
-    let mut listeners = Listeners::new();
-    if let Err(e) = Netns::pin_home() {
-        let error = e.to_string();
-        let _ = events.send(ExecutorEvent::Failed { cpu, netns: NetnsId(0), error });
-        return;
-    }
-    for (ns, addresses) in &spec.namespaces {
-        if let Err(error) = enroll(&executor, ns, addresses, inbound_cpu, &mut listeners, &listening) {
-            let _ = events.send(ExecutorEvent::Failed { cpu, netns: ns.id(), error });
-            return;
-        }
-    }
-    info!(cpu, namespaces = spec.namespaces.len(), "executor listening");
-    let _ = events.send(ExecutorEvent::Ready { cpu });
-    let queue = glommio::executor().create_task_queue(Shares::default(), Latency::Matters(CONTROL_LATENCY), "control");
-    let task = glommio::spawn_local_into(
-        async move {
-            let mut draining = false;
-            // Woken by each message; ends when the control thread is gone.
-            while let Ok(msg) = control.recv_async().await {
-                match msg {
-                    ToExecutor::Snapshot(reply) => {
-                        let _ = reply.send(ExecutorReport { cpu, stats: executor.snapshot() });
-                    }
-                    ToExecutor::Identity(id) => executor.set_identity(id),
-                    ToExecutor::Services(table) => executor.set_services(table),
-                    ToExecutor::Workloads(changes) => executor.set_workloads(&changes),
-                    ToExecutor::Policies(table) => executor.set_policies(table),
-                    ToExecutor::SplicePaused(cookie) => crate::proxy::splice::paused(&executor, cookie),
-                    ToExecutor::Enroll(ns, addresses) if !draining => {
-                        let event = match enroll(&executor, &ns, &addresses, inbound_cpu, &mut listeners, &listening) {
-                            Ok(()) => ExecutorEvent::Listening { cpu, netns: ns.id() },
-                            Err(error) => ExecutorEvent::Failed { cpu, netns: ns.id(), error },
-                        };
-                        let _ = events.send(event);
-                    }
-                    ToExecutor::Enroll(..) => {}
-                    ToExecutor::Withdraw(id) => {
-                        executor.forget(id);
-                        if let Some(loops) = listeners.remove(&id) {
-                            lock(&listening).remove(&id);
-                            for l in loops {
-                                l.stop(cpu).await;
-                            }
-                        }
-                    }
-                    ToExecutor::Drain => {
-                        // Once our listeners stop listening, the kernel sends
-                        // new connections to the other sockets of the
-                        // SO_REUSEPORT group (a new instance), or refuses
-                        // them. The listening set empties only once no
-                        // accept loop is left: the control thread waits for
-                        // that before it counts open connections.
-                        draining = true;
-                        executor.forget_all();
-                        for (_, loops) in std::mem::take(&mut listeners) {
-                            for l in loops {
-                                l.stop(cpu).await;
-                            }
-                        }
-                        lock(&listening).clear();
-                        info!(cpu, "listeners closed; draining");
+    executor
+}
+
+/// What an executor does with the control thread's messages.
+struct Commands {
+    cpu: usize,
+    /// The CPU its inbound listeners prefer (see [`inbound_cpu`]).
+    inbound_cpu: Option<usize>,
+    executor: Rc<ExecutorCtx>,
+    listeners: Listeners,
+    /// The namespaces it listens in, as the control thread reads them.
+    listening: Arc<Listening>,
+    events: Sender<ExecutorEvent>,
+    /// Told to drain: no namespace is enrolled any more.
+    draining: bool,
+}
+
+impl Commands {
+    async fn handle(&mut self, msg: ToExecutor) {
+        let (cpu, executor) = (self.cpu, &self.executor);
+        match msg {
+            ToExecutor::Snapshot(reply) => {
+                let _ = reply.send(ExecutorReport { cpu, stats: executor.snapshot() });
+            }
+            ToExecutor::Identity(id) => executor.set_identity(id),
+            ToExecutor::Services(table) => executor.set_services(table),
+            ToExecutor::Workloads(changes) => executor.set_workloads(&changes),
+            ToExecutor::Policies(table) => executor.set_policies(table),
+            ToExecutor::SplicePaused(cookie) => crate::proxy::splice::paused(executor, cookie),
+            ToExecutor::Enroll(ns, addresses) if !self.draining => {
+                let event = match self.enroll(&ns, &addresses) {
+                    Ok(()) => ExecutorEvent::Listening { cpu, netns: ns.id() },
+                    Err(error) => ExecutorEvent::Failed { cpu, netns: ns.id(), error },
+                };
+                let _ = self.events.send(event);
+            }
+            ToExecutor::Enroll(..) => {}
+            ToExecutor::Withdraw(id) => {
+                executor.forget(id);
+                if let Some(loops) = self.listeners.remove(&id) {
+                    lock(&self.listening).remove(&id);
+                    for l in loops {
+                        l.stop(cpu).await;
                     }
                 }
             }
-        },
-        queue,
-    );
-    match task {
-        Ok(task) => task.await,
-        Err(e) => panic!("executor on CPU {cpu}: spawning its control task: {e}"),
+            ToExecutor::Drain => {
+                // Once our listeners stop listening, the kernel sends new
+                // connections to the other sockets of the SO_REUSEPORT group
+                // (a new instance), or refuses them. The listening set
+                // empties only once no accept loop is left: the control
+                // thread waits for that before it counts open connections.
+                self.draining = true;
+                executor.forget_all();
+                for (_, loops) in std::mem::take(&mut self.listeners) {
+                    for l in loops {
+                        l.stop(cpu).await;
+                    }
+                }
+                lock(&self.listening).clear();
+                info!(cpu, "listeners closed; draining");
+            }
+        }
+    }
+
+    /// Opens the listeners of `ns` (see [`listeners::open`]) and records the
+    /// pod's `addresses`.
+    fn enroll(&mut self, ns: &Arc<Netns>, addresses: &[IpAddr]) -> Result<(), String> {
+        if self.listeners.contains_key(&ns.id()) {
+            return Ok(());
+        }
+        let loops = listeners::open(&self.executor, ns, addresses, self.inbound_cpu)?;
+        self.listeners.insert(ns.id(), loops);
+        lock(&self.listening).insert(ns.id());
+        self.executor.serve(ns, addresses);
+        Ok(())
     }
 }
 
@@ -334,126 +348,6 @@ async fn run(
 /// first (executors abort on unwinding), so poisoning is ignored.
 pub fn lock(listening: &Listening) -> std::sync::MutexGuard<'_, BTreeSet<NetnsId>> {
     listening.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Opens the listeners of `ns` (both families' where the pod has an IPv6
-/// address) and starts their accept loops; records the pod's `addresses`.
-/// The inbound listeners prefer connections set up on `inbound_cpu`.
-fn enroll(
-    executor: &Rc<ExecutorCtx>,
-    ns: &Arc<Netns>,
-    addresses: &[IpAddr],
-    inbound_cpu: Option<usize>,
-    listeners: &mut Listeners,
-    listening: &Listening,
-) -> Result<(), String> {
-    if listeners.contains_key(&ns.id()) {
-        return Ok(());
-    }
-    let mut addrs = vec![(OUTBOUND_ADDR, Direction::Outbound), (INBOUND_ADDR, Direction::Inbound)];
-    if addresses.iter().any(IpAddr::is_ipv6) {
-        addrs.extend([(OUTBOUND_ADDR6, Direction::Outbound), (INBOUND_ADDR6, Direction::Inbound)]);
-    }
-    // All or none: the sockets bound so far close if one fails.
-    let bound = addrs
-        .iter()
-        .map(|&(a, d)| {
-            let cpu = if d == Direction::Inbound { inbound_cpu } else { None };
-            Ok((bind_in(ns, a, cpu)?, d))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    let loops = bound.into_iter().map(|(l, d)| AcceptLoop::start(l, executor, ns, d)).collect();
-    listeners.insert(ns.id(), loops);
-    lock(listening).insert(ns.id());
-    executor.serve(ns, addresses);
-    Ok(())
-}
-
-/// A listener's accept loop, and the way to stop it without losing a
-/// connection. glommio accepts through io_uring: cancelling the loop could
-/// drop an accept the kernel had already completed, and that connection would
-/// never be served. Instead the listening socket is shut down for reading: it
-/// stops listening at once (its queue moves to another listener of the
-/// SO_REUSEPORT group, `tcp_migrate_req`), the accept in flight returns an
-/// error, and the loop serves every connection it was handed, then ends.
-struct AcceptLoop {
-    task: glommio::Task<()>,
-    fd: std::os::fd::RawFd,
-    stop: Rc<Cell<bool>>,
-}
-
-/// How long a stopped accept loop gets to end by itself.
-const ACCEPT_STOP: Duration = Duration::from_secs(1);
-
-impl AcceptLoop {
-    fn start(
-        (listener, fd): (TcpListener, std::os::fd::RawFd),
-        executor: &Rc<ExecutorCtx>,
-        ns: &Arc<Netns>,
-        direction: Direction,
-    ) -> Self {
-        let stop = Rc::new(Cell::new(false));
-        let task = glommio::spawn_local(accept_loop(listener, executor.clone(), ns.clone(), direction, stop.clone()));
-        Self { task, fd, stop }
-    }
-
-    async fn stop(mut self, cpu: usize) {
-        self.stop.set(true);
-        // The fd is open: the loop owns the listener until it ends, and it
-        // ends only once `stop` is set.
-        let shut = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Read);
-        if shut.is_ok() && crate::proxy::relay::within(ACCEPT_STOP, &mut self.task).await.is_some() {
-            return;
-        }
-        warn!(cpu, shutdown = ?shut, "an accept loop did not end by itself; cancelling it");
-        self.task.cancel().await;
-    }
-}
-
-/// Pause after an accept error (EMFILE and the like), doubled on each error
-/// in a row up to [`ACCEPT_BACKOFF_MAX`], so a full fd table does not turn
-/// into a busy loop.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// How often a waiting accept is re-polled (see `relay::repolled`).
-const ACCEPT_REPOLL: Duration = Duration::from_secs(1);
-
-async fn accept_loop(
-    listener: TcpListener,
-    executor: Rc<ExecutorCtx>,
-    ns: Arc<Netns>,
-    direction: Direction,
-    stop: Rc<Cell<bool>>,
-) {
-    let mut backoff = ACCEPT_BACKOFF;
-    loop {
-        // Re-polled every second: an accept whose wake-up went missing
-        // would otherwise wait for the next connection (a tunnel handshake
-        // was seen to wait out its 10 s with no trace on the accepting side).
-        match crate::proxy::relay::repolled(ACCEPT_REPOLL, listener.accept()).await {
-            Ok(conn) => {
-                backoff = ACCEPT_BACKOFF;
-                // Counted as open from the moment it is accepted, before its
-                // task first runs: a drain that waits for open connections
-                // must never miss one that is only queued.
-                let rec = Record::accepted(&executor, direction, &ns);
-                let (executor, ns) = (executor.clone(), ns.clone());
-                match direction {
-                    Direction::Outbound => glommio::spawn_local(outbound::serve(executor, ns, conn, rec)).detach(),
-                    Direction::Inbound => glommio::spawn_local(inbound::serve(executor, ns, conn, rec)).detach(),
-                };
-            }
-            Err(_) if stop.get() => return,
-            Err(e) => {
-                executor.with_stats(|s| s.flow(direction).accept_errors += 1);
-                if let Some(left_out) = executor.may_log("accept_failed") {
-                    warn!(netns = %ns.name(), %direction, error = %e, ?backoff, left_out, "accept failed; backing off");
-                }
-                glommio::timer::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
