@@ -163,45 +163,61 @@ pub async fn start<'a>(executor: &'a ExecutorCtx, down: &TcpStream, up: &mut Tcp
         up_base,
     };
     if !pair.both_ways {
-        // The destination was closing already. The client's bytes may have
-        // started through the kernel: stop them, let the destination send
-        // what it was handed, then give both back to user space.
         refused("the destination was closing", &"not established");
-        let stopped = splicer.borrow_mut().stop(pair.a);
-        let moved = splicer.borrow().moved(pair.a).0;
-        let bytes = Bytes { sent: moved, received: 0, first_received: None };
-        let drained = match stopped {
-            Ok(()) => drain(moved, &taken_since(sys::borrow_fd(&spliced.up), up_base), Side::Upstream, idle).await,
-            Err(e) => Err(End::Io { side: Side::Upstream, source: io::Error::other(e.to_string()) }),
-        };
-        drop(spliced); // unpaired
-        return match drained {
-            Ok(()) => Start::UserSpace { early: moved },
-            Err(end) => Start::Failed(RelayError { end, bytes }),
-        };
+        return half_open(splicer, spliced, idle).await;
     }
     executor.with_stats(|s| s.spliced += 1);
-    // Bytes queued before the splice (a server that speaks first, a client
-    // that did not wait) are moved on at a socket's first read: peek, so
-    // that nothing could be taken from the stream here.
-    // A reset that came before this look is seen here, and only here: the
-    // read that sees a socket's error takes it, and a later peek would read
-    // an orderly end.
+    match reset_before(splicer, &spliced) {
+        Some(failed) => {
+            drop(spliced); // unpaired
+            Start::Failed(failed)
+        }
+        None => Start::Spliced(Box::new(spliced)),
+    }
+}
+
+/// The destination was closing already when the pair was made. The client's
+/// bytes may have started through the kernel: stop them, let the
+/// destination send what it was handed, then give both back to user space.
+async fn half_open<'a>(
+    splicer: &std::cell::RefCell<crate::node::ebpf::Splicer>,
+    spliced: Spliced<'a>,
+    idle: Duration,
+) -> Start<'a> {
+    let a = spliced.pair.a;
+    let stopped = splicer.borrow_mut().stop(a);
+    let moved = splicer.borrow().moved(a).0;
+    let bytes = Bytes { sent: moved, received: 0, first_received: None };
+    let drained = match stopped {
+        Ok(()) => {
+            let taken = taken_since(sys::borrow_fd(&spliced.up), spliced.up_base);
+            drain(moved, &taken, Side::Upstream, idle).await
+        }
+        Err(e) => Err(End::Io { side: Side::Upstream, source: io::Error::other(e.to_string()) }),
+    };
+    drop(spliced); // unpaired
+    match drained {
+        Ok(()) => Start::UserSpace { early: moved },
+        Err(end) => Start::Failed(RelayError { end, bytes }),
+    }
+}
+
+/// A reset that reached either socket before the splice, with what the
+/// kernel moved meanwhile. Bytes queued before the splice (a server that
+/// speaks first, a client that did not wait) are moved on at a socket's
+/// first read: this peeks, so that nothing could be taken from the stream
+/// here. A reset that came before this look is seen here, and only here:
+/// the read that sees a socket's error takes it, and a later peek would
+/// read an orderly end.
+fn reset_before(splicer: &std::cell::RefCell<crate::node::ebpf::Splicer>, spliced: &Spliced<'_>) -> Option<RelayError> {
     let looks =
         [(Side::Downstream, peek(sys::borrow_fd(&spliced.down))), (Side::Upstream, peek(sys::borrow_fd(&spliced.up)))];
-    if let Some((side, source)) = looks
+    let (side, source) = looks
         .into_iter()
-        .find_map(|(side, r)| r.err().filter(|e| e.kind() != io::ErrorKind::WouldBlock).map(|e| (side, e)))
-    {
-        let (a, b) = (pair.a, pair.b);
-        let bytes = {
-            let s = splicer.borrow();
-            Bytes { sent: s.moved(a).0, received: s.moved(b).0, first_received: None }
-        };
-        drop(spliced); // unpaired
-        return Start::Failed(RelayError { end: End::Io { side, source }, bytes });
-    }
-    Start::Spliced(Box::new(spliced))
+        .find_map(|(side, r)| r.err().filter(|e| e.kind() != io::ErrorKind::WouldBlock).map(|e| (side, e)))?;
+    let s = splicer.borrow();
+    let bytes = Bytes { sent: s.moved(spliced.pair.a).0, received: s.moved(spliced.pair.b).0, first_received: None };
+    Some(RelayError { end: End::Io { side, source }, bytes })
 }
 
 /// A read that takes nothing (`MSG_PEEK`) and does not wait: 0 at the end
