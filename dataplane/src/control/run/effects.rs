@@ -35,7 +35,6 @@ impl Control {
     /// changed is written: the cost of an update does not grow with the
     /// cluster. Returns whether a local workload changed.
     pub(super) fn take_effects(&mut self, fx: Effects, first: bool) -> bool {
-        let Some(model) = self.model.as_ref() else { return false };
         // Executors learn a pod's identity before `connect4` sends them its
         // connections.
         if !fx.identities.is_empty() {
@@ -44,56 +43,12 @@ impl Control {
                 let _ = s.tx.send(executor::ToExecutor::Workloads(changes.clone()));
             }
         }
-        if let (true, Some(capture)) = (first, self.capture.as_mut()) {
-            // Adopted maps (strict mode) hold what the previous instance
-            // wrote: pods and ClusterIPs deleted while no agent ran go now.
-            let want = model.meshed_destinations();
-            for addr in capture.meshed_addresses().unwrap_or_default() {
-                if !want.contains_key(&addr) {
-                    let _ = capture.set_meshed(addr, None);
-                }
-            }
-            let table = model.service_table();
-            for vip in capture.service_vips().unwrap_or_default() {
-                if table.get(vip).is_none() {
-                    let _ = capture.set_service_vip(vip, None);
-                }
-            }
+        if first {
+            self.forget_what_went_meanwhile();
         }
-        if let Some(capture) = self.capture.as_mut() {
-            // Added before removed, so a pod moving between addresses is
-            // never missed.
-            let mut failed = 0;
-            for (addr, ports) in &fx.meshed {
-                if let Some(ports) = ports {
-                    failed += usize::from(capture.set_meshed(*addr, Some(MeshedDst::new(ports))).is_err());
-                }
-            }
-            for addr in fx.meshed.iter().filter(|(_, p)| p.is_none()).map(|(a, _)| a) {
-                let _ = capture.set_meshed(*addr, None);
-            }
-            if failed > 0 {
-                error!(failed, "meshed destinations not written (map full?): connects to them go direct");
-            }
-        }
-        if fx.services || first {
-            // Executors learn a ClusterIP before `connect4` starts capturing
-            // it.
-            let table = model.service_table().clone();
-            for s in &self.executors {
-                let _ = s.tx.send(executor::ToExecutor::Services(table.clone()));
-            }
-            tracing::debug!(service_ports = table.len(), "services updated");
-        }
-        if let Some(capture) = self.capture.as_mut() {
-            let mut failed = 0;
-            for (vip, held) in &fx.vips {
-                failed += usize::from(capture.set_service_vip(*vip, *held).is_err() && held.is_some());
-            }
-            if failed > 0 {
-                error!(failed, "Service ClusterIPs not written (map full?): connects to them go around the mesh");
-            }
-        }
+        self.write_meshed(&fx);
+        self.write_services(&fx, first);
+        let Some(model) = self.model.as_ref() else { return false };
         // Every pod change in the cluster lands here: the first model is
         // worth a line, the rest only at debug.
         if first {
@@ -103,16 +58,9 @@ impl Control {
             tracing::debug!(destinations = fx.meshed.len(), local = fx.local, "model of the workloads updated");
         }
         if first || fx.policies || fx.local {
-            let table = model.policy_table();
-            if *self.policies != table {
-                self.policies = Arc::new(table);
-                for s in &self.executors {
-                    let _ = s.tx.send(executor::ToExecutor::Policies(self.policies.clone()));
-                }
-                tracing::debug!(pods = self.policies.len(), "authorization policies updated");
-            }
+            self.sync_policies();
         }
-        if let (true, Some(socket)) = (first || fx.namespaces, &self.cfg.cni_socket) {
+        if let (true, Some(socket), Some(model)) = (first || fx.namespaces, &self.cfg.cni_socket, self.model.as_ref()) {
             if let Err(e) = crate::control::cni::write_namespaces(socket, model.meshed_namespaces()) {
                 error!(socket = %socket.display(), error = %e, "could not write the meshed namespaces for the CNI plugin");
             }
@@ -121,6 +69,79 @@ impl Control {
             self.refresh_certificates();
         }
         fx.local
+    }
+
+    /// Adopted maps (strict mode) hold what the previous instance wrote:
+    /// pods and ClusterIPs deleted while no agent ran go with the first
+    /// model.
+    fn forget_what_went_meanwhile(&mut self) {
+        let (Some(model), Some(capture)) = (self.model.as_ref(), self.capture.as_mut()) else { return };
+        let want = model.meshed_destinations();
+        for addr in capture.meshed_addresses().unwrap_or_default() {
+            if !want.contains_key(&addr) {
+                let _ = capture.set_meshed(addr, None);
+            }
+        }
+        let table = model.service_table();
+        for vip in capture.service_vips().unwrap_or_default() {
+            if table.get(vip).is_none() {
+                let _ = capture.set_service_vip(vip, None);
+            }
+        }
+    }
+
+    /// The meshed destinations that changed, to `connect4`: added before
+    /// removed, so a pod moving between addresses is never missed.
+    fn write_meshed(&mut self, fx: &Effects) {
+        let Some(capture) = self.capture.as_mut() else { return };
+        let mut failed = 0;
+        for (addr, ports) in &fx.meshed {
+            if let Some(ports) = ports {
+                failed += usize::from(capture.set_meshed(*addr, Some(MeshedDst::new(ports))).is_err());
+            }
+        }
+        for addr in fx.meshed.iter().filter(|(_, p)| p.is_none()).map(|(a, _)| a) {
+            let _ = capture.set_meshed(*addr, None);
+        }
+        if failed > 0 {
+            error!(failed, "meshed destinations not written (map full?): connects to them go direct");
+        }
+    }
+
+    /// The Service table to the executors, then the ClusterIPs that changed
+    /// to `connect4`: executors learn a ClusterIP before `connect4` starts
+    /// capturing it.
+    fn write_services(&mut self, fx: &Effects, first: bool) {
+        let Some(model) = self.model.as_ref() else { return };
+        if fx.services || first {
+            let table = model.service_table().clone();
+            for s in &self.executors {
+                let _ = s.tx.send(executor::ToExecutor::Services(table.clone()));
+            }
+            tracing::debug!(service_ports = table.len(), "services updated");
+        }
+        let Some(capture) = self.capture.as_mut() else { return };
+        let mut failed = 0;
+        for (vip, held) in &fx.vips {
+            failed += usize::from(capture.set_service_vip(*vip, *held).is_err() && held.is_some());
+        }
+        if failed > 0 {
+            error!(failed, "Service ClusterIPs not written (map full?): connects to them go around the mesh");
+        }
+    }
+
+    /// The authorization policies of this node's pods, to the executors
+    /// when they changed.
+    fn sync_policies(&mut self) {
+        let Some(model) = self.model.as_ref() else { return };
+        let table = model.policy_table();
+        if *self.policies != table {
+            self.policies = Arc::new(table);
+            for s in &self.executors {
+                let _ = s.tx.send(executor::ToExecutor::Policies(self.policies.clone()));
+            }
+            tracing::debug!(pods = self.policies.len(), "authorization policies updated");
+        }
     }
 
     /// A node CA from the cluster: every pod is re-minted with it.

@@ -5,7 +5,7 @@
 //! for and how long, and what passing it does; capture is attached only
 //! after the last, so a captured connect never meets a namespace whose
 //! listeners are still opening.
-use std::time::Instant;
+use std::{thread::JoinHandle, time::Instant};
 
 use anyhow::{bail, Context};
 use crossbeam_channel::{never, select, Receiver};
@@ -78,7 +78,7 @@ impl Control {
         &mut self,
         io: &mut Inputs,
         executor_events: &Receiver<ExecutorEvent>,
-    ) -> anyhow::Result<Option<std::thread::JoinHandle<Fate>>> {
+    ) -> anyhow::Result<Option<JoinHandle<Fate>>> {
         let mut gate = Gate::Executors { ready: 0, deadline: Instant::now() + STARTUP_TIMEOUT };
         let mut identity_watch = self.cfg.identity.dir().map(reload::Watch::new);
         let tick = crossbeam_channel::tick(RELOAD_POLL);
@@ -98,27 +98,11 @@ impl Control {
             let models = while_on(gate.takes_models(), &io.models, &no_models);
             let node_cas = while_on(matches!(gate, Gate::NodeCa { .. } | Gate::Ready), &io.node_cas, &no_cas);
             select! {
-                recv(io.signals) -> sig => match sig {
-                    Ok(signal @ (SIGTERM | SIGINT)) if ready => {
-                        info!(signal, "stopping: draining");
-                        return Ok(removal::ask_fate(&self.cfg));
-                    }
-                    Ok(SIGTERM | SIGINT) => bail!("stopped during start-up"),
-                    Ok(_) if ready => self.dump(),
-                    Ok(_) => {}
-                    Err(_) if ready => return Ok(None),
-                    Err(_) => {}
+                recv(io.signals) -> sig => if let Some(stop) = self.on_signal(sig.ok(), ready)? {
+                    return Ok(stop);
                 },
                 recv(io.admin) -> req => if let Ok(req) = req { self.answer(req) },
-                recv(executor_events) -> ev => match (ev, &mut gate) {
-                    (Ok(ExecutorEvent::Ready { .. }), Gate::Executors { ready, .. }) => *ready += 1,
-                    (Ok(ExecutorEvent::Failed { cpu, error, .. }), Gate::Executors { .. }) => {
-                        bail!("executor on CPU {cpu}: {error}")
-                    }
-                    (Ok(ev), _) => self.executor_event(ev),
-                    (Err(_), Gate::Executors { .. }) => bail!("executors stopped during start-up"),
-                    (Err(_), _) => {}
-                },
+                recv(executor_events) -> ev => self.on_executor_event(ev.ok(), &mut gate)?,
                 recv(models) -> m => {
                     let m = m.context("the Kubernetes watch thread stopped")?;
                     // Enrolment looks again only when one of this node's
@@ -150,15 +134,7 @@ impl Control {
                     self.refresh_certificates();
                     self.scan_namespaces();
                 },
-                recv(while_on(ready, &trim, &no_ticks)) -> _ => {
-                    // Give memory back after connections (proxied or to the
-                    // admin endpoint) went away.
-                    let open = self.open() + self.health.open();
-                    if open < open_before {
-                        crate::node::sys::release_free_memory();
-                    }
-                    open_before = open;
-                },
+                recv(while_on(ready, &trim, &no_ticks)) -> _ => open_before = self.trim(open_before),
                 recv(timeout) -> _ => match gate {
                     Gate::Executors { .. } => bail!("executors did not report listening within {STARTUP_TIMEOUT:?}"),
                     // The deadline opens the gate below.
@@ -175,6 +151,50 @@ impl Control {
             }
             gate = self.pass(gate, io)?;
         }
+    }
+
+    /// What a signal means now (`None`: the signal thread is gone): `Some`
+    /// to stop and drain, with the check of whether the DaemonSet is going
+    /// away; during start-up, SIGTERM and SIGINT fail it.
+    fn on_signal(&mut self, sig: Option<i32>, ready: bool) -> anyhow::Result<Option<Option<JoinHandle<Fate>>>> {
+        match sig {
+            Some(signal @ (SIGTERM | SIGINT)) if ready => {
+                info!(signal, "stopping: draining");
+                Ok(Some(removal::ask_fate(&self.cfg)))
+            }
+            Some(SIGTERM | SIGINT) => bail!("stopped during start-up"),
+            Some(_) if ready => {
+                self.dump();
+                Ok(None)
+            }
+            None if ready => Ok(Some(None)),
+            Some(_) | None => Ok(None),
+        }
+    }
+
+    /// An executor's news: during start-up, counted towards the first gate
+    /// (a failure fails start-up); then, enrolment's.
+    fn on_executor_event(&mut self, ev: Option<ExecutorEvent>, gate: &mut Gate) -> anyhow::Result<()> {
+        match (ev, gate) {
+            (Some(ExecutorEvent::Ready { .. }), Gate::Executors { ready, .. }) => *ready += 1,
+            (Some(ExecutorEvent::Failed { cpu, error, .. }), Gate::Executors { .. }) => {
+                bail!("executor on CPU {cpu}: {error}")
+            }
+            (Some(ev), _) => self.executor_event(ev),
+            (None, Gate::Executors { .. }) => bail!("executors stopped during start-up"),
+            (None, _) => {}
+        }
+        Ok(())
+    }
+
+    /// Gives memory back after connections (proxied or to the admin
+    /// endpoint) went away; returns how many are open now.
+    fn trim(&self, open_before: u64) -> u64 {
+        let open = self.open() + self.health.open();
+        if open < open_before {
+            crate::node::sys::release_free_memory();
+        }
+        open
     }
 
     /// Passes every gate whose wait is over (or whose deadline passed),
