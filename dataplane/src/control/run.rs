@@ -1,7 +1,7 @@
 //! The control thread of `dataplane run`.
 //!
 //! Set-up: admin endpoint (answering 503 until ready), the model's source,
-//! eBPF load, executors. Then one loop ([`startup`]) owns everything that is
+//! eBPF load, executors. Then one loop (`startup`) owns everything that is
 //! not the data path: signals (SIGUSR1 dumps, SIGTERM/SIGINT drain), admin
 //! queries, the model's changes, the CNI plugin's sandboxes, namespaces,
 //! certificates. Start-up is a sequence of gates the loop passes (every
@@ -11,10 +11,10 @@
 //! messages; nothing here waits on them except for their replies to
 //! snapshot requests.
 //!
-//! The parts: [`enrolment`] (namespaces served and withdrawn), [`effects`]
-//! (the model's changes written out), [`cni`] (the plugin's sandboxes),
-//! [`strict`] (strict mTLS tables), [`ops`] (measurements, reloads, drain),
-//! [`removal`] (taking it all off the node).
+//! The parts: `enrolment` (namespaces served and withdrawn), `effects`
+//! (the model's changes written out), `cni` (the plugin's sandboxes),
+//! `strict` (strict mTLS tables), `ops` (measurements, reloads, drain),
+//! `removal` (taking it all off the node).
 //!
 //! Drain: readiness false at once, listeners closed (a new instance bound to
 //! the same SO_REUSEPORT ports takes new connections), open connections get

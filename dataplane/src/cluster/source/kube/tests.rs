@@ -1,6 +1,12 @@
 //! Unit tests of [`super`].
 use super::*;
+use super::{state::*, views::*};
 use crate::cluster::model::{Mode, Model, Outside};
+use crate::cluster::{
+    model::{self, ObjectRef, MESH_LABEL},
+    services::{Endpoint, Hint, Readiness},
+};
+use std::net::IpAddr;
 
 fn pod(json: serde_json::Value) -> Pod {
     serde_json::from_value(json).expect("a pod")
