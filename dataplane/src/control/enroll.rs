@@ -43,7 +43,7 @@ use std::{
 use tracing::{info, warn};
 
 use crate::{
-    cluster::model::{Mode, Model},
+    cluster::model::Model,
     identity::Identity,
     node::netns::{Netns, NetnsId},
 };
@@ -429,54 +429,9 @@ fn stale(entries: &BTreeMap<PathBuf, Entry>, present: &BTreeMap<PathBuf, u64>) -
     entries.iter().filter(|(p, e)| present.get(*p) != Some(&e.ino)).map(|(p, _)| p.clone()).collect()
 }
 
-/// Where a namespace stands, from its addresses (as read inside it), the
-/// model, and whether a certificate exists for an address; with what its
-/// workload asks of the data plane.
-fn decide(addresses: &[IpAddr], model: Option<&Model>, has_cert: impl Fn(IpAddr) -> bool) -> Decision {
-    let mut d = Decision { state: State::Served, skip_outbound: Vec::new(), client_address: true };
-    let Some(first) = addresses.first() else { return d.now(State::WaitingForAddress) };
-    if let Some(model) = model {
-        let mut owner = None;
-        for a in addresses {
-            match model.local_with(*a) {
-                Err(why) => return d.now(State::Conflict(why)),
-                Ok(Some(w)) => owner = owner.or(Some(w)),
-                Ok(None) => {}
-            }
-        }
-        let Some(w) = owner else { return d.now(State::Unclaimed(*first)) };
-        match &w.mode {
-            Mode::Outside(why) => return d.now(State::Passed(why.label())),
-            Mode::Meshed { skip_outbound, .. } => d.skip_outbound.clone_from(skip_outbound),
-        }
-        d.client_address = w.client_address;
-        // A dual-stack pod whose second address the CNI has not added yet:
-        // serving it now would leave that family without listeners.
-        if !w.addresses.iter().all(|a| addresses.contains(a)) {
-            return d.now(State::WaitingForAddress);
-        }
-    }
-    match addresses.iter().find(|a| !has_cert(**a)) {
-        Some(missing) => d.now(State::WaitingForCertificate(*missing)),
-        None => d,
-    }
-}
+mod decide;
 
-/// What [`decide`] found: the namespace's state, the destination ports its
-/// connects go direct to, and whether its application sees clients'
-/// addresses (both from the workload that owns it; none without a model).
-#[derive(Debug, PartialEq, Eq)]
-struct Decision {
-    state: State,
-    skip_outbound: Vec<u16>,
-    client_address: bool,
-}
-
-impl Decision {
-    fn now(self, state: State) -> Self {
-        Self { state, ..self }
-    }
-}
+use decide::{decide, Decision};
 
 #[cfg(test)]
 mod tests;

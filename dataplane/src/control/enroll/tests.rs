@@ -1,5 +1,6 @@
 //! Unit tests of [`super`].
 use super::*;
+use crate::cluster::model::Mode;
 
 /// A registry holding one served namespace (any file stands for it:
 /// its inode is its id) whose listeners are opening.
