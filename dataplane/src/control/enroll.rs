@@ -160,17 +160,81 @@ pub enum Change {
     Pass(NetnsCookie, bool),
 }
 
-/// The namespaces found in one directory (and those the model names).
+/// What enrolment reads from the node: the namespace directory, which file
+/// names which namespace, and the namespaces themselves. [`Host`] reads this
+/// host's; the unit tests give fakes, so every step of a pod's enrolment is
+/// a test without root.
+pub trait Node: std::fmt::Debug {
+    /// The files in `dir`.
+    fn list(&self, dir: &Path) -> Vec<PathBuf>;
+    /// The (device, inode) `path` names, links followed; `None` if nothing.
+    fn identify(&self, path: &Path) -> Option<(u64, u64)>;
+    /// The namespace at `path`, and its cookie.
+    fn open(&self, path: &Path) -> std::io::Result<(Netns, NetnsCookie)>;
+    /// The addresses of `ns`'s interfaces (loopback's excepted).
+    fn addresses(&self, ns: &Netns) -> std::io::Result<Vec<IpAddr>>;
+}
+
+/// This host's directory and namespaces.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Host;
+
+impl Node for Host {
+    fn list(&self, dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect()
+    }
+
+    fn identify(&self, path: &Path) -> Option<(u64, u64)> {
+        fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    fn open(&self, path: &Path) -> std::io::Result<(Netns, NetnsCookie)> {
+        let ns = Netns::open(path)?;
+        let cookie = ns.cookie()?;
+        Ok((ns, cookie))
+    }
+
+    fn addresses(&self, ns: &Netns) -> std::io::Result<Vec<IpAddr>> {
+        ns.addresses()
+    }
+}
+
+/// The certificates enrolment waits for.
+pub trait Certificates {
+    /// Whether one is held for `ip`.
+    fn holds(&self, ip: IpAddr) -> bool;
+    /// The directory they are read from (`--certs`), if any.
+    fn dir(&self) -> Option<&Path>;
+}
+
+impl Certificates for Identity {
+    fn holds(&self, ip: IpAddr) -> bool {
+        Identity::holds(self, ip)
+    }
+
+    fn dir(&self) -> Option<&Path> {
+        Identity::dir(self)
+    }
+}
+
+/// The namespaces found in one directory (and those the model names), and
+/// where each stands: the one record of a pod namespace's enrolment.
 #[derive(Debug)]
 pub struct Registry {
     dir: PathBuf,
     entries: BTreeMap<PathBuf, Entry>,
+    node: Box<dyn Node>,
 }
 
 impl Registry {
     /// Watches `dir` (nothing is enrolled until the first [`Registry::scan`]).
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf(), entries: BTreeMap::new() }
+        Self::on(dir, Box::new(Host))
+    }
+
+    /// Watches `dir` as `node` shows it.
+    pub fn on(dir: &Path, node: Box<dyn Node>) -> Self {
+        Self { dir: dir.to_path_buf(), entries: BTreeMap::new(), node }
     }
 
     /// The served namespaces.
@@ -245,19 +309,19 @@ impl Registry {
     /// Looks at the directory again and re-decides every namespace against
     /// `model` (`None`: no model, every namespace with a certificate is
     /// served); returns what must change.
-    pub fn scan(&mut self, identity: &Identity, model: Option<&Model>) -> Vec<Change> {
+    pub fn scan(&mut self, certs: &dyn Certificates, model: Option<&Model>) -> Vec<Change> {
         let mut changes = Vec::new();
         let mut present = BTreeMap::new();
         let named = model.into_iter().flat_map(|m| m.named_netns().cloned());
-        let listed = fs::read_dir(&self.dir).into_iter().flatten().flatten().map(|e| e.path());
+        let listed = self.node.list(&self.dir);
         let mut seen = std::collections::HashSet::new();
-        for path in listed.chain(named) {
+        for path in listed.into_iter().chain(named) {
             // Follows symlinks: the inode is the namespace's. One namespace
             // is one entry: a file the model names (the CNI's) that the
             // directory also shows, under another path, is not a second.
-            if let Ok(m) = fs::metadata(&path) {
-                if seen.insert((m.dev(), m.ino())) {
-                    present.insert(path, m.ino());
+            if let Some((dev, ino)) = self.node.identify(&path) {
+                if seen.insert((dev, ino)) {
+                    present.insert(path, ino);
                 }
             }
         }
@@ -274,7 +338,7 @@ impl Registry {
             }
         }
         for (path, ino) in present {
-            self.look(path, ino, identity, model, &mut changes);
+            self.look(path, ino, certs, model, &mut changes);
         }
         changes
     }
@@ -283,26 +347,34 @@ impl Registry {
     /// just handed over, while the rest of the directory is as the last
     /// scan left it (the next scan looks at everything again). Under the
     /// path the scan knows it by, if it lists it under another.
-    pub fn look_at(&mut self, path: &Path, identity: &Identity, model: Option<&Model>) -> Vec<Change> {
+    pub fn look_at(&mut self, path: &Path, certs: &dyn Certificates, model: Option<&Model>) -> Vec<Change> {
         let mut changes = Vec::new();
-        let Ok(m) = fs::metadata(path) else { return changes };
-        let same = |p: &Path| fs::metadata(p).is_ok_and(|o| (o.dev(), o.ino()) == (m.dev(), m.ino()));
+        let Some(id) = self.node.identify(path) else { return changes };
+        let same = |p: &Path| self.node.identify(p) == Some(id);
         let listed = path.file_name().map(|n| self.dir.join(n)).filter(|p| same(p));
-        let known = self.entries.iter().find(|(p, e)| e.ino == m.ino() && same(p)).map(|(p, _)| p.clone());
+        let known = self.entries.iter().find(|(p, e)| e.ino == id.1 && same(p)).map(|(p, _)| p.clone());
         let path = known.or(listed).unwrap_or_else(|| path.to_path_buf());
-        self.look(path, m.ino(), identity, model, &mut changes);
+        self.look(path, id.1, certs, model, &mut changes);
         changes
     }
 
     /// (Re-)decides one namespace, found at `path` with inode `ino`.
-    fn look(&mut self, path: PathBuf, ino: u64, identity: &Identity, model: Option<&Model>, changes: &mut Vec<Change>) {
-        let entry = self.entries.entry(path.clone()).or_insert_with(|| open(&path, ino));
+    fn look(
+        &mut self,
+        path: PathBuf,
+        ino: u64,
+        certs: &dyn Certificates,
+        model: Option<&Model>,
+        changes: &mut Vec<Change>,
+    ) {
+        let node = &*self.node;
+        let entry = self.entries.entry(path.clone()).or_insert_with(|| open(node, &path, ino));
         let Some(ns) = entry.netns.clone() else { return };
         // Read until served: the CNI may add a dual-stack pod's two
         // addresses one after the other, and the model says how many
         // to wait for.
         if matches!(entry.state, State::WaitingForAddress | State::Unclaimed(_) | State::WaitingForCertificate(_)) {
-            match ns.addresses() {
+            match node.addresses(&ns) {
                 Ok(a) if !a.is_empty() => {
                     entry.addressed = entry.addressed.or(Some(Instant::now()));
                     entry.addresses = a;
@@ -318,7 +390,7 @@ impl Registry {
             }
         }
         let Decision { state: next, skip_outbound: skip, client_address } =
-            decide(&entry.addresses, model, |a| identity.holds(a));
+            decide(&entry.addresses, model, |a| certs.holds(a));
         let (Some(cookie), before) = (entry.cookie, entry.state.clone()) else { return };
         if next == before {
             if next == State::Served && skip != entry.skip_outbound {
@@ -341,7 +413,7 @@ impl Registry {
             _ => {}
         }
         match &next {
-            State::WaitingForCertificate(ip) => match identity.dir() {
+            State::WaitingForCertificate(ip) => match certs.dir() {
                 Some(certs) => warn!(netns = %name, %ip, certs = %certs.display(),
                                      "pod address has no certificate: not serving it until {ip}.crt appears"),
                 None => info!(netns = %name, %ip, "waiting for the node CA to mint the pod's certificate"),
@@ -399,10 +471,9 @@ pub fn watch_dir(dir: &Path, tx: crossbeam_channel::Sender<()>) -> std::io::Resu
     Ok(())
 }
 
-fn open(path: &Path, ino: u64) -> Entry {
-    let opened = Netns::open(path).and_then(|ns| Ok((ns.cookie()?, ns)));
-    let (netns, cookie, state) = match opened {
-        Ok((cookie, ns)) => (Some(Arc::new(ns)), Some(cookie), State::WaitingForAddress),
+fn open(node: &dyn Node, path: &Path, ino: u64) -> Entry {
+    let (netns, cookie, state) = match node.open(path) {
+        Ok((ns, cookie)) => (Some(Arc::new(ns)), Some(cookie), State::WaitingForAddress),
         Err(e) => {
             // Often a file the runtime has created but not mounted the
             // namespace onto yet: looked at again shortly (a new inode then).
@@ -433,5 +504,7 @@ mod decide;
 
 use decide::{decide, Decision};
 
+#[cfg(test)]
+mod lifecycle;
 #[cfg(test)]
 mod tests;

@@ -14,7 +14,7 @@ impl Control {
     /// Enrols and withdraws namespaces from the watched directory.
     pub(super) fn scan_namespaces(&mut self) {
         let Some(registry) = self.registry.as_mut() else { return };
-        let changes = registry.scan(&self.cfg.identity, self.model.as_ref());
+        let changes = registry.scan(self.cfg.identity.as_ref(), self.model.as_ref());
         self.enrolment_changes(changes);
     }
 
@@ -23,7 +23,7 @@ impl Control {
     /// other namespace of the node.
     pub(super) fn look_at(&mut self, path: &std::path::Path) {
         let Some(registry) = self.registry.as_mut() else { return };
-        let changes = registry.look_at(path, &self.cfg.identity, self.model.as_ref());
+        let changes = registry.look_at(path, self.cfg.identity.as_ref(), self.model.as_ref());
         self.enrolment_changes(changes);
     }
 
