@@ -361,6 +361,10 @@ fn a_restarted_agent_rebuilds_from_the_api_and_forgets_what_went_meanwhile() {
         second.proc.output().iter().any(|l| l.contains("forgot namespaces that went while no data plane ran")),
         "b's entry, adopted from the pinned map, is dropped"
     );
+    assert!(
+        second.proc.output().iter().any(|l| l.contains("forgot destinations that went while no data plane ran")),
+        "far and b, adopted as meshed destinations, are dropped"
+    );
     // far is no meshed destination any more: its connect is not captured
     // (the kernel's own answer: no route from a to it).
     let captured = bpf(&second, "captured");

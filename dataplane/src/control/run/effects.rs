@@ -3,7 +3,7 @@
 //! minted again when a local pod changed.
 use std::sync::Arc;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::Control;
 use crate::{
@@ -77,16 +77,13 @@ impl Control {
     fn forget_what_went_meanwhile(&mut self) {
         let (Some(model), Some(capture)) = (self.model.as_ref(), self.capture.as_mut()) else { return };
         let want = model.meshed_destinations();
-        for addr in capture.meshed_addresses().unwrap_or_default() {
-            if !want.contains_key(&addr) {
-                let _ = capture.set_meshed(addr, None);
-            }
-        }
         let table = model.service_table();
-        for vip in capture.service_vips().unwrap_or_default() {
-            if table.get(vip).is_none() {
-                let _ = capture.set_service_vip(vip, None);
-            }
+        let gone =
+            (capture.keep_meshed(|a| want.contains_key(&a)), capture.keep_service_vips(|v| table.get(v).is_some()));
+        match gone {
+            (Ok(0), Ok(0)) => {}
+            (Ok(pods), Ok(vips)) => info!(pods, vips, "forgot destinations that went while no data plane ran"),
+            (Err(e), _) | (_, Err(e)) => warn!(error = %e, "could not sweep the adopted destinations"),
         }
     }
 

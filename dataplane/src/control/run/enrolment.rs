@@ -83,13 +83,10 @@ impl Control {
         known.extend(self.own_netns.as_ref().map(|(_, c, _)| *c));
         known.extend(self.cfg.namespaces.iter().filter_map(|ns| ns.cookie().ok()));
         let Some(capture) = self.capture.as_mut() else { return };
-        let stale: Vec<NetnsCookie> =
-            capture.netns_cookies().unwrap_or_default().into_iter().filter(|c| !known.contains(c)).collect();
-        for c in &stale {
-            let _ = capture.set_netns(*c, None);
-        }
-        if !stale.is_empty() {
-            info!(entries = stale.len(), "forgot namespaces that went while no data plane ran");
+        match capture.keep_netns(|c| known.contains(&c)) {
+            Ok(0) => {}
+            Ok(entries) => info!(entries, "forgot namespaces that went while no data plane ran"),
+            Err(e) => warn!(error = %e, "could not sweep the adopted namespaces"),
         }
     }
 

@@ -160,66 +160,67 @@ impl Capture {
     /// Writes what `connect4` knows of a namespace; `None` forgets it (its
     /// connects to meshed destinations are refused again).
     pub fn set_netns(&mut self, netns: NetnsCookie, entry: Option<NetnsEntry>) -> Result<(), Error> {
-        let mut m: HashMap<_, u64, NetnsEntry> = typed_map_mut(&mut self.ebpf, map::NETNS_VERDICT)?;
-        let done = match entry {
-            Some(e) => m.insert(netns.0, e, 0),
-            None => match m.remove(&netns.0) {
-                Err(MapError::KeyNotFound) => Ok(()),
-                other => other,
-            },
-        };
-        done.map_err(map_err(map::NETNS_VERDICT))
-    }
-
-    /// The namespaces `connect4` knows now (a strict predecessor's entries
-    /// included, when adopting its maps).
-    pub fn netns_cookies(&self) -> Result<Vec<NetnsCookie>, Error> {
-        let m: HashMap<_, u64, NetnsEntry> = typed_map(&self.ebpf, map::NETNS_VERDICT)?;
-        Ok(m.keys().filter_map(Result::ok).map(NetnsCookie).collect())
-    }
-
-    /// The meshed destination addresses written now (a strict
-    /// predecessor's included, when adopting its maps).
-    pub fn meshed_addresses(&self) -> Result<Vec<IpAddr>, Error> {
-        let m: HashMap<_, Addr, MeshedDst> = typed_map(&self.ebpf, map::MESHED_DSTS)?;
-        Ok(m.keys().filter_map(Result::ok).map(|k| k.ip()).collect())
-    }
-
-    /// The Service ClusterIP:port pairs written now (a strict
-    /// predecessor's included, when adopting its maps).
-    pub fn service_vips(&self) -> Result<Vec<SocketAddr>, Error> {
-        let m: HashMap<_, VipKey, u8> = typed_map(&self.ebpf, map::SERVICE_VIPS)?;
-        Ok(m.keys().filter_map(Result::ok).map(|k| k.addr()).collect())
+        self.write(map::NETNS_VERDICT, netns.0, entry)
     }
 
     /// Marks a Service ClusterIP:port captured, with whether one of its
     /// endpoints is meshed (`Some`), or not captured (`None`).
     pub fn set_service_vip(&mut self, vip: SocketAddr, meshed: Option<bool>) -> Result<(), Error> {
-        let mut m: HashMap<_, VipKey, u8> = typed_map_mut(&mut self.ebpf, map::SERVICE_VIPS)?;
-        let done = if let Some(meshed) = meshed {
-            m.insert(VipKey::new(vip), dataplane_common::maps::vip_flags(meshed), 0)
-        } else {
-            match m.remove(&VipKey::new(vip)) {
-                Err(MapError::KeyNotFound) => Ok(()),
-                other => other,
-            }
-        };
-        done.map_err(map_err(map::SERVICE_VIPS))
+        self.write(map::SERVICE_VIPS, VipKey::new(vip), meshed.map(dataplane_common::maps::vip_flags))
     }
 
     /// Writes a meshed destination address; `None` removes it (connects to
     /// it go direct again, unless a capture CIDR holds it).
     pub fn set_meshed(&mut self, addr: IpAddr, entry: Option<MeshedDst>) -> Result<(), Error> {
-        let mut m: HashMap<_, Addr, MeshedDst> = typed_map_mut(&mut self.ebpf, map::MESHED_DSTS)?;
-        let key = Addr::new(addr);
-        let done = match entry {
-            Some(e) => m.insert(key, e, 0),
+        self.write(map::MESHED_DSTS, Addr::new(addr), entry)
+    }
+
+    /// Adoption: forgets the namespaces a previous instance left that
+    /// `known` does not name; returns how many.
+    pub fn keep_netns(&mut self, known: impl Fn(NetnsCookie) -> bool) -> Result<usize, Error> {
+        self.keep_only::<u64, NetnsEntry>(map::NETNS_VERDICT, |k| known(NetnsCookie(*k)))
+    }
+
+    /// Adoption: removes the meshed destinations a previous instance wrote
+    /// that `wanted` does not keep; returns how many.
+    pub fn keep_meshed(&mut self, wanted: impl Fn(IpAddr) -> bool) -> Result<usize, Error> {
+        self.keep_only::<Addr, MeshedDst>(map::MESHED_DSTS, |k| wanted(k.ip()))
+    }
+
+    /// Adoption: removes the ClusterIPs a previous instance wrote that
+    /// `wanted` does not keep; returns how many.
+    pub fn keep_service_vips(&mut self, wanted: impl Fn(SocketAddr) -> bool) -> Result<usize, Error> {
+        self.keep_only::<VipKey, u8>(map::SERVICE_VIPS, |k| wanted(k.addr()))
+    }
+
+    /// The one way the control thread writes a map: `Some` inserts or
+    /// replaces the entry, `None` removes it (one already gone is no error).
+    fn write<K: aya::Pod, V: aya::Pod>(&mut self, name: &'static str, key: K, value: Option<V>) -> Result<(), Error> {
+        let mut m: HashMap<_, K, V> = typed_map_mut(&mut self.ebpf, name)?;
+        let done = match value {
+            Some(v) => m.insert(key, v, 0),
             None => match m.remove(&key) {
                 Err(MapError::KeyNotFound) => Ok(()),
                 other => other,
             },
         };
-        done.map_err(map_err(map::MESHED_DSTS))
+        done.map_err(map_err(name))
+    }
+
+    /// The one way adopted maps are brought to what this instance wants:
+    /// every entry `wanted` does not keep is removed (an entry gone
+    /// meanwhile is fine); returns how many were.
+    fn keep_only<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        wanted: impl Fn(&K) -> bool,
+    ) -> Result<usize, Error> {
+        let mut m: HashMap<_, K, V> = typed_map_mut(&mut self.ebpf, name)?;
+        let stale: Vec<K> = m.keys().filter_map(Result::ok).filter(|k| !wanted(k)).collect();
+        for k in &stale {
+            let _ = m.remove(k);
+        }
+        Ok(stale.len())
     }
 
     pub fn forget_netns(&mut self, netns: NetnsCookie) -> Result<usize, Error> {
