@@ -50,7 +50,44 @@ pub const TABLE: u32 = 18001;
 /// The rule's preference: before `main` (32766), after `local` (0).
 const PREF: u32 = 1000;
 
-fn run(ns: &Netns, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+/// Why a pod's return path or strict table could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The namespace could not be entered.
+    #[error("entering the namespace: {0}")]
+    Enter(#[source] std::io::Error),
+    /// A program could not be run (not installed, a broken pipe).
+    #[error("running {program}: {source}")]
+    Spawn {
+        /// `nft` or `ip`.
+        program: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A program ran and refused.
+    #[error("{command}: {stderr}")]
+    Refused {
+        /// The command line.
+        command: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// A kernel setting could not be written.
+    #[error("{setting}: {source}")]
+    Setting {
+        /// The sysctl.
+        setting: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pod with no address has no client from elsewhere.
+    #[error("the namespace has no address")]
+    NoAddress,
+}
+
+fn run(ns: &Netns, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
     let out = ns
         .run(|| {
             let mut cmd = Command::new(program);
@@ -64,12 +101,13 @@ fn run(ns: &Netns, program: &str, args: &[&str], stdin: Option<&str>) -> Result<
             }
             child.wait_with_output()
         })
-        .map_err(|e| format!("entering the namespace: {e}"))?
-        .map_err(|e| format!("running {program}: {e}"))?;
+        .map_err(Error::Enter)?
+        .map_err(|source| Error::Spawn { program: program.into(), source })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        let command = format!("{program} {}", args.join(" "));
+        Err(Error::Refused { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() })
     }
 }
 
@@ -99,9 +137,9 @@ pub fn ruleset(addresses: &[IpAddr], bypass_mark: u32) -> String {
 }
 
 /// Installs (or replaces) the return path in `ns`.
-pub fn install(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) -> Result<(), String> {
+pub fn install(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) -> Result<(), Error> {
     if addresses.is_empty() {
-        return Err("the namespace has no address".into());
+        return Err(Error::NoAddress);
     }
     run(ns, "nft", &["-f", "-"], Some(&ruleset(addresses, bypass_mark)))?;
     // The replies are recognised by their conntrack mark: a reply that
@@ -109,8 +147,8 @@ pub fn install(ns: &Netns, addresses: &[IpAddr], bypass_mark: u32) -> Result<(),
     // leave the pod. Liberal window tracking never judges so; it only
     // relaxes what this namespace's conntrack drops, which was nothing.
     ns.run(|| std::fs::write("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", "1"))
-        .map_err(|e| format!("entering the namespace: {e}"))?
-        .map_err(|e| format!("net.netfilter.nf_conntrack_tcp_be_liberal: {e}"))?;
+        .map_err(Error::Enter)?
+        .map_err(|source| Error::Setting { setting: "net.netfilter.nf_conntrack_tcp_be_liberal", source })?;
     // The route first, then the rule, and the rule never removed and
     // re-added: a previous instance (a rolling update) may be relaying
     // transparent connections right now, whose replies need both.
@@ -169,7 +207,7 @@ const STRICT: &str = "dataplane_strict";
 
 /// Installs (`Some`: a ruleset from [`strict_ruleset`]) or removes the
 /// strict table in `ns`.
-pub fn set_strict(ns: &Netns, ruleset: Option<&str>) -> Result<(), String> {
+pub fn set_strict(ns: &Netns, ruleset: Option<&str>) -> Result<(), Error> {
     match ruleset {
         Some(r) => run(ns, "nft", &["-f", "-"], Some(r)).map(|_| ()),
         None => {
@@ -185,7 +223,7 @@ pub fn set_strict(ns: &Netns, ruleset: Option<&str>) -> Result<(), String> {
 /// Takes the return path out of `ns` (uninstall): our nftables tables,
 /// our rules and our routing table's routes, of both families; what is not
 /// there is not an error. Returns whether anything was there.
-pub fn remove(ns: &Netns) -> Result<bool, String> {
+pub fn remove(ns: &Netns) -> Result<bool, Error> {
     let mut found = false;
     let tables = run(ns, "nft", &["list", "tables"], None)?;
     let ours = [("ip", "dataplane"), ("ip6", "dataplane"), ("inet", STRICT)];

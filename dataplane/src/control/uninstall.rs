@@ -92,7 +92,7 @@ pub fn sweep_return_paths(dir: &Path) -> std::io::Result<Swept> {
                     while let Some(path) = take() {
                         let result = Netns::open(&path)
                             .map_err(|e| format!("opening: {e}"))
-                            .and_then(|ns| crate::control::return_path::remove(&ns));
+                            .and_then(|ns| crate::control::return_path::remove(&ns).map_err(|e| e.to_string()));
                         out.push((path, result));
                     }
                     out

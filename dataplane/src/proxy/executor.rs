@@ -222,8 +222,8 @@ async fn run(
         return;
     }
     for (ns, addresses) in &spec.namespaces {
-        if let Err(error) = commands.enroll(ns, addresses) {
-            let _ = commands.events.send(ExecutorEvent::Failed { cpu, netns: ns.id(), error });
+        if let Err(e) = commands.enroll(ns, addresses) {
+            let _ = commands.events.send(ExecutorEvent::Failed { cpu, netns: ns.id(), error: e.to_string() });
             return;
         }
     }
@@ -297,7 +297,7 @@ impl Commands {
             ToExecutor::Enroll(ns, addresses) if !self.draining => {
                 let event = match self.enroll(&ns, &addresses) {
                     Ok(()) => ExecutorEvent::Listening { cpu, netns: ns.id() },
-                    Err(error) => ExecutorEvent::Failed { cpu, netns: ns.id(), error },
+                    Err(e) => ExecutorEvent::Failed { cpu, netns: ns.id(), error: e.to_string() },
                 };
                 let _ = self.events.send(event);
             }
@@ -332,7 +332,7 @@ impl Commands {
 
     /// Opens the listeners of `ns` (see [`listeners::open`]) and records the
     /// pod's `addresses`.
-    fn enroll(&mut self, ns: &Arc<Netns>, addresses: &[IpAddr]) -> Result<(), String> {
+    fn enroll(&mut self, ns: &Arc<Netns>, addresses: &[IpAddr]) -> Result<(), listeners::ListenError> {
         if self.listeners.contains_key(&ns.id()) {
             return Ok(());
         }

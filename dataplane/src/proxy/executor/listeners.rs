@@ -25,18 +25,28 @@ const INBOUND_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIE
 const OUTBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), OUTBOUND_PORT);
 const INBOUND_ADDR6: SocketAddr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), INBOUND_PORT);
 
+/// A listener that could not be opened in a pod's namespace.
+#[derive(Debug, thiserror::Error)]
+#[error("listening on {addr} in {netns}: {source}")]
+pub(super) struct ListenError {
+    addr: SocketAddr,
+    netns: String,
+    #[source]
+    source: std::io::Error,
+}
+
 /// A listener on `addr` inside `ns`, and its fd (glommio does not expose it).
 fn bind_in(
     ns: &Netns,
     addr: SocketAddr,
     incoming_cpu: Option<usize>,
-) -> Result<(TcpListener, std::os::fd::RawFd), String> {
+) -> Result<(TcpListener, std::os::fd::RawFd), ListenError> {
     match ns.run(|| socket::listener(addr, incoming_cpu)) {
         Ok(Ok(fd)) => {
             let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
             Ok((sys::glommio_listener(fd), raw))
         }
-        Ok(Err(e)) | Err(e) => Err(format!("listening on {addr} in {}: {e}", ns.name())),
+        Ok(Err(source)) | Err(source) => Err(ListenError { addr, netns: ns.name(), source }),
     }
 }
 
@@ -48,7 +58,7 @@ pub(super) fn open(
     ns: &Arc<Netns>,
     addresses: &[IpAddr],
     inbound_cpu: Option<usize>,
-) -> Result<Vec<AcceptLoop>, String> {
+) -> Result<Vec<AcceptLoop>, ListenError> {
     let mut addrs = vec![(OUTBOUND_ADDR, Direction::Outbound), (INBOUND_ADDR, Direction::Inbound)];
     if addresses.iter().any(IpAddr::is_ipv6) {
         addrs.extend([(OUTBOUND_ADDR6, Direction::Outbound), (INBOUND_ADDR6, Direction::Inbound)]);
@@ -60,7 +70,7 @@ pub(super) fn open(
             let cpu = if d == Direction::Inbound { inbound_cpu } else { None };
             Ok((bind_in(ns, a, cpu)?, d))
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<Result<Vec<_>, ListenError>>()?;
     Ok(bound.into_iter().map(|(l, d)| AcceptLoop::start(l, executor, ns, d)).collect())
 }
 
