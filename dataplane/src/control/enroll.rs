@@ -32,9 +32,7 @@
 //! handle on the namespace is dropped.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     net::IpAddr,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -44,7 +42,6 @@ use tracing::{info, warn};
 
 use crate::{
     cluster::model::Model,
-    identity::Identity,
     node::netns::{Netns, NetnsId},
 };
 use dataplane_common::maps::NetnsCookie;
@@ -158,63 +155,6 @@ pub enum Change {
     Withdraw(Arc<Netns>, Option<NetnsCookie>),
     /// Never capture this namespace's connects (`true`), or forget that.
     Pass(NetnsCookie, bool),
-}
-
-/// What enrolment reads from the node: the namespace directory, which file
-/// names which namespace, and the namespaces themselves. [`Host`] reads this
-/// host's; the unit tests give fakes, so every step of a pod's enrolment is
-/// a test without root.
-pub trait Node: std::fmt::Debug {
-    /// The files in `dir`.
-    fn list(&self, dir: &Path) -> Vec<PathBuf>;
-    /// The (device, inode) `path` names, links followed; `None` if nothing.
-    fn identify(&self, path: &Path) -> Option<(u64, u64)>;
-    /// The namespace at `path`, and its cookie.
-    fn open(&self, path: &Path) -> std::io::Result<(Netns, NetnsCookie)>;
-    /// The addresses of `ns`'s interfaces (loopback's excepted).
-    fn addresses(&self, ns: &Netns) -> std::io::Result<Vec<IpAddr>>;
-}
-
-/// This host's directory and namespaces.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Host;
-
-impl Node for Host {
-    fn list(&self, dir: &Path) -> Vec<PathBuf> {
-        fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect()
-    }
-
-    fn identify(&self, path: &Path) -> Option<(u64, u64)> {
-        fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-    }
-
-    fn open(&self, path: &Path) -> std::io::Result<(Netns, NetnsCookie)> {
-        let ns = Netns::open(path)?;
-        let cookie = ns.cookie()?;
-        Ok((ns, cookie))
-    }
-
-    fn addresses(&self, ns: &Netns) -> std::io::Result<Vec<IpAddr>> {
-        ns.addresses()
-    }
-}
-
-/// The certificates enrolment waits for.
-pub trait Certificates {
-    /// Whether one is held for `ip`.
-    fn holds(&self, ip: IpAddr) -> bool;
-    /// The directory they are read from (`--certs`), if any.
-    fn dir(&self) -> Option<&Path>;
-}
-
-impl Certificates for Identity {
-    fn holds(&self, ip: IpAddr) -> bool {
-        Identity::holds(self, ip)
-    }
-
-    fn dir(&self) -> Option<&Path> {
-        Identity::dir(self)
-    }
 }
 
 /// The namespaces found in one directory (and those the model names), and
@@ -439,38 +379,6 @@ impl Registry {
     }
 }
 
-/// Sends a unit on `tx` whenever an entry of `dir` is created, removed or
-/// renamed (coalesced: one message may stand for many), from a thread of its
-/// own. Mounting a namespace onto a file raises no event, so the control
-/// thread still looks every few hundred milliseconds, and quickly while a
-/// namespace is not ready.
-pub fn watch_dir(dir: &Path, tx: crossbeam_channel::Sender<()>) -> std::io::Result<()> {
-    use inotify::{Inotify, WatchMask};
-    let mut inotify = Inotify::init()?;
-    inotify.watches().add(
-        dir,
-        WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM | WatchMask::ATTRIB,
-    )?;
-    std::thread::Builder::new().name("netns-watch".into()).spawn(move || {
-        let mut buf = [0u8; 4096];
-        loop {
-            match inotify.read_events_blocking(&mut buf) {
-                Ok(_) => {
-                    if tx.try_send(()).is_err() && tx.is_empty() {
-                        return; // the control thread is gone
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    warn!(error = %e, "reading inotify events: falling back to periodic looks");
-                    return;
-                }
-            }
-        }
-    })?;
-    Ok(())
-}
-
 fn open(node: &dyn Node, path: &Path, ino: u64) -> Entry {
     let (netns, cookie, state) = match node.open(path) {
         Ok((ns, cookie)) => (Some(Arc::new(ns)), Some(cookie), State::WaitingForAddress),
@@ -501,8 +409,10 @@ fn stale(entries: &BTreeMap<PathBuf, Entry>, present: &BTreeMap<PathBuf, u64>) -
 }
 
 mod decide;
+mod host;
 
 use decide::{decide, Decision};
+pub use host::{watch_dir, Certificates, Host, Node};
 
 #[cfg(test)]
 mod lifecycle;

@@ -19,7 +19,7 @@ use hdrhistogram::{
 use serde_json::{json, Value};
 use tracing::info;
 
-use crate::proxy::stats::{Direction, Hist, Snapshot};
+use crate::proxy::stats::{Direction, FlowCount, Hist, Snapshot};
 use dataplane_common::maps::StatIndex;
 
 /// Percentiles reported for every histogram.
@@ -36,14 +36,11 @@ fn summary(h: &Histogram<u64>) -> Value {
 /// The JSON document of a dump.
 pub fn to_json(stats: &Snapshot, bpf: &[(StatIndex, u64)], at: SystemTime) -> Value {
     let flow = |d: Direction| {
-        let f = match d {
-            Direction::Outbound => &stats.outbound,
-            Direction::Inbound => &stats.inbound,
-        };
-        json!({
-            "accepted": f.accepted, "active": f.active(), "completed": f.completed, "failed": f.failed,
-            "bytes_to_upstream": f.bytes_up, "bytes_to_downstream": f.bytes_down, "tls_resumed": f.resumed,
-        })
+        let f = stats.flow(d);
+        let mut v: serde_json::Map<String, Value> =
+            FlowCount::ALL.iter().filter_map(|c| Some((c.json_key()?.to_string(), json!(f[*c])))).collect();
+        v.insert("active".into(), json!(f.active()));
+        Value::Object(v)
     };
     let failures: Vec<Value> = stats
         .failures
@@ -73,11 +70,11 @@ pub fn dump(
 ) -> std::io::Result<Option<PathBuf>> {
     let at = SystemTime::now();
     info!(
-        outbound_accepted = stats.outbound.accepted,
-        outbound_active = stats.outbound.active(),
-        outbound_failed = stats.outbound.failed,
-        inbound_accepted = stats.inbound.accepted,
-        inbound_failed = stats.inbound.failed,
+        outbound_accepted = stats.flow(Direction::Outbound)[FlowCount::Accepted],
+        outbound_active = stats.flow(Direction::Outbound).active(),
+        outbound_failed = stats.flow(Direction::Outbound)[FlowCount::Failed],
+        inbound_accepted = stats.flow(Direction::Inbound)[FlowCount::Accepted],
+        inbound_failed = stats.flow(Direction::Inbound)[FlowCount::Failed],
         "stats dump"
     );
     for h in Hist::ALL {

@@ -33,7 +33,7 @@ use crate::{
     identity::Identity,
     node::ebpf::OrigLookup,
     node::netns::{Netns, NetnsId},
-    proxy::stats::Snapshot,
+    proxy::stats::{Count, Snapshot},
 };
 
 /// Handshake and idle limits, and the bound on unauthenticated connections
@@ -341,7 +341,7 @@ impl ExecutorCtx {
     pub fn may_log(&self, kind: &'static str) -> Option<u64> {
         let allowed = self.quiet.allow(kind);
         if allowed.is_none() {
-            self.with_stats(|s| s.logs_suppressed += 1);
+            self.with_stats(|s| s.counts[Count::LogsSuppressed] += 1);
         }
         allowed
     }
@@ -405,7 +405,7 @@ impl ExecutorCtx {
                 match crate::node::socket::upstream_from(dst, client, self.bypass_mark) {
                     Ok(fd) => return Ok(fd),
                     Err(e) => {
-                        self.with_stats(|s| s.client_address_fallbacks += 1);
+                        self.with_stats(|s| s.counts[Count::ClientAddressFallbacks] += 1);
                         tracing::debug!(%client, error = %e, "transparent socket refused: connecting from the pod's address");
                     }
                 }

@@ -43,7 +43,7 @@ use crate::{
     proxy::relay,
     proxy::route::{route, Known, Refused, Route, Routed},
     proxy::splice::Start,
-    proxy::stats::Blame,
+    proxy::stats::{Blame, Count},
 };
 
 type Tls = futures_rustls::client::TlsStream<TcpStream>;
@@ -166,7 +166,7 @@ async fn same_node(
     to: OrigDstAddr,
     client: SocketAddr,
 ) {
-    executor.with_stats(|s| s.same_node += 1);
+    executor.with_stats(|s| s.counts[Count::SameNode] += 1);
     // No tunnel, so no inbound side: the destination's policies are
     // decided here, with the identity the client pod would have proved.
     let principal = executor.local_principal(client.ip());

@@ -48,6 +48,7 @@ use crate::{
     node::sys,
     proxy::conn::ExecutorCtx,
     proxy::relay::{self, Bytes, End, Progress, RelayError, Side},
+    proxy::stats::Count,
 };
 
 /// What [`start`] did with a connection.
@@ -113,7 +114,7 @@ fn notice(executor: &ExecutorCtx, cookie: u64) -> LocalReceiver<()> {
 pub async fn start<'a>(executor: &'a ExecutorCtx, down: &TcpStream, up: &mut TcpStream, idle: Duration) -> Start<'a> {
     let Some(splicer) = executor.splicer.as_ref() else {
         // No sockmap here (logged once at start).
-        executor.with_stats(|s| s.splice_fallbacks += 1);
+        executor.with_stats(|s| s.counts[Count::SpliceFallbacks] += 1);
         return Start::UserSpace { early: 0 };
     };
     // Only an established socket can be spliced: wait for the connect (an
@@ -123,7 +124,7 @@ pub async fn start<'a>(executor: &'a ExecutorCtx, down: &TcpStream, up: &mut Tcp
         Some(Err(_)) | None => return Start::UserSpace { early: 0 },
     }
     let refused = |what: &str, e: &dyn std::fmt::Display| {
-        executor.with_stats(|s| s.splice_fallbacks += 1);
+        executor.with_stats(|s| s.counts[Count::SpliceFallbacks] += 1);
         if let Some(left_out) = executor.may_log("splice") {
             tracing::info!(error = %e, left_out, "same-node connection relayed in user space: {what}");
         }
@@ -166,7 +167,7 @@ pub async fn start<'a>(executor: &'a ExecutorCtx, down: &TcpStream, up: &mut Tcp
         refused("the destination was closing", &"not established");
         return half_open(splicer, spliced, idle).await;
     }
-    executor.with_stats(|s| s.spliced += 1);
+    executor.with_stats(|s| s.counts[Count::Spliced] += 1);
     match reset_before(splicer, &spliced) {
         Some(failed) => {
             drop(spliced); // unpaired
@@ -352,7 +353,7 @@ impl Direction<'_> {
             }
         };
         if !ended {
-            self.executor.with_stats(|s| s.splice_paused += 1);
+            self.executor.with_stats(|s| s.counts[Count::SplicePaused] += 1);
             tracing::debug!(side = %from_side, "the kernel paused a spliced direction: relaying it here");
         }
         drain((self.moved)(), self.taken, to_side, idle).await?;

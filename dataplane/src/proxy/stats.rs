@@ -82,6 +82,11 @@ pub enum Direction {
     Inbound,
 }
 
+impl Direction {
+    /// Both, in index order.
+    pub const ALL: [Direction; 2] = [Direction::Outbound, Direction::Inbound];
+}
+
 impl fmt::Display for Direction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -122,46 +127,17 @@ impl From<crate::proxy::relay::Side> for Blame {
     }
 }
 
-/// Counters of one direction.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Flow {
-    /// Connections accepted.
-    pub accepted: u64,
-    /// Connections that ended normally (both directions saw EOF).
-    pub completed: u64,
-    /// Connections that ended otherwise (refused, reset, timed out).
-    pub failed: u64,
-    /// Bytes from downstream to upstream.
-    pub bytes_up: u64,
-    /// Bytes from upstream to downstream.
-    pub bytes_down: u64,
-    /// Accepts that failed (EMFILE and the like).
-    pub accept_errors: u64,
-    /// TLS handshakes that resumed an earlier session (no certificates
-    /// exchanged, no signatures).
-    pub resumed: u64,
-}
-
-impl Flow {
-    /// Connections open now.
-    pub fn active(&self) -> u64 {
-        self.accepted.saturating_sub(self.completed + self.failed)
-    }
-}
-
 /// Everything an executor counts.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    /// Outbound counters.
-    pub outbound: Flow,
-    /// Inbound counters.
-    pub inbound: Flow,
+    /// Counters by direction, indexed like [`Direction::ALL`].
+    pub flows: [Flow; 2],
+    /// Counters of the executor as a whole.
+    pub counts: Counts,
     /// Failures by direction, blamed side and reason.
     pub failures: BTreeMap<(Direction, Blame, Reason), u64>,
     /// Latency histograms, indexed like [`Hist::ALL`].
     pub hist: [Histogram<u64>; HISTS],
-    /// Log lines left out by the limiter.
-    pub logs_suppressed: u64,
     /// Connections to Services, by `namespace/name` and how they went.
     pub services: BTreeMap<(String, ServiceRoute), u64>,
     /// Tunnelled connections by the workload at the other end (the
@@ -169,20 +145,6 @@ pub struct Snapshot {
     /// they failed; at most [`MAX_PEERS`] pairs per executor, the rest
     /// counted under `other`.
     pub peers: BTreeMap<(Direction, String, String, bool), u64>,
-    /// Inbound connections delivered from the pod's own address because the
-    /// transparent socket was refused.
-    pub client_address_fallbacks: u64,
-    /// Outbound connections between two pods served here that skipped the
-    /// tunnel (`--same-node-fast-path`).
-    pub same_node: u64,
-    /// Of those, the ones the kernel carried (spliced socket to socket).
-    pub spliced: u64,
-    /// Of those, the ones relayed in user space because the kernel did not
-    /// take the pair.
-    pub splice_fallbacks: u64,
-    /// Directions of spliced connections the kernel handed back to user
-    /// space (bytes piled up: a receiver slower than its sender).
-    pub splice_paused: u64,
 }
 
 /// How a connection to a Service went.
@@ -230,18 +192,12 @@ pub fn histogram() -> Histogram<u64> {
 impl Default for Snapshot {
     fn default() -> Self {
         Self {
-            outbound: Flow::default(),
-            inbound: Flow::default(),
+            flows: Default::default(),
+            counts: Counts::default(),
             failures: BTreeMap::new(),
             hist: std::array::from_fn(|_| histogram()),
-            logs_suppressed: 0,
             services: BTreeMap::new(),
             peers: BTreeMap::new(),
-            client_address_fallbacks: 0,
-            same_node: 0,
-            spliced: 0,
-            splice_fallbacks: 0,
-            splice_paused: 0,
         }
     }
 }
@@ -254,36 +210,27 @@ impl Snapshot {
     }
 
     /// The counters of one direction.
-    pub fn flow(&mut self, d: Direction) -> &mut Flow {
-        match d {
-            Direction::Outbound => &mut self.outbound,
-            Direction::Inbound => &mut self.inbound,
-        }
+    pub fn flow(&self, d: Direction) -> &Flow {
+        &self.flows[d as usize]
+    }
+
+    /// The counters of one direction, to count in.
+    pub fn flow_mut(&mut self, d: Direction) -> &mut Flow {
+        &mut self.flows[d as usize]
     }
 
     /// Counts a failed connection.
     pub fn fail(&mut self, d: Direction, blame: Blame, reason: Reason) {
-        self.flow(d).failed += 1;
+        self.flow_mut(d)[FlowCount::Failed] += 1;
         *self.failures.entry((d, blame, reason)).or_default() += 1;
     }
 
     /// Adds `other` into this one.
     pub fn merge(&mut self, other: &Snapshot) {
-        for (mine, theirs) in [(&mut self.outbound, &other.outbound), (&mut self.inbound, &other.inbound)] {
-            mine.accepted += theirs.accepted;
-            mine.completed += theirs.completed;
-            mine.failed += theirs.failed;
-            mine.bytes_up += theirs.bytes_up;
-            mine.bytes_down += theirs.bytes_down;
-            mine.accept_errors += theirs.accept_errors;
-            mine.resumed += theirs.resumed;
+        for (mine, theirs) in self.flows.iter_mut().zip(&other.flows) {
+            mine.merge(theirs);
         }
-        self.logs_suppressed += other.logs_suppressed;
-        self.client_address_fallbacks += other.client_address_fallbacks;
-        self.same_node += other.same_node;
-        self.spliced += other.spliced;
-        self.splice_fallbacks += other.splice_fallbacks;
-        self.splice_paused += other.splice_paused;
+        self.counts.merge(&other.counts);
         for (k, v) in &other.failures {
             *self.failures.entry(*k).or_default() += v;
         }
@@ -319,7 +266,9 @@ impl Snapshot {
     }
 }
 
+mod counts;
 pub mod export;
+pub use counts::{Count, Counts, Flow, FlowCount, Shown};
 
 #[cfg(test)]
 mod tests;

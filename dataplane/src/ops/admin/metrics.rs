@@ -8,7 +8,7 @@ use prometheus_client::{
 
 use crate::proxy::stats::{
     export::{counter, seconds, Labels},
-    Snapshot,
+    Count, Snapshot,
 };
 use dataplane_common::maps::StatIndex;
 
@@ -94,7 +94,7 @@ pub fn render(stats: &Snapshot, bpf: &[(StatIndex, u64)], extra: &Extra) -> Stri
     // return path) and per connection (an executor's transparent socket).
     let fallbacks = Family::<Labels, Counter>::default();
     fallbacks.get_or_create(&vec![("why", "return_path".into())]).inc_by(extra.return_path_failures);
-    fallbacks.get_or_create(&vec![("why", "socket".into())]).inc_by(stats.client_address_fallbacks);
+    fallbacks.get_or_create(&vec![("why", "socket".into())]).inc_by(stats.counts[Count::ClientAddressFallbacks]);
     reg.register(
         "client_address_unavailable",
         "The application saw the pod's own address instead of the client's: per namespace whose return path could not be set up, and per connection whose transparent socket was refused",

@@ -24,7 +24,7 @@ use crate::{
     proxy::addrs::ClientAddr,
     proxy::reason::Reason,
     proxy::relay::{Bytes, End, RelayError, Side},
-    proxy::stats::{Blame, Direction, Hist},
+    proxy::stats::{Blame, Direction, FlowCount, Hist},
 };
 
 /// One accepted connection, until its outcome is recorded.
@@ -58,7 +58,7 @@ fn hists(d: Direction) -> (Hist, Hist, Hist) {
 impl Record {
     /// Counts a connection just accepted.
     pub fn accepted(executor: &Rc<ExecutorCtx>, direction: Direction, netns: &Arc<Netns>) -> Self {
-        executor.with_stats(|s| s.flow(direction).accepted += 1);
+        executor.with_stats(|s| s.flow_mut(direction)[FlowCount::Accepted] += 1);
         executor.open.up();
         Self {
             executor: executor.clone(),
@@ -105,7 +105,7 @@ impl Record {
         let (h, _, _) = hists(self.direction);
         self.executor.with_stats(|s| {
             s.record(h, took);
-            s.flow(self.direction).resumed += u64::from(resumed);
+            s.flow_mut(self.direction)[FlowCount::Resumed] += u64::from(resumed);
         });
     }
 
@@ -152,9 +152,9 @@ impl Record {
         let (_, first_byte, life) = hists(self.direction);
         let started = self.started;
         self.executor.with_stats(|s| {
-            let flow = s.flow(self.direction);
-            flow.bytes_up += sent;
-            flow.bytes_down += received;
+            let flow = s.flow_mut(self.direction);
+            flow[FlowCount::BytesUp] += sent;
+            flow[FlowCount::BytesDown] += received;
             s.record(life, lifetime);
             if let Some(first) = bytes.first_received {
                 s.record(first_byte, first - started);
@@ -164,7 +164,7 @@ impl Record {
         let Some(end) = end else {
             self.done = true;
             self.count_peer(false);
-            self.executor.with_stats(|s| s.flow(self.direction).completed += 1);
+            self.executor.with_stats(|s| s.flow_mut(self.direction)[FlowCount::Completed] += 1);
             self.executor.open.down();
             debug!(client = ?self.client, dst = ?self.dst, service = ?self.service, peer = ?self.peer, sent, received, duration_us,
                    handshake_us, cpu = self.executor.cpu, "{} closed", self.direction);

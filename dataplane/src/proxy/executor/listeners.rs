@@ -16,7 +16,7 @@ use crate::{
     proxy::{
         conn::{ExecutorCtx, Record},
         inbound, outbound,
-        stats::Direction,
+        stats::{Direction, FlowCount},
     },
 };
 
@@ -151,7 +151,7 @@ async fn accept_loop(
             }
             Err(_) if stop.get() => return,
             Err(e) => {
-                executor.with_stats(|s| s.flow(direction).accept_errors += 1);
+                executor.with_stats(|s| s.flow_mut(direction)[FlowCount::AcceptErrors] += 1);
                 if let Some(left_out) = executor.may_log("accept_failed") {
                     warn!(netns = %ns.name(), %direction, error = %e, ?backoff, left_out, "accept failed; backing off");
                 }

@@ -8,7 +8,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use super::{Direction, Hist, Snapshot};
+use super::{Count, Direction, FlowCount, Hist, Shown, Snapshot};
 
 /// A family's labels.
 pub type Labels = Vec<(&'static str, String)>;
@@ -68,41 +68,80 @@ impl EncodeMetric for HdrExport {
     }
 }
 
+/// Counter families filled from [`Shown`] rows, each registered once with
+/// every counter that shows in it.
+#[derive(Debug, Default)]
+pub struct Families(Vec<(Shown, Sink)>);
+
+/// One family: a plain counter, or counters told apart by labels.
+#[derive(Debug)]
+enum Sink {
+    One(Counter),
+    Labelled(Family<Labels, Counter>),
+}
+
+impl Families {
+    /// Adds `n` to the counter `shown` names, with `labels` before its own.
+    pub fn add(&mut self, shown: Shown, mut labels: Labels, n: u64) {
+        labels.extend(shown.label.map(|(k, v)| (k, v.to_string())));
+        let at = match self.0.iter().position(|(s, _)| s.family == shown.family) {
+            Some(at) => at,
+            None => {
+                let sink = match labels.is_empty() {
+                    true => Sink::One(Counter::default()),
+                    false => Sink::Labelled(Family::default()),
+                };
+                self.0.push((shown, sink));
+                self.0.len() - 1
+            }
+        };
+        match &self.0[at].1 {
+            Sink::One(c) => c.inc_by(n),
+            Sink::Labelled(f) => f.get_or_create(&labels).inc_by(n),
+        };
+    }
+
+    /// Registers every family.
+    pub fn register(self, reg: &mut Registry) {
+        for (shown, sink) in self.0 {
+            match sink {
+                Sink::One(c) => reg.register(shown.family, shown.help, c),
+                Sink::Labelled(f) => reg.register(shown.family, shown.help, f),
+            }
+        }
+    }
+}
+
 impl Snapshot {
     /// Registers every family the executors count.
     pub fn register(&self, reg: &mut Registry) {
-        self.register_flows(reg);
+        let mut families = Families::default();
+        for d in Direction::ALL {
+            for c in FlowCount::ALL {
+                if let Some(shown) = c.shown() {
+                    families.add(shown, vec![("direction", d.to_string())], self.flow(d)[c]);
+                }
+            }
+        }
+        for c in Count::ALL {
+            if let Some(shown) = c.shown() {
+                families.add(shown, vec![], self.counts[c]);
+            }
+        }
+        families.register(reg);
+        let active = Family::<Labels, Gauge>::default();
+        for d in Direction::ALL {
+            active.get_or_create(&vec![("direction", d.to_string())]).set(self.flow(d).active() as i64);
+        }
+        reg.register("connections_active", "Connections open now", active);
         self.register_failures(reg);
-        self.register_same_node(reg);
         self.register_by_peer(reg);
         for h in Hist::ALL {
             seconds(reg, h.name(), h.help(), &self.hist[h as usize]);
         }
     }
 
-    /// Connections and bytes by direction.
-    fn register_flows(&self, reg: &mut Registry) {
-        let accepted = Family::<Labels, Counter>::default();
-        let completed = Family::<Labels, Counter>::default();
-        let active = Family::<Labels, Gauge>::default();
-        let bytes = Family::<Labels, Counter>::default();
-        for (d, f) in [(Direction::Outbound, &self.outbound), (Direction::Inbound, &self.inbound)] {
-            let dir = vec![("direction", d.to_string())];
-            accepted.get_or_create(&dir).inc_by(f.accepted);
-            completed.get_or_create(&dir).inc_by(f.completed);
-            active.get_or_create(&dir).set(f.active() as i64);
-            bytes.get_or_create(&vec![("direction", d.to_string()), ("flow", "to_upstream".into())]).inc_by(f.bytes_up);
-            bytes
-                .get_or_create(&vec![("direction", d.to_string()), ("flow", "to_downstream".into())])
-                .inc_by(f.bytes_down);
-        }
-        reg.register("connections_accepted", "Connections accepted", accepted);
-        reg.register("connections_completed", "Connections that ended with both directions closed normally", completed);
-        reg.register("connections_active", "Connections open now", active);
-        reg.register("bytes", "Bytes relayed", bytes);
-    }
-
-    /// Failures, failed accepts, resumed handshakes, left-out log lines.
+    /// Failures by direction, blamed side and reason.
     fn register_failures(&self, reg: &mut Registry) {
         let failed = Family::<Labels, Counter>::default();
         for ((d, blame, reason), n) in &self.failures {
@@ -119,42 +158,6 @@ impl Snapshot {
             "Connections refused or ended early, by the side that failed and why (inbound refusals included)",
             failed,
         );
-
-        let accept_errors = Family::<Labels, Counter>::default();
-        for (d, n) in
-            [(Direction::Outbound, self.outbound.accept_errors), (Direction::Inbound, self.inbound.accept_errors)]
-        {
-            accept_errors.get_or_create(&vec![("direction", d.to_string())]).inc_by(n);
-        }
-        reg.register(
-            "accept_errors",
-            "Failed accepts (EMFILE and the like); the executor backs off after each",
-            accept_errors,
-        );
-        let resumed = Family::<Labels, Counter>::default();
-        for (d, n) in [(Direction::Outbound, self.outbound.resumed), (Direction::Inbound, self.inbound.resumed)] {
-            resumed.get_or_create(&vec![("direction", d.to_string())]).inc_by(n);
-        }
-        reg.register(
-            "tls_resumed_handshakes",
-            "TLS handshakes that resumed an earlier session (outbound: as client; inbound: as server)",
-            resumed,
-        );
-        counter(reg, "log_lines_suppressed", "Refusal and accept-error log lines left out because the same kind came too often (each kind is logged at most a few times a second, with a count)", self.logs_suppressed);
-    }
-
-    /// The same-node fast path.
-    fn register_same_node(&self, reg: &mut Registry) {
-        counter(reg, "same_node_connections", "Outbound connections between two pods this data plane serves that skipped the tunnel (--same-node-fast-path)", self.same_node);
-        let spliced = Family::<Labels, Counter>::default();
-        spliced.get_or_create(&vec![("how", "kernel".into())]).inc_by(self.spliced);
-        spliced.get_or_create(&vec![("how", "user_space".into())]).inc_by(self.splice_fallbacks);
-        reg.register(
-            "same_node_spliced_connections",
-            "Same-node fast-path connections by who carried their bytes: the kernel (spliced socket to socket) or this process (the kernel did not take the pair: a full map, a client that had closed already)",
-            spliced,
-        );
-        counter(reg, "same_node_splice_paused", "Directions of spliced connections the kernel handed back to this process because bytes piled up (a receiver slower than its sender, 4 MiB not yet acknowledged): relayed in user space from then on", self.splice_paused);
     }
 
     /// Connections by Service and by the workload at the other end.

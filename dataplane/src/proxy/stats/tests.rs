@@ -21,20 +21,20 @@ fn peers_are_counted_by_workload_and_bounded() {
 #[test]
 fn merge_adds_counts_and_histograms() {
     let mut a = Snapshot::default();
-    a.outbound.accepted = 2;
-    a.outbound.completed = 1;
+    a.flow_mut(Direction::Outbound)[FlowCount::Accepted] = 2;
+    a.flow_mut(Direction::Outbound)[FlowCount::Completed] = 1;
     a.record(Hist::Lifetime, Duration::from_millis(5));
     a.fail(Direction::Inbound, Blame::Downstream, Reason::UnknownCa);
     let mut b = Snapshot::default();
-    b.outbound.accepted = 3;
+    b.flow_mut(Direction::Outbound)[FlowCount::Accepted] = 3;
     b.record(Hist::Lifetime, Duration::from_millis(7));
     b.fail(Direction::Inbound, Blame::Downstream, Reason::UnknownCa);
     a.merge(&b);
-    assert_eq!(a.outbound.accepted, 5);
-    assert_eq!(a.outbound.active(), 4);
+    assert_eq!(a.flow(Direction::Outbound)[FlowCount::Accepted], 5);
+    assert_eq!(a.flow(Direction::Outbound).active(), 4);
     assert_eq!(a.hist[Hist::Lifetime as usize].len(), 2);
     assert_eq!(a.failures_of(Direction::Inbound, Reason::UnknownCa), 2);
-    assert_eq!(a.inbound.failed, 2);
+    assert_eq!(a.flow(Direction::Inbound)[FlowCount::Failed], 2);
 }
 
 #[test]

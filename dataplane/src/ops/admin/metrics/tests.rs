@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::proxy::stats::{Direction, Hist};
+use crate::proxy::stats::{Direction, FlowCount, Hist};
 
 #[test]
 fn counters_are_named_after_their_samples() {
@@ -20,7 +20,7 @@ fn counters_are_named_after_their_samples() {
 #[test]
 fn every_family_renders() {
     let mut s = Snapshot::default();
-    s.outbound.accepted = 2;
+    s.flow_mut(Direction::Outbound)[FlowCount::Accepted] = 2;
     s.fail(Direction::Inbound, crate::proxy::stats::Blame::Downstream, crate::proxy::reason::Reason::UnknownCa);
     s.record(Hist::Lifetime, Duration::from_millis(3));
     let text = render(
@@ -37,5 +37,33 @@ fn every_family_renders() {
         "dataplane_connection_lifetime_seconds_bucket{le=\"0.005\"} 1",
     ] {
         assert!(text.contains(want), "{want} in\n{text}");
+    }
+}
+
+/// Every data-path counter reaches `/metrics`: each set to a value of its
+/// own, each value is found in a sample (failures show by reason, so the
+/// `Failed` tally is the one left out).
+#[test]
+fn every_counter_is_exported() {
+    use crate::proxy::stats::Count;
+    let mut s = Snapshot::default();
+    let mut want = Vec::new();
+    for (k, d) in Direction::ALL.into_iter().enumerate() {
+        for (i, c) in FlowCount::ALL.into_iter().enumerate() {
+            let v = 1000 * (k as u64 + 1) + i as u64 + 1;
+            s.flow_mut(d)[c] = v;
+            if c != FlowCount::Failed {
+                want.push((format!("{c:?} {d}"), v));
+            }
+        }
+    }
+    for (i, c) in Count::ALL.into_iter().enumerate() {
+        s.counts[c] = 5000 + i as u64;
+        want.push((format!("{c:?}"), 5000 + i as u64));
+    }
+    let text = render(&s, &[], &Extra::default());
+    for (what, v) in want {
+        let found = text.lines().any(|l| !l.starts_with('#') && l.ends_with(&format!(" {v}")));
+        assert!(found, "{what} ({v}) is not exported:\n{text}");
     }
 }
