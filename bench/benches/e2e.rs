@@ -226,6 +226,52 @@ fn ms_row(workload: String, direct: f64, proxied: f64) -> Row {
     Row { workload, direct, proxied, haproxy: f64::NAN, unit: "ms", higher_is_better: false, cpu: None }
 }
 
+/// The rows of one cluster size: start, memory and CPU (no baseline), and
+/// enrolment under churn against the same on the idle cluster.
+fn cluster_rows(f: &bench::cluster::Figures) -> Vec<Row> {
+    let n = f.pods;
+    let row = |workload: String, direct: f64, proxied: f64, unit: &'static str| Row {
+        workload,
+        direct,
+        proxied,
+        haproxy: f64::NAN,
+        unit,
+        higher_is_better: false,
+        cpu: None,
+    };
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let writes = f.writes;
+    vec![
+        row(format!("{n} pods: start to ready"), f64::NAN, f.ready.as_secs_f64(), "s"),
+        row(
+            format!("{n} pods: RSS at ready / after churn (direct column: at ready)"),
+            mib(f.rss_ready),
+            mib(f.rss_end),
+            "MiB",
+        ),
+        row(format!("{n} pods: agent CPU while idle, 5 s"), f64::NAN, f.idle_cpu.as_secs_f64(), "CPU-s"),
+        row(
+            format!("{n} pods: agent CPU during {writes} pod writes in 10 s / the 5 s after (direct column: after)"),
+            f.after_cpu.as_secs_f64(),
+            f.churn_cpu.as_secs_f64(),
+            "CPU-s",
+        ),
+        row(
+            format!("{n} pods: enrolment p50 under churn (direct column: idle)"),
+            ms(&f.enrol_idle, 0.5),
+            ms(&f.enrol_churn, 0.5),
+            "ms",
+        ),
+        row(
+            format!("{n} pods: enrolment max under churn (direct column: idle)"),
+            ms(&f.enrol_idle, 1.0),
+            ms(&f.enrol_churn, 1.0),
+            "ms",
+        ),
+    ]
+}
+
 /// Runs a worker to completion and returns its last JSON line (whether
 /// it runs in the workload cgroup, `captured`, picks the path). `pids` (the
 /// proxies of this run) are in its environment, for a workload that reads
@@ -581,6 +627,31 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
                     "served_us": report::encode(&adds.served)?,
                     "passed_us": report::encode(&adds.passed)?,
                     "version_us": report::encode(&adds.exec)?,
+                }),
+            );
+        }
+    }
+
+    if want("cluster") {
+        // One agent against a simulated cluster of each size in the test
+        // API server; the direct column is the same figure on the idle
+        // cluster where there is one.
+        std::env::set_var("DP_BINARY", &binary);
+        let sizes: Vec<usize> = match std::env::var("DP_BENCH_PODS") {
+            Ok(list) => list.split(',').map(str::parse).collect::<Result<_, _>>().context("DP_BENCH_PODS")?,
+            Err(_) if opts.quick => vec![2_000],
+            Err(_) => vec![2_000, 20_000, 100_000],
+        };
+        for n in sizes {
+            let f = bench::cluster::measure(&binary, n, &bench::enrol::me()?)?;
+            t.rows.extend(cluster_rows(&f));
+            t.latencies.insert(
+                format!("cluster_{n}"),
+                json!({
+                    "pods": n, "ready_s": f.ready.as_secs_f64(), "rss_ready": f.rss_ready, "rss_end": f.rss_end,
+                    "idle_cpu_s": f.idle_cpu.as_secs_f64(), "churn_cpu_s": f.churn_cpu.as_secs_f64(),
+                    "after_cpu_s": f.after_cpu.as_secs_f64(), "writes": f.writes,
+                    "enrol_idle_us": report::encode(&f.enrol_idle)?, "enrol_churn_us": report::encode(&f.enrol_churn)?,
                 }),
             );
         }

@@ -130,14 +130,15 @@ pub fn measure(binary: &Path, n: usize, me: &Path, together: bool) -> anyhow::Re
 }
 
 /// The probe, inside a new pod: adds the address, then connects to `dst`
-/// every 200 µs until a connect is captured (succeeds), for at most 5 s.
-pub fn probe(dst: std::net::SocketAddr, cidr: &str, dev: &str) -> anyhow::Result<serde_json::Value> {
+/// every 200 µs until a connect is captured (succeeds), for at most
+/// `within`.
+pub fn probe(dst: std::net::SocketAddr, cidr: &str, dev: &str, within: Duration) -> anyhow::Result<serde_json::Value> {
     let start = std::time::Instant::now();
     let ok = Command::new("ip").args(["addr", "add", cidr, "dev", dev]).status()?;
     if !ok.success() {
         bail!("ip addr add {cidr} dev {dev} failed");
     }
-    let deadline = start + Duration::from_secs(5);
+    let deadline = start + within;
     let mut refused = 0u64;
     loop {
         match std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(1)) {
@@ -150,7 +151,7 @@ pub fn probe(dst: std::net::SocketAddr, cidr: &str, dev: &str) -> anyhow::Result
             Err(e) => bail!("connect to {dst}: {e} (neither refused by the mesh nor captured)"),
         }
         if std::time::Instant::now() >= deadline {
-            bail!("not served within 5 s");
+            bail!("not served within {within:?}");
         }
         std::thread::sleep(Duration::from_micros(200));
     }

@@ -15,7 +15,9 @@
 //!   proxies' CPU time;
 //! - [`report`]: histograms, the table, JSON and `.hgrm` files;
 //! - [`enrol`]: how fast a new pod is served;
-//! - [`cni`]: what the CNI plugin adds to a pod's start.
+//! - [`cni`]: what the CNI plugin adds to a pod's start;
+//! - [`cluster`]: what a cluster's size and churn cost one agent.
+pub mod cluster;
 pub mod cni;
 pub mod enrol;
 pub mod haproxy;

@@ -50,7 +50,10 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
             Duration::from_secs_f64(arg(args, 4, "seconds")?),
         )?,
         "enrol-probe" => {
-            crate::enrol::probe(addr, args.get(2).context("address/prefix")?, args.get(3).context("device")?)?
+            // At most 5 s unless told (seconds, after the device).
+            let within = args.get(4).map(|s| s.parse()).transpose().context("seconds")?.unwrap_or(5);
+            let (cidr, dev) = (args.get(2).context("address/prefix")?, args.get(3).context("device")?);
+            crate::enrol::probe(addr, cidr, dev, Duration::from_secs(within))?
         }
         other => bail!("unknown worker mode {other:?}"),
     };

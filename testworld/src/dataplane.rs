@@ -101,6 +101,18 @@ impl Dataplane {
         Self::launch_on(binary, cgroup, args, log, None)
     }
 
+    /// [`Dataplane::launch`], waiting up to `within` for it to be ready (a
+    /// large cluster to list first).
+    pub fn launch_within(
+        binary: &Path,
+        cgroup: &Cgroup,
+        args: &[String],
+        log: &str,
+        within: Duration,
+    ) -> anyhow::Result<Self> {
+        Self::spawn_within(binary, cgroup, args, log, None, &[], within)
+    }
+
     /// [`Dataplane::launch`], with the process's CPU affinity set to `cpus`
     /// (a `taskset` list such as `0` or `2-3`) when given: it runs one
     /// executor per CPU of that list.
@@ -121,6 +133,18 @@ impl Dataplane {
         log: &str,
         cpus: Option<&str>,
         env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::spawn_within(binary, cgroup, args, log, cpus, env, READY_WITHIN)
+    }
+
+    fn spawn_within(
+        binary: &Path,
+        cgroup: &Cgroup,
+        args: &[String],
+        log: &str,
+        cpus: Option<&str>,
+        env: &[(&str, &str)],
+        within: Duration,
     ) -> anyhow::Result<Self> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(format!("{}exec \"$@\"", cgroup.join_prefix())).arg("sh");
@@ -150,7 +174,7 @@ impl Dataplane {
             .ok_or_else(|| anyhow::anyhow!("no bound=ADDR in {line:?}"))?
             .to_string();
         let mut dp = Self { proc, admin };
-        dp.wait_ready(READY_WITHIN)?;
+        dp.wait_ready(within)?;
         Ok(dp)
     }
 

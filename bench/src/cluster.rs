@@ -1,0 +1,238 @@
+//! What a cluster's size costs one agent: the test API server (the real
+//! list/watch protocol over HTTPS, paged lists) holds a simulated cluster of
+//! N pods over 500 nodes in 200 namespaces, half of them opted in, with N/10
+//! Services of 10 endpoints each; one agent in node mode, as the DaemonSet
+//! runs it, is started against it. Measured:
+//!
+//! - start to ready (the model listed, every served pod open), and the
+//!   resident memory then;
+//! - CPU while idle (no API writes at all);
+//! - pod enrolment (the address given to ready-to-capture, as
+//!   [`crate::enrol`] measures it, the pod shown by the API at the same
+//!   moment, as a kubelet reports it), one pod after another, on the idle
+//!   cluster and again while 200 pods of other nodes change per second
+//!   (new addresses, label flips, deletions and re-creations): a change
+//!   elsewhere must not delay a pod here;
+//! - the agent's CPU during that churn and after it, and its memory at the
+//!   end.
+use std::{
+    net::Ipv4Addr,
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use testworld::{
+    apiserver::{endpoint_slice, namespace, pod, service},
+    ApiServer, Cgroup, Dataplane, Netns, NetnsDir,
+};
+
+/// The node the agent runs as; every other pod is on `node-0`..`node-499`.
+const NODE: &str = "node-local";
+/// A meshed pod on another node: the probes' destination.
+const PROBE_DST: &str = "10.97.255.254:9";
+/// Local pods enrolled per phase (idle, then under churn).
+const PODS_PER_PHASE: usize = 10;
+/// Pod writes per second during the churn, and for how long.
+const CHURN_RATE: u64 = 200;
+const CHURN_FOR: Duration = Duration::from_secs(10);
+/// How long a probe waits to be served before it counts as never served.
+const PROBE_WITHIN_S: &str = "30";
+/// A pod's labels key that the churn flips.
+const MESH: &str = "dataplane.dev/mesh";
+
+/// What one cluster size measured.
+#[derive(Debug)]
+pub struct Figures {
+    /// Pods in the cluster.
+    pub pods: usize,
+    /// Start to ready.
+    pub ready: Duration,
+    /// Resident memory at ready, in bytes.
+    pub rss_ready: u64,
+    /// Resident memory after the churn.
+    pub rss_end: u64,
+    /// The agent's CPU over 5 s idle, after ready.
+    pub idle_cpu: Duration,
+    /// The agent's CPU while the churn ran (`CHURN_FOR`).
+    pub churn_cpu: Duration,
+    /// The agent's CPU over the 5 s after the churn stopped.
+    pub after_cpu: Duration,
+    /// Pod writes the churn made.
+    pub writes: u64,
+    /// Enrolment, idle cluster (µs).
+    pub enrol_idle: Histogram<u64>,
+    /// Enrolment during the churn (µs).
+    pub enrol_churn: Histogram<u64>,
+}
+
+fn remote_ip(i: usize) -> String {
+    Ipv4Addr::from(0x0a00_0000 + i as u32 + 1).to_string()
+}
+
+fn remote_pod(i: usize, ip: &str, labels: Value) -> Value {
+    pod(&format!("ns-{}", i % 200), &format!("pod-{i}"), &format!("node-{}", i % 500), Some(ip), labels, json!({}))
+}
+
+fn labels(i: usize) -> Value {
+    json!({ "app": format!("svc-{}", i / 10) })
+}
+
+/// Puts a cluster of `n` pods (and its namespaces and Services) into `api`,
+/// and forgets the history: the agent lists what is there.
+fn load(api: &ApiServer, n: usize) {
+    for ns in 0..200 {
+        let opted = if ns < 100 { json!({ MESH: "enabled" }) } else { json!({}) };
+        api.put("namespaces", namespace(&format!("ns-{ns}"), opted));
+    }
+    api.put("namespaces", namespace("bench", json!({ MESH: "enabled" })));
+    for i in 0..n {
+        api.put("pods", remote_pod(i, &remote_ip(i), labels(i)));
+    }
+    let dst = PROBE_DST.split(':').next().unwrap_or_default();
+    api.put("pods", pod("ns-0", "probe-destination", "node-1", Some(dst), json!({}), json!({})));
+    // Service s has pods 10s..10s+9 as endpoints (the slice says so; the
+    // agent does not read selectors).
+    for s in 0..n / 10 {
+        let (ns, name) = (format!("ns-{}", s % 200), format!("svc-{s}"));
+        let vip = Ipv4Addr::from(0x0a60_0000 + s as u32).to_string();
+        api.put("services", service(&ns, &name, &vip, &[("http", 80, json!(8080))], false));
+        let ips: Vec<String> = (10 * s..10 * s + 10).map(remote_ip).collect();
+        let nodes: Vec<String> = (10 * s..10 * s + 10).map(|i| format!("node-{}", i % 500)).collect();
+        let eps: Vec<(&str, bool, &str)> =
+            ips.iter().zip(&nodes).map(|(ip, node)| (ip.as_str(), true, node.as_str())).collect();
+        api.put("endpointslices", endpoint_slice(&ns, &format!("{name}-1"), &name, &[("http", 8080)], &eps));
+    }
+    api.compact();
+}
+
+/// Changes `CHURN_RATE` pods of other nodes per second for `CHURN_FOR`:
+/// in turn a new address, a label flip (in and out of the mesh), a
+/// deletion and the same pod created again. Returns the writes made.
+fn churn(api: &ApiServer, n: usize) -> u64 {
+    let start = Instant::now();
+    let mut k = 0u64;
+    let mut deleted = None;
+    while start.elapsed() < CHURN_FOR && k < CHURN_RATE * CHURN_FOR.as_secs() {
+        let i = (k as usize * 7919) % n;
+        match (k % 4, deleted.take()) {
+            (3, Some(j)) => {
+                api.put("pods", remote_pod(j, &remote_ip(j), labels(j)));
+            }
+            (2, _) => {
+                api.delete("pods", &format!("ns-{}", i % 200), &format!("pod-{i}"));
+                deleted = Some(i);
+            }
+            (1, _) => {
+                let mut l = labels(i);
+                l[MESH] = json!(if k % 8 == 1 { "disabled" } else { "enabled" });
+                api.put("pods", remote_pod(i, &remote_ip(i), l));
+            }
+            _ => {
+                let moved = Ipv4Addr::from(0x0ac8_0000 + k as u32).to_string();
+                api.put("pods", remote_pod(i, &moved, labels(i)));
+            }
+        }
+        k += 1;
+        let due = start + Duration::from_secs_f64(k as f64 / CHURN_RATE as f64);
+        thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+    k
+}
+
+/// The pods of one phase, made and enrolled one after another.
+struct Enrol<'a> {
+    api: &'a ApiServer,
+    dir: &'a NetnsDir,
+    workload: &'a Cgroup,
+    me: &'a str,
+    made: Vec<Netns>,
+}
+
+impl Enrol<'_> {
+    /// Makes local pod `i` (address `ip`) and returns how long it took from
+    /// the address to its first captured connect (µs).
+    fn one(&mut self, i: usize, ip: &str) -> anyhow::Result<u64> {
+        let ns = Netns::named(&format!("dpbench-cl-{}-{i}", std::process::id()))?;
+        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        self.dir.add(&ns);
+        // The runtime made the sandbox; the CNI gives the address as the
+        // kubelet reports the pod to the API.
+        thread::sleep(Duration::from_millis(20));
+        self.api.put("pods", pod("bench", &format!("local-{i}"), NODE, Some(ip), json!({}), json!({})));
+        let cidr = format!("{ip}/32");
+        let args = ["--worker", "enrol-probe", PROBE_DST, &cidr, "eth0", PROBE_WITHIN_S];
+        let out = ns.command(Some(self.workload), self.me, &args).output()?;
+        self.made.push(ns);
+        if !out.status.success() {
+            bail!("probe in local pod {i}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).context("probe output")?;
+        v["served_after_us"].as_u64().context("probe figure")
+    }
+}
+
+fn local_ip(i: usize) -> String {
+    format!("10.97.{}.{}", i / 200, i % 200 + 1)
+}
+
+/// Runs one agent (`binary`) against a cluster of `n` pods.
+pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
+    let id = std::process::id();
+    let tag = format!("dpbench-cluster-{id}");
+    let api = ApiServer::start(&tag);
+    load(&api, n);
+    let (workload, own) = (Cgroup::named(&format!("{tag}-w"))?, Cgroup::named(&format!("{tag}-d"))?);
+    let dir = NetnsDir::new(&tag);
+    let tmp = testworld::TempDir::new(&tag)?;
+    let ips: Vec<String> = (0..2 * PODS_PER_PHASE).map(local_ip).collect();
+    let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
+    let certs = testworld::Certs::create(binary, tmp.0.join("certs"), &refs)?;
+    let certs_dir = certs.path();
+    let args = testworld::node_args(&api.kubeconfig(), NODE, &dir, &workload, &["--certs", &certs_dir]);
+    let started = Instant::now();
+    let dp = Dataplane::launch_within(binary, &own, &args, "warn", Duration::from_secs(120))?;
+    let ready = started.elapsed();
+    let pid = dp.pid();
+    let rss_ready = crate::setup::rss(pid).unwrap_or(0);
+    let cpu = || testworld::cpu_time(pid).unwrap_or_default();
+    let before = cpu();
+    thread::sleep(Duration::from_secs(5));
+    let idle_cpu = cpu() - before;
+
+    let me = me.to_str().context("bench path")?;
+    let mut enrol = Enrol { api: &api, dir: &dir, workload: &workload, me, made: Vec::new() };
+    let mut enrol_idle = crate::report::histogram();
+    for (i, ip) in ips.iter().enumerate().take(PODS_PER_PHASE) {
+        enrol_idle.record(enrol.one(i, ip)?.max(1))?;
+    }
+    let mut enrol_churn = crate::report::histogram();
+    let before = cpu();
+    let (writes, served) = thread::scope(|s| -> anyhow::Result<_> {
+        let writer = s.spawn(|| churn(&api, n));
+        // The churn has begun before the first pod.
+        thread::sleep(Duration::from_millis(500));
+        let mut served = Vec::new();
+        for (i, ip) in ips.iter().enumerate().skip(PODS_PER_PHASE) {
+            served.push(enrol.one(i, ip));
+        }
+        let writes = writer.join().map_err(|_| anyhow::anyhow!("the churn panicked"))?;
+        Ok((writes, served))
+    })?;
+    let churn_cpu = cpu() - before;
+    for us in served {
+        enrol_churn.record(us?.max(1))?;
+    }
+    let before = cpu();
+    thread::sleep(Duration::from_secs(5));
+    let after_cpu = cpu() - before;
+    let rss_end = crate::setup::rss(pid).unwrap_or(0);
+    drop(dp);
+    drop(enrol);
+    drop(tmp);
+    Ok(Figures { pods: n, ready, rss_ready, rss_end, idle_cpu, churn_cpu, after_cpu, writes, enrol_idle, enrol_churn })
+}
