@@ -12,8 +12,10 @@ use std::{
 
 use super::{Mode, ObjectRef, Workload};
 
+mod claims;
 mod sandbox;
 use crate::cluster::services::{self, Service, Table};
+use claims::Claims;
 pub use sandbox::Sandbox;
 
 /// One object as a source now sees it (`None`: gone).
@@ -74,11 +76,11 @@ pub struct Model {
     workloads: BTreeMap<ObjectRef, Workload>,
     /// Every workload claiming an address (two only for a moment: a stale
     /// object beside its successor).
-    by_addr: HashMap<IpAddr, BTreeSet<ObjectRef>>,
+    by_addr: HashMap<IpAddr, Claims>,
     local: BTreeSet<ObjectRef>,
     services: BTreeMap<ObjectRef, Service>,
     /// The Services an address is an endpoint of.
-    by_endpoint: HashMap<IpAddr, BTreeSet<ObjectRef>>,
+    by_endpoint: HashMap<IpAddr, Claims>,
     /// Every meshed address with the inbound ports its pod leaves alone.
     meshed: BTreeMap<IpAddr, Vec<u16>>,
     /// Every meshed address with the identity its pod's certificate must
