@@ -67,6 +67,22 @@ pub struct Figures {
     pub enrol_idle: Histogram<u64>,
     /// Enrolment during the churn (µs).
     pub enrol_churn: Histogram<u64>,
+    /// The agent's own part of it (its address seen to served), mean of
+    /// each phase, idle then under churn.
+    pub agent_part: (Duration, Duration),
+}
+
+/// The agent's enrolment histogram's (sum, count) so far.
+fn agent_enrolments(dp: &Dataplane) -> (f64, f64) {
+    let text = testworld::http_get(&dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default();
+    let get = |name: &str| testworld::metric(&text, name).unwrap_or(0.0);
+    (get("dataplane_enrolment_latency_seconds_sum"), get("dataplane_enrolment_latency_seconds_count"))
+}
+
+/// The mean of what was recorded between `before` and `after`.
+fn mean_between(before: (f64, f64), after: (f64, f64)) -> Duration {
+    let n = after.1 - before.1;
+    Duration::from_secs_f64(if n > 0.0 { (after.0 - before.0) / n } else { 0.0 })
 }
 
 fn remote_ip(i: usize) -> String {
@@ -207,10 +223,12 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
     let me = me.to_str().context("bench path")?;
     let mut enrol = Enrol { api: &api, dir: &dir, workload: &workload, me, made: Vec::new() };
     let mut enrol_idle = crate::report::histogram();
+    let at_start = agent_enrolments(&dp);
     for (i, ip) in ips.iter().enumerate().take(PODS_PER_PHASE) {
         enrol_idle.record(enrol.one(i, ip)?.max(1))?;
     }
     let mut enrol_churn = crate::report::histogram();
+    let after_idle = agent_enrolments(&dp);
     let before = cpu();
     let (writes, served) = thread::scope(|s| -> anyhow::Result<_> {
         let writer = s.spawn(|| churn(&api, n));
@@ -224,6 +242,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
         Ok((writes, served))
     })?;
     let churn_cpu = cpu() - before;
+    let agent_part = (mean_between(at_start, after_idle), mean_between(after_idle, agent_enrolments(&dp)));
     for us in served {
         enrol_churn.record(us?.max(1))?;
     }
@@ -234,5 +253,17 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
     drop(dp);
     drop(enrol);
     drop(tmp);
-    Ok(Figures { pods: n, ready, rss_ready, rss_end, idle_cpu, churn_cpu, after_cpu, writes, enrol_idle, enrol_churn })
+    Ok(Figures {
+        pods: n,
+        ready,
+        rss_ready,
+        rss_end,
+        idle_cpu,
+        churn_cpu,
+        after_cpu,
+        writes,
+        enrol_idle,
+        enrol_churn,
+        agent_part,
+    })
 }
