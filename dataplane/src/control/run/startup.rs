@@ -84,16 +84,17 @@ impl Control {
         let tick = crossbeam_channel::tick(RELOAD_POLL);
         let trim = crossbeam_channel::tick(TRIM_EVERY);
         let mut open_before = 0;
+        let mut quick_look = QuickLook::default();
         let (no_cni, no_models, no_cas, no_netns, no_ticks) = (never(), never(), never(), never(), never());
         loop {
             // A source whose thread ended is not listened to again: a
             // disconnected channel is always ready, and the loop would spin.
             let mut gone = (false, false);
             let ready = gate == Gate::Ready;
-            let timeout = match (gate.deadline(), &self.registry) {
-                (Some(deadline), _) => crossbeam_channel::at(deadline),
-                (None, Some(r)) if ready && r.waiting() => crossbeam_channel::after(QUICK_LOOK),
-                _ => never(),
+            let waiting = ready && self.registry.as_ref().is_some_and(|r| r.waiting());
+            let timeout = match (gate.deadline(), quick_look.deadline(waiting, Instant::now())) {
+                (Some(deadline), _) | (None, Some(deadline)) => crossbeam_channel::at(deadline),
+                (None, None) => never(),
             };
             let models = while_on(gate.takes_models(), &io.models, &no_models);
             let node_cas = while_on(matches!(gate, Gate::NodeCa { .. } | Gate::Ready), &io.node_cas, &no_cas);
@@ -138,7 +139,10 @@ impl Control {
                 recv(timeout) -> _ => match gate {
                     Gate::Executors { .. } => bail!("executors did not report listening within {STARTUP_TIMEOUT:?}"),
                     // The deadline opens the gate below.
-                    _ if ready => self.scan_namespaces(),
+                    _ if ready => {
+                        quick_look.done();
+                        self.scan_namespaces();
+                    }
                     _ => {}
                 },
             }
@@ -272,3 +276,30 @@ impl Control {
         }
     }
 }
+
+/// When enrolment looks again while a namespace waits for its address: a
+/// deadline kept across the loop's turns. Made anew at each turn, other
+/// events pushed it back: under a cluster's churn a model update comes every
+/// few milliseconds, and a pod waited for the 250 ms tick instead of 5 ms.
+#[derive(Debug, Default)]
+struct QuickLook(Option<Instant>);
+
+impl QuickLook {
+    /// The deadline while something is `waiting` (`QUICK_LOOK` after the
+    /// first turn that found it so); none otherwise.
+    fn deadline(&mut self, waiting: bool, now: Instant) -> Option<Instant> {
+        if !waiting {
+            self.0 = None;
+            return None;
+        }
+        Some(*self.0.get_or_insert(now + QUICK_LOOK))
+    }
+
+    /// The look was made: the next wait starts a new deadline.
+    fn done(&mut self) {
+        self.0 = None;
+    }
+}
+
+#[cfg(test)]
+mod tests;
