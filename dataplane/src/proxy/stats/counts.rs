@@ -124,8 +124,7 @@ impl Count {
     ];
 
     /// Where it shows in `/metrics` (`None`: in a family the admin side
-    /// completes with figures of its own, see
-    /// [`crate::ops::admin::metrics`]).
+    /// completes with figures of its own, in `ops/admin/metrics.rs`).
     pub fn shown(self) -> Option<Shown> {
         const SPLICED: &str = "Same-node fast-path connections by who carried their bytes: the kernel (spliced socket to socket) or this process (the kernel did not take the pair: a full map, a client that had closed already)";
         match self {
