@@ -91,11 +91,7 @@ impl Control {
             // disconnected channel is always ready, and the loop would spin.
             let mut gone = (false, false);
             let ready = gate == Gate::Ready;
-            let waiting = ready && self.registry.as_ref().is_some_and(|r| r.waiting());
-            let timeout = match (gate.deadline(), quick_look.deadline(waiting, Instant::now())) {
-                (Some(deadline), _) | (None, Some(deadline)) => crossbeam_channel::at(deadline),
-                (None, None) => never(),
-            };
+            let timeout = self.timeout(gate, &mut quick_look);
             let models = while_on(gate.takes_models(), &io.models, &no_models);
             let node_cas = while_on(matches!(gate, Gate::NodeCa { .. } | Gate::Ready), &io.node_cas, &no_cas);
             select! {
@@ -154,6 +150,16 @@ impl Control {
                 io.netns_events = never();
             }
             gate = self.pass(gate, io)?;
+        }
+    }
+
+    /// When the loop wakes if nothing else comes: the gate's deadline, or
+    /// the quick look while a pod namespace waits for its address.
+    fn timeout(&self, gate: Gate, quick_look: &mut QuickLook) -> Receiver<Instant> {
+        let waiting = gate == Gate::Ready && self.registry.as_ref().is_some_and(|r| r.waiting());
+        match (gate.deadline(), quick_look.deadline(waiting, Instant::now())) {
+            (Some(deadline), _) | (None, Some(deadline)) => crossbeam_channel::at(deadline),
+            (None, None) => never(),
         }
     }
 

@@ -203,7 +203,7 @@ impl State {
             name: key.1.clone(),
             service_account: p.service_account.clone(),
             addresses: p.addresses.clone(),
-            local: p.node.as_deref() == Some(self.node.as_str()),
+            local: p.local,
             netns: None,
             client_address: p.annotations.get(CLIENT_ADDRESS).map(String::as_str) != Some("off"),
             mode: membership(p.host_network, ns_labels, &p.labels, &p.annotations),

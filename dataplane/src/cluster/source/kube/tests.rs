@@ -115,7 +115,9 @@ fn finished_pods_and_host_network_pods_are_read_as_such() {
         "metadata": {"name": "p", "namespace": "shop"}, "spec": {"containers": []}
     }));
     let v = view(&pending, "a").expect("a pod with no address yet");
-    assert!(v.addresses.is_empty() && v.node.is_none());
+    assert!(v.addresses.is_empty() && !v.local, "no node yet: not ours");
+    assert!(view(&shop_pod("mine", "10.0.0.1", "a"), "a").expect("view").local);
+    assert!(!view(&shop_pod("theirs", "10.0.0.2", "b"), "a").expect("view").local);
 }
 
 #[test]

@@ -23,7 +23,9 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct PodView {
     pub(super) service_account: String,
-    pub(super) node: Option<String>,
+    /// Whether it runs on this node (its node's name is not kept: one string
+    /// per pod of the cluster).
+    pub(super) local: bool,
     pub(super) addresses: Vec<IpAddr>,
     pub(super) host_network: bool,
     pub(super) labels: BTreeMap<String, String>,
@@ -51,12 +53,15 @@ pub(super) fn view(pod: &Pod, node: &str) -> Option<PodView> {
     if addresses.is_empty() {
         addresses.extend(status.and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse::<IpAddr>().ok()));
     }
+    // Kept for as long as the pod lives: no room for a second address.
+    addresses.shrink_to_fit();
+    let local = spec.and_then(|s| s.node_name.as_deref()) == Some(node);
     Some(PodView {
         service_account: spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
-        node: spec.and_then(|s| s.node_name.clone()),
+        local,
         addresses,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-        labels: match spec.and_then(|s| s.node_name.as_deref()) == Some(node) {
+        labels: match local {
             true => pod.labels().clone(),
             false => ours(pod.labels(), &[MESH_LABEL]),
         },
