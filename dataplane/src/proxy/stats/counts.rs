@@ -150,7 +150,7 @@ impl Count {
     }
 }
 
-/// Counters indexed by `K`: `N` of them.
+/// `N` counters, indexed by an enum (the `Index` implementations below).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Counters<const N: usize>([u64; N]);
 
