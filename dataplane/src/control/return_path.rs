@@ -284,6 +284,9 @@ impl Installer {
                 for job in rx {
                     match job {
                         Job::ReturnPath(ns, addresses) => set_up(&ns, &addresses, bypass_mark, &counted),
+                        Job::Flush(done) => {
+                            let _ = done.send(());
+                        }
                         Job::Strict(ns, ruleset) => {
                             let on = ruleset.is_some();
                             match set_strict(&ns, ruleset.as_deref()) {
@@ -319,6 +322,17 @@ impl Installer {
         set_up(ns, addresses, self.bypass_mark, &self.failures);
     }
 
+    /// Returns `true` once every job asked before is done, `false` if they
+    /// take longer than `within`: what is swept after this finds nothing set
+    /// up behind its back.
+    pub fn flush(&self, within: std::time::Duration) -> bool {
+        let (done, finished) = crossbeam_channel::bounded(1);
+        if self.jobs.send(Job::Flush(done)).is_err() {
+            return true; // no thread: nothing pending
+        }
+        finished.recv_timeout(within).is_ok()
+    }
+
     /// Namespaces whose return path could not be set up, so far.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
@@ -332,6 +346,8 @@ enum Job {
     ReturnPath(Arc<Netns>, Vec<IpAddr>),
     /// The strict table: installed, or removed.
     Strict(Arc<Netns>, Option<String>),
+    /// Every job before this one is done: say so.
+    Flush(Sender<()>),
 }
 
 /// Installs, and turns clients' addresses on for `ns`; or counts and logs

@@ -94,12 +94,13 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let executor_events = ctl.start_executors()?;
     let fate = ctl.serve(&mut inputs, &executor_events)?;
     let (pin_dir, netns_dir) = (ctl.cfg.capture.pin_dir.clone(), ctl.cfg.netns_dir.clone());
-    ctl.drain(&inputs.admin);
+    let return_paths = ctl.drain(&inputs.admin);
     if let Some(fate) = fate {
         removal::take_off(
             fate.join().unwrap_or_else(|_| Fate::Unknown("the check panicked".into())),
             &pin_dir,
             netns_dir,
+            &return_paths,
         );
     }
     Ok(())

@@ -130,7 +130,10 @@ impl Control {
         }
     }
 
-    pub(super) fn drain(mut self, admin_rx: &Receiver<admin::Request>) {
+    /// Closes the listeners, lets open connections finish until the drain
+    /// timeout, detaches the programs; hands back the return-path installer
+    /// (a removal waits for what it still has queued).
+    pub(super) fn drain(mut self, admin_rx: &Receiver<admin::Request>) -> crate::control::return_path::Installer {
         self.health.set_phase(Phase::Draining);
         for s in &self.executors {
             let _ = s.tx.send(executor::ToExecutor::Drain);
@@ -159,5 +162,7 @@ impl Control {
         }
         self.capture = None; // detaches the programs
         info!("detached; exiting");
+        // Kept: a removal waits for what it still has to set up.
+        self.return_paths
     }
 }

@@ -9,6 +9,9 @@ use crate::{
     control::uninstall::Fate,
 };
 
+/// How long the removal waits for return paths still being set up.
+const FLUSH_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Starts asking the API, while the drain runs, whether the DaemonSet is
 /// being deleted (`--daemonset`).
 pub(super) fn ask_fate(cfg: &Config) -> Option<thread::JoinHandle<Fate>> {
@@ -24,7 +27,12 @@ pub(super) fn ask_fate(cfg: &Config) -> Option<thread::JoinHandle<Fate>> {
 /// part off the node (the pins, so that nothing refuses once we exit; the
 /// return path in every pod namespace). The CNI files are the
 /// `cni-install` container's part.
-pub(super) fn take_off(fate: Fate, pin_dir: &std::path::Path, netns_dir: Option<std::path::PathBuf>) {
+pub(super) fn take_off(
+    fate: Fate,
+    pin_dir: &std::path::Path,
+    netns_dir: Option<std::path::PathBuf>,
+    return_paths: &crate::control::return_path::Installer,
+) {
     match fate {
         Fate::Staying => info!("the DaemonSet stays (an update or a restart): pins and return paths stay"),
         Fate::Unknown(why) => warn!(
@@ -41,6 +49,12 @@ pub(super) fn take_off(fate: Fate, pin_dir: &std::path::Path, netns_dir: Option<
                 Err(e) => error!(error = %e, "could not remove the pins: run `dataplane uninstall` on this node"),
             }
             let Some(dir) = netns_dir else { return };
+            // A pod enrolled just before the drain may still have its return
+            // path or strict table queued: set up after the sweep, it would
+            // stay behind.
+            if !return_paths.flush(FLUSH_WITHIN) {
+                warn!(within = ?FLUSH_WITHIN, "return paths still being set up: some may stay behind");
+            }
             match crate::control::uninstall::sweep_return_paths(&dir) {
                 Ok(swept) => {
                     info!(namespaces = swept.looked, cleaned = swept.cleaned.len(), "return paths removed");
