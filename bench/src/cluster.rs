@@ -22,7 +22,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context};
+use crate::enrol::{empty_pod, pod_address, served_after, PROBE_DST};
+use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use testworld::{
@@ -32,8 +33,6 @@ use testworld::{
 
 /// The node the agent runs as; every other pod is on `node-0`..`node-499`.
 const NODE: &str = "node-local";
-/// A meshed pod on another node: the probes' destination.
-const PROBE_DST: &str = "10.97.255.254:9";
 /// Local pods enrolled per phase (idle, then under churn).
 const PODS_PER_PHASE: usize = 10;
 /// Pod writes per second during the churn, and for how long.
@@ -172,10 +171,7 @@ impl Enrol<'_> {
     /// Makes local pod `i` (address `ip`) and returns how long it took from
     /// the address to its first captured connect (µs).
     fn one(&mut self, i: usize, ip: &str) -> anyhow::Result<u64> {
-        let ns = Netns::named(&format!("dpbench-cl-{}-{i}", std::process::id()))?;
-        ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
-        ns.ip(&["link", "set", "eth0", "up"]);
-        self.dir.add(&ns);
+        let ns = empty_pod(&format!("dpbench-cl-{}-{i}", std::process::id()), Path::new(&self.dir.path()))?;
         // The runtime made the sandbox; the CNI gives the address as the
         // kubelet reports the pod to the API.
         thread::sleep(Duration::from_millis(20));
@@ -184,16 +180,8 @@ impl Enrol<'_> {
         let args = ["--worker", "enrol-probe", PROBE_DST, &cidr, "eth0", PROBE_WITHIN_S];
         let out = ns.command(Some(self.workload), self.me, &args).output()?;
         self.made.push(ns);
-        if !out.status.success() {
-            bail!("probe in local pod {i}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: Value = serde_json::from_slice(&out.stdout).context("probe output")?;
-        v["served_after_us"].as_u64().context("probe figure")
+        served_after(&format!("local pod {i}"), &out)
     }
-}
-
-fn local_ip(i: usize) -> String {
-    format!("10.97.{}.{}", i / 200, i % 200 + 1)
 }
 
 /// Runs one agent (`binary`) against a cluster of `n` pods.
@@ -205,7 +193,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
     let (workload, own) = (Cgroup::named(&format!("{tag}-w"))?, Cgroup::named(&format!("{tag}-d"))?);
     let dir = NetnsDir::new(&tag);
     let tmp = testworld::TempDir::new(&tag)?;
-    let ips: Vec<String> = (0..2 * PODS_PER_PHASE).map(local_ip).collect();
+    let ips: Vec<String> = (0..2 * PODS_PER_PHASE).map(pod_address).collect();
     let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
     let certs = testworld::Certs::create(binary, tmp.0.join("certs"), &refs)?;
     let certs_dir = certs.path();
@@ -225,7 +213,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
     let mut enrol_idle = crate::report::histogram();
     let at_start = agent_enrolments(&dp);
     for (i, ip) in ips.iter().enumerate().take(PODS_PER_PHASE) {
-        enrol_idle.record(enrol.one(i, ip)?.max(1))?;
+        enrol_idle.record(enrol.one(i, ip)?)?;
     }
     let mut enrol_churn = crate::report::histogram();
     let after_idle = agent_enrolments(&dp);
@@ -244,7 +232,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
     let churn_cpu = cpu() - before;
     let agent_part = (mean_between(at_start, after_idle), mean_between(after_idle, agent_enrolments(&dp)));
     for us in served {
-        enrol_churn.record(us?.max(1))?;
+        enrol_churn.record(us?)?;
     }
     let before = cpu();
     thread::sleep(Duration::from_secs(5));

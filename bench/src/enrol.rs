@@ -20,7 +20,32 @@ use testworld::{Cgroup, Dataplane, Netns};
 
 /// A meshed destination no pod holds: a connect to it is captured (then
 /// answered by our own listener) once the pod is served.
-const PROBE_DST: &str = "10.97.255.254:9";
+pub const PROBE_DST: &str = "10.97.255.254:9";
+
+/// The address of the `i`th pod enrolled.
+pub fn pod_address(i: usize) -> String {
+    format!("10.97.{}.{}", i / 200, i % 200 + 1)
+}
+
+/// A pod namespace as the runtime makes it, without an address yet (an
+/// interface up, no address), named `name` and listed in `netns_dir`.
+pub fn empty_pod(name: &str, netns_dir: &Path) -> anyhow::Result<Netns> {
+    let pod = Netns::named(name)?;
+    pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    std::os::unix::fs::symlink(pod.path(), netns_dir.join(&pod.name))?;
+    Ok(pod)
+}
+
+/// What a probe run as `pod` measured (µs from its address to its first
+/// captured connect), or why it failed.
+pub fn served_after(pod: &str, out: &std::process::Output) -> anyhow::Result<u64> {
+    if !out.status.success() {
+        bail!("probe in {pod}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("probe output")?;
+    Ok(v["served_after_us"].as_u64().context("probe figure")?.max(1))
+}
 
 /// What a run measured: end to end as the probe saw it, and the data
 /// plane's own histogram (address seen to served), both in µs.
@@ -44,7 +69,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path, together: bool) -> anyhow::Re
     let netns_dir = dir.join("netns");
     fs::create_dir_all(&netns_dir)?;
     let certs = dir.join("certs");
-    let addrs: Vec<String> = (0..n).map(|i| format!("10.97.{}.{}", i / 200, i % 200 + 1)).collect();
+    let addrs: Vec<String> = (0..n).map(pod_address).collect();
     let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
     let certs = testworld::Certs::create(binary, certs, &refs)?;
     let mut workloads: Vec<serde_json::Value> = addrs
@@ -69,13 +94,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path, together: bool) -> anyhow::Re
     let dp = Dataplane::launch(binary, &own, &args, "warn")?;
     let mut end_to_end = Histogram::new_with_bounds(1, 60_000_000, 3)?;
     let me_s = me.to_str().context("bench path")?;
-    let make = |i: usize| -> anyhow::Result<Netns> {
-        let pod = Netns::named(&format!("dpbench-enrol-{id}-{i}"))?;
-        pod.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
-        pod.ip(&["link", "set", "eth0", "up"]);
-        std::os::unix::fs::symlink(pod.path(), netns_dir.join(&pod.name))?;
-        Ok(pod)
-    };
+    let make = |i: usize| empty_pod(&format!("dpbench-enrol-{id}-{i}"), &netns_dir);
     let probe = |pod: &Netns, addr: &str| {
         pod.command(Some(&workload), me_s, &["--worker", "enrol-probe", PROBE_DST, &format!("{addr}/32"), "eth0"])
     };
@@ -109,12 +128,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path, together: bool) -> anyhow::Re
         }
     }
     for (i, out) in outputs.iter().enumerate() {
-        if !out.status.success() {
-            bail!("probe in pod {i}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("probe output")?;
-        let us = v["served_after_us"].as_u64().context("probe figure")?;
-        end_to_end.record(us.max(1))?;
+        end_to_end.record(served_after(&format!("pod {i}"), out)?)?;
     }
     let (_, text) = testworld::http_get(&dp.admin(), "/metrics")?;
     let buckets = text

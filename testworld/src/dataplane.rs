@@ -91,7 +91,7 @@ impl Dataplane {
     /// [`Dataplane::start`] with `env` added to the process's environment.
     pub fn start_env(cgroup: &Cgroup, args: &[String], env: &[(&str, &str)]) -> Self {
         let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,dataplane=debug".into());
-        Self::spawn(&dataplane_binary(), cgroup, args, &log, None, env).unwrap_or_else(|e| panic!("{e}"))
+        Self::spawn(&dataplane_binary(), cgroup, args, &log, None, env, READY_WITHIN).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Starts `binary run ARGS` as a member of `cgroup` with `RUST_LOG=log`
@@ -110,7 +110,7 @@ impl Dataplane {
         log: &str,
         within: Duration,
     ) -> anyhow::Result<Self> {
-        Self::spawn_within(binary, cgroup, args, log, None, &[], within)
+        Self::spawn(binary, cgroup, args, log, None, &[], within)
     }
 
     /// [`Dataplane::launch`], with the process's CPU affinity set to `cpus`
@@ -123,21 +123,10 @@ impl Dataplane {
         log: &str,
         cpus: Option<&str>,
     ) -> anyhow::Result<Self> {
-        Self::spawn(binary, cgroup, args, log, cpus, &[])
+        Self::spawn(binary, cgroup, args, log, cpus, &[], READY_WITHIN)
     }
 
     fn spawn(
-        binary: &Path,
-        cgroup: &Cgroup,
-        args: &[String],
-        log: &str,
-        cpus: Option<&str>,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
-        Self::spawn_within(binary, cgroup, args, log, cpus, env, READY_WITHIN)
-    }
-
-    fn spawn_within(
         binary: &Path,
         cgroup: &Cgroup,
         args: &[String],
