@@ -57,7 +57,7 @@ fn cluster(n: usize) -> (Vec<Workload>, Vec<Service>) {
             name: format!("svc-{s}"),
             cluster_ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a60_0000 + s as u32))],
             ports: vec![ServicePort { name: "http".into(), port: 80 }],
-            client_ip_affinity: false,
+            client_ip_affinity: None,
             node_local: false,
             zone_hints: false,
             slices: vec![Slice {

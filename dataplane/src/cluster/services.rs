@@ -14,9 +14,11 @@
 //! zone, when every ready endpoint has hints and one names it. [`choose`]
 //! picks one:
 //!
-//! - `sessionAffinity: ClientIP`: rendezvous hashing of the client address
-//!   over the ready endpoints, so every executor (and every data plane)
-//!   makes the same choice, and a client moves only when its endpoint goes;
+//! - `sessionAffinity: ClientIP`: the endpoint the client last used on that
+//!   port, while it comes back within the timeout ([`Affinity`], kube-proxy's
+//!   rule); a new client (or one whose time ran out) by rendezvous hashing
+//!   of its address over the endpoints, so every data plane makes the same
+//!   first choice;
 //! - otherwise the power of two choices on this executor's open connections
 //!   per endpoint: two at random, the less loaded wins.
 use std::{
@@ -24,7 +26,15 @@ use std::{
     hash::{Hash, Hasher},
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
+
+mod affinity;
+pub use affinity::Affinity;
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when a Service does not
+/// say (the API's default: 3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10_800);
 
 /// One endpoint of a service port: where to connect, and whether its pod is
 /// in the mesh (tunnelled) or not (reached directly).
@@ -43,8 +53,8 @@ pub struct Frontend {
     pub service: String,
     /// The ready endpoints.
     pub backends: Vec<Backend>,
-    /// `sessionAffinity: ClientIP`.
-    pub client_ip_affinity: bool,
+    /// `sessionAffinity: ClientIP`, with its timeout.
+    pub client_ip_affinity: Option<Duration>,
 }
 
 /// Every service port, by ClusterIP:port. Immutable: the control thread
@@ -106,8 +116,8 @@ pub struct Service {
     pub cluster_ips: Vec<IpAddr>,
     /// TCP ports.
     pub ports: Vec<ServicePort>,
-    /// `sessionAffinity: ClientIP`.
-    pub client_ip_affinity: bool,
+    /// `sessionAffinity: ClientIP`, with its timeout.
+    pub client_ip_affinity: Option<Duration>,
     /// `internalTrafficPolicy: Local`: this node's endpoints only.
     pub node_local: bool,
     /// `trafficDistribution` set (or `service.kubernetes.io/topology-mode:
@@ -250,7 +260,9 @@ pub fn choose(fe: &Frontend, client: IpAddr, load: impl Fn(SocketAddr) -> u32, r
     match b.len() {
         0 => None,
         1 => Some(b[0]),
-        n if fe.client_ip_affinity => b.iter().max_by_key(|be| rendezvous(client, be.addr)).copied().or(Some(b[n - 1])),
+        n if fe.client_ip_affinity.is_some() => {
+            b.iter().max_by_key(|be| rendezvous(client, be.addr)).copied().or(Some(b[n - 1]))
+        }
         n => {
             let i = (random.0 % n as u64) as usize;
             let mut j = (random.1 % (n as u64 - 1)) as usize;

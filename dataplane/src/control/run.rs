@@ -370,6 +370,7 @@ impl Control {
             // Loopback mode: what is captured on loopback is tunnelled to
             // this process's own inbound listeners.
             local_tunnels: self.cfg.capture.cidrs.iter().any(|c| c.addr.is_loopback()),
+            affinity: Arc::default(),
             splice: self.splice.as_ref().and_then(|s| {
                 s.maps()
                     .inspect_err(|e| warn!(error = %e, "same-node fast path: cannot share the splice maps; relaying in user space"))

@@ -112,6 +112,9 @@ pub struct ExecutorCtx {
     /// choices), and the state of the random numbers they draw.
     endpoint_load: RefCell<std::collections::HashMap<std::net::SocketAddr, u32>>,
     random: std::cell::Cell<u64>,
+    /// `sessionAffinity: ClientIP`: the endpoint each client last used,
+    /// shared by every executor of the node.
+    pub affinity: Arc<crate::cluster::services::Affinity>,
     /// Whether connections between two pods served here skip the tunnel.
     pub same_node_fast_path: bool,
     /// The pods this executor serves, by address (with the fast path on).
@@ -195,6 +198,7 @@ impl ExecutorCtx {
             next_admitted: std::cell::Cell::new(0),
             endpoint_load: RefCell::new(std::collections::HashMap::new()),
             random: std::cell::Cell::new(0x9e37_79b9_7f4a_7c15 ^ (cpu as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)),
+            affinity: Arc::default(),
             same_node_fast_path: false,
             local: RefCell::new(std::collections::HashMap::new()),
             pods: RefCell::new(std::collections::HashMap::new()),
@@ -303,10 +307,11 @@ impl ExecutorCtx {
         self.services.borrow().get(vip).cloned()
     }
 
-    /// Picks an endpoint of `fe` for `client` and counts a connection to it
-    /// until the returned guard drops.
+    /// Picks an endpoint of `fe` (reached at `vip`) for `client` and counts
+    /// a connection to it until the returned guard drops.
     pub fn choose_endpoint(
         &self,
+        vip: std::net::SocketAddr,
         fe: &crate::cluster::services::Frontend,
         client: IpAddr,
     ) -> Option<(crate::cluster::services::Backend, EndpointLoad<'_>)> {
@@ -320,7 +325,10 @@ impl ExecutorCtx {
         };
         let picked = {
             let load = self.endpoint_load.borrow();
-            crate::cluster::services::choose(fe, client, |a| load.get(&a).copied().unwrap_or(0), (draw(), draw()))?
+            let choose = || {
+                crate::cluster::services::choose(fe, client, |a| load.get(&a).copied().unwrap_or(0), (draw(), draw()))
+            };
+            self.affinity.choose(vip, fe, client, std::time::Instant::now(), choose)?
         };
         *self.endpoint_load.borrow_mut().entry(picked.addr).or_default() += 1;
         Some((picked, EndpointLoad { executor: self, addr: picked.addr }))

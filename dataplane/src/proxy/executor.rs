@@ -54,6 +54,9 @@ pub struct ExecutorSpec {
     /// executor's inbound listeners take the tunnels the previous executor
     /// opens (`inbound_cpu`).
     pub local_tunnels: bool,
+    /// `sessionAffinity: ClientIP`: the endpoint each client last used,
+    /// one table for every executor.
+    pub affinity: Arc<crate::cluster::services::Affinity>,
 }
 
 /// The namespaces an executor has listeners in, written by the executor
@@ -266,6 +269,7 @@ fn context(cpu: usize, spec: &ExecutorSpec, open: Arc<Open>) -> ExecutorCtx {
     let mut executor = ExecutorCtx::new(cpu, spec.bypass_mark, spec.limits, spec.identity.clone(), open, orig);
     executor.same_node_fast_path = spec.same_node_fast_path;
     executor.trust_domain = spec.trust_domain.clone();
+    executor.affinity = spec.affinity.clone();
     executor.splicer =
         spec.splice.as_ref().and_then(|m| match m.try_clone().and_then(crate::node::ebpf::Splicer::open) {
             Ok(s) => Some(std::cell::RefCell::new(s)),

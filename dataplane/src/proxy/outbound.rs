@@ -127,8 +127,8 @@ impl<'a> Known for Here<'a> {
         self.executor.pod_address(self.netns.id(), like)
     }
 
-    fn choose_endpoint(&self, fe: &Frontend, client: IpAddr) -> Option<(Backend, EndpointLoad<'a>)> {
-        self.executor.choose_endpoint(fe, client)
+    fn choose_endpoint(&self, vip: SocketAddr, fe: &Frontend, client: IpAddr) -> Option<(Backend, EndpointLoad<'a>)> {
+        self.executor.choose_endpoint(vip, fe, client)
     }
 
     fn same_node(&self, dst: IpAddr) -> Option<(IpAddr, Arc<Netns>)> {

@@ -28,9 +28,9 @@ pub trait Known {
     fn service(&self, vip: SocketAddr) -> Option<Arc<Frontend>>;
     /// The client pod's own address of `like`'s family.
     fn client_pod_address(&self, like: IpAddr) -> Option<IpAddr>;
-    /// An endpoint of `fe` for a client at `client`, counted while the load
-    /// is held.
-    fn choose_endpoint(&self, fe: &Frontend, client: IpAddr) -> Option<(Backend, Self::Load)>;
+    /// An endpoint of `fe` (reached at `vip`) for a client at `client`,
+    /// counted while the load is held.
+    fn choose_endpoint(&self, vip: SocketAddr, fe: &Frontend, client: IpAddr) -> Option<(Backend, Self::Load)>;
     /// With the same-node fast path on, for a pod at `dst` served here: the
     /// client pod's address (of `dst`'s family) and the destination's pod.
     fn same_node(&self, dst: IpAddr) -> Option<(IpAddr, Self::Pod)>;
@@ -126,7 +126,7 @@ pub fn route<K: Known>(known: &K, orig: OrigDstAddr, client: Option<SocketAddr>)
             .client_pod_address(orig.ip())
             .or(client.map(|c| c.ip()))
             .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-        let Some((endpoint, load)) = known.choose_endpoint(&fe, client_ip) else {
+        let Some((endpoint, load)) = known.choose_endpoint(orig.0, &fe, client_ip) else {
             let why = format!("service {} ({}) has no ready endpoint", fe.service, orig.0);
             let service =
                 ViaService { name: fe.service.clone(), endpoint: None, how: ServiceRoute::NoEndpoint, load: None };

@@ -11,7 +11,7 @@ fn web() -> Service {
         name: "web".into(),
         cluster_ips: vec![ip("10.96.0.10")],
         ports: vec![ServicePort { name: "http".into(), port: 80 }, ServicePort { name: "admin".into(), port: 9000 }],
-        client_ip_affinity: false,
+        client_ip_affinity: None,
         node_local: false,
         zone_hints: false,
         slices: vec![
@@ -138,7 +138,7 @@ fn two_choices_prefer_the_less_loaded_and_spread_evenly_when_idle() {
         backends: (1..=4)
             .map(|i| Backend { addr: SocketAddr::new(ip(&format!("10.0.0.{i}")), 80), meshed: true })
             .collect(),
-        client_ip_affinity: false,
+        client_ip_affinity: None,
     };
     let busy: SocketAddr = "10.0.0.1:80".parse().expect("addr");
     let mut seen = HashMap::new();
@@ -161,7 +161,11 @@ fn two_choices_prefer_the_less_loaded_and_spread_evenly_when_idle() {
 fn client_ip_affinity_is_the_same_everywhere_and_moves_only_the_clients_of_a_gone_endpoint() {
     let backends: Vec<Backend> =
         (1..=5).map(|i| Backend { addr: SocketAddr::new(ip(&format!("10.0.0.{i}")), 80), meshed: true }).collect();
-    let fe = Frontend { service: "s".into(), backends: backends.clone(), client_ip_affinity: true };
+    let fe = Frontend {
+        service: "s".into(),
+        backends: backends.clone(),
+        client_ip_affinity: Some(DEFAULT_AFFINITY_TIMEOUT),
+    };
     let clients: Vec<IpAddr> =
         (0..200).map(|i| IpAddr::V4(std::net::Ipv4Addr::new(10, 8, (i / 250) as u8, (i % 250) as u8))).collect();
     let before: Vec<Backend> = clients.iter().map(|c| choose(&fe, *c, |_| 0, (1, 2)).expect("b")).collect();

@@ -21,7 +21,9 @@
 //! (its `ports` resolve the service's port names for its addresses), with
 //! the conditions `ready` (default true), `serving` (default: `ready`) and
 //! `terminating` (default false), and the endpoints' `node` (default: ours);
-//! a service may say `"internalTrafficPolicy": "Local"`.
+//! a service may say `"internalTrafficPolicy": "Local"`, and with
+//! `"sessionAffinity": "ClientIP"` its `"sessionAffinityTimeoutSeconds"` (1 to
+//! 86400; default 10800, as the API's).
 //!
 //! A workload is local (ours to enrol) when it names no `node`, or our own
 //! (`--node-name`); its namespace is `netns` if given, otherwise the one under
@@ -35,7 +37,7 @@ use serde::Deserialize;
 
 use crate::{
     cluster::model::{parse_ports, Mode, Model, Outside, Workload},
-    cluster::services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice},
+    cluster::services::{Endpoint, Hint, Readiness, Service, ServicePort, Slice, DEFAULT_AFFINITY_TIMEOUT},
 };
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +58,9 @@ struct ServiceEntry {
     ports: Vec<PortEntry>,
     #[serde(default)]
     session_affinity: Option<String>,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`, flattened.
+    #[serde(default)]
+    session_affinity_timeout_seconds: Option<u32>,
     #[serde(default)]
     internal_traffic_policy: Option<String>,
     #[serde(default)]
@@ -184,8 +189,17 @@ pub fn parse(text: &str, node: Option<&str>) -> Result<Model, String> {
         .into_iter()
         .map(|s| {
             let affinity = match s.session_affinity.as_deref() {
-                None | Some("None") => false,
-                Some("ClientIP") => true,
+                None | Some("None") => None,
+                Some("ClientIP") => Some(match s.session_affinity_timeout_seconds {
+                    None => DEFAULT_AFFINITY_TIMEOUT,
+                    Some(t @ 1..=86_400) => std::time::Duration::from_secs(t.into()),
+                    Some(t) => {
+                        return Err(format!(
+                            "service {}/{}: sessionAffinityTimeoutSeconds {t} (1 to 86400)",
+                            s.namespace, s.name
+                        ))
+                    }
+                }),
                 Some(other) => return Err(format!("service {}/{}: sessionAffinity {other:?}", s.namespace, s.name)),
             };
             let node_local = match s.internal_traffic_policy.as_deref() {
@@ -247,7 +261,9 @@ mod tests {
         assert_eq!(m.meshed_destinations().len(), 2, "web and db");
         let table = m.service_table();
         let db = table.get("10.96.0.20:5432".parse().expect("vip")).expect("the db service");
-        assert!(db.client_ip_affinity && db.backends.len() == 1 && db.backends[0].meshed);
+        assert!(
+            db.client_ip_affinity == Some(DEFAULT_AFFINITY_TIMEOUT) && db.backends.len() == 1 && db.backends[0].meshed
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ impl Known for Fake {
         self.client_pod.iter().find(|a| a.is_ipv6() == like.is_ipv6()).copied()
     }
 
-    fn choose_endpoint(&self, fe: &Frontend, client: IpAddr) -> Option<(Backend, &'static str)> {
+    fn choose_endpoint(&self, _vip: SocketAddr, fe: &Frontend, client: IpAddr) -> Option<(Backend, &'static str)> {
         self.chosen_for.borrow_mut().push(client);
         fe.backends.first().map(|b| (*b, "load"))
     }
@@ -52,7 +52,7 @@ fn with_service(backends: &[(&str, bool)]) -> Fake {
     let fe = Frontend {
         service: "shop/web".into(),
         backends: backends.iter().map(|(a, meshed)| Backend { addr: addr(a), meshed: *meshed }).collect(),
-        client_ip_affinity: false,
+        client_ip_affinity: None,
     };
     Fake { services: HashMap::from([(addr(VIP), Arc::new(fe))]), client_pod: vec![ip("10.0.0.5")], ..Fake::default() }
 }

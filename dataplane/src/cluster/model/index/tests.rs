@@ -53,7 +53,7 @@ fn web(endpoints: &[&str]) -> Service {
         name: "web".into(),
         cluster_ips: vec![ip("10.96.0.10")],
         ports: vec![ServicePort { name: "http".into(), port: 80 }],
-        client_ip_affinity: false,
+        client_ip_affinity: None,
         node_local: false,
         zone_hints: false,
         slices: vec![Slice {

@@ -54,6 +54,7 @@ fn nothing_is_published_before_both_lists_and_a_relist_replaces_the_whole() {
     let svc: K8sService = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "web", "namespace": "shop"},
         "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "sessionAffinity": "ClientIP",
+                 "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
                  "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"},
                            {"name": "dns", "port": 53, "protocol": "UDP"}]}
     }))
@@ -76,7 +77,7 @@ fn nothing_is_published_before_both_lists_and_a_relist_replaces_the_whole() {
     assert_eq!(n, 4, "all listed: the whole model, once (a namespace, two pods, one Service)");
     let table = m.service_table();
     let web = table.get("10.96.0.10:80".parse().expect("vip")).expect("the TCP port");
-    assert!(web.client_ip_affinity);
+    assert_eq!(web.client_ip_affinity, Some(std::time::Duration::from_secs(60)), "ClientIP, with its timeout");
     let backends: Vec<String> = web.backends.iter().map(|b| format!("{} {}", b.addr, b.meshed)).collect();
     assert_eq!(backends, ["10.0.0.2:8080 true", "10.0.1.2:8080 true"], "ready (or unsaid) only; both pods meshed");
     assert_eq!(table.len(), 1, "the UDP port is not ours");

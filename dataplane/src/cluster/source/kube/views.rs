@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::{
     cluster::model::{CLIENT_ADDRESS, MESH_LABEL, SKIP_INBOUND, SKIP_OUTBOUND},
     cluster::policy::{Parsed, Policy},
-    cluster::services::{Endpoint, Hint, Readiness, ServicePort, Slice},
+    cluster::services::{Endpoint, Hint, Readiness, ServicePort, Slice, DEFAULT_AFFINITY_TIMEOUT},
 };
 
 /// What a pod contributes to the model: only the fields we use, and of its
@@ -107,7 +107,8 @@ pub(super) fn policy_view(o: &DynamicObject) -> Option<Arc<Policy>> {
 pub(super) struct ServiceView {
     pub(super) cluster_ips: Vec<IpAddr>,
     pub(super) ports: Vec<ServicePort>,
-    pub(super) client_ip_affinity: bool,
+    /// `sessionAffinity: ClientIP`, with its timeout.
+    pub(super) client_ip_affinity: Option<std::time::Duration>,
     /// `internalTrafficPolicy: Local`.
     pub(super) node_local: bool,
     /// `trafficDistribution` set, or `topology-mode: Auto`: zone hints
@@ -137,7 +138,14 @@ pub(super) fn service_view(s: &K8sService) -> Option<ServiceView> {
     Some(ServiceView {
         cluster_ips,
         ports,
-        client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
+        client_ip_affinity: (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            let config = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref());
+            config
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|s| u64::try_from(s).ok())
+                .filter(|s| *s > 0)
+                .map_or(DEFAULT_AFFINITY_TIMEOUT, std::time::Duration::from_secs)
+        }),
         node_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         zone_hints: spec.traffic_distribution.is_some()
             || matches!(s.annotations().get(TOPOLOGY_MODE).map(String::as_str), Some("Auto" | "auto")),
