@@ -275,6 +275,15 @@ fn cluster_rows(f: &bench::cluster::Figures) -> Vec<Row> {
             f.agent_part.1.as_secs_f64() * 1000.0,
             "ms",
         ),
+        row(
+            format!(
+                "{n} pods: watch event to eBPF map update, p50 / p99 under churn, {:.0} batches (direct column: p50)",
+                f.map_updates.0
+            ),
+            f.map_updates.1.map_or(f64::NAN, |s| s * 1000.0),
+            f.map_updates.2.map_or(f64::NAN, |s| s * 1000.0),
+            "ms",
+        ),
     ]
 }
 
@@ -659,6 +668,8 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
                     "after_cpu_s": f.after_cpu.as_secs_f64(), "writes": f.writes,
                     "agent_part_ms": [f.agent_part.0.as_secs_f64() * 1000.0, f.agent_part.1.as_secs_f64() * 1000.0],
                     "enrol_idle_us": report::encode(&f.enrol_idle)?, "enrol_churn_us": report::encode(&f.enrol_churn)?,
+                    "map_update_batches": f.map_updates.0,
+                    "map_update_p50_s": f.map_updates.1, "map_update_p99_s": f.map_updates.2,
                 }),
             );
         }

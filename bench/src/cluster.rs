@@ -14,7 +14,11 @@
 //!   (new addresses, label flips, deletions and re-creations): a change
 //!   elsewhere must not delay a pod here;
 //! - the agent's CPU during that churn and after it, and its memory at the
-//!   end.
+//!   end;
+//! - from a batch of watch events reaching the agent to its changes in the
+//!   eBPF maps and with the executors, p50 and p99 during the churn (the
+//!   agent's `dataplane_model_update_latency_seconds`, read as Prometheus's
+//!   `histogram_quantile` reads it: interpolated within a bucket).
 use std::{
     net::Ipv4Addr,
     path::Path,
@@ -69,6 +73,9 @@ pub struct Figures {
     /// The agent's own part of it (its address seen to served), mean of
     /// each phase, idle then under churn.
     pub agent_part: (Duration, Duration),
+    /// Watch events to map updates during the churn: how many batches, and
+    /// their p50 and p99 (seconds; `None` if there were none).
+    pub map_updates: (f64, Option<f64>, Option<f64>),
 }
 
 /// The agent's enrolment histogram's (sum, count) so far.
@@ -76,6 +83,48 @@ fn agent_enrolments(dp: &Dataplane) -> (f64, f64) {
     let text = testworld::http_get(&dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default();
     let get = |name: &str| testworld::metric(&text, name).unwrap_or(0.0);
     (get("dataplane_enrolment_latency_seconds_sum"), get("dataplane_enrolment_latency_seconds_count"))
+}
+
+/// The agent's model-update histogram so far: its cumulative buckets, as
+/// (upper bound in seconds, count).
+fn update_buckets(dp: &Dataplane) -> Vec<(f64, f64)> {
+    let text = testworld::http_get(&dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("dataplane_model_update_latency_seconds_bucket{")?;
+            let (labels, count) = rest.split_once("} ")?;
+            let le = labels.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The number recorded between two readings of the buckets, and its `q`
+/// quantiles, interpolated within their bucket as Prometheus's
+/// `histogram_quantile` does.
+fn quantiles_between(before: &[(f64, f64)], after: &[(f64, f64)], qs: [f64; 2]) -> (f64, [Option<f64>; 2]) {
+    let counts: Vec<(f64, f64)> =
+        after.iter().map(|(le, c)| (*le, c - before.iter().find(|(l, _)| l == le).map_or(0.0, |(_, b)| *b))).collect();
+    let total = counts.last().map_or(0.0, |(_, c)| *c);
+    let quantile = |q: f64| {
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let mut below = (0.0, 0.0);
+        for (le, c) in &counts {
+            if *c >= rank {
+                if le.is_infinite() {
+                    return Some(below.0);
+                }
+                return Some(below.0 + (le - below.0) * (rank - below.1) / (c - below.1).max(f64::MIN_POSITIVE));
+            }
+            below = (*le, *c);
+        }
+        None
+    };
+    (total, qs.map(quantile))
 }
 
 /// The mean of what was recorded between `before` and `after`.
@@ -217,6 +266,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
     }
     let mut enrol_churn = crate::report::histogram();
     let after_idle = agent_enrolments(&dp);
+    let updates_before = update_buckets(&dp);
     let before = cpu();
     let (writes, served) = thread::scope(|s| -> anyhow::Result<_> {
         let writer = s.spawn(|| churn(&api, n));
@@ -230,6 +280,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
         Ok((writes, served))
     })?;
     let churn_cpu = cpu() - before;
+    let (batches, [p50, p99]) = quantiles_between(&updates_before, &update_buckets(&dp), [0.5, 0.99]);
     let agent_part = (mean_between(at_start, after_idle), mean_between(after_idle, agent_enrolments(&dp)));
     for us in served {
         enrol_churn.record(us?)?;
@@ -253,5 +304,27 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
         enrol_idle,
         enrol_churn,
         agent_part,
+        map_updates: (batches, p50, p99),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantiles_between;
+
+    #[test]
+    fn quantiles_are_read_from_the_buckets_recorded_in_between() {
+        let before = [(0.001, 10.0), (0.005, 10.0), (f64::INFINITY, 10.0)];
+        // 100 more: 50 under 1 ms, 48 between 1 and 5 ms, 2 above.
+        let after = [(0.001, 60.0), (0.005, 108.0), (f64::INFINITY, 110.0)];
+        let (n, [p50, p99]) = quantiles_between(&before, &after, [0.5, 0.99]);
+        assert_eq!(n, 100.0);
+        assert_eq!(p50, Some(0.001), "the 50th of 100 is the last under 1 ms");
+        assert_eq!(p99, Some(0.005), "above the last finite bound: that bound");
+        let (n, [p50, _]) = quantiles_between(&after, &after, [0.5, 0.99]);
+        assert_eq!((n, p50), (0.0, None), "nothing recorded: no quantile");
+        let (_, [p75, _]) = quantiles_between(&before, &after, [0.75, 0.99]);
+        let p75 = p75.expect("p75");
+        assert!((p75 - (0.001 + 0.004 * 25.0 / 48.0)).abs() < 1e-9, "interpolated within its bucket: {p75}");
+    }
 }

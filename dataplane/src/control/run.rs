@@ -151,7 +151,7 @@ struct Inputs {
     /// The namespace directory changed.
     netns_events: Receiver<()>,
     /// The cluster's changes, the first once every list is in.
-    models: Receiver<Vec<crate::cluster::model::Change>>,
+    models: Receiver<source::kube::Batch>,
     /// This node's CA, each time the issuer signs one.
     node_cas: Receiver<Arc<crate::identity::pki::NodeCa>>,
     /// The workloads file, read once here, taken at start-up.
@@ -268,6 +268,9 @@ struct Control {
     cni_figures: admin::CniFigures,
     /// Enrolment latencies (µs).
     enrolment: hdrhistogram::Histogram<u64>,
+    /// From a batch of watch events arriving to its changes in the maps and
+    /// with the executors (µs); the first, whole model not counted.
+    model_updates: hdrhistogram::Histogram<u64>,
     /// Kubernetes watch interruptions, and node CA requests, when watching.
     watch_counters: Option<(Arc<source::kube::Counters>, Arc<source::nodeca::Counters>)>,
     /// The pods' certificates, when minted on the node.
@@ -335,6 +338,7 @@ impl Control {
             cni_waiting: Vec::new(),
             cni_figures: admin::CniFigures { answered: BTreeMap::new(), decision: crate::proxy::stats::histogram() },
             enrolment: crate::proxy::stats::histogram(),
+            model_updates: crate::proxy::stats::histogram(),
             watch_counters,
             minter,
             return_paths,

@@ -38,6 +38,16 @@ use crate::cluster::model::{self};
 
 pub use dataplane_pki::api::{client, Access};
 
+/// The model's changes from one batch of watch events, and when the batch's
+/// first event reached the agent (the start of its update's latency).
+#[derive(Debug)]
+pub struct Batch {
+    /// When the first event of the batch arrived.
+    pub received: std::time::Instant,
+    /// What the events changed.
+    pub changes: Vec<model::Change>,
+}
+
 /// Watch errors (each followed by a retry, relist or resumed watch), per
 /// resource, for `/metrics`.
 #[derive(Debug, Default)]
@@ -65,7 +75,7 @@ use views::authorization_policies;
 pub fn start(
     access: Access,
     node: String,
-    tx: Sender<Vec<model::Change>>,
+    tx: Sender<Batch>,
     node_ca: Option<(super::nodeca::Spec, Sender<Arc<crate::identity::pki::NodeCa>>)>,
 ) -> anyhow::Result<(Arc<Counters>, Arc<super::nodeca::Counters>)> {
     let counters = Arc::new(Counters::default());
@@ -147,7 +157,7 @@ async fn zone_of(client: &Client, node: &str) -> Option<String> {
 /// The well-known zone label.
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-async fn watch(client: Client, node: String, tx: Sender<Vec<model::Change>>, counters: Arc<Counters>) {
+async fn watch(client: Client, node: String, tx: Sender<Batch>, counters: Arc<Counters>) {
     let pods = retried(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Pod(Box::new(e))).map_err(|e| ("pods", e)));
     let namespaces = retried(watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()))
@@ -189,6 +199,7 @@ async fn watch(client: Client, node: String, tx: Sender<Vec<model::Change>>, cou
     let zone = zone_of(&client, &node).await;
     let mut state = State { node, zone, ..State::default() };
     while let Some(first) = changes.next().await {
+        let received = std::time::Instant::now();
         // Take every change already waiting before publishing: a relist of
         // thousands of pods goes out as one update.
         let mut batch = vec![first];
@@ -214,7 +225,9 @@ async fn watch(client: Client, node: String, tx: Sender<Vec<model::Change>>, cou
         }
         // The first update goes out even if the cluster is empty: it says
         // that every list is in.
-        if (!update.is_empty() || state.published != was_published) && tx.send(update).is_err() {
+        if (!update.is_empty() || state.published != was_published)
+            && tx.send(Batch { received, changes: update }).is_err()
+        {
             return;
         }
     }

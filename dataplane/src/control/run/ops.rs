@@ -102,6 +102,7 @@ impl Control {
                         }
                     }),
                     enrolment: self.registry.as_ref().map(|_| self.enrolment.clone()),
+                    model_updates: self.watch_counters.as_ref().map(|_| self.model_updates.clone()),
                     return_path_failures: self.return_paths.failures(),
                     cni: self.cfg.cni_socket.as_ref().map(|_| self.cni_figures.clone()),
                 };

@@ -101,11 +101,16 @@ impl Control {
                 recv(io.admin) -> req => if let Ok(req) = req { self.answer(req) },
                 recv(executor_events) -> ev => self.on_executor_event(ev.ok(), &mut gate)?,
                 recv(models) -> m => {
-                    let m = m.context("the Kubernetes watch thread stopped")?;
+                    let batch = m.context("the Kubernetes watch thread stopped")?;
+                    let first = self.model.is_none();
+                    let local = self.update(batch.changes);
+                    if !first {
+                        let _ = self.model_updates.record(batch.received.elapsed().as_micros().max(1) as u64);
+                    }
                     // Enrolment looks again only when one of this node's
                     // pods changed: the rest of the cluster's churn never
                     // touches it.
-                    if self.update(m) && ready {
+                    if local && ready {
                         self.scan_namespaces();
                     }
                 },

@@ -30,6 +30,10 @@ pub struct Extra {
     /// From a namespace's address appearing to its listeners open on every
     /// executor and `connect4` told (µs).
     pub enrolment: Option<hdrhistogram::Histogram<u64>>,
+    /// When watching the API: from a batch of watch events reaching the
+    /// agent to its changes written to the eBPF maps and sent to the
+    /// executors (µs).
+    pub model_updates: Option<hdrhistogram::Histogram<u64>>,
     /// With `--node-ca`: node CAs and pod certificates.
     pub certificates: Option<Certificates>,
     /// Namespaces where the client-address return path could not be set up.
@@ -197,6 +201,14 @@ impl Extra {
                 reg,
                 "enrolment_latency",
                 "From a pod namespace's address appearing to its listeners open on every executor and capture enabled",
+                h,
+            );
+        }
+        if let Some(h) = &self.model_updates {
+            seconds(
+                reg,
+                "model_update_latency",
+                "From a batch of Kubernetes watch events reaching the agent to its changes written to the eBPF maps and sent to the executors (the first, whole model not counted)",
                 h,
             );
         }
