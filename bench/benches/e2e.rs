@@ -250,6 +250,12 @@ fn cluster_rows(f: &bench::cluster::Figures) -> Vec<Row> {
             mib(f.rss_end),
             "MiB",
         ),
+        row(
+            format!("{n} pods: heap allocated after churn (direct column: freed but held)"),
+            mib(f.heap_end.1),
+            mib(f.heap_end.0),
+            "MiB",
+        ),
         row(format!("{n} pods: agent CPU while idle, 5 s"), f64::NAN, f.idle_cpu.as_secs_f64(), "CPU-s"),
         row(
             format!("{n} pods: agent CPU during {writes} pod writes in 10 s / the 5 s after (direct column: after)"),
@@ -664,6 +670,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
                 format!("cluster_{n}"),
                 json!({
                     "pods": n, "ready_s": f.ready.as_secs_f64(), "rss_ready": f.rss_ready, "rss_end": f.rss_end,
+                    "heap_end": [f.heap_end.0, f.heap_end.1],
                     "idle_cpu_s": f.idle_cpu.as_secs_f64(), "churn_cpu_s": f.churn_cpu.as_secs_f64(),
                     "after_cpu_s": f.after_cpu.as_secs_f64(), "writes": f.writes,
                     "agent_part_ms": [f.agent_part.0.as_secs_f64() * 1000.0, f.agent_part.1.as_secs_f64() * 1000.0],

@@ -58,6 +58,8 @@ pub struct Figures {
     pub rss_ready: u64,
     /// Resident memory after the churn.
     pub rss_end: u64,
+    /// The allocator's bytes after the churn: allocated, and freed but held.
+    pub heap_end: (u64, u64),
     /// The agent's CPU over 5 s idle, after ready.
     pub idle_cpu: Duration,
     /// The agent's CPU while the churn ran (`CHURN_FOR`).
@@ -125,6 +127,14 @@ fn quantiles_between(before: &[(f64, f64)], after: &[(f64, f64)], qs: [f64; 2]) 
         None
     };
     (total, qs.map(quantile))
+}
+
+/// The agent's heap: (allocated, freed but held) bytes.
+fn heap(dp: &Dataplane) -> (u64, u64) {
+    let text = testworld::http_get(&dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default();
+    let get =
+        |state: &str| testworld::metric(&text, &format!("dataplane_heap_bytes{{state=\"{state}\"}}")).unwrap_or(0.0);
+    (get("allocated") as u64, get("free") as u64)
 }
 
 /// The mean of what was recorded between `before` and `after`.
@@ -289,6 +299,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
     thread::sleep(Duration::from_secs(5));
     let after_cpu = cpu() - before;
     let rss_end = crate::setup::rss(pid).unwrap_or(0);
+    let heap_end = heap(&dp);
     drop(dp);
     drop(enrol);
     drop(tmp);
@@ -297,6 +308,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
         ready,
         rss_ready,
         rss_end,
+        heap_end,
         idle_cpu,
         churn_cpu,
         after_cpu,

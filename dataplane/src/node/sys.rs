@@ -114,6 +114,18 @@ pub(crate) fn release_free_memory() {
     }
 }
 
+/// The allocator's figures, every arena ([mallinfo2(3)]): bytes the
+/// program has allocated, and bytes freed but still held by the allocator
+/// (the part of RSS that is fragmentation, not data).
+///
+/// [mallinfo2(3)]: https://man7.org/linux/man-pages/man3/mallinfo.3.html
+pub(crate) fn heap() -> (u64, u64) {
+    // SAFETY: mallinfo2 reads glibc's own arenas under their locks and
+    // returns a plain struct; it takes no pointer from us.
+    let m = unsafe { libc::mallinfo2() };
+    ((m.uordblks + m.hblkhd) as u64, m.fordblks as u64)
+}
+
 /// Adopts a listening socket into the current glommio executor.
 pub(crate) fn glommio_listener(fd: OwnedFd) -> glommio::net::TcpListener {
     use std::os::fd::FromRawFd;

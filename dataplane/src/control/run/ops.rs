@@ -81,6 +81,7 @@ impl Control {
                     reloads: self.reloads,
                     namespaces,
                     admin: self.health.closed(),
+                    heap: crate::node::sys::heap(),
                     pods: self.model.as_ref().map(|m| m.local_counts()).unwrap_or_default(),
                     watch_errors: self.watch_counters.as_ref().map(|(c, _)| {
                         use std::sync::atomic::Ordering::Relaxed;

@@ -38,6 +38,8 @@ pub struct Extra {
     pub certificates: Option<Certificates>,
     /// Namespaces where the client-address return path could not be set up.
     pub return_path_failures: u64,
+    /// The allocator's bytes: allocated, and freed but held.
+    pub heap: (u64, u64),
     /// With `--cni-socket`: what the CNI plugin's sandboxes were told.
     pub cni: Option<CniFigures>,
 }
@@ -129,6 +131,15 @@ impl Extra {
             "admin_connections_closed",
             "Admin endpoint connections closed by us: too many open at once, or too slow to send a request",
             admin,
+        );
+        let heap = Family::<Labels, Gauge>::default();
+        heap.get_or_create(&vec![("state", "allocated".into())]).set(self.heap.0 as i64);
+        heap.get_or_create(&vec![("state", "free".into())]).set(self.heap.1 as i64);
+        reg.register_with_unit(
+            "heap",
+            "The allocator's memory, every thread's: allocated by the data plane, and freed but still held (fragmentation: RSS the data does not use)",
+            prometheus_client::registry::Unit::Bytes,
+            heap,
         );
         let namespaces = Family::<Labels, Gauge>::default();
         for (state, n) in &self.namespaces {

@@ -227,3 +227,85 @@ fn a_410_is_relisted_at_once_and_other_failures_back_off() {
     assert!(first > Duration::ZERO);
     assert_eq!(wait_after(&Ok(()), &mut backoff), None);
 }
+
+/// What 100,000 pods (and 10,000 Services of 10 endpoints) cost, stage by
+/// stage, in allocated bytes: `cargo test --release memory_per_pod --
+/// --ignored --nocapture`. A measurement, not a check: run by hand.
+#[test]
+#[ignore]
+fn memory_per_pod() {
+    let n = 100_000usize;
+    let ip = |i: usize| std::net::Ipv4Addr::from(0x0a00_0000 + i as u32 + 1).to_string();
+    let heap = || crate::node::sys::heap().0 as f64 / 1e6;
+    let mut s = State { node: "node-local".into(), ..State::default() };
+    let start = heap();
+    let mut out = Vec::new();
+    let mut take = |c: Change, s: &mut State| out.extend(s.apply(c));
+    take(Change::Namespace(Box::new(watcher::Event::Init)), &mut s);
+    for i in 0..200 {
+        take(Change::Namespace(Box::new(watcher::Event::InitApply(ns(&format!("ns-{i}"), i < 100)))), &mut s);
+    }
+    take(Change::Namespace(Box::new(watcher::Event::InitDone)), &mut s);
+    take(Change::Pod(Box::new(watcher::Event::Init)), &mut s);
+    for i in 0..n {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": format!("pod-{i}"), "namespace": format!("ns-{}", i % 200),
+                         "labels": {"app": format!("svc-{}", i / 10)}},
+            "spec": {"nodeName": format!("node-{}", i % 500), "serviceAccountName": "default", "containers": []},
+            "status": {"phase": "Running", "podIP": ip(i), "podIPs": [{"ip": ip(i)}]}
+        }));
+        take(Change::Pod(Box::new(watcher::Event::InitApply(p))), &mut s);
+    }
+    take(Change::Pod(Box::new(watcher::Event::InitDone)), &mut s);
+    let pods = heap();
+    take(Change::Service(Box::new(watcher::Event::Init)), &mut s);
+    take(Change::Slice(Box::new(watcher::Event::Init)), &mut s);
+    for i in 0..n / 10 {
+        let (ns, name) = (format!("ns-{}", i % 200), format!("svc-{i}"));
+        let vip = std::net::Ipv4Addr::from(0x0a60_0000 + i as u32).to_string();
+        let svc: K8sService = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"clusterIP": vip, "clusterIPs": [vip], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+        }))
+        .expect("service");
+        take(Change::Service(Box::new(watcher::Event::InitApply(svc))), &mut s);
+        let endpoints: Vec<serde_json::Value> = (10 * i..10 * i + 10)
+            .map(|e| serde_json::json!({"addresses": [ip(e)], "conditions": {"ready": true}, "nodeName": format!("node-{}", e % 500)}))
+            .collect();
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("{name}-1"), "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}], "endpoints": endpoints
+        }))
+        .expect("slice");
+        take(Change::Slice(Box::new(watcher::Event::InitApply(slice))), &mut s);
+    }
+    take(Change::Service(Box::new(watcher::Event::InitDone)), &mut s);
+    let services = heap();
+    take(Change::Slice(Box::new(watcher::Event::InitDone)), &mut s);
+    take(Change::NoPolicies, &mut s);
+    let published = heap();
+    let mut m = Model::default();
+    let (services_changes, rest): (Vec<_>, Vec<_>) =
+        std::mem::take(&mut out).into_iter().partition(|c| matches!(c, model::Change::Service(..)));
+    let (n_rest, n_services) = (rest.len(), services_changes.len());
+    m.apply(rest);
+    let model_pods = heap();
+    m.apply(services_changes);
+    let model = heap();
+    println!(
+        "model: workloads ({n_rest} changes) {:.1}, then Services ({n_services}) {:.1} (each with its changes dropped)",
+        model_pods - published,
+        model - model_pods
+    );
+    println!(
+        "MB allocated: pods in the watch state {:.1}, Services and slices {:.1}, the first update (changes) {:.1}, model {:.1} (the changes dropped); total {:.1} ({} changes)",
+        pods - start,
+        services - pods,
+        published - services,
+        model - published,
+        model - start,
+        n
+    );
+    drop(m);
+    println!("without the model: {:.1}", heap() - start);
+}
