@@ -32,8 +32,8 @@ fn addr(i: usize) -> IpAddr {
 
 fn pod(i: usize) -> Workload {
     Workload {
-        namespace: format!("ns-{}", i % 200),
-        name: format!("pod-{i}"),
+        namespace: format!("ns-{}", i % 200).into(),
+        name: format!("pod-{i}").into(),
         service_account: "default".into(),
         addresses: vec![addr(i)],
         local: i.is_multiple_of(500),

@@ -54,8 +54,8 @@ fn compile(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(300));
     for n in [1usize, 100, 10_000] {
         let pods = (0..50).map(|i| Workload {
-            namespace: format!("ns-{i}"),
-            name: format!("pod-{i}"),
+            namespace: format!("ns-{i}").into(),
+            name: format!("pod-{i}").into(),
             service_account: "default".into(),
             addresses: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0001 + i))],
             local: true,

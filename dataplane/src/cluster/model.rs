@@ -16,13 +16,15 @@
 //! never the whole, so its cost does not grow with the cluster. What an
 //! update changed comes back as [`Effects`] for the eBPF maps and the
 //! executors.
-use std::{net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
 mod index;
 mod membership;
+mod names;
 
 pub use index::{Change, Effects, Model, Sandbox};
 pub use membership::{membership, opted_in, parse_ports};
+pub use names::Names;
 
 /// Namespace label (`enabled`) and pod label (`disabled`) of mesh membership.
 pub const MESH_LABEL: &str = "dataplane.dev/mesh";
@@ -44,12 +46,13 @@ pub const CLIENT_ADDRESS: &str = "dataplane.dev/client-address";
 /// One pod (or, from a file, one workload).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
-    /// Its Kubernetes namespace.
-    pub namespace: String,
+    /// Its Kubernetes namespace (shared with its key and its namespace's
+    /// other pods: the model holds every pod of the cluster).
+    pub namespace: Arc<str>,
     /// Its name.
-    pub name: String,
+    pub name: Arc<str>,
     /// Its service account (the identity its certificate will carry).
-    pub service_account: String,
+    pub service_account: Arc<str>,
     /// Its addresses, IPv4 and IPv6 (none until the CNI has given it one).
     pub addresses: Vec<IpAddr>,
     /// Whether it runs on this node (and so is ours to enrol).
@@ -115,10 +118,10 @@ impl Outside {
 /// A namespaced object's name: a pod's or a Service's.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
-    /// Its Kubernetes namespace.
-    pub namespace: String,
+    /// Its Kubernetes namespace (shared: a cluster has few).
+    pub namespace: Arc<str>,
     /// Its name.
-    pub name: String,
+    pub name: Arc<str>,
 }
 
 impl ObjectRef {
@@ -147,6 +150,6 @@ impl Workload {
 
     /// Its name as a key.
     pub fn object(&self) -> ObjectRef {
-        ObjectRef::new(&self.namespace, &self.name)
+        ObjectRef { namespace: self.namespace.clone(), name: self.name.clone() }
     }
 }

@@ -35,7 +35,7 @@ pub struct Minter {
     bundle: reload::Watch,
     ca: Option<Arc<pki::NodeCa>>,
     generation: u64,
-    pods: BTreeMap<(String, String), Minted>,
+    pods: BTreeMap<(Arc<str>, Arc<str>), Minted>,
     /// Mint times (µs) and failures, for the closing figures and logs.
     minted: u64,
     failures: u64,

@@ -97,6 +97,8 @@ pub struct Model {
     api_of_sandboxed: HashMap<ObjectRef, Workload>,
     /// Authorization policies, by namespace and name.
     policies: BTreeMap<ObjectRef, Arc<crate::cluster::policy::Policy>>,
+    /// The identities, each kept once (a service account's pods share it).
+    names: super::Names,
 }
 
 impl Model {
@@ -181,7 +183,7 @@ impl Model {
             }
         }
         for addr in &addrs {
-            let id = self.meshed_identity(*addr);
+            let id = self.meshed_identity(*addr).map(|id| self.names.intern(&id));
             if self.identities.get(addr) != id.as_ref() {
                 match &id {
                     Some(id) => self.identities.insert(*addr, id.clone()),
@@ -278,12 +280,12 @@ impl Model {
 
     /// The identity an address's certificate must carry: that of the
     /// workload [`Model::meshed_ports`] takes the address's entry from.
-    fn meshed_identity(&self, addr: IpAddr) -> Option<Arc<str>> {
+    fn meshed_identity(&self, addr: IpAddr) -> Option<String> {
         let keys = self.by_addr.get(&addr)?;
         keys.iter().rev().find_map(|k| {
             let w = self.workloads.get(k)?;
             matches!(w.mode, Mode::Meshed { .. })
-                .then(|| crate::identity::pki::spiffe_path(&w.namespace, &w.service_account).into())
+                .then(|| crate::identity::pki::spiffe_path(&w.namespace, &w.service_account))
         })
     }
 

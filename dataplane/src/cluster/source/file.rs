@@ -172,9 +172,9 @@ pub fn parse(text: &str, node: Option<&str>) -> Result<Model, String> {
         };
         let local = e.node.as_deref().is_none_or(|n| Some(n) == node);
         out.push(Workload {
-            namespace: e.namespace,
-            name: e.name,
-            service_account: e.service_account,
+            namespace: e.namespace.into(),
+            name: e.name.into(),
+            service_account: e.service_account.into(),
             addresses: e.addresses,
             local,
             netns: e.netns,
@@ -253,11 +253,11 @@ mod tests {
         let m = parse(&text, Some("node-a")).expect("example parses");
         let w: Vec<_> = m.workloads().collect();
         assert_eq!(w.len(), 3);
-        let db = w.iter().find(|w| w.name == "db").expect("db");
+        let db = w.iter().find(|w| &*w.name == "db").expect("db");
         assert!(!db.local, "on node-b");
-        let web = w.iter().find(|w| w.name == "web").expect("web");
+        let web = w.iter().find(|w| &*w.name == "web").expect("web");
         assert_eq!(web.mode, Mode::Meshed { skip_outbound: vec![5432], skip_inbound: vec![9090] });
-        assert!(web.local && web.service_account == "web");
+        assert!(web.local && &*web.service_account == "web");
         assert_eq!(m.meshed_destinations().len(), 2, "web and db");
         let table = m.service_table();
         let db = table.get("10.96.0.20:5432".parse().expect("vip")).expect("the db service");

@@ -66,7 +66,12 @@ impl Control {
         let changes: Vec<model::Change> = saved
             .into_iter()
             .filter(|s| s.sandbox.netns.exists())
-            .map(|s| model::Change::Sandbox(ObjectRef { namespace: s.namespace, name: s.name }, Some(s.sandbox)))
+            .map(|s| {
+                model::Change::Sandbox(
+                    ObjectRef { namespace: s.namespace.into(), name: s.name.into() },
+                    Some(s.sandbox),
+                )
+            })
             .collect();
         if !changes.is_empty() {
             info!(sandboxes = changes.len(), "sandboxes taken back from the previous agent");
@@ -80,7 +85,11 @@ impl Control {
         let (Some(socket), Some(model)) = (&self.cfg.cni_socket, &self.model) else { return };
         let saved: Vec<Saved> = model
             .sandboxes()
-            .map(|(pod, s)| Saved { namespace: pod.namespace.clone(), name: pod.name.clone(), sandbox: s.clone() })
+            .map(|(pod, s)| Saved {
+                namespace: pod.namespace.to_string(),
+                name: pod.name.to_string(),
+                sandbox: s.clone(),
+            })
             .collect();
         let path = sandboxes_file(socket);
         let written = serde_json::to_vec(&saved)

@@ -75,7 +75,7 @@ impl Model {
         let unknown: Vec<ObjectRef> = self
             .sandboxes
             .keys()
-            .filter(|k| k.namespace == name && !self.api_of_sandboxed.contains_key(*k))
+            .filter(|k| *k.namespace == *name && !self.api_of_sandboxed.contains_key(*k))
             .cloned()
             .collect();
         unknown.into_iter().map(|k| (k.clone(), self.with_sandbox(&k))).collect()
@@ -88,7 +88,7 @@ impl Model {
         let sb = self.sandboxes.get(key)?;
         let mut w = match self.api_of_sandboxed.get(key) {
             Some(w) => w.clone(),
-            None if self.namespaces.get(&key.namespace) == Some(&false) => Workload {
+            None if self.namespaces.get(&*key.namespace) == Some(&false) => Workload {
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
                 service_account: "default".into(),

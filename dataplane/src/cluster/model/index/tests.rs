@@ -107,7 +107,7 @@ fn one_pods_change_touches_only_its_addresses_and_the_services_it_serves() {
     // ...and moves to another address, then goes.
     a.addresses = vec![ip("10.0.0.7")];
     assert!(m.apply([Change::Workload(a.object(), Some(a.clone()))]).local);
-    assert_eq!(m.local_with(ip("10.0.0.7")).expect("one").map(|w| w.name.as_str()), Some("a"));
+    assert_eq!(m.local_with(ip("10.0.0.7")).expect("one").map(|w| &*w.name), Some("a"));
     assert_eq!(m.local_with(ip("10.0.0.1")), Ok(None), "the old address is forgotten");
     m.apply([Change::Workload(a.object(), None)]);
     assert_eq!(m.local().count(), 0);
@@ -190,7 +190,7 @@ fn a_sandbox_gives_a_local_pod_its_addresses_before_the_api_does() {
     let fx = m.apply([Change::Sandbox(a.object(), Some(sb.clone()))]);
     assert!(fx.local && fx.meshed.contains_key(&ip("10.0.0.1")), "{fx:?}");
     let w = m.local_with(ip("10.0.0.1")).expect("one").expect("claimed by its sandbox");
-    assert_eq!((w.name.as_str(), w.netns.as_deref()), ("a", Some(std::path::Path::new("/run/netns/cni-a"))));
+    assert_eq!((&*w.name, w.netns.as_deref()), ("a", Some(std::path::Path::new("/run/netns/cni-a"))));
     // The kubelet's status write (same address) and a label change keep
     // the sandbox's namespace file.
     a.addresses = vec![ip("10.0.0.1")];

@@ -1,6 +1,7 @@
 //! The cluster as last seen, and each watch event turned into the model's
 //! changes for only the objects it touched.
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
 };
@@ -20,7 +21,21 @@ use crate::{
 use super::views::*;
 
 /// An object's (namespace, name); a Namespace's namespace is empty.
-pub(super) type Key = (String, String);
+pub(super) type Key = (Arc<str>, Arc<str>);
+
+/// Namespaces' and service accounts' names, kept once: every pod of a
+/// namespace holds the same one, and so do the model's entries made from
+/// it. (In a cell: the views that intern are called while a store is
+/// borrowed.)
+#[derive(Debug, Default)]
+pub(super) struct Names(RefCell<model::Names>);
+
+impl Names {
+    /// The one copy of `s`.
+    pub(super) fn intern(&self, s: &str) -> Arc<str> {
+        self.0.borrow_mut().intern(s)
+    }
+}
 
 /// One resource as last seen, by (namespace, name): a (re)list in progress is
 /// applied whole at its end, so objects that vanished meanwhile go with it.
@@ -45,9 +60,10 @@ impl<V: PartialEq> Store<V> {
     fn apply<K: ResourceExt>(
         &mut self,
         ev: watcher::Event<K>,
+        names: &Names,
         view: impl Fn(&K) -> Option<V>,
     ) -> Vec<(Key, Option<V>)> {
-        let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
+        let key = |o: &K| (names.intern(o.meta().namespace.as_deref().unwrap_or_default()), Arc::from(o.name_any()));
         let mut changed = Vec::new();
         let mut set = |items: &mut BTreeMap<Key, V>, k: Key, v: Option<V>| {
             let old = match v {
@@ -95,6 +111,8 @@ pub(super) struct State {
     pub(super) services: Store<ServiceView>,
     pub(super) slices: Store<SliceView>,
     pub(super) policies: Store<Arc<Policy>>,
+    /// Namespaces' and service accounts' names, each kept once.
+    pub(super) names: Names,
     /// Whether the whole model has gone out once (after every first list).
     pub(super) published: bool,
 }
@@ -118,25 +136,29 @@ impl State {
     pub(super) fn apply(&mut self, change: Change) -> Vec<model::Change> {
         let mut pods: BTreeSet<Key> = BTreeSet::new();
         let mut services: BTreeSet<Key> = BTreeSet::new();
-        let mut namespaces: BTreeSet<String> = BTreeSet::new();
+        let mut namespaces: BTreeSet<Arc<str>> = BTreeSet::new();
         let mut policies: Vec<model::Change> = Vec::new();
         match change {
             Change::Pod(ev) => {
                 let node = &self.node;
-                pods.extend(self.pods.apply(*ev, |p| view(p, node)).into_iter().map(|(k, _)| k))
+                pods.extend(
+                    self.pods.apply(*ev, &self.names, |p| view(p, node, &self.names)).into_iter().map(|(k, _)| k),
+                )
             }
             Change::Namespace(ev) => {
                 let ns_view = |n: &Namespace| Some(ours(n.labels(), &[MESH_LABEL, MTLS_LABEL]));
-                for ((_, ns), _) in self.namespaces.apply(*ev, ns_view) {
+                for ((_, ns), _) in self.namespaces.apply(*ev, &self.names, ns_view) {
                     // Every pod of the namespace: its membership may follow.
-                    let from = (ns.clone(), String::new());
+                    let from = (ns.clone(), Arc::from(""));
                     pods.extend(self.pods.items.range(from..).take_while(|(k, _)| k.0 == ns).map(|(k, _)| k.clone()));
                     namespaces.insert(ns);
                 }
             }
-            Change::Service(ev) => services.extend(self.services.apply(*ev, service_view).into_iter().map(|(k, _)| k)),
+            Change::Service(ev) => {
+                services.extend(self.services.apply(*ev, &self.names, service_view).into_iter().map(|(k, _)| k))
+            }
             Change::Policy(ev) => {
-                for ((ns, name), _) in self.policies.apply(*ev, policy_view) {
+                for ((ns, name), _) in self.policies.apply(*ev, &self.names, policy_view) {
                     let now = self.policies.items.get(&(ns.clone(), name.clone())).cloned();
                     policies.push(model::Change::Policy(ObjectRef { namespace: ns, name }, now));
                 }
@@ -151,7 +173,7 @@ impl State {
             }
             Change::Slice(ev) => {
                 let (node, zone) = (&self.node, self.zone.as_deref());
-                for ((ns, name), old) in self.slices.apply(*ev, |s| slice_view(s, node, zone)) {
+                for ((ns, name), old) in self.slices.apply(*ev, &self.names, |s| slice_view(s, node, zone)) {
                     services.extend(old.map(|v| (ns.clone(), v.service)));
                     services.extend(self.slices.items.get(&(ns.clone(), name)).map(|v| (ns, v.service.clone())));
                 }
@@ -178,8 +200,8 @@ impl State {
                 .collect();
         }
         let namespaces = namespaces.into_iter().map(|ns| {
-            let labels = self.namespaces.items.get(&(String::new(), ns.clone()));
-            model::Change::Namespace(ns, labels.map(|l| model::opted_in(Some(l))))
+            let labels = self.namespaces.items.get(&(Arc::from(""), ns.clone()));
+            model::Change::Namespace(ns.to_string(), labels.map(|l| model::opted_in(Some(l))))
         });
         let pods = pods.into_iter().map(|k| {
             let w = self.workload(&k);
@@ -197,7 +219,7 @@ impl State {
     /// The workload a pod is now.
     pub(super) fn workload(&self, key: &Key) -> Option<Workload> {
         let p = self.pods.items.get(key)?;
-        let ns_labels = self.namespaces.items.get(&(String::new(), key.0.clone()));
+        let ns_labels = self.namespaces.items.get(&(Arc::from(""), key.0.clone()));
         Some(Workload {
             namespace: key.0.clone(),
             name: key.1.clone(),
@@ -217,7 +239,7 @@ impl State {
     pub(super) fn service(&self, key: &Key) -> Option<Service> {
         let v = self.services.items.get(key).filter(|v| !v.cluster_ips.is_empty())?;
         // The namespace's slices, those of this Service.
-        let from = (key.0.clone(), String::new());
+        let from = (key.0.clone(), Arc::from(""));
         let slices = self
             .slices
             .items
@@ -227,8 +249,8 @@ impl State {
             .map(|(_, s)| s.slice.clone())
             .collect();
         Some(Service {
-            namespace: key.0.clone(),
-            name: key.1.clone(),
+            namespace: key.0.to_string(),
+            name: key.1.to_string(),
             cluster_ips: v.cluster_ips.clone(),
             ports: v.ports.clone(),
             client_ip_affinity: v.client_ip_affinity,

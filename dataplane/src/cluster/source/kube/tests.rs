@@ -82,7 +82,7 @@ fn nothing_is_published_before_both_lists_and_a_relist_replaces_the_whole() {
     assert_eq!(backends, ["10.0.0.2:8080 true", "10.0.1.2:8080 true"], "ready (or unsaid) only; both pods meshed");
     assert_eq!(table.len(), 1, "the UDP port is not ours");
     assert_eq!(m.meshed_destinations().len(), 2, "both nodes' pods are destinations");
-    let local: Vec<_> = m.local().map(|w| w.name.as_str()).collect();
+    let local: Vec<_> = m.local().map(|w| &*w.name).collect();
     assert_eq!(local, ["web-1"]);
     // The same slice again (a resync) changes nothing.
     assert_eq!(apply(&mut s, Change::Slice(Box::new(watcher::Event::Apply(slice)))).0, 0);
@@ -107,18 +107,18 @@ fn nothing_is_published_before_both_lists_and_a_relist_replaces_the_whole() {
 fn finished_pods_and_host_network_pods_are_read_as_such() {
     let mut done = shop_pod("job", "10.0.0.9", "a");
     done.status.as_mut().expect("status").phase = Some("Succeeded".into());
-    assert!(view(&done, "a").is_none(), "its address may already be another pod's");
+    assert!(view(&done, "a", &Names::default()).is_none(), "its address may already be another pod's");
     let mut host = shop_pod("agent", "192.168.0.10", "a");
     host.spec.as_mut().expect("spec").host_network = Some(true);
-    let v = view(&host, "a").expect("view");
+    let v = view(&host, "a", &Names::default()).expect("view");
     assert!(v.host_network);
     let pending = pod(serde_json::json!({
         "metadata": {"name": "p", "namespace": "shop"}, "spec": {"containers": []}
     }));
-    let v = view(&pending, "a").expect("a pod with no address yet");
+    let v = view(&pending, "a", &Names::default()).expect("a pod with no address yet");
     assert!(v.addresses.is_empty() && !v.local, "no node yet: not ours");
-    assert!(view(&shop_pod("mine", "10.0.0.1", "a"), "a").expect("view").local);
-    assert!(!view(&shop_pod("theirs", "10.0.0.2", "b"), "a").expect("view").local);
+    assert!(view(&shop_pod("mine", "10.0.0.1", "a"), "a", &Names::default()).expect("view").local);
+    assert!(!view(&shop_pod("theirs", "10.0.0.2", "b"), "a", &Names::default()).expect("view").local);
 }
 
 #[test]
@@ -126,7 +126,7 @@ fn a_dual_stack_pod_has_both_addresses_and_an_ipv6_slice_its_endpoints() {
     let mut dual = shop_pod("web", "10.0.0.5", "a");
     dual.status.as_mut().expect("status").pod_ips =
         Some(["10.0.0.5", "fd00::5"].map(|ip| k8s_openapi::api::core::v1::PodIP { ip: ip.into() }).to_vec());
-    let v = view(&dual, "a").expect("view");
+    let v = view(&dual, "a", &Names::default()).expect("view");
     let want: Vec<IpAddr> = vec!["10.0.0.5".parse().expect("ip"), "fd00::5".parse().expect("ip")];
     assert_eq!(v.addresses, want);
     let slice: EndpointSlice = serde_json::from_value(serde_json::json!({

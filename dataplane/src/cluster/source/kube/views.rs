@@ -22,7 +22,8 @@ use crate::{
 /// size, and an agent keeps every pod of the cluster).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct PodView {
-    pub(super) service_account: String,
+    /// Kept once for all the pods that share it.
+    pub(super) service_account: Arc<str>,
     /// Whether it runs on this node (its node's name is not kept: one string
     /// per pod of the cluster).
     pub(super) local: bool,
@@ -40,7 +41,7 @@ pub(super) fn ours(all: &BTreeMap<String, String>, keys: &[&str]) -> BTreeMap<St
 /// What the model keeps of a pod: of one of another node, only our label
 /// (the cluster's pods are many); of one of `node`, every label, for the
 /// authorization policies that select it.
-pub(super) fn view(pod: &Pod, node: &str) -> Option<PodView> {
+pub(super) fn view(pod: &Pod, node: &str, names: &super::state::Names) -> Option<PodView> {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     // A finished pod's address goes back to the pool: never trust it.
@@ -57,7 +58,7 @@ pub(super) fn view(pod: &Pod, node: &str) -> Option<PodView> {
     addresses.shrink_to_fit();
     let local = spec.and_then(|s| s.node_name.as_deref()) == Some(node);
     Some(PodView {
-        service_account: spec.and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into()),
+        service_account: names.intern(spec.and_then(|s| s.service_account_name.as_deref()).unwrap_or("default")),
         local,
         addresses,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
@@ -157,7 +158,7 @@ pub(super) fn service_view(s: &K8sService) -> Option<ServiceView> {
 /// not routed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct SliceView {
-    pub(super) service: String,
+    pub(super) service: Arc<str>,
     pub(super) slice: Slice,
 }
 
@@ -165,7 +166,7 @@ pub(super) fn slice_view(s: &EndpointSlice, node: &str, zone: Option<&str>) -> O
     if s.address_type != "IPv4" && s.address_type != "IPv6" {
         return None;
     }
-    let service = s.labels().get("kubernetes.io/service-name")?.clone();
+    let service: Arc<str> = s.labels().get("kubernetes.io/service-name")?.as_str().into();
     let ports = s
         .ports
         .iter()
