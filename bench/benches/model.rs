@@ -94,7 +94,7 @@ fn per_event(c: &mut Criterion) {
                 // The executors hold the table in service: patching it copies
                 // its entries once, as on a node.
                 let held = model.service_table().clone();
-                black_box((model.apply([Change::Workload(w.object(), Some(w))]), held))
+                black_box((model.apply([Change::Workload(w.object(), Some(std::sync::Arc::new(w)))]), held))
             })
         });
         g.bench_function(BenchmarkId::new("rebuild", n), |b| {

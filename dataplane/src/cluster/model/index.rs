@@ -21,14 +21,16 @@ pub use sandbox::Sandbox;
 /// One object as a source now sees it (`None`: gone).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// A pod (or a file's workload).
-    Workload(ObjectRef, Option<Workload>),
+    /// A pod (or a file's workload); shared with the source that keeps it.
+    Workload(ObjectRef, Option<Arc<Workload>>),
     /// A Service with its EndpointSlices (`None` too for a headless one).
-    Service(ObjectRef, Option<Service>),
+    /// Boxed: a change is small, and the first update holds one per object
+    /// of the cluster.
+    Service(ObjectRef, Option<Box<Service>>),
     /// A Kubernetes namespace, and whether it is opted into the mesh.
     Namespace(String, Option<bool>),
     /// A local pod's sandbox, as the CNI plugin reported it.
-    Sandbox(ObjectRef, Option<Sandbox>),
+    Sandbox(ObjectRef, Option<Box<Sandbox>>),
     /// An authorization policy (`None`: gone, or not applied here).
     Policy(ObjectRef, Option<Arc<crate::cluster::policy::Policy>>),
 }
@@ -73,7 +75,7 @@ impl Effects {
 /// The workloads and Services as the sources last reported them.
 #[derive(Debug, Clone, Default)]
 pub struct Model {
-    workloads: BTreeMap<ObjectRef, Workload>,
+    workloads: BTreeMap<ObjectRef, Arc<Workload>>,
     /// Every workload claiming an address (two only for a moment: a stale
     /// object beside its successor).
     by_addr: HashMap<IpAddr, Claims>,
@@ -94,7 +96,7 @@ pub struct Model {
     /// Local pods' sandboxes, and what the API says of those pods (their
     /// workloads in `workloads` carry the sandbox's addresses).
     sandboxes: HashMap<ObjectRef, Sandbox>,
-    api_of_sandboxed: HashMap<ObjectRef, Workload>,
+    api_of_sandboxed: HashMap<ObjectRef, Arc<Workload>>,
     /// Authorization policies, by namespace and name.
     policies: BTreeMap<ObjectRef, Arc<crate::cluster::policy::Policy>>,
     /// The identities, each kept once (a service account's pods share it).
@@ -117,7 +119,8 @@ impl Model {
     /// Becomes a model of exactly these workloads and services (a whole
     /// source reloaded): what differs is applied as changes.
     pub fn replace(&mut self, workloads: Vec<Workload>, services: Vec<Service>) -> Effects {
-        let workloads: BTreeMap<ObjectRef, Workload> = workloads.into_iter().map(|w| (w.object(), w)).collect();
+        let workloads: BTreeMap<ObjectRef, Arc<Workload>> =
+            workloads.into_iter().map(|w| (w.object(), Arc::new(w))).collect();
         let services: BTreeMap<ObjectRef, Service> =
             services.into_iter().map(|s| (ObjectRef::new(&s.namespace, &s.name), s)).collect();
         let mut changes: Vec<Change> = self
@@ -139,14 +142,14 @@ impl Model {
             services
                 .into_iter()
                 .filter(|(k, s)| self.services.get(k) != Some(s))
-                .map(|(k, s)| Change::Service(k, Some(s))),
+                .map(|(k, s)| Change::Service(k, Some(Box::new(s)))),
         );
         self.apply(changes)
     }
 
     /// Its workloads and services (to compare a reloaded source with).
     pub fn into_parts(self) -> (Vec<Workload>, Vec<Service>) {
-        (self.workloads.into_values().collect(), self.services.into_values().collect())
+        (self.workloads.into_values().map(Arc::unwrap_or_clone).collect(), self.services.into_values().collect())
     }
 
     /// Applies changes in order; returns what they changed.
@@ -154,14 +157,16 @@ impl Model {
         let mut effects = Effects::default();
         let mut addrs = BTreeSet::new();
         let mut touched_services = BTreeSet::new();
+        let mut count = 0usize;
         for change in changes {
+            count += 1;
             match change {
                 Change::Workload(key, new) => {
                     let new = self.api_reported(&key, new);
                     self.set_workload(key, new, &mut addrs, &mut effects)
                 }
                 Change::Sandbox(key, sandbox) => {
-                    let new = self.set_sandbox(&key, sandbox);
+                    let new = self.set_sandbox(&key, sandbox.map(|s| *s));
                     self.set_workload(key, new, &mut addrs, &mut effects)
                 }
                 Change::Namespace(name, opted_in) => {
@@ -170,7 +175,7 @@ impl Model {
                     }
                 }
                 Change::Service(key, new) => {
-                    self.set_service(&key, new);
+                    self.set_service(&key, new.map(|s| *s));
                     touched_services.insert(key);
                 }
                 Change::Policy(key, new) => {
@@ -209,13 +214,26 @@ impl Model {
             effects.meshed.insert(addr, now);
         }
         effects.services = self.rebuild_frontends(&touched_services, &mut effects.vips);
+        if count > 1024 && count >= self.workloads.len() / 2 {
+            self.compact();
+        }
         effects
+    }
+
+    /// Rebuilds the ordered maps in one go, after a batch that made most of
+    /// the model (the first, whole one; a relist): filled one entry at a
+    /// time in key order, a B-tree's nodes stay about half empty (at 100,000
+    /// pods, megabytes).
+    fn compact(&mut self) {
+        self.workloads = std::mem::take(&mut self.workloads).into_iter().collect();
+        self.meshed = std::mem::take(&mut self.meshed).into_iter().collect();
+        self.services = std::mem::take(&mut self.services).into_iter().collect();
     }
 
     fn set_workload(
         &mut self,
         key: ObjectRef,
-        new: Option<Workload>,
+        new: Option<Arc<Workload>>,
         addrs: &mut BTreeSet<IpAddr>,
         effects: &mut Effects,
     ) {
@@ -335,7 +353,7 @@ impl Model {
 
     /// The workload named `key`, if there is one.
     pub fn workload(&self, key: &ObjectRef) -> Option<&Workload> {
-        self.workloads.get(key)
+        self.workloads.get(key).map(|w| &**w)
     }
 
     /// The sandbox the CNI reported for the pod `key`, if any.
@@ -361,12 +379,12 @@ impl Model {
 
     /// Every workload, by namespace and name.
     pub fn workloads(&self) -> impl Iterator<Item = &Workload> {
-        self.workloads.values()
+        self.workloads.values().map(|w| &**w)
     }
 
     /// The workloads on this node.
     pub fn local(&self) -> impl Iterator<Item = &Workload> {
-        self.local.iter().filter_map(|k| self.workloads.get(k))
+        self.local.iter().filter_map(|k| self.workload(k))
     }
 
     /// The local workload holding `addr`, if one does. Two local workloads
@@ -374,7 +392,7 @@ impl Model {
     /// `Err` with both names: neither is trusted until it clears.
     pub fn local_with(&self, addr: IpAddr) -> Result<Option<&Workload>, String> {
         let mut found =
-            self.by_addr.get(&addr).into_iter().flatten().filter_map(|k| self.workloads.get(k)).filter(|w| w.local);
+            self.by_addr.get(&addr).into_iter().flatten().filter_map(|k| self.workload(k)).filter(|w| w.local);
         match (found.next(), found.next()) {
             (Some(a), Some(b)) => Err(format!("{addr} is claimed by both {} and {}", a.key(), b.key())),
             (first, _) => Ok(first),

@@ -69,7 +69,7 @@ impl Control {
             .map(|s| {
                 model::Change::Sandbox(
                     ObjectRef { namespace: s.namespace.into(), name: s.name.into() },
-                    Some(s.sandbox),
+                    Some(Box::new(s.sandbox)),
                 )
             })
             .collect();
@@ -155,7 +155,7 @@ impl Control {
                 // Only this sandbox's namespace is looked at now; the
                 // next scan (at most RELOAD_POLL away) looks at the others,
                 // whose address may be this pod's too.
-                if self.update(vec![model::Change::Sandbox(pod, Some(sandbox))]) {
+                if self.update(vec![model::Change::Sandbox(pod, Some(Box::new(sandbox)))]) {
                     self.look_at(&netns);
                 }
                 self.save_sandboxes();

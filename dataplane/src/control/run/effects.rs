@@ -68,6 +68,12 @@ impl Control {
         if first || fx.local {
             self.refresh_certificates();
         }
+        if first {
+            // The first model is the largest transient of a run (the whole
+            // cluster as one update, and the model's maps rebuilt once):
+            // what it freed goes back to the kernel.
+            crate::node::sys::release_free_memory();
+        }
         fx.local
     }
 

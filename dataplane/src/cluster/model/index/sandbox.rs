@@ -1,7 +1,7 @@
 //! A local pod's sandbox, as the CNI plugin reported it at ADD, merged into
 //! the pod's workload: the API's object with the sandbox's addresses and
 //! namespace file, known before the kubelet reports them.
-use std::{net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
 use super::{Effects, Model};
 use crate::cluster::model::{Mode, ObjectRef, Outside, Workload};
@@ -26,7 +26,7 @@ pub struct Sandbox {
 impl Model {
     /// The workload for a pod the API reports (or no longer does): with its
     /// sandbox's addresses if it has one.
-    pub(super) fn api_reported(&mut self, key: &ObjectRef, new: Option<Workload>) -> Option<Workload> {
+    pub(super) fn api_reported(&mut self, key: &ObjectRef, new: Option<Arc<Workload>>) -> Option<Arc<Workload>> {
         if !self.sandboxes.contains_key(key) {
             return new;
         }
@@ -38,7 +38,7 @@ impl Model {
     }
 
     /// Takes a sandbox (or its end); returns the pod's workload now.
-    pub(super) fn set_sandbox(&mut self, key: &ObjectRef, sandbox: Option<Sandbox>) -> Option<Workload> {
+    pub(super) fn set_sandbox(&mut self, key: &ObjectRef, sandbox: Option<Sandbox>) -> Option<Arc<Workload>> {
         match sandbox {
             Some(sb) => {
                 if !self.sandboxes.contains_key(key) {
@@ -63,7 +63,7 @@ impl Model {
         name: String,
         opted_in: Option<bool>,
         effects: &mut Effects,
-    ) -> Vec<(ObjectRef, Option<Workload>)> {
+    ) -> Vec<(ObjectRef, Option<Arc<Workload>>)> {
         let before = match opted_in {
             Some(o) => self.namespaces.insert(name.clone(), o),
             None => self.namespaces.remove(&name),
@@ -84,10 +84,10 @@ impl Model {
     /// A sandboxed pod's workload: the API's with the sandbox's addresses
     /// and namespace file; or, before the API shows the pod, one outside the
     /// mesh if its namespace is not opted in (none otherwise: undecided).
-    fn with_sandbox(&self, key: &ObjectRef) -> Option<Workload> {
+    fn with_sandbox(&self, key: &ObjectRef) -> Option<Arc<Workload>> {
         let sb = self.sandboxes.get(key)?;
         let mut w = match self.api_of_sandboxed.get(key) {
-            Some(w) => w.clone(),
+            Some(w) => Workload::clone(w),
             None if self.namespaces.get(&*key.namespace) == Some(&false) => Workload {
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
@@ -107,6 +107,6 @@ impl Model {
         }
         w.netns = Some(sb.netns.clone());
         w.local = true;
-        Some(w)
+        Some(Arc::new(w))
     }
 }

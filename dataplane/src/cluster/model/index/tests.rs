@@ -83,17 +83,17 @@ fn one_pods_change_touches_only_its_addresses_and_the_services_it_serves() {
     // A remote pod comes at an address no Service names: one entry, and
     // the table the executors hold is still the one they have.
     let c = workload("c", "10.0.1.9", false, meshed());
-    let fx = m.apply([Change::Workload(c.object(), Some(c.clone()))]);
+    let fx = m.apply([Change::Workload(c.object(), Some(Arc::new(c.clone())))]);
     let identities = [(ip("10.0.1.9"), Some(Arc::from("ns/ns/sa/default")))].into();
     assert_eq!(fx, Effects { meshed: [(ip("10.0.1.9"), Some(vec![9090]))].into(), identities, ..Effects::default() });
     assert!(Arc::ptr_eq(&table, m.service_table()), "the table was not copied");
 
     // The same object again changes nothing.
-    assert!(m.apply([Change::Workload(c.object(), Some(c))]).is_empty());
+    assert!(m.apply([Change::Workload(c.object(), Some(Arc::new(c)))]).is_empty());
 
     // An endpoint's pod becomes meshed: its Service's entry follows.
     let d = workload("d", "10.0.1.2", false, meshed());
-    let fx = m.apply([Change::Workload(d.object(), Some(d))]);
+    let fx = m.apply([Change::Workload(d.object(), Some(Arc::new(d)))]);
     assert!(fx.services && !fx.local);
     assert_eq!(backends(&m), ["10.0.1.1:8080 true", "10.0.1.2:8080 true"]);
     assert_eq!(table.len(), 1, "the executors' copy is untouched");
@@ -101,12 +101,12 @@ fn one_pods_change_touches_only_its_addresses_and_the_services_it_serves() {
     // A local pod leaves the mesh: its address goes, and enrolment is
     // told to look.
     let mut a = workload("a", "10.0.0.1", true, Mode::Outside(Outside::OptedOut));
-    let fx = m.apply([Change::Workload(a.object(), Some(a.clone()))]);
+    let fx = m.apply([Change::Workload(a.object(), Some(Arc::new(a.clone())))]);
     let identities = [(ip("10.0.0.1"), None)].into();
     assert_eq!(fx, Effects { meshed: [(ip("10.0.0.1"), None)].into(), local: true, identities, ..Effects::default() });
     // ...and moves to another address, then goes.
     a.addresses = vec![ip("10.0.0.7")];
-    assert!(m.apply([Change::Workload(a.object(), Some(a.clone()))]).local);
+    assert!(m.apply([Change::Workload(a.object(), Some(Arc::new(a.clone())))]).local);
     assert_eq!(m.local_with(ip("10.0.0.7")).expect("one").map(|w| &*w.name), Some("a"));
     assert_eq!(m.local_with(ip("10.0.0.1")), Ok(None), "the old address is forgotten");
     m.apply([Change::Workload(a.object(), None)]);
@@ -127,13 +127,13 @@ fn every_meshed_address_has_the_identity_of_its_pod() {
     // and address): the executors are told, connect4 is not.
     let mut a = workload("a", "10.0.1.1", false, meshed());
     a.service_account = "web".into();
-    let fx = m.apply([Change::Workload(a.object(), Some(a.clone()))]);
+    let fx = m.apply([Change::Workload(a.object(), Some(Arc::new(a.clone())))]);
     assert_eq!(fx.identities, [(ip("10.0.1.1"), Some(Arc::from("ns/ns/sa/web")))].into());
     assert!(fx.meshed.is_empty());
     // It leaves the mesh: no identity any more (a peer at that address is
     // not a meshed pod).
     a.mode = Mode::Outside(Outside::OptedOut);
-    assert_eq!(m.apply([Change::Workload(a.object(), Some(a))]).identities, [(ip("10.0.1.1"), None)].into());
+    assert_eq!(m.apply([Change::Workload(a.object(), Some(Arc::new(a)))]).identities, [(ip("10.0.1.1"), None)].into());
     assert_eq!(id(&m), None);
 }
 
@@ -144,7 +144,7 @@ fn connect4_learns_whether_a_service_leads_into_the_mesh() {
     // Its one endpoint's pod joins the mesh: a namespace not decided yet is
     // refused it from now on...
     let d = workload("d", "10.0.1.2", false, meshed());
-    assert_eq!(m.apply([Change::Workload(d.object(), Some(d.clone()))]).vips, vip(true));
+    assert_eq!(m.apply([Change::Workload(d.object(), Some(Arc::new(d.clone())))]).vips, vip(true));
     // ...and reaches it as without us once the pod is gone again.
     assert_eq!(m.apply([Change::Workload(d.object(), None)]).vips, vip(false));
 }
@@ -153,7 +153,7 @@ fn connect4_learns_whether_a_service_leads_into_the_mesh() {
 fn a_stale_pod_beside_its_successor_keeps_the_address_meshed_until_both_go() {
     let mut m = Model::new(vec![workload("old", "10.0.1.1", false, meshed())]);
     let new = workload("new", "10.0.1.1", false, Mode::Meshed { skip_outbound: vec![], skip_inbound: vec![] });
-    let fx = m.apply([Change::Workload(new.object(), Some(new.clone()))]);
+    let fx = m.apply([Change::Workload(new.object(), Some(Arc::new(new.clone())))]);
     assert!(fx.meshed.is_empty(), "the last by name (old) still gives the entry, as before: {fx:?}");
     let fx = m.apply([Change::Workload(ObjectRef::new("ns", "old"), None)]);
     assert_eq!(fx.meshed, [(ip("10.0.1.1"), Some(vec![]))].into(), "the successor's ports");
@@ -185,16 +185,16 @@ fn a_sandbox_gives_a_local_pod_its_addresses_before_the_api_does() {
     // The API shows the pod scheduled here, with no address yet.
     let mut a = workload("a", "10.0.0.1", true, meshed());
     a.addresses.clear();
-    m.apply([Change::Workload(a.object(), Some(a.clone()))]);
+    m.apply([Change::Workload(a.object(), Some(Arc::new(a.clone())))]);
     let sb = Sandbox { container_id: "c1".into(), netns: "/run/netns/cni-a".into(), addresses: vec![ip("10.0.0.1")] };
-    let fx = m.apply([Change::Sandbox(a.object(), Some(sb.clone()))]);
+    let fx = m.apply([Change::Sandbox(a.object(), Some(Box::new(sb.clone())))]);
     assert!(fx.local && fx.meshed.contains_key(&ip("10.0.0.1")), "{fx:?}");
     let w = m.local_with(ip("10.0.0.1")).expect("one").expect("claimed by its sandbox");
     assert_eq!((&*w.name, w.netns.as_deref()), ("a", Some(std::path::Path::new("/run/netns/cni-a"))));
     // The kubelet's status write (same address) and a label change keep
     // the sandbox's namespace file.
     a.addresses = vec![ip("10.0.0.1")];
-    m.apply([Change::Workload(a.object(), Some(a.clone()))]);
+    m.apply([Change::Workload(a.object(), Some(Arc::new(a.clone())))]);
     assert!(m.workload(&a.object()).is_some_and(|w| w.netns.is_some()));
     // DEL: back to what the API says.
     m.apply([Change::Sandbox(a.object(), None)]);
@@ -203,12 +203,15 @@ fn a_sandbox_gives_a_local_pod_its_addresses_before_the_api_does() {
     // A pod the API has not shown yet: outside the mesh if its namespace
     // is not opted in, undecided if it is.
     let plain = ObjectRef::new("plain", "p");
-    let fx = m.apply([Change::Sandbox(plain.clone(), Some(Sandbox { addresses: vec![ip("10.0.0.9")], ..sb.clone() }))]);
+    let fx = m.apply([Change::Sandbox(
+        plain.clone(),
+        Some(Box::new(Sandbox { addresses: vec![ip("10.0.0.9")], ..sb.clone() })),
+    )]);
     assert!(fx.local);
     let w = m.local_with(ip("10.0.0.9")).expect("one").expect("known by its namespace");
     assert_eq!(w.mode, Mode::Outside(Outside::NotOptedIn));
     let early = ObjectRef::new("ns", "early");
-    m.apply([Change::Sandbox(early.clone(), Some(Sandbox { addresses: vec![ip("10.0.0.8")], ..sb }))]);
+    m.apply([Change::Sandbox(early.clone(), Some(Box::new(Sandbox { addresses: vec![ip("10.0.0.8")], ..sb })))]);
     assert!(m.workload(&early).is_none(), "its own labels may opt it out: wait for the API");
     // Its namespace is opted out meanwhile: now it is known.
     let fx = m.apply([Change::Namespace("ns".into(), Some(false))]);
