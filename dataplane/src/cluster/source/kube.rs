@@ -102,8 +102,10 @@ pub fn start(
 /// A watch whose failures are retried after a back-off (exponential from
 /// 0.8 s to 30 s, jittered, as kube-rs's default), except `410 Gone`: an
 /// expected answer after an API server restart or a compaction, for which
-/// the watcher relists at once (a back-off there only delays every pod
-/// created meanwhile).
+/// the watcher relists within [`RELIST_SPREAD`] (a back-off there only
+/// delays every pod created meanwhile; the spread keeps every agent of a
+/// large cluster, whose watches all expired with the same restart, from
+/// listing in the same instant).
 fn retried<K: Send + 'static>(
     events: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
 ) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send {
@@ -125,9 +127,20 @@ fn wait_after<T>(item: &watcher::Result<T>, backoff: &mut impl kube::runtime::ut
             backoff.reset();
             None
         }
-        Err(watcher::Error::WatchError(status)) if status.code == 410 => None,
+        Err(watcher::Error::WatchError(status)) if status.code == 410 => Some(RELIST_SPREAD.mul_f64(random_fraction())),
         Err(_) => backoff.next(),
     }
+}
+
+/// How far apart the agents' relists after a `410 Gone` are spread.
+pub const RELIST_SPREAD: Duration = Duration::from_secs(1);
+
+/// A number in [0, 1) that differs between processes and calls (std's
+/// randomly keyed hasher: no dependency for a jitter).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The node's zone label, for Services' zone hints; read once (a node's

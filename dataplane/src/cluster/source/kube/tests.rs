@@ -217,11 +217,13 @@ fn endpoint_conditions_and_nodes_are_read_as_kube_proxy_reads_them() {
 }
 
 #[test]
-fn a_410_is_relisted_at_once_and_other_failures_back_off() {
+fn a_410_is_relisted_within_a_second_spread_and_other_failures_back_off() {
     let mut backoff = watcher::DefaultBackoff::default();
     let gone = kube::core::Status { code: 410, reason: "Expired".into(), ..kube::core::Status::default() };
     let expired: watcher::Result<()> = Err(watcher::Error::WatchError(Box::new(gone)));
-    assert_eq!(wait_after(&expired, &mut backoff), None, "relisted at once");
+    let waits: Vec<Duration> = (0..20).map(|_| wait_after(&expired, &mut backoff).expect("a spread")).collect();
+    assert!(waits.iter().all(|w| *w < RELIST_SPREAD), "relisted within the spread: {waits:?}");
+    assert!(waits.iter().any(|w| *w != waits[0]), "spread, not one fixed delay: {waits:?}");
     let down: watcher::Result<()> = Err(watcher::Error::NoResourceVersion);
     let first = wait_after(&down, &mut backoff).expect("a back-off");
     assert!(first > Duration::ZERO);
