@@ -387,3 +387,53 @@ fn session_affinity_and_endpoints_outside_the_mesh() {
     assert_eq!(passthrough(), before + 1.0, "counted as passthrough: {}", metrics(&w.a));
     drop(w.e1);
 }
+
+#[test]
+fn session_affinity_holds_within_its_timeout_and_expires_after_it() {
+    let t = testworld::kernel_test!();
+    let w = world(t);
+    let slice = |name: &str, service: &str, endpoints: &[&str]| {
+        let node = |ip: &str| if ip == "10.77.0.2" { "node-a" } else { "node-b" };
+        let eps: Vec<(&str, bool, &str)> = endpoints.iter().map(|ip| (*ip, true, node(ip))).collect();
+        endpoint_slice("shop", name, service, &[("http", 8080)], &eps)
+    };
+    let answers = |vip: &str| {
+        let out = testworld::peer(&w.c, Some(&w.a.workload), &["expect-reset", vip, "80"]);
+        out[0]["result"] == "data"
+    };
+    let one = |vip: &str| {
+        let seen = client(&w.c, Some(&w.a.workload), vip, 80, &[]);
+        seen[0].server.clone()
+    };
+    // The client's fresh choice between the two endpoints (a Service of its
+    // own: the choice depends on the client and the endpoints alone).
+    w.api.put("services", service("shop", "probe", "10.96.0.13", &[("http", 80, json!(8080))], true));
+    w.api.put("endpointslices", slice("probe-1", "probe", &["10.77.0.2", "10.77.0.3"]));
+    assert!(eventually(Duration::from_secs(5), || answers("10.96.0.13")));
+    let preferred = one("10.96.0.13");
+    let (p, o) = if preferred == "e1" { ("10.77.0.2", "10.77.0.3") } else { ("10.77.0.3", "10.77.0.2") };
+    let other = if preferred == "e1" { "e2" } else { "e1" };
+
+    // A Service with a 10 s affinity, at first only the other endpoint.
+    let mut brief = service("shop", "brief", "10.96.0.14", &[("http", 80, json!(8080))], true);
+    brief["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 10}});
+    w.api.put("services", brief);
+    w.api.put("endpointslices", slice("brief-1", "brief", &[o]));
+    assert!(eventually(Duration::from_secs(5), || answers("10.96.0.14")));
+    assert_eq!(one("10.96.0.14"), other);
+    // The preferred endpoint joins. A Service made after it proves, once it
+    // answers, that the agent has the change (one watch, in order); the
+    // client keeps coming back meanwhile, so its time never runs out.
+    w.api.put("endpointslices", slice("brief-1", "brief", &[o, p]));
+    w.api.put("services", service("shop", "witness", "10.96.0.15", &[("http", 80, json!(8080))], false));
+    w.api.put("endpointslices", slice("witness-1", "witness", &[p]));
+    assert!(eventually(Duration::from_secs(10), || {
+        assert_eq!(one("10.96.0.14"), other, "sticks to its endpoint within the timeout");
+        answers("10.96.0.15")
+    }));
+    assert_eq!(one("10.96.0.14"), other, "with both endpoints known: still where it was");
+    // Away for longer than the timeout: chosen afresh.
+    thread::sleep(Duration::from_secs(11));
+    assert_eq!(one("10.96.0.14"), preferred, "the affinity expired");
+    assert_eq!(one("10.96.0.14"), preferred, "and the new choice sticks");
+}
