@@ -15,6 +15,9 @@
 //!   elsewhere must not delay a pod here;
 //! - the agent's CPU during that churn and after it, and its memory at the
 //!   end;
+//! - enrolment again while every watch relists: before each pod the API
+//!   server ends all watches with `410 Gone`, and the pod is in a namespace
+//!   that sorts after every other (the last a relist shows);
 //! - from a batch of watch events reaching the agent to its changes in the
 //!   eBPF maps and with the executors, p50 and p99 during the churn (the
 //!   agent's `dataplane_model_update_latency_seconds`, read as Prometheus's
@@ -44,6 +47,9 @@ const CHURN_RATE: u64 = 200;
 const CHURN_FOR: Duration = Duration::from_secs(10);
 /// How long a probe waits to be served before it counts as never served.
 const PROBE_WITHIN_S: &str = "30";
+/// The namespace of the pods enrolled while the watches relist: after every
+/// other in a list's order.
+const LAST_NAMESPACE: &str = "zz-bench";
 /// A pod's labels key that the churn flips.
 const MESH: &str = "dataplane.dev/mesh";
 
@@ -72,6 +78,8 @@ pub struct Figures {
     pub enrol_idle: Histogram<u64>,
     /// Enrolment during the churn (µs).
     pub enrol_churn: Histogram<u64>,
+    /// Enrolment while every watch relists (µs).
+    pub enrol_relist: Histogram<u64>,
     /// The agent's own part of it (its address seen to served), mean of
     /// each phase, idle then under churn.
     pub agent_part: (Duration, Duration),
@@ -163,6 +171,7 @@ fn load(api: &ApiServer, n: usize) {
         api.put("namespaces", namespace(&format!("ns-{ns}"), opted));
     }
     api.put("namespaces", namespace("bench", json!({ MESH: "enabled" })));
+    api.put("namespaces", namespace(LAST_NAMESPACE, json!({ MESH: "enabled" })));
     for i in 0..n {
         api.put("pods", remote_pod(i, &remote_ip(i), labels(i)));
     }
@@ -230,11 +239,16 @@ impl Enrol<'_> {
     /// Makes local pod `i` (address `ip`) and returns how long it took from
     /// the address to its first captured connect (µs).
     fn one(&mut self, i: usize, ip: &str) -> anyhow::Result<u64> {
+        self.one_in("bench", i, ip)
+    }
+
+    /// The same, the pod in `namespace`.
+    fn one_in(&mut self, namespace: &str, i: usize, ip: &str) -> anyhow::Result<u64> {
         let ns = empty_pod(&format!("dpbench-cl-{}-{i}", std::process::id()), Path::new(&self.dir.path()))?;
         // The runtime made the sandbox; the CNI gives the address as the
         // kubelet reports the pod to the API.
         thread::sleep(Duration::from_millis(20));
-        self.api.put("pods", pod("bench", &format!("local-{i}"), NODE, Some(ip), json!({}), json!({})));
+        self.api.put("pods", pod(namespace, &format!("local-{i}"), NODE, Some(ip), json!({}), json!({})));
         let cidr = format!("{ip}/32");
         let args = ["--worker", "enrol-probe", PROBE_DST, &cidr, "eth0", PROBE_WITHIN_S];
         let out = ns.command(Some(self.workload), self.me, &args).output()?;
@@ -252,7 +266,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
     let (workload, own) = (Cgroup::named(&format!("{tag}-w"))?, Cgroup::named(&format!("{tag}-d"))?);
     let dir = NetnsDir::new(&tag);
     let tmp = testworld::TempDir::new(&tag)?;
-    let ips: Vec<String> = (0..2 * PODS_PER_PHASE).map(pod_address).collect();
+    let ips: Vec<String> = (0..3 * PODS_PER_PHASE).map(pod_address).collect();
     let refs: Vec<&str> = ips.iter().map(String::as_str).collect();
     let certs = testworld::Certs::create(binary, tmp.0.join("certs"), &refs)?;
     let certs_dir = certs.path();
@@ -283,7 +297,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
         // The churn has begun before the first pod.
         thread::sleep(Duration::from_millis(500));
         let mut served = Vec::new();
-        for (i, ip) in ips.iter().enumerate().skip(PODS_PER_PHASE) {
+        for (i, ip) in ips.iter().enumerate().skip(PODS_PER_PHASE).take(PODS_PER_PHASE) {
             served.push(enrol.one(i, ip));
         }
         let writes = writer.join().map_err(|_| anyhow::anyhow!("the churn panicked"))?;
@@ -300,6 +314,11 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
     let after_cpu = cpu() - before;
     let rss_end = crate::setup::rss(pid).unwrap_or(0);
     let heap_end = heap(&dp);
+    let mut enrol_relist = crate::report::histogram();
+    for (i, ip) in ips.iter().enumerate().skip(2 * PODS_PER_PHASE) {
+        api.expire();
+        enrol_relist.record(enrol.one_in(LAST_NAMESPACE, i, ip)?)?;
+    }
     drop(dp);
     drop(enrol);
     drop(tmp);
@@ -315,6 +334,7 @@ pub fn measure(binary: &Path, n: usize, me: &Path) -> anyhow::Result<Figures> {
         writes,
         enrol_idle,
         enrol_churn,
+        enrol_relist,
         agent_part,
         map_updates: (batches, p50, p99),
     })

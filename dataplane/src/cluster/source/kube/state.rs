@@ -37,19 +37,24 @@ impl Names {
     }
 }
 
-/// One resource as last seen, by (namespace, name): a (re)list in progress is
-/// applied whole at its end, so objects that vanished meanwhile go with it.
+/// One resource as last seen, by (namespace, name). The first list is
+/// applied whole at its end (nothing is published before every resource is
+/// listed); a relist object by object as it comes (a pod created meanwhile
+/// is not held back until a list of the whole cluster ends), and at its end
+/// the objects it did not show (gone while the watch was down) go.
 #[derive(Debug)]
 pub(super) struct Store<V> {
     pub(super) items: BTreeMap<Key, V>,
-    /// A list in progress, in the order it comes.
+    /// The first list, in progress, in the order it comes.
     pub(super) listing: Option<Vec<(Key, V)>>,
+    /// A relist in progress: the objects it showed so far.
+    relisted: Option<Vec<Key>>,
     pub(super) listed: bool,
 }
 
 impl<V> Default for Store<V> {
     fn default() -> Self {
-        Self { items: BTreeMap::new(), listing: None, listed: false }
+        Self { items: BTreeMap::new(), listing: None, relisted: None, listed: false }
     }
 }
 
@@ -77,11 +82,24 @@ impl<V: PartialEq> Store<V> {
             }
         };
         match ev {
+            watcher::Event::Init if self.listed => self.relisted = Some(Vec::new()),
             watcher::Event::Init => self.listing = Some(Vec::new()),
             watcher::Event::InitApply(o) => {
                 let k = key(&o);
-                if let (Some(list), Some(v)) = (self.listing.as_mut(), view(&k, &o)) {
+                let v = view(&k, &o);
+                if let Some(seen) = self.relisted.as_mut() {
+                    seen.push(k.clone());
+                    set(&mut self.items, k, v);
+                } else if let (Some(list), Some(v)) = (self.listing.as_mut(), v) {
                     list.push((k, v));
+                }
+            }
+            watcher::Event::InitDone if self.relisted.is_some() => {
+                let mut seen = self.relisted.take().unwrap_or_default();
+                seen.sort();
+                let gone: Vec<Key> = self.items.keys().filter(|k| seen.binary_search(k).is_err()).cloned().collect();
+                for k in gone {
+                    set(&mut self.items, k, None);
                 }
             }
             watcher::Event::InitDone => {

@@ -87,12 +87,16 @@ fn nothing_is_published_before_both_lists_and_a_relist_replaces_the_whole() {
     // The same slice again (a resync) changes nothing.
     assert_eq!(apply(&mut s, Change::Slice(Box::new(watcher::Event::Apply(slice)))).0, 0);
     // A relist after 410 Gone in which web-1 is gone: it goes, even
-    // though no Delete event was seen; web-2, unchanged, is not sent.
+    // though no Delete event was seen; web-2, unchanged, is not sent; web-3,
+    // new, is sent as soon as the relist shows it, not at its end.
     apply(&mut s, Change::Pod(Box::new(watcher::Event::Init)));
-    let (_, m) = apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
-    assert_eq!(m.workloads().count(), 2, "the old view serves until the relist ends");
+    let (n, m) = apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-2", "10.0.1.2", "b")))));
+    assert_eq!((n, m.workloads().count()), (0, 2), "unchanged: nothing sent, and web-1 serves until the relist ends");
+    let (n, m) = apply(&mut s, Change::Pod(Box::new(watcher::Event::InitApply(shop_pod("web-3", "10.0.1.3", "b")))));
+    assert_eq!((n, m.workloads().count()), (1, 3), "a new pod at once");
     let (n, m) = apply(&mut s, Change::Pod(Box::new(watcher::Event::InitDone)));
-    assert_eq!((n, m.workloads().count()), (1, 1), "only web-1's removal");
+    assert_eq!((n, m.workloads().count()), (1, 2), "only web-1's removal");
+    apply(&mut s, Change::Pod(Box::new(watcher::Event::Delete(shop_pod("web-3", "10.0.1.3", "b")))));
     // The namespace loses its label: its pods leave the mesh.
     let (_, m) = apply(&mut s, Change::Namespace(Box::new(watcher::Event::Apply(ns("shop", false)))));
     assert_eq!(m.workloads().next().expect("web-2").mode, Mode::Outside(Outside::NotOptedIn));
