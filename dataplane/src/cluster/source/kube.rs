@@ -28,7 +28,7 @@ use std::{
 use crossbeam_channel::Sender;
 use futures_util::{stream, Stream, StreamExt};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service as K8sService},
+    core::v1::{Namespace, Node, Service as K8sService},
     discovery::v1::EndpointSlice,
 };
 use kube::{api::DynamicObject, runtime::watcher, Api, Client, ResourceExt};
@@ -62,6 +62,7 @@ pub struct Counters {
     pub policies: AtomicU64,
 }
 
+mod slim;
 mod state;
 mod views;
 
@@ -171,7 +172,7 @@ async fn zone_of(client: &Client, node: &str) -> Option<String> {
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 async fn watch(client: Client, node: String, tx: Sender<Batch>, counters: Arc<Counters>) {
-    let pods = retried(watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()))
+    let pods = retried(watcher(Api::<slim::SlimPod>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Pod(Box::new(e))).map_err(|e| ("pods", e)));
     let namespaces = retried(watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default()))
         .map(|r| r.map(|e| Change::Namespace(Box::new(e))).map_err(|e| ("namespaces", e)));

@@ -7,7 +7,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service as K8sService},
+    core::v1::{Namespace, Service as K8sService},
     discovery::v1::EndpointSlice,
 };
 use kube::{api::DynamicObject, runtime::watcher, ResourceExt};
@@ -205,7 +205,7 @@ pub(super) struct State {
 
 pub(super) enum Change {
     // Boxed: objects are large, and one change is in flight at a time.
-    Pod(Box<watcher::Event<Pod>>),
+    Pod(Box<watcher::Event<super::slim::SlimPod>>),
     Namespace(Box<watcher::Event<Namespace>>),
     Service(Box<watcher::Event<K8sService>>),
     Slice(Box<watcher::Event<EndpointSlice>>),

@@ -8,11 +8,11 @@ use crate::cluster::{
 };
 use std::net::IpAddr;
 
-fn pod(json: serde_json::Value) -> Pod {
+fn pod(json: serde_json::Value) -> super::slim::SlimPod {
     serde_json::from_value(json).expect("a pod")
 }
 
-fn shop_pod(name: &str, ip: &str, node: &str) -> Pod {
+fn shop_pod(name: &str, ip: &str, node: &str) -> super::slim::SlimPod {
     pod(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": "shop", "resourceVersion": "1"},
@@ -129,7 +129,7 @@ fn finished_pods_and_host_network_pods_are_read_as_such() {
 fn a_dual_stack_pod_has_both_addresses_and_an_ipv6_slice_its_endpoints() {
     let mut dual = shop_pod("web", "10.0.0.5", "a");
     dual.status.as_mut().expect("status").pod_ips =
-        Some(["10.0.0.5", "fd00::5"].map(|ip| k8s_openapi::api::core::v1::PodIP { ip: ip.into() }).to_vec());
+        Some(["10.0.0.5", "fd00::5"].map(|ip| super::slim::PodIp { ip: ip.into() }).to_vec());
     let v = view(&dual, "a", &Names::default()).expect("view");
     let want: Vec<IpAddr> = vec!["10.0.0.5".parse().expect("ip"), "fd00::5".parse().expect("ip")];
     assert_eq!(v.addresses, want);

@@ -1,10 +1,7 @@
 //! What the model keeps of each API object: only the fields we use.
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
-use k8s_openapi::api::{
-    core::v1::{Pod, Service as K8sService},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::{core::v1::Service as K8sService, discovery::v1::EndpointSlice};
 use kube::{
     api::{ApiResource, DynamicObject},
     ResourceExt,
@@ -41,7 +38,7 @@ pub(super) fn ours(all: &BTreeMap<String, String>, keys: &[&str]) -> BTreeMap<St
 /// What the model keeps of a pod: of one of another node, only our label
 /// (the cluster's pods are many); of one of `node`, every label, for the
 /// authorization policies that select it.
-pub(super) fn view(pod: &Pod, node: &str, names: &super::state::Names) -> Option<PodView> {
+pub(super) fn view(pod: &super::slim::SlimPod, node: &str, names: &super::state::Names) -> Option<PodView> {
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
     // A finished pod's address goes back to the pool: never trust it.
