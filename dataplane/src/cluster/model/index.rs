@@ -221,9 +221,9 @@ impl Model {
     }
 
     /// Rebuilds the ordered maps in one go, after a batch that made most of
-    /// the model (the first, whole one; a relist): filled one entry at a
-    /// time in key order, a B-tree's nodes stay about half empty (at 100,000
-    /// pods, megabytes).
+    /// the model (the first, whole one; a workloads file read again whole):
+    /// filled one entry at a time in key order, a B-tree's nodes stay about
+    /// half empty (at 100,000 pods, megabytes).
     fn compact(&mut self) {
         self.workloads = std::mem::take(&mut self.workloads).into_iter().collect();
         self.meshed = std::mem::take(&mut self.meshed).into_iter().collect();
