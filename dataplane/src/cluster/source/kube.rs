@@ -10,9 +10,11 @@
 //!
 //! kube-rs's watcher lists, then watches from the list's resourceVersion with
 //! bookmarks; a dropped connection or an API server restart resumes the
-//! watch, and `410 Gone` (history compacted) relists. Each (re)list is
-//! applied as a whole when it completes (objects that vanished meanwhile go
-//! with it, and only what differs is sent on), so no pod is lost or kept. Errors back off exponentially and are
+//! watch, and `410 Gone` (history compacted) relists. The first list is
+//! applied whole when it completes; a relist object by object as it comes
+//! (only what differs is sent on), and what it did not show (gone while the
+//! watch was down) goes at its end, so no pod is lost or kept. Pods are read
+//! into a slim type (`kube/slim.rs`). Errors back off exponentially and are
 //! counted per resource ([`Counters`]). Nothing is published until both
 //! resources have been listed once: the control thread does not capture or
 //! enrol on half a picture.
