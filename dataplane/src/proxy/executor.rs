@@ -24,7 +24,7 @@ use crate::{
     node::ebpf::OrigLookup,
     node::netns::{Netns, NetnsId},
     proxy::conn::{ExecutorCtx, Limits, Open},
-    proxy::stats::Snapshot,
+    proxy::stats::{Count, Snapshot},
 };
 
 /// What every executor is started with.
@@ -209,6 +209,8 @@ impl Drop for DieTogether {
 /// new pod) is handled within this even while connections keep the
 /// executor busy.
 const CONTROL_LATENCY: Duration = Duration::from_millis(1);
+/// How often an executor looks at its control channel without being woken.
+const CONTROL_LOOK: Duration = Duration::from_millis(250);
 
 /// glommio's storage I/O memory per executor: its minimum (no file is read
 /// through it).
@@ -242,10 +244,38 @@ async fn run(
     info!(cpu, namespaces = spec.namespaces.len(), "executor listening");
     let _ = commands.events.send(ExecutorEvent::Ready { cpu });
     let queue = glommio::executor().create_task_queue(Shares::default(), Latency::Matters(CONTROL_LATENCY), "control");
-    // Woken by each message; ends when the control thread is gone.
+    // Woken by each message; ends when the control thread is gone. A wake
+    // from another thread has been seen lost (issue 32: an executor that
+    // never opened a namespace's listeners, its Enroll waiting in the
+    // channel): the channel is also looked at every `CONTROL_LOOK` (the
+    // timer polled first, so a look is a look), and a message that look
+    // finds is counted: its wake-up was lost, or this task went unpolled
+    // for a whole look. Either way it is taken then, 250 ms late at most.
     let task = glommio::spawn_local_into(
         async move {
-            while let Ok(msg) = control.recv_async().await {
+            loop {
+                let look = async {
+                    glommio::timer::sleep(CONTROL_LOOK).await;
+                    None
+                };
+                let msg = match futures_lite::future::or(look, async { Some(control.recv_async().await) }).await {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(flume::RecvError::Disconnected)) => break,
+                    None => match control.try_recv() {
+                        Ok(msg) => {
+                            commands.executor.with_stats(|s| s.counts[Count::MissedWakeups] += 1);
+                            if let Some(left_out) = commands.executor.may_log("missed_wakeup") {
+                                warn!(
+                                    cpu,
+                                    left_out, "a control message was found by the timed look, not by its wake-up"
+                                );
+                            }
+                            msg
+                        }
+                        Err(flume::TryRecvError::Empty) => continue,
+                        Err(flume::TryRecvError::Disconnected) => break,
+                    },
+                };
                 commands.handle(msg).await;
             }
         },

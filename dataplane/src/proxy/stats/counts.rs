@@ -43,6 +43,9 @@ pub enum Count {
     /// Directions of spliced connections the kernel handed back to user
     /// space (bytes piled up: a receiver slower than its sender).
     SplicePaused,
+    /// Control messages found by the executor's timed look, not by the
+    /// wake-up their sender gave it.
+    MissedWakeups,
 }
 
 /// Where a counter shows in `/metrics`: its family (without the
@@ -114,13 +117,14 @@ impl FlowCount {
 
 impl Count {
     /// Every counter, in index order.
-    pub const ALL: [Count; 6] = [
+    pub const ALL: [Count; 7] = [
         Count::LogsSuppressed,
         Count::ClientAddressFallbacks,
         Count::SameNode,
         Count::Spliced,
         Count::SpliceFallbacks,
         Count::SplicePaused,
+        Count::MissedWakeups,
     ];
 
     /// Where it shows in `/metrics` (`None`: in a family the admin side
@@ -144,6 +148,11 @@ impl Count {
             Count::SplicePaused => shown(
                 "same_node_splice_paused",
                 "Directions of spliced connections the kernel handed back to this process because bytes piled up (a receiver slower than its sender, 4 MiB not yet acknowledged): relayed in user space from then on",
+                None,
+            ),
+            Count::MissedWakeups => shown(
+                "executor_missed_wakeups",
+                "Control messages (enrol a namespace, new certificates, tables) an executor found by its timed look at its channel because the wake-up their sender gave it never ran: each is a lost wake-up, taken 250 ms late",
                 None,
             ),
         }
