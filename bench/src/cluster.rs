@@ -88,9 +88,15 @@ pub struct Figures {
     pub map_updates: (f64, Option<f64>, Option<f64>),
 }
 
+/// The agent's `/metrics` (empty if it does not answer: every figure read
+/// from it is then missing, not an error of the run).
+fn metrics(dp: &Dataplane) -> String {
+    testworld::http_get(&dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default()
+}
+
 /// The agent's enrolment histogram's (sum, count) so far.
 fn agent_enrolments(dp: &Dataplane) -> (f64, f64) {
-    let text = testworld::http_get(&dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default();
+    let text = metrics(dp);
     let get = |name: &str| testworld::metric(&text, name).unwrap_or(0.0);
     (get("dataplane_enrolment_latency_seconds_sum"), get("dataplane_enrolment_latency_seconds_count"))
 }
@@ -98,7 +104,7 @@ fn agent_enrolments(dp: &Dataplane) -> (f64, f64) {
 /// The agent's model-update histogram so far: its cumulative buckets, as
 /// (upper bound in seconds, count).
 fn update_buckets(dp: &Dataplane) -> Vec<(f64, f64)> {
-    let text = testworld::http_get(&dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default();
+    let text = metrics(dp);
     text.lines()
         .filter_map(|l| {
             let rest = l.strip_prefix("dataplane_model_update_latency_seconds_bucket{")?;
@@ -139,7 +145,7 @@ fn quantiles_between(before: &[(f64, f64)], after: &[(f64, f64)], qs: [f64; 2]) 
 
 /// The agent's heap: (allocated, freed but held) bytes.
 fn heap(dp: &Dataplane) -> (u64, u64) {
-    let text = testworld::http_get(&dp.admin(), "/metrics").map(|(_, t)| t).unwrap_or_default();
+    let text = metrics(dp);
     let get =
         |state: &str| testworld::metric(&text, &format!("dataplane_heap_bytes{{state=\"{state}\"}}")).unwrap_or(0.0);
     (get("allocated") as u64, get("free") as u64)
